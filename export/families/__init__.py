@@ -1,0 +1,1 @@
+"""One module per Hugging Face model_type; see registry in __init__."""
