@@ -1,0 +1,60 @@
+"""The graph of one routed expert: `expert_output = swiglu(hidden_states)`, [T, H] -> [T, H] in float32.
+
+The exporter writes it once per expert with the weights as external data in the layer's blob (a standalone model
+that plain onnxruntime and Netron open). The runtime builds the same graph once per expert shape with the weights
+as graph inputs and feeds each resident expert's arrays to that one session: no session per expert, no copy of
+C-contiguous float32 weights per call (measured in DESIGN.md), and the bytes the cache holds are the bytes it
+accounts for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from .onnx_build import GraphBuilder
+
+INPUT, OUTPUT = "hidden_states", "expert_output"
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """What makes two experts share a runtime kernel."""
+
+    kind: str  # "swiglu"
+    hidden_size: int
+    intermediate_size: int
+    dtype: str  # dtype of the stored weights
+
+    def tensor_shapes(self) -> dict[str, list[int]]:
+        h, f = self.hidden_size, self.intermediate_size
+        return {"gate_up_proj": [2 * f, h], "down_proj": [h, f]}
+
+
+def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, int]] | None = None) -> onnx.ModelProto:
+    """Builds the expert graph.
+
+    Args:
+        shape: kind, sizes and weight dtype.
+        external: tensor name -> (blob path relative to the graph, offset, length) for a standalone graph;
+            None makes the weights graph inputs (the runtime's shared kernel).
+    Returns:
+        The ModelProto.
+    """
+    if shape.kind != "swiglu":
+        raise ValueError(f"expert kind {shape.kind!r} is not supported; supported: swiglu")
+    g = GraphBuilder(f"expert_{shape.kind}_{shape.hidden_size}x{shape.intermediate_size}_{shape.dtype}")
+    g.scope = "/expert"
+    x = g.input(INPUT, "float32", ["T", shape.hidden_size])
+    weights = {}
+    for name, dims in shape.tensor_shapes().items():
+        if external is None:
+            weights[name] = g.input(name, shape.dtype, dims)
+        else:
+            location, offset, length = external[name]
+            weights[name] = g.external(name, shape.dtype, dims, location, offset, length)
+        weights[name] = g.as_float32(weights[name], shape.dtype)
+    y = g.swiglu(x, weights["gate_up_proj"], weights["down_proj"])
+    g.output(y, OUTPUT, "float32", ["T", shape.hidden_size])
+    return g.model()

@@ -1,0 +1,85 @@
+"""The backbone and the forward pass: embed -> (layer graph, routed experts) x L -> head.
+
+    # T = tokens in this call, H = hidden, E = experts, k = experts per token
+    h = embed(ids)                                         # [T, H]
+    for each layer: residual, x, logits, key, value = layer(h, past)
+                    h = residual + sum_k w[t,k] * expert_k(x[t])   (each expert once on all its tokens)
+    logits = head(h)                                       # [T, V]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import EdgeMoeError
+from .experts import ExpertKernels
+from .kv_cache import KVCache
+from .manifest import Manifest
+from .routing import group_by_expert, route
+from .sessions import OrtClock, TimedSession, open_session
+
+
+class Backbone:
+    """The resident graphs, one session each."""
+
+    def __init__(self, manifest: Manifest, clock: OrtClock, providers=("CPUExecutionProvider",)):
+        def session(path):
+            try:
+                return TimedSession(open_session(path, providers=providers), clock)
+            except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+                raise EdgeMoeError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]}); "
+                                   "re-export the model") from None
+
+        self.embed = session(manifest.embed)
+        self.layers = [session(p) for p in manifest.layers]
+        self.head = session(manifest.head)
+
+
+class Forward:
+    """Runs tokens through the model, getting every routed expert from `experts.get` (the cache's seat)."""
+
+    def __init__(self, manifest: Manifest, backbone: Backbone, experts, kernels: ExpertKernels):
+        c = manifest.config
+        self.config = c
+        self.backbone, self.experts, self.kernels = backbone, experts, kernels
+        self.moe_layers = set(c["moe_layers"])
+        self.top_k, self.normalize = int(c["top_k"]), bool(c["norm_topk_prob"])
+        self.observers: list = []  # callables (layer, indices, weights) for traces and telemetry
+
+    def new_cache(self) -> KVCache:
+        c = self.config
+        return KVCache(c["num_layers"], c["num_key_value_heads"], c["head_dim"])
+
+    def hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """ids [T] int64 after the cached tokens -> final hidden states [T, H]; extends the cache."""
+        h = self.backbone.embed.run({"input_ids": ids})[0]
+        for layer, session in enumerate(self.backbone.layers):
+            past_k, past_v = cache.past(layer)
+            outputs = session.run({"hidden_states": h, "past_key": past_k, "past_value": past_v})
+            if layer in self.moe_layers:
+                residual, moe_input, logits, key, value = outputs
+                h = residual + self.moe(layer, moe_input, logits)
+            else:
+                h, key, value = outputs
+            cache.write(layer, key, value)
+        cache.advance(ids.shape[0])
+        return h
+
+    def moe(self, layer: int, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        indices, weights = route(logits, self.top_k, self.normalize)  # [T, k]
+        for observe in self.observers:
+            observe(layer, indices, weights)
+        if x.shape[0] == 1:  # decode: no grouping needed
+            out = None
+            for expert, weight in zip(indices[0], weights[0]):
+                y = self.kernels.run(self.experts.get((layer, int(expert))), x) * weight
+                out = y if out is None else out + y
+            return out
+        out = np.zeros_like(x)
+        for expert, rows, slots in group_by_expert(indices):
+            y = self.kernels.run(self.experts.get((layer, expert)), x[rows])
+            out[rows] += y * weights[rows, slots][:, None]  # a token meets an expert at most once
+        return out
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        return self.backbone.head.run({"hidden_states": h})[0]

@@ -1,0 +1,104 @@
+"""A small ONNX graph builder shared by the exporter (backbone, experts) and the runtime (expert kernels).
+
+Node names follow one scheme, `{scope}/{op_type}_{n}` (for example `/model/layers.3/attn/q_proj/Gemm_0`), so a graph
+reads well in Netron and profiles. Weights are either external data (a file offset, never loaded here) or graph
+inputs, which is how the runtime feeds resident expert weights to one shared session per expert shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+ONNX_DTYPES = {
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "bfloat16": TensorProto.BFLOAT16,
+    "int64": TensorProto.INT64,
+    "uint8": TensorProto.UINT8,
+}
+
+
+class GraphBuilder:
+    """Accumulates nodes, inputs, outputs and initializers; `model()` returns the ModelProto."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+        self.scope = ""
+
+    def input(self, name: str, dtype: str, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, ONNX_DTYPES[dtype], shape))
+        return name
+
+    def output(self, value: str, name: str, dtype: str, shape: list) -> str:
+        """Exposes `value` as graph output `name` (through an Identity when the names differ)."""
+        if value != name:
+            self.nodes.append(helper.make_node("Identity", [value], [name], name=f"{self.scope}/{name}/Identity"))
+        self.outputs.append(helper.make_tensor_value_info(name, ONNX_DTYPES[dtype], shape))
+        return name
+
+    def const(self, value, dtype: str = "float32") -> str:
+        """An inline constant (small tensors: shapes, scalars, RoPE frequencies)."""
+        array = np.asarray(value, dtype=dtype)
+        name = self._fresh("const")
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def external(self, name: str, dtype: str, shape: list, location: str, offset: int, length: int) -> str:
+        """An initializer whose bytes lie in `location` (relative to the .onnx file) at `offset`."""
+        tensor = TensorProto(name=name, data_type=ONNX_DTYPES[dtype], dims=list(shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(tensor)
+        return name
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs):
+        """Adds one node; returns its output name, or a list of names when `outputs` > 1."""
+        node_name = self._fresh(op_type)
+        names = [f"{node_name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=node_name, domain=domain or None,
+                                           **attrs))
+        return names[0] if outputs == 1 else names
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="edge_moe")
+        model.ir_version = 8  # readable by onnxruntime >= 1.14
+        return model
+
+    def _fresh(self, kind: str) -> str:
+        self._count += 1
+        return f"{self.scope}/{kind}_{self._count}"
+
+    # Building blocks shared by every family -------------------------------------------------------------
+
+    def linear(self, x: str, weight: str, bias: str | None = None) -> str:
+        """x [T, in] @ weight[out, in]^T (+ bias): Hugging Face layout, no transpose at export."""
+        return self.op("Gemm", x, weight, *([bias] if bias else []), transB=1)
+
+    def rms_norm(self, x: str, weight: str, eps: float) -> str:
+        """x / sqrt(mean(x^2) + eps) * weight over the last axis, in float32 as transformers does."""
+        mean_square = self.op("ReduceMean", self.op("Mul", x, x), axes=[-1], keepdims=1)
+        root = self.op("Sqrt", self.op("Add", mean_square, self.const(eps)))
+        return self.op("Mul", self.op("Div", x, root), weight)
+
+    def swiglu(self, x: str, gate_up: str, down: str) -> str:
+        """down(silu(gate(x)) * up(x)) with gate and up fused in one [2F, H] matrix."""
+        gate, up = self.op("Split", self.linear(x, gate_up), axis=-1, outputs=2)
+        activated = self.op("Mul", self.op("Mul", gate, self.op("Sigmoid", gate)), up)
+        return self.linear(activated, down)
+
+    def as_float32(self, x: str, dtype: str) -> str:
+        """Casts a float16/bfloat16 weight to float32 (all activations are float32)."""
+        return x if dtype == "float32" else self.op("Cast", x, to=TensorProto.FLOAT)

@@ -1,0 +1,180 @@
+"""Trace simulation of residency policies, and Belady's OPT as the bound they are measured against.
+
+A trace is a list of steps; a step is one (token, layer) visit: the keys of the layer's top-k experts,
+all of which must be resident at once while the layer runs. So no key of the current step may be evicted
+to make room for another key of the same step. A miss loads the key, which then occupies sizes[key] bytes.
+
+Belady's OPT evicts, when room is needed, the resident key whose next use is furthest in the future.
+Eviction is lazy (only when room is needed), so a key loaded at one step is a normal candidate from the
+next step on: if it is the furthest used, it is the one dropped. With equal sizes this is optimal (tests
+check it against an exhaustive search); with mixed sizes it is the usual furthest-first heuristic.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Iterable, Mapping
+
+from edge_moe.errors import EdgeMoeError
+from edge_moe.policies import BasePolicy, make_policy
+
+Key = Hashable
+Observer = Callable[[int, Mapping[Key, int]], None]  # (step index, resident key -> bytes) after each step
+_NEVER = float("inf")
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Outcome of a simulated trace.
+
+    Attributes:
+        hits, misses: accesses that found the key resident / had to load it (keys deduplicated per step).
+        bytes_loaded: sum of sizes of the missed keys (what the flash had to deliver).
+        hit_rate: hits / (hits + misses), 0.0 for an empty trace.
+        hit_flags: per access, in trace order, whether it hit.
+    """
+
+    hits: int
+    misses: int
+    bytes_loaded: int
+    hit_rate: float
+    hit_flags: tuple[bool, ...] = field(default=(), repr=False)
+
+
+def _prepare(trace: Iterable[Iterable[Key]], sizes: Mapping[Key, int], capacity: int) -> list[list[Key]]:
+    """Deduplicate each step (keeping order) and check that every step fits the capacity on its own."""
+    steps = []
+    for i, step in enumerate(trace):
+        keys = list(dict.fromkeys(step))
+        need = 0
+        for k in keys:
+            if k not in sizes:
+                raise EdgeMoeError(f"step {i}: key {k!r} has no entry in sizes; give every expert in the trace a size")
+            need += sizes[k]
+        if need > capacity:
+            raise EdgeMoeError(f"step {i} needs {need} bytes resident at once ({len(keys)} experts) but the capacity "
+                               f"is {capacity}; raise capacity_bytes to at least {need}")
+        steps.append(keys)
+    return steps
+
+
+def _result(flags: list[bool], bytes_loaded: int) -> SimResult:
+    hits = sum(flags)
+    n = len(flags)
+    return SimResult(hits, n - hits, bytes_loaded, hits / n if n else 0.0, tuple(flags))
+
+
+def simulate(policy_or_name, trace, sizes: Mapping[Key, int], capacity_bytes: int, *,
+             observe: Observer | None = None) -> SimResult:
+    """Run a residency policy over a trace.
+
+    Args:
+        policy_or_name: a policy instance (its state is used and updated) or a name for make_policy.
+        trace: list of steps, each a list of keys needed together.
+        sizes: key -> bytes.
+        capacity_bytes: the residency budget.
+        observe: optional callback(step_index, resident) after each step (tests check the budget with it).
+
+    Returns:
+        SimResult.
+
+    Raises:
+        EdgeMoeError: a key without a size, a step larger than the capacity, an unknown policy name, or a
+            policy that names a victim outside the candidates.
+    """
+    policy: BasePolicy = make_policy(policy_or_name) if isinstance(policy_or_name, str) else policy_or_name
+    steps = _prepare(trace, sizes, capacity_bytes)
+    resident: dict[Key, int] = {}
+    used = loaded = now = 0
+    flags: list[bool] = []
+    for si, step in enumerate(steps):
+        needed = set(step)
+        for key in step:
+            if key in resident:
+                flags.append(True)
+            else:
+                flags.append(False)
+                size = sizes[key]
+                while used + size > capacity_bytes:
+                    candidates = [k for k in resident if k not in needed]
+                    v = policy.victim(candidates)
+                    if v not in resident or v in needed:
+                        raise EdgeMoeError(f"policy {policy.name!r} chose {v!r}, which is not among the "
+                                           f"{len(candidates)} evictable candidates; fix the policy's victim()")
+                    used -= resident.pop(v)
+                    policy.on_evict(v)
+                resident[key] = size
+                used += size
+                loaded += size
+                policy.on_admit(key, size, now)
+            policy.on_access(key, now)
+            now += 1
+        if observe is not None:
+            observe(si, resident)
+    return _result(flags, loaded)
+
+
+def belady(trace, sizes: Mapping[Key, int], capacity_bytes: int, *, observe: Observer | None = None) -> SimResult:
+    """Belady's OPT (furthest next use first) under the step constraint.
+
+    Args:
+        trace, sizes, capacity_bytes, observe: as for `simulate`.
+
+    Returns:
+        SimResult: an upper bound on any policy's hits when all sizes are equal.
+
+    Raises:
+        EdgeMoeError: a key without a size, or a step larger than the capacity.
+    """
+    steps = _prepare(trace, sizes, capacity_bytes)
+    # next_use[s][j]: index of the next step after s that needs steps[s][j]
+    next_use: list[list[float]] = [[] for _ in steps]
+    seen: dict[Key, int] = {}
+    for s in range(len(steps) - 1, -1, -1):
+        next_use[s] = [seen.get(k, _NEVER) for k in steps[s]]
+        for k in steps[s]:
+            seen[k] = s
+    nxt: dict[Key, float] = {}  # resident key -> its current next use
+    heap: list[tuple[float, int, Key]] = []  # (-next use, tiebreak, key); stale entries skipped lazily
+    resident: dict[Key, int] = {}
+    used = loaded = 0
+    flags: list[bool] = []
+    tick = 0
+    for s, step in enumerate(steps):
+        misses = []
+        for k, n in zip(step, next_use[s]):
+            flags.append(k in resident)
+            if k in resident:
+                nxt[k] = n
+                heapq.heappush(heap, (-n, tick, k))
+                tick += 1
+            else:
+                misses.append((k, n))
+        needed = set(step)
+        for k, n in misses:
+            size = sizes[k]
+            held = []  # valid entries of keys needed by this step: not evictable now, put back after
+            while used + size > capacity_bytes:
+                neg, t, v = heapq.heappop(heap)
+                if v not in resident or nxt[v] != -neg:
+                    continue  # stale
+                if v in needed:
+                    held.append((neg, t, v))
+                    continue
+                used -= resident.pop(v)
+                del nxt[v]
+            for e in held:
+                heapq.heappush(heap, e)
+            resident[k] = size
+            used += size
+            loaded += size
+            nxt[k] = n  # pushed only now: before admission the entry would look stale and be dropped
+            heapq.heappush(heap, (-n, tick, k))
+            tick += 1
+        if observe is not None:
+            observe(s, resident)
+        if len(heap) > 4 * len(resident) + 1024:  # keep the lazy heap from growing with the trace
+            heap = [(-nxt[k], i, k) for i, k in enumerate(resident)]
+            heapq.heapify(heap)
+            tick = len(heap)
+    return _result(flags, loaded)

@@ -1,0 +1,135 @@
+"""`edge_moe.load` and `Model`: the public face of the runtime."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from tqdm import tqdm
+
+from .errors import EdgeMoeError
+from .experts import AllResidentExperts, ExpertKernels
+from .generate import GenerationResponse, GenerationResult, make_sampler, stream_tokens
+from .manifest import Manifest
+from .model import Backbone, Forward
+from .sessions import OrtClock, configure_threads
+from .tokenizer import StreamingDecoder, Tokenizer
+
+
+class Model:
+    """A loaded package. Create with `edge_moe.load`."""
+
+    def __init__(self, manifest: Manifest, *, threads: int | None = None, progress: bool = False):
+        self.manifest = manifest
+        self.config = manifest.config
+        self.threads = configure_threads(threads)
+        self.clock = OrtClock()
+        self.tokenizer = Tokenizer(manifest.tokenizer) if manifest.tokenizer else None
+        self.backbone = Backbone(manifest, self.clock)
+        self.rss_baseline_bytes = psutil.Process().memory_info().rss
+        with tqdm(total=len(manifest.experts), desc="load experts", unit="expert", disable=not progress) as bar:
+            self.experts = AllResidentExperts(manifest, bar)
+        self.kernels = ExpertKernels(self.clock)
+        self.forward = Forward(manifest, self.backbone, self.experts, self.kernels)
+
+    # Tokens ------------------------------------------------------------------------------------------
+
+    def encode(self, prompt) -> list[int]:
+        """A string (through the tokenizer) or a list of token ids -> checked token ids."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise EdgeMoeError("the prompt is empty; give some text or at least one token id")
+            if self.tokenizer is None:
+                raise EdgeMoeError(f"{self.manifest.root}: the package has no tokenizer.json; pass token ids "
+                                   "(--prompt-ids) instead of text")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise EdgeMoeError("the prompt is empty; give some text or at least one token id")
+        vocab = self.config["vocab_size"]
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise EdgeMoeError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1}); use ids the "
+                               "model's tokenizer produces")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer else ""
+
+    # Inference ---------------------------------------------------------------------------------------
+
+    def logits(self, input_ids) -> np.ndarray:
+        """A fresh prefill of `input_ids`; returns float32 logits [len(input_ids), vocab]."""
+        ids = self.encode(list(input_ids))
+        self._check_context(len(ids))
+        cache = self.forward.new_cache()
+        return self.forward.logits(self.forward.hidden(np.asarray(ids, dtype=np.int64), cache))
+
+    def stream_generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                        seed: int | None = None):
+        """Yields a GenerationResponse per generated token.
+
+        Args:
+            prompt: text, or a list of token ids.
+            max_new_tokens: at most this many tokens (>= 1); generation also stops at an end-of-sequence token.
+            temperature: 0 for greedy decoding, else the softmax temperature.
+            top_p: nucleus sampling mass in (0, 1].
+            seed: makes sampling reproducible.
+        Raises:
+            EdgeMoeError: empty prompt, ids outside the vocabulary, bad sampling values, context too long.
+        """
+        ids = self.encode(prompt)
+        if int(max_new_tokens) < 1:
+            raise EdgeMoeError(f"max_new_tokens (-n) is {max_new_tokens}; it must be at least 1")
+        self._check_context(len(ids) + int(max_new_tokens))
+        sample = make_sampler(float(temperature), float(top_p), seed)
+        eos = set(self.config.get("eos_token_ids") or [])
+        yield from stream_tokens(self.forward, ids, int(max_new_tokens), sample, eos, StreamingDecoder(self.tokenizer))
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> GenerationResult:
+        """Runs `stream_generate` to the end; returns text, token ids and stats."""
+        ids = self.encode(prompt)
+        ort_before, calls_before = self.clock.seconds, self.clock.calls
+        start = time.perf_counter()
+        responses: list[GenerationResponse] = list(self.stream_generate(ids, max_new_tokens, temperature, top_p,
+                                                                        seed))
+        total = time.perf_counter() - start
+        tokens = [r.token for r in responses]
+        last = responses[-1]
+        decode_seconds = max(total - last.prefill_seconds, 1e-12)
+        stats = {
+            "prompt_tokens": len(ids), "generated_tokens": len(tokens),
+            "prefill_seconds": last.prefill_seconds, "decode_seconds": decode_seconds,
+            "prefill_tokens_per_second": len(ids) / max(last.prefill_seconds, 1e-12),
+            "decode_tokens_per_second": (len(tokens) - 1) / decode_seconds if len(tokens) > 1 else 0.0,
+            "ort_seconds": self.clock.seconds - ort_before, "ort_calls": self.clock.calls - calls_before,
+            "total_seconds": total, "threads": self.threads,
+            "rss_baseline_bytes": self.rss_baseline_bytes,
+            "peak_rss_bytes": psutil.Process().memory_info().rss,
+        }
+        return GenerationResult(self.decode(tokens), tokens, ids, last.finish_reason or "length", stats)
+
+    def _check_context(self, tokens: int) -> None:
+        limit = int(self.config.get("max_position_embeddings") or 1 << 30)
+        if tokens > limit:
+            raise EdgeMoeError(f"prompt plus new tokens is {tokens}, over the model's context of {limit}; "
+                               "shorten the prompt or lower -n")
+
+
+def load(path: str | Path, *, threads: int | None = None, progress: bool = False) -> Model:
+    """Opens a model package.
+
+    Args:
+        path: a directory written by `edge-moe export`.
+        threads: onnxruntime threads (default: physical cores); the first load in a process sets the pool.
+        progress: show a progress bar while experts load.
+    Returns:
+        A Model.
+    Raises:
+        EdgeMoeError: the package is missing, corrupt, or from an unsupported format version.
+    """
+    return Model(Manifest.load(path), threads=threads, progress=progress)

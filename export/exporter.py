@@ -1,0 +1,150 @@
+"""`edge-moe export`: a Hugging Face MoE checkpoint becomes an edge_moe package, streaming one tensor at a time.
+
+Peak memory is about one checkpoint tensor in float32 plus its converted copy: every tensor goes from the shard
+(one pread) to its blob (one write) and is dropped; graphs only reference blob offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import onnx
+from tqdm import tqdm
+
+import edge_moe
+from edge_moe.errors import EdgeMoeError
+from edge_moe.expert_graph import ExpertShape, build_expert_graph
+from edge_moe.manifest import FORMAT_VERSION
+from edge_moe.onnx_build import GraphBuilder
+
+from .checkpoint import Checkpoint
+from .families import family_for
+from .writer import BlobWriter, ExpertWriter, StagedDirectory
+
+DTYPES = ("float32", "float16")
+
+
+class BackboneWeights:
+    """Streams backbone tensors into one blob, each written once however many graphs use it (tied embeddings)."""
+
+    def __init__(self, checkpoint: Checkpoint, blob: BlobWriter, dtype: str):
+        self.checkpoint, self.blob, self.dtype = checkpoint, blob, dtype
+        self.written: dict[str, tuple[str, list[int], int, int]] = {}
+
+    def bind(self, g: GraphBuilder):
+        """Returns weight(key) -> name of the tensor's float32 value in graph g."""
+        used: dict[str, str] = {}
+
+        def weight(key: str) -> str:
+            if key not in used:
+                dtype, shape, offset, length = self._write(key)
+                name = g.external(key, dtype, shape, self.blob.path.name, offset, length)
+                used[key] = g.as_float32(name, dtype)
+            return used[key]
+
+        return weight
+
+    def _write(self, key: str):
+        if key not in self.written:
+            array = self.checkpoint.read(key)
+            # Norm weights and biases stay float32: they are tiny and float16 would cost accuracy for nothing.
+            dtype = self.dtype if array.ndim >= 2 else "float32"
+            self.blob.pad_to(64)
+            offset, length = self.blob.write(array.astype(dtype, copy=False))
+            self.written[key] = (dtype, list(array.shape), offset, length)
+        return self.written[key]
+
+
+def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: bool = False,
+                      progress: bool = True) -> Path:
+    """Exports a checkpoint directory to a package directory.
+
+    Args:
+        hf_dir: directory with config.json, safetensors shards and (optionally) tokenizer.json.
+        out_dir: the package directory to create; it appears only when the export is complete.
+        dtype: float32 or float16 for the weights.
+        overwrite: replace an existing non-empty out_dir.
+        progress: show a progress bar on stderr.
+    Returns:
+        The package path.
+    Raises:
+        EdgeMoeError: unsupported model_type or dtype, missing tensors, unwritable output.
+    """
+    if dtype not in DTYPES:
+        raise EdgeMoeError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    checkpoint = Checkpoint(hf_dir)
+    family = family_for(checkpoint.config)
+    arch = family.arch
+    for key in family.expert_keys(arch.moe_layers[0], 0) if arch.moe_layers else ():
+        checkpoint.shape(key)  # fail early, before writing anything, on a checkpoint of another layout
+    staged = StagedDirectory(out_dir, overwrite)
+    try:
+        steps = 2 + arch.num_layers + len(arch.moe_layers) * arch.num_experts
+        with tqdm(total=steps, desc=f"export {family.model_type}", unit="graph", disable=not progress) as bar:
+            backbone = _export_backbone(staged.path, checkpoint, family, dtype, bar)
+            experts = _export_experts(staged.path, checkpoint, family, dtype, bar)
+        tokenizer = checkpoint.tokenizer_path()
+        if tokenizer:
+            shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
+        staged.write_json("manifest.json", {
+            "format_version": FORMAT_VERSION, "edge_moe_version": edge_moe.__version__,
+            "family": family.model_type, "dtype": dtype, "config": dataclasses.asdict(arch),
+            "source_config": checkpoint.config, "tokenizer": "tokenizer.json" if tokenizer else None,
+            "backbone": backbone, "experts": experts,
+        })
+        return staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    onnx.save(model, str(path))
+
+
+def _export_backbone(root: Path, checkpoint, family, dtype, bar) -> dict:
+    (root / "backbone").mkdir()
+    blob = BlobWriter(root / "backbone" / "weights.bin")
+    weights = BackboneWeights(checkpoint, blob, dtype)
+    files = {"embed": "backbone/embed.onnx", "head": "backbone/head.onnx", "layers": []}
+    for name, emit in (("embed", family.emit_embed), ("head", family.emit_head)):
+        g = GraphBuilder(name)
+        emit(g, weights.bind(g))
+        _save(g.model(), root / files[name])
+        bar.update()
+    for layer in range(family.arch.num_layers):
+        g = GraphBuilder(f"layer_{layer:03d}")
+        family.emit_layer(g, layer, weights.bind(g))
+        files["layers"].append(f"backbone/layer_{layer:03d}.onnx")
+        _save(g.model(), root / files["layers"][-1])
+        bar.update()
+    blob.close()
+    return {**files, "blob": "backbone/weights.bin", "bytes": blob.size}
+
+
+def _export_experts(root: Path, checkpoint, family, dtype, bar) -> list[dict]:
+    (root / "experts").mkdir()
+    arch, records = family.arch, []
+    for layer in arch.moe_layers:
+        blob_name = f"layer_{layer:03d}.bin"
+        blob = BlobWriter(root / "experts" / blob_name)
+        for index in range(arch.num_experts):
+            gate, up, down = family.expert_keys(layer, index)
+            writer = ExpertWriter(blob)
+            writer.write("gate_up_proj", [checkpoint.read(gate), checkpoint.read(up)], dtype)
+            writer.write("down_proj", [checkpoint.read(down)], dtype)
+            offset, length, checksum = writer.finish()
+            ffn = writer.tensors[0]["shape"][0] // 2
+            shape = ExpertShape("swiglu", arch.hidden_size, ffn, dtype)
+            external = {t["name"]: (blob_name, offset + t["offset"], t["nbytes"]) for t in writer.tensors}
+            graph = f"experts/L{layer:03d}_E{index:03d}.onnx"
+            _save(build_expert_graph(shape, external), root / graph)
+            records.append({"layer": layer, "index": index, "graph": graph, "blob": f"experts/{blob_name}",
+                            "offset": offset, "length": length, "dtype": dtype, "checksum": checksum,
+                            "kind": shape.kind, "hidden_size": shape.hidden_size, "intermediate_size": ffn,
+                            "tensors": writer.tensors})
+            bar.update()
+        blob.close()
+    return records

@@ -1,0 +1,240 @@
+"""What every MoE family shares: config normalization, Hugging Face key names, and the backbone graphs.
+
+A family module subclasses `MoEFamily` and overrides only what differs (key names, q/k norms, shared expert).
+Graphs per layer (T = tokens in this call, P = cached tokens, S = P + T, G = query heads per KV head):
+
+    hidden_states [T,H] --rms_norm--> x --q/k/v Gemm--> q [T,nH,D], k/v [T,kvH,D] --(qk norm)--> RoPE(q, k)
+      k, v -----------------------------------------------------------------------> outputs key, value
+      concat(past, new) [S,kvH,D] --> softmax(q K^T / sqrt(D) + causal mask) V --o_proj--> + hidden_states = h
+    h --rms_norm--> moe_input --router Gemm--> router_logits [T,E]
+    residual = h (+ sigmoid(gate) * shared_expert(moe_input)) (or h + dense mlp on layers without experts)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_moe.errors import EdgeMoeError
+from edge_moe.onnx_build import GraphBuilder
+
+ATTENTION_HOOKS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class Arch:
+    """The architecture fields the runtime needs, normalized across families (manifest `config`)."""
+
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool
+    moe_layers: list[int]
+    sliding_windows: list[int | None]
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    router_scoring: str = "softmax"
+
+
+def _required(config: dict, *names: str):
+    for name in names:
+        if config.get(name) is not None:
+            return config[name]
+    raise EdgeMoeError(f"config.json: field {names[0]!r} is missing; the checkpoint's config is incomplete")
+
+
+def _rope_theta(config: dict) -> float:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", None):
+        raise EdgeMoeError(f"config.json: rope_type {kind!r} is not supported yet; supported: default")
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+class MoEFamily:
+    """Base of every family. `emit_*` methods build graphs; `weight(key)` streams a checkpoint tensor into the
+    backbone blob and returns the name of its float32 value in the graph being built."""
+
+    model_type = ""
+    expert_prefix = "mlp"            # model.layers.{i}.<prefix>.experts.{e}...
+    expert_projections = ("gate_proj", "up_proj", "down_proj")
+    qkv_bias = False
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.arch = self.make_arch(config)
+
+    # Configuration ------------------------------------------------------------------------------------
+
+    def make_arch(self, c: dict) -> Arch:
+        hidden = int(_required(c, "hidden_size"))
+        heads = int(_required(c, "num_attention_heads"))
+        layers = int(_required(c, "num_hidden_layers"))
+        eos = c.get("eos_token_id")
+        return Arch(
+            hidden_size=hidden, num_layers=layers, vocab_size=int(_required(c, "vocab_size")),
+            num_attention_heads=heads, num_key_value_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or hidden // heads), rope_theta=_rope_theta(c),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            num_experts=int(_required(c, "num_experts", "num_local_experts")),
+            top_k=int(_required(c, "num_experts_per_tok")),
+            moe_intermediate_size=int(_required(c, "moe_intermediate_size", "intermediate_size")),
+            norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+            moe_layers=self.moe_layers(c, layers), sliding_windows=self.sliding_windows(c, layers),
+            bos_token_id=c.get("bos_token_id"),
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        )
+
+    def moe_layers(self, c: dict, layers: int) -> list[int]:
+        """Layers with routed experts; Qwen-style configs can make some layers dense."""
+        step = int(c.get("decoder_sparse_step", 1) or 1)
+        dense = set(c.get("mlp_only_layers") or [])
+        return [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
+
+    def sliding_windows(self, c: dict, layers: int) -> list[int | None]:
+        window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
+        return [window or None] * layers
+
+    # Hugging Face key names --------------------------------------------------------------------------
+
+    def layer_key(self, layer: int, name: str) -> str:
+        return f"model.layers.{layer}.{name}"
+
+    def expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """(gate, up, down) weight names of one routed expert."""
+        base = self.layer_key(layer, f"{self.expert_prefix}.experts.{expert}")
+        return tuple(f"{base}.{proj}.weight" for proj in self.expert_projections)
+
+    def router_key(self, layer: int) -> str:
+        return self.layer_key(layer, f"{self.expert_prefix}.gate.weight")
+
+    # Graph emission ------------------------------------------------------------------------------------
+
+    def emit_embed(self, g: GraphBuilder, weight) -> None:
+        a = self.arch
+        ids = g.input("input_ids", "int64", ["T"])
+        table = weight("model.embed_tokens.weight")
+        g.output(g.op("Gather", table, ids, axis=0), "hidden_states", "float32", ["T", a.hidden_size])
+
+    def emit_head(self, g: GraphBuilder, weight) -> None:
+        a = self.arch
+        x = g.input("hidden_states", "float32", ["T", a.hidden_size])
+        x = g.rms_norm(x, weight("model.norm.weight"), a.rms_norm_eps)
+        lm_head = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
+        logits = g.linear(x, weight(lm_head))
+        g.output(logits, "logits", "float32", ["T", a.vocab_size])
+
+    def emit_layer(self, g: GraphBuilder, layer: int, weight) -> None:
+        a = self.arch
+        w = lambda name: weight(self.layer_key(layer, name))  # noqa: E731
+        hidden = g.input("hidden_states", "float32", ["T", a.hidden_size])
+        past_k = g.input("past_key", "float32", ["P", a.num_key_value_heads, a.head_dim])
+        past_v = g.input("past_value", "float32", ["P", a.num_key_value_heads, a.head_dim])
+        g.scope = f"/model/layers.{layer}/attn"
+        x = g.rms_norm(hidden, w("input_layernorm.weight"), a.rms_norm_eps)
+        attn, new_k, new_v = self.emit_attention(g, layer, x, past_k, past_v, w)
+        h = g.op("Add", hidden, attn)
+        g.scope = f"/model/layers.{layer}/moe"
+        moe_input = g.rms_norm(h, w("post_attention_layernorm.weight"), a.rms_norm_eps)
+        if layer in a.moe_layers:
+            residual = self.emit_shared_expert(g, layer, h, moe_input, w)
+            logits = g.linear(moe_input, weight(self.router_key(layer)))
+            g.output(residual, "residual", "float32", ["T", a.hidden_size])
+            g.output(moe_input, "moe_input", "float32", ["T", a.hidden_size])
+            g.output(logits, "router_logits", "float32", ["T", a.num_experts])
+        else:
+            residual = g.op("Add", h, self.emit_dense_mlp(g, layer, moe_input, w))
+            g.output(residual, "residual", "float32", ["T", a.hidden_size])
+        g.output(new_k, "key", "float32", ["T", a.num_key_value_heads, a.head_dim])
+        g.output(new_v, "value", "float32", ["T", a.num_key_value_heads, a.head_dim])
+
+    def emit_attention(self, g: GraphBuilder, layer: int, x: str, past_k: str, past_v: str, w):
+        a = self.arch
+        heads, kv_heads, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        bias = (lambda p: w(f"self_attn.{p}.bias")) if self.qkv_bias else (lambda p: None)
+        q = g.linear(x, w("self_attn.q_proj.weight"), bias("q_proj"))
+        k = g.linear(x, w("self_attn.k_proj.weight"), bias("k_proj"))
+        v = g.linear(x, w("self_attn.v_proj.weight"), bias("v_proj"))
+        q, k, v = self.emit_qkv_post(g, layer, q, k, v, w)
+        q = g.op("Reshape", q, g.const([0, heads, d], "int64"))
+        k = g.op("Reshape", k, g.const([0, kv_heads, d], "int64"))
+        v = g.op("Reshape", v, g.const([0, kv_heads, d], "int64"))
+        q, k = self.emit_head_norms(g, layer, q, k, w)
+        past_len = g.op("Gather", g.op("Shape", past_k), g.const(0, "int64"), axis=0)
+        new_len = g.op("Gather", g.op("Shape", x), g.const(0, "int64"), axis=0)
+        q_pos = g.op("Range", past_len, g.op("Add", past_len, new_len), g.const(1, "int64"))  # [T]
+        cos, sin = self.emit_rope_tables(g, q_pos)
+        q, k = self.apply_rope(g, q, cos, sin), self.apply_rope(g, k, cos, sin)
+        keys = g.op("Concat", past_k, k, axis=0)    # [S, kvH, D]
+        values = g.op("Concat", past_v, v, axis=0)
+        # q [T,nH,D] -> [kvH, G, T, D]; keys -> [kvH, 1, D, S]: MatMul broadcasts G, no repeat of the cache.
+        q4 = g.op("Reshape", g.op("Transpose", q, perm=[1, 0, 2]), g.const([kv_heads, heads // kv_heads, -1, d],
+                                                                            "int64"))
+        q4 = g.op("Mul", q4, g.const(d ** -0.5))
+        k4 = g.op("Unsqueeze", g.op("Transpose", keys, perm=[1, 2, 0]), g.const([1], "int64"))
+        v4 = g.op("Unsqueeze", g.op("Transpose", values, perm=[1, 0, 2]), g.const([1], "int64"))
+        scores = g.op("MatMul", q4, k4)               # [kvH, G, T, S]
+        k_pos = g.op("Range", g.const(0, "int64"), g.op("Add", past_len, new_len), g.const(1, "int64"))  # [S]
+        allowed = self.emit_mask(g, layer, q_pos, k_pos)
+        scores = g.op("Where", allowed, scores, g.const(-np.inf))
+        out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v4)  # [kvH, G, T, D]
+        out = g.op("Transpose", g.op("Reshape", out, g.const([heads, -1, d], "int64")), perm=[1, 0, 2])
+        out = g.op("Reshape", out, g.const([-1, heads * d], "int64"))
+        return g.linear(out, w("self_attn.o_proj.weight")), k, v
+
+    def emit_mask(self, g: GraphBuilder, layer: int, q_pos: str, k_pos: str) -> str:
+        """allowed [T, S]: causal, and within the sliding window where the layer has one."""
+        q_col = g.op("Unsqueeze", q_pos, g.const([1], "int64"))
+        k_row = g.op("Unsqueeze", k_pos, g.const([0], "int64"))
+        allowed = g.op("LessOrEqual", k_row, q_col)
+        window = self.arch.sliding_windows[layer]
+        if window:
+            recent = g.op("Less", g.op("Sub", q_col, k_row), g.const(window, "int64"))
+            allowed = g.op("And", allowed, recent)
+        return allowed
+
+    def emit_rope_tables(self, g: GraphBuilder, positions: str):
+        d = self.arch.head_dim
+        inv_freq = 1.0 / (self.arch.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+        freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=1), g.const([1], "int64")),
+                     g.const(inv_freq.astype(np.float32)[None, :]))          # [T, D/2]
+        angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1], "int64"))  # [T, 1, D]
+        return g.op("Cos", angles), g.op("Sin", angles)
+
+    def apply_rope(self, g: GraphBuilder, x: str, cos: str, sin: str) -> str:
+        """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1) (Hugging Face's non-interleaved RoPE)."""
+        x1, x2 = g.op("Split", x, axis=-1, outputs=2)
+        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+    # Hooks that families override ---------------------------------------------------------------------
+
+    def emit_qkv_post(self, g: GraphBuilder, layer: int, q: str, k: str, v: str, w):
+        """After the projections, on [T, heads*D] (OLMoE normalizes and clips here)."""
+        return q, k, v
+
+    def emit_head_norms(self, g: GraphBuilder, layer: int, q: str, k: str, w):
+        """On [T, heads, D] before RoPE (Qwen3's per-head q/k norms)."""
+        return q, k
+
+    def emit_shared_expert(self, g: GraphBuilder, layer: int, h: str, moe_input: str, w) -> str:
+        """The residual that routed experts add to: h, plus a shared expert where the family has one."""
+        return h
+
+    def emit_dense_mlp(self, g: GraphBuilder, layer: int, x: str, w) -> str:
+        """The MLP of a layer without routed experts (Qwen's mlp_only_layers)."""
+        gate_up = g.op("Concat", w("mlp.gate_proj.weight"), w("mlp.up_proj.weight"), axis=0)
+        return g.swiglu(x, gate_up, w("mlp.down_proj.weight"))

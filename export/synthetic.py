@@ -1,0 +1,501 @@
+"""Synthetic random-weight Hugging Face MoE checkpoints, written tensor by tensor with numpy (no torch).
+
+The output is what `AutoModelForCausalLM.from_config(cfg).save_pretrained(dir)` of transformers 5.24 writes for the
+family (`qwen3_moe`, `olmoe`, `mixtral`, `qwen2_moe`): the same config.json fields, tensor names and shapes, in
+`model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json` (always an index, even for one shard).
+Each tensor is generated just before it is written, so peak memory is one tensor (at most a 16 MB chunk of a large
+one) whatever the checkpoint size. `synthetic.json` records the parameters and the router's ground truth below.
+
+Weights (std ~ 1/sqrt(fan_in), so activations stay O(1)):
+- every linear layer is normal with std 1/sqrt(fan_in); the projections that write into the residual stream
+  (o_proj, expert and shared-expert down projections) are scaled by a further 1/sqrt(2 * num_layers), as in
+  GPT-2/OLMo init, so the residual stream grows by only about 2x over all layers;
+- norm weights are 1 + N(0, 0.05) and attention biases N(0, 0.05): not exactly ones or zeros, so an exporter that
+  drops them produces measurably different outputs;
+- embeddings are N(0, 1) plus a shared direction u (below).
+
+Router structure (benchmarks of caches and next-layer prediction depend on it):
+- Popularity skew. Every token embedding carries the same component along one fixed unit direction u (real LLM
+  hidden states have a large shared mean direction too), so the router input has a roughly constant coordinate
+  along u for any token. Router row e of layer l is `g[l, e] + b[l, e] / s * u`, with g random and orthogonal to u,
+  s the expected u-coordinate of the normalised hidden state, and `b[l, e] = -popularity_skew * log(1 + rank[l, e])`:
+  a Zipf-like logit bias, so the expert of popularity rank r wins about (1 + r)^-popularity_skew as often as the
+  most popular one for a typical hidden state. rank[0] is a random permutation of the experts.
+- Layer-to-layer correlation. A fixed permutation P of the experts links consecutive layers:
+  `g[l + 1, P[e]] = c * g[l, e] + sqrt(1 - c^2) * fresh`, with c = layer_correlation, and
+  `rank[l + 1, P[e]] = rank[l, e]`. The residual stream changes little from one layer to the next, so a token
+  routed to e in layer l tends to be routed to P[e] in layer l + 1: a next-layer predictor or a prefetcher
+  has a pattern to learn. With popularity_skew = 0 and layer_correlation = 0 every router row is independent
+  random and expert popularity is close to uniform.
+`synthetic.json` stores P (`layer_permutation`) and rank (`popularity_rank[l][e]`, 0 = most popular).
+
+CLI: `python -m edge_moe_export.synthetic OUT_DIR --preset NAME [--layers N] [--dtype D] [--seed N]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edge_moe.errors import EdgeMoeError
+
+# name -> (safetensors dtype code, bytes per element)
+DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
+_CHUNK_ELEMENTS = 4 * 2**20          # rows of a large tensor are generated 16 MB (fp32) at a time
+_NORM_JITTER = 0.05                  # std of norm weights around 1 and of attention biases around 0
+_EMBED_SHARED = 1.0                  # energy of the shared direction u relative to the random part of an embedding
+
+# Sizes: fp32 1.38 GB | bf16 3.62 GB | bf16 5.41 GB (4 layers; each further layer adds 0.82 GB | 1.23 GB).
+PRESETS: dict[str, dict] = {
+    # Quick tests: 1.3 MB.
+    "tiny": dict(family="qwen3_moe", hidden_size=64, num_layers=2, num_experts=8, top_k=2,
+                 moe_intermediate_size=32, vocab_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 dtype="float32"),
+    # The package-format example model: 344 M parameters, 1.38 GB in fp32 (0.69 GB in bf16).
+    "qwen3-moe-1gb": dict(family="qwen3_moe", hidden_size=512, num_layers=12, num_experts=32, top_k=4,
+                          moe_intermediate_size=512, vocab_size=32000, num_attention_heads=8,
+                          num_key_value_heads=4, dtype="float32"),
+    # OLMoE-1B-7B expert shapes (12.6 MB bf16 expert), 4 of its 16 layers: 3.62 GB in bf16.
+    "olmoe-1b-7b-shapes": dict(family="olmoe", hidden_size=2048, num_layers=4, num_experts=64, top_k=8,
+                               moe_intermediate_size=1024, vocab_size=50304, num_attention_heads=16,
+                               num_key_value_heads=16, dtype="bfloat16"),
+    # Qwen3-30B-A3B expert shapes (9.4 MB bf16 expert), 4 of its 48 layers: 5.41 GB in bf16.
+    "qwen3-30b-a3b-shapes": dict(family="qwen3_moe", hidden_size=2048, num_layers=4, num_experts=128, top_k=8,
+                                 moe_intermediate_size=768, vocab_size=151936, num_attention_heads=32,
+                                 num_key_value_heads=4, head_dim=128, dtype="bfloat16"),
+}
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """The resolved, validated shape of a synthetic model."""
+    family: str
+    hidden_size: int
+    num_layers: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    shared_expert_intermediate_size: int | None
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor to write: `init` names how its values are drawn (see _generate)."""
+    name: str
+    shape: tuple[int, ...]
+    init: str        # "embed" | "linear" | "residual" | "norm" | "bias" | "router"
+    layer: int = -1
+
+
+# ---------------------------------------------------------------- families: tensor names and config.json
+
+# family -> (architecture, MoE module, expert projection names gate/up/down, q/k norm, qkv bias, shared expert)
+_FAMILIES = {
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "head", False, False),
+    "olmoe": ("OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "full", False, False),
+    "mixtral": ("MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), None, False, False),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), None, True, True),
+}
+
+
+def _tensors(a: _Arch) -> list[_Tensor]:
+    """Every tensor of the checkpoint, in write order. Names and shapes are transformers 5.24's."""
+    _, moe, (gate, up, down), qk_norm, qkv_bias, shared = _FAMILIES[a.family]
+    H, F, D = a.hidden_size, a.moe_intermediate_size, a.head_dim
+    q_out, kv_out = a.num_attention_heads * D, a.num_key_value_heads * D
+    out = [_Tensor("model.embed_tokens.weight", (a.vocab_size, H), "embed")]
+    for i in range(a.num_layers):
+        p = f"model.layers.{i}."
+        t = [_Tensor(p + "input_layernorm.weight", (H,), "norm")]
+        for proj, rows in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
+            t.append(_Tensor(f"{p}self_attn.{proj}.weight", (rows, H), "linear"))
+            if qkv_bias:
+                t.append(_Tensor(f"{p}self_attn.{proj}.bias", (rows,), "bias"))
+        if qk_norm == "head":            # Qwen3: one RMSNorm over each head's D channels
+            t += [_Tensor(p + "self_attn.q_norm.weight", (D,), "norm"),
+                  _Tensor(p + "self_attn.k_norm.weight", (D,), "norm")]
+        elif qk_norm == "full":          # OLMoE: RMSNorm over all heads together
+            t += [_Tensor(p + "self_attn.q_norm.weight", (q_out,), "norm"),
+                  _Tensor(p + "self_attn.k_norm.weight", (kv_out,), "norm")]
+        t.append(_Tensor(p + "self_attn.o_proj.weight", (H, q_out), "residual"))
+        t.append(_Tensor(p + "post_attention_layernorm.weight", (H,), "norm"))
+        t.append(_Tensor(f"{p}{moe}.gate.weight", (a.num_experts, H), "router", i))
+        for e in range(a.num_experts):
+            x = f"{p}{moe}.experts.{e}."
+            t += [_Tensor(x + gate + ".weight", (F, H), "linear"), _Tensor(x + up + ".weight", (F, H), "linear"),
+                  _Tensor(x + down + ".weight", (H, F), "residual")]
+        if shared:
+            S = a.shared_expert_intermediate_size
+            x = f"{p}{moe}.shared_expert."
+            t += [_Tensor(x + "gate_proj.weight", (S, H), "linear"), _Tensor(x + "up_proj.weight", (S, H), "linear"),
+                  _Tensor(x + "down_proj.weight", (H, S), "residual"),
+                  _Tensor(f"{p}{moe}.shared_expert_gate.weight", (1, H), "linear")]
+        out += t
+    out += [_Tensor("model.norm.weight", (H,), "norm"), _Tensor("lm_head.weight", (a.vocab_size, H), "linear")]
+    return out
+
+
+def _config(a: _Arch, dtype: str) -> dict:
+    """config.json exactly as transformers 5.24 saves it for the family (without transformers_version)."""
+    c = {
+        "architectures": [_FAMILIES[a.family][0]], "model_type": a.family, "dtype": dtype,
+        "hidden_size": a.hidden_size, "num_hidden_layers": a.num_layers, "vocab_size": a.vocab_size,
+        "num_attention_heads": a.num_attention_heads, "num_key_value_heads": a.num_key_value_heads,
+        "head_dim": a.head_dim, "num_experts_per_tok": a.top_k, "hidden_act": "silu",
+        "attention_dropout": 0.0, "initializer_range": 0.02, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "use_cache": True,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "rms_norm_eps": 1e-06,
+    }
+    if a.family in ("qwen3_moe", "qwen2_moe"):
+        c.update(decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=a.moe_intermediate_size,
+                 use_sliding_window=False, max_position_embeddings=32768)
+    if a.family == "qwen3_moe":
+        # Dense layers (none here) would use intermediate_size; Qwen3-30B-A3B has top_k * moe_intermediate_size.
+        c.update(attention_bias=False, sliding_window=None, num_local_experts=a.num_experts, norm_topk_prob=True,
+                 intermediate_size=a.top_k * a.moe_intermediate_size)
+    elif a.family == "qwen2_moe":
+        c.update(num_experts=a.num_experts, norm_topk_prob=False, qkv_bias=True, sliding_window=0,
+                 max_window_layers=28, layer_types=["full_attention"] * a.num_layers,
+                 shared_expert_intermediate_size=a.shared_expert_intermediate_size,
+                 intermediate_size=a.shared_expert_intermediate_size)
+    elif a.family == "olmoe":            # OLMoE's experts use intermediate_size; it has no moe_intermediate_size
+        c.update(num_experts=a.num_experts, norm_topk_prob=False, attention_bias=False, clip_qkv=None,
+                 intermediate_size=a.moe_intermediate_size, rms_norm_eps=1e-05, router_aux_loss_coef=0.01,
+                 max_position_embeddings=4096, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    elif a.family == "mixtral":          # Mixtral's experts use intermediate_size too
+        c.update(num_local_experts=a.num_experts, intermediate_size=a.moe_intermediate_size, rms_norm_eps=1e-05,
+                 router_jitter_noise=0.0, sliding_window=None, max_position_embeddings=32768)
+    return c
+
+
+# ---------------------------------------------------------------- weight values
+
+class _Values:
+    """Draws each tensor's values. Every tensor has its own generator seeded by (seed, crc32(name)), so a value
+    does not depend on shard layout or dtype; only the routers carry state from one layer to the next."""
+
+    def __init__(self, a: _Arch, seed: int, popularity_skew: float, layer_correlation: float):
+        self.a, self.seed, self.skew, self.corr = a, seed, popularity_skew, layer_correlation
+        rng = self._rng("router/structure")
+        u = rng.standard_normal(a.hidden_size)
+        self.u = u / np.linalg.norm(u)                                  # the shared direction, unit length
+        self.permutation = rng.permutation(a.num_experts)               # P: expert e of layer l -> P[e] of l + 1
+        self.rank = [rng.permutation(a.num_experts)]                    # rank[l][e], 0 = most popular
+        for _ in range(1, a.num_layers):
+            nxt = np.empty_like(self.rank[-1])
+            nxt[self.permutation] = self.rank[-1]
+            self.rank.append(nxt)
+        # Expected u-coordinate of an RMS-normalised embedding: sqrt(H) * sqrt(shared / (shared + random)).
+        self.s = math.sqrt(a.hidden_size * _EMBED_SHARED / (1.0 + _EMBED_SHARED))
+        self.prev_g: np.ndarray | None = None                           # g of the last router drawn, [E, H]
+        self.residual_scale = 1.0 / math.sqrt(2 * a.num_layers)
+
+    def _rng(self, name: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+
+    def chunks(self, t: _Tensor):
+        """Yields the tensor's float32 values as C-contiguous row blocks of at most _CHUNK_ELEMENTS."""
+        rng = self._rng(t.name)
+        if t.init == "router":
+            yield self._router(rng, t.layer)
+            return
+        if t.init in ("norm", "bias"):
+            v = rng.standard_normal(t.shape, dtype=np.float32) * np.float32(_NORM_JITTER)
+            yield v + np.float32(1.0) if t.init == "norm" else v
+            return
+        rows, cols = t.shape
+        std = {"embed": 1.0, "linear": 1.0 / math.sqrt(cols), "residual": self.residual_scale / math.sqrt(cols)}
+        shared = (math.sqrt(_EMBED_SHARED * cols) * self.u).astype(np.float32)   # |shared| = sqrt(shared * H)
+        step = max(1, _CHUNK_ELEMENTS // cols)
+        for r in range(0, rows, step):
+            v = rng.standard_normal((min(step, rows - r), cols), dtype=np.float32)
+            v *= np.float32(std[t.init])
+            if t.init == "embed":
+                v += shared
+            yield v
+
+    def _router(self, rng: np.random.Generator, layer: int) -> np.ndarray:
+        """Router rows g + b / s * u (see the module docstring). Random part: logits of std ~1."""
+        E, H = self.a.num_experts, self.a.hidden_size
+        fresh = rng.standard_normal((E, H)) * math.sqrt((1.0 + _EMBED_SHARED) / H)
+        fresh -= np.outer(fresh @ self.u, self.u)                       # keep g orthogonal to u
+        if self.prev_g is None:
+            g = fresh
+        else:
+            g = np.empty_like(fresh)
+            g[self.permutation] = self.corr * self.prev_g + math.sqrt(1.0 - self.corr ** 2) * fresh
+        self.prev_g = g
+        b = -self.skew * np.log1p(self.rank[layer].astype(np.float64))
+        return (g + np.outer((b - b.mean()) / self.s, self.u)).astype(np.float32)
+
+
+def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even as torch does.
+
+    Args:
+        x: float32 array.
+    Returns:
+        uint16 array of the same shape holding the upper 16 bits of the rounded float32.
+    """
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    nan = np.isnan(x)                     # rounding could carry a NaN's payload into the exponent: keep it quiet NaN
+    out = rounded.astype(np.uint16)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def _encode(v: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return to_bfloat16_bits(v)
+    return v.astype(np.float16) if dtype == "float16" else v
+
+
+# ---------------------------------------------------------------- safetensors shards
+
+def _plan_shards(tensors: list[_Tensor], itemsize: int, shard_bytes: int) -> list[list[_Tensor]]:
+    """Greedy split in write order; a tensor larger than shard_bytes gets a shard of its own."""
+    shards, size = [[]], 0
+    for t in tensors:
+        n = math.prod(t.shape) * itemsize
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    return shards
+
+
+def _write_shard(path: Path, tensors: list[_Tensor], values: _Values, dtype: str, bar) -> None:
+    """Header first (every shape is known up front), then each tensor's bytes as they are generated."""
+    code, itemsize = DTYPES[dtype]
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for t in tensors:
+        n = math.prod(t.shape) * itemsize
+        header[t.name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)       # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors:
+            for chunk in values.chunks(t):
+                data = _encode(chunk, dtype)
+                f.write(data.data)
+                bar.update(data.nbytes)
+
+
+# ---------------------------------------------------------------- public API
+
+def _resolve(family, hidden_size, num_layers, num_experts, top_k, moe_intermediate_size, vocab_size,
+             num_attention_heads, num_key_value_heads, head_dim, shared_expert_intermediate_size) -> _Arch:
+    """Validates the shape arguments; errors name the value and the fix."""
+    if family not in _FAMILIES:
+        raise EdgeMoeError(f"family={family!r} is not supported; use one of {', '.join(sorted(_FAMILIES))}")
+    sizes = dict(hidden_size=hidden_size, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                 moe_intermediate_size=moe_intermediate_size, vocab_size=vocab_size,
+                 num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads)
+    for k, v in sizes.items():
+        if not isinstance(v, int) or v < 1:
+            raise EdgeMoeError(f"{k}={v!r} must be a positive integer")
+    if top_k > num_experts:
+        raise EdgeMoeError(f"top_k={top_k} is larger than num_experts={num_experts}; lower top_k")
+    if vocab_size < 8:
+        raise EdgeMoeError(f"vocab_size={vocab_size} is too small (bos=1, eos=2 must fit); use at least 8")
+    if num_attention_heads % num_key_value_heads:
+        raise EdgeMoeError(f"num_attention_heads={num_attention_heads} is not a multiple of "
+                           f"num_key_value_heads={num_key_value_heads}; pick a divisor")
+    natural = hidden_size // num_attention_heads
+    if head_dim is None:
+        if hidden_size % num_attention_heads:
+            raise EdgeMoeError(f"hidden_size={hidden_size} is not a multiple of num_attention_heads="
+                               f"{num_attention_heads}; change one or pass head_dim")
+        head_dim = natural
+    if family == "olmoe" and head_dim * num_attention_heads != hidden_size:
+        raise EdgeMoeError(f"head_dim={head_dim}: olmoe sizes q_norm by hidden_size, so head_dim must be "
+                           f"hidden_size / num_attention_heads = {hidden_size / num_attention_heads:g}")
+    if family == "qwen2_moe":
+        shared_expert_intermediate_size = shared_expert_intermediate_size or 4 * moe_intermediate_size
+    elif shared_expert_intermediate_size is not None:
+        raise EdgeMoeError(f"shared_expert_intermediate_size={shared_expert_intermediate_size}: family {family} "
+                           "has no shared expert; leave it None or use family='qwen2_moe'")
+    return _Arch(family, head_dim=head_dim, shared_expert_intermediate_size=shared_expert_intermediate_size, **sizes)
+
+
+def checkpoint_nbytes(*, dtype: str = "float32", **shape) -> int:
+    """Bytes of tensor data that write_synthetic_checkpoint would write (headers and JSON files excluded).
+
+    Args:
+        dtype: "float32", "float16" or "bfloat16".
+        **shape: the shape arguments of write_synthetic_checkpoint (family, hidden_size, ...); missing ones take
+            its defaults.
+    Returns:
+        The total size in bytes.
+    Raises:
+        EdgeMoeError: an unknown dtype or invalid shape.
+    """
+    if dtype not in DTYPES:
+        raise EdgeMoeError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    a = _resolve(**{**_SHAPE_DEFAULTS, **shape})
+    return sum(math.prod(t.shape) for t in _tensors(a)) * DTYPES[dtype][1]
+
+
+_SHAPE_DEFAULTS = dict(family="qwen3_moe", hidden_size=512, num_layers=12, num_experts=32, top_k=4,
+                       moe_intermediate_size=512, vocab_size=32000, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=None, shared_expert_intermediate_size=None)
+
+
+def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, num_layers=12, num_experts=32,
+                               top_k=4, moe_intermediate_size=512, vocab_size=32000, num_attention_heads=8,
+                               num_key_value_heads=4, head_dim=None, shared_expert_intermediate_size=None,
+                               dtype="float32", shard_bytes=512 * 2**20, seed=0, popularity_skew=1.0,
+                               layer_correlation=0.6, progress=True, overwrite=False) -> Path:
+    """Writes a random-weight Hugging Face checkpoint of the family, one tensor at a time.
+
+    Args:
+        out_dir: directory to create; written as `<out_dir>.tmp-<pid>` and renamed into place at the end.
+        family: config.json model_type: "qwen3_moe", "olmoe", "mixtral" or "qwen2_moe".
+        hidden_size ... num_key_value_heads: the architecture (moe_intermediate_size is each routed expert's
+            intermediate size whatever field name the family's config uses for it).
+        head_dim: attention head size; None means hidden_size / num_attention_heads.
+        shared_expert_intermediate_size: qwen2_moe only; None means 4 * moe_intermediate_size.
+        dtype: "float32", "float16" or "bfloat16" (round to nearest even).
+        shard_bytes: largest shard size before a new shard starts (a bigger tensor gets its own shard).
+        seed: same seed and shape -> same values, whatever dtype or shard_bytes.
+        popularity_skew: Zipf exponent of the experts' popularity in each layer; 0 = no skew.
+        layer_correlation: 0..1, how strongly layer l's routing predicts layer l + 1's (module docstring).
+        progress: show a tqdm progress bar on stderr.
+        overwrite: replace an existing non-empty out_dir.
+    Returns:
+        The checkpoint directory.
+    Raises:
+        EdgeMoeError: invalid arguments, out_dir exists and is not empty (without overwrite), or too little disk.
+    """
+    a = _resolve(family, hidden_size, num_layers, num_experts, top_k, moe_intermediate_size, vocab_size,
+                 num_attention_heads, num_key_value_heads, head_dim, shared_expert_intermediate_size)
+    if dtype not in DTYPES:
+        raise EdgeMoeError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if not shard_bytes or shard_bytes < 1:
+        raise EdgeMoeError(f"shard_bytes={shard_bytes!r} must be a positive number of bytes")
+    if popularity_skew < 0:
+        raise EdgeMoeError(f"popularity_skew={popularity_skew} must be >= 0 (0 = uniform popularity)")
+    if not 0.0 <= layer_correlation <= 1.0:
+        raise EdgeMoeError(f"layer_correlation={layer_correlation} must be between 0 and 1")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise EdgeMoeError(f"{out} already exists and is not an empty directory; pass overwrite=True "
+                           "(--overwrite) or choose another OUT_DIR")
+    tensors = _tensors(a)
+    total = sum(math.prod(t.shape) for t in tensors) * DTYPES[dtype][1]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if free < total * 1.01:
+        raise EdgeMoeError(f"{out.parent}: {total / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; "
+                           "free space or lower num_layers / use dtype='bfloat16'")
+
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)       # a leftover of an earlier crash of a process with our pid
+    tmp.mkdir()
+    try:
+        values = _Values(a, seed, popularity_skew, layer_correlation)
+        shards = _plan_shards(tensors, DTYPES[dtype][1], shard_bytes)
+        weight_map = {}
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"synthetic {a.family}", disable=not progress) as bar:
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                _write_shard(tmp / name, shard, values, dtype, bar)
+                weight_map.update({t.name: name for t in shard})
+        _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                          "weight_map": weight_map})
+        _write_json(tmp / "config.json", _config(a, dtype))
+        _write_json(tmp / "synthetic.json", {
+            "generator": "edge_moe_export.synthetic", "arch": asdict(a), "dtype": dtype, "seed": seed,
+            "popularity_skew": popularity_skew, "layer_correlation": layer_correlation,
+            "layer_permutation": values.permutation.tolist(),
+            "popularity_rank": [r.tolist() for r in values.rank]})
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """os.replace renames over a missing or empty directory; a full one (overwrite) is moved aside first."""
+    old = None
+    if out.exists() and any(out.iterdir()):
+        old = out.parent / f"{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the `synth` options to a parser (the edge-moe CLI mounts it as a subcommand)."""
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="checkpoint directory to create")
+    parser.add_argument("--preset", default="qwen3-moe-1gb", choices=sorted(PRESETS),
+                        help="model shape (default: qwen3-moe-1gb)")
+    parser.add_argument("--layers", type=int, help="number of decoder layers (overrides the preset)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (overrides the preset)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--popularity-skew", type=float, default=1.0, help="Zipf exponent of expert popularity")
+    parser.add_argument("--layer-correlation", type=float, default=0.6,
+                        help="0..1: how much layer l's routing predicts layer l+1's")
+    parser.add_argument("--shard-mb", type=int, default=512, help="shard size in MiB (default 512)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the `synth` command from parsed arguments; returns the exit status. Raises EdgeMoeError."""
+    kw = dict(PRESETS[args.preset])
+    if args.layers is not None:
+        kw["num_layers"] = args.layers
+    if args.dtype is not None:
+        kw["dtype"] = args.dtype
+    path = write_synthetic_checkpoint(
+        args.out_dir, seed=args.seed, popularity_skew=args.popularity_skew,
+        layer_correlation=args.layer_correlation, shard_bytes=args.shard_mb * 2**20, progress=not args.quiet,
+        overwrite=args.overwrite, **kw)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    print(f"wrote {path} ({kw['family']}, {kw['num_layers']} layers, {kw['dtype']}, {size / 1e9:.2f} GB)")
+    return 0
+
+
+def main(argv=None) -> int:
+    """`python -m edge_moe_export.synthetic OUT_DIR --preset NAME ...`; errors print one line, status 1."""
+    parser = argparse.ArgumentParser(prog="python -m edge_moe_export.synthetic", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except EdgeMoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
