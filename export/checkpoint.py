@@ -33,9 +33,16 @@ class Checkpoint:
         if not self.dir.is_dir():
             raise EdgeMoeError(f"{self.dir}: not a directory; pass a Hugging Face checkpoint directory")
         self.config = self._read_config()
-        self._index: dict[str, tuple[Path, str, list[int], int, int]] = {}
-        for shard in self._shards():
-            self._index_shard(shard)
+        self._tensors: dict[str, tuple[Path, str, list[int], int, int]] | None = None
+
+    @property
+    def _index(self) -> dict:
+        """Shard headers, read on first use so that config errors come first."""
+        if self._tensors is None:
+            self._tensors = {}
+            for shard in self._shards():
+                self._index_shard(shard)
+        return self._tensors
 
     def _read_config(self) -> dict:
         path = self.dir / "config.json"
@@ -78,7 +85,7 @@ class Checkpoint:
                 raise EdgeMoeError(f"{path}: tensor {name} has dtype {info['dtype']}, which export cannot read")
             if 8 + header_len + end > size:
                 raise EdgeMoeError(f"{path}: truncated (tensor {name} ends past the end of the file)")
-            self._index[name] = (path, info["dtype"], info["shape"], 8 + header_len + begin, end - begin)
+            self._tensors[name] = (path, info["dtype"], info["shape"], 8 + header_len + begin, end - begin)
 
     def __contains__(self, name: str) -> bool:
         return name in self._index

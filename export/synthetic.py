@@ -3,7 +3,7 @@
 The output is what `AutoModelForCausalLM.from_config(cfg).save_pretrained(dir)` of transformers 5.24 writes for the
 family (`qwen3_moe`, `olmoe`, `mixtral`, `qwen2_moe`): the same config.json fields, tensor names and shapes, in
 `model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json` (always an index, even for one shard).
-Each tensor is generated just before it is written, so peak memory is one tensor (at most a 16 MB chunk of a large
+Each tensor is generated just before it is written, so peak memory is one tensor (at most a 4 MB chunk of a large
 one) whatever the checkpoint size. `synthetic.json` records the parameters and the router's ground truth below.
 
 Weights (std ~ 1/sqrt(fan_in), so activations stay O(1)):
@@ -38,7 +38,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import sys
 import zlib
 from dataclasses import asdict, dataclass
@@ -48,28 +47,29 @@ import numpy as np
 from tqdm import tqdm
 
 from edge_moe.errors import EdgeMoeError
+from edge_moe_export.safetensors_writer import DTYPES, write_sharded
 
-# name -> (safetensors dtype code, bytes per element)
-DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
-_CHUNK_ELEMENTS = 4 * 2**20          # rows of a large tensor are generated 16 MB (fp32) at a time
+_CHUNK_ELEMENTS = 2**20              # rows of a large tensor are generated 4 MB (fp32) at a time
 _NORM_JITTER = 0.05                  # std of norm weights around 1 and of attention biases around 0
 _EMBED_SHARED = 1.0                  # energy of the shared direction u relative to the random part of an embedding
 
-# Sizes: fp32 1.38 GB | bf16 3.62 GB | bf16 5.41 GB (4 layers; each further layer adds 0.82 GB | 1.23 GB).
+# Sizes are tensor bytes (checkpoint_nbytes); `--layers N` scales the layer part.
 PRESETS: dict[str, dict] = {
-    # Quick tests: 1.3 MB.
+    # Quick tests and CLI smoke runs: 0.63 MB.
     "tiny": dict(family="qwen3_moe", hidden_size=64, num_layers=2, num_experts=8, top_k=2,
                  moe_intermediate_size=32, vocab_size=256, num_attention_heads=4, num_key_value_heads=2,
                  dtype="float32"),
-    # The package-format example model: 344 M parameters, 1.38 GB in fp32 (0.69 GB in bf16).
+    # The package-format example model: 344 M parameters, 1.38 GB in fp32 (0.69 GB in bf16); 3 MB experts,
+    # 0.10 GB per layer, 0.13 GB embeddings + lm_head.
     "qwen3-moe-1gb": dict(family="qwen3_moe", hidden_size=512, num_layers=12, num_experts=32, top_k=4,
                           moe_intermediate_size=512, vocab_size=32000, num_attention_heads=8,
                           num_key_value_heads=4, dtype="float32"),
-    # OLMoE-1B-7B expert shapes (12.6 MB bf16 expert), 4 of its 16 layers: 3.62 GB in bf16.
+    # OLMoE-1B-7B shapes, 4 of its 16 layers: 3.77 GB in bf16 (12.6 MB experts, 0.84 GB per layer).
     "olmoe-1b-7b-shapes": dict(family="olmoe", hidden_size=2048, num_layers=4, num_experts=64, top_k=8,
                                moe_intermediate_size=1024, vocab_size=50304, num_attention_heads=16,
                                num_key_value_heads=16, dtype="bfloat16"),
-    # Qwen3-30B-A3B expert shapes (9.4 MB bf16 expert), 4 of its 48 layers: 5.41 GB in bf16.
+    # Qwen3-30B-A3B shapes, 4 of its 48 layers: 6.23 GB in bf16 (9.4 MB experts, 1.25 GB per layer,
+    # 1.24 GB embeddings + lm_head).
     "qwen3-30b-a3b-shapes": dict(family="qwen3_moe", hidden_size=2048, num_layers=4, num_experts=128, top_k=8,
                                  moe_intermediate_size=768, vocab_size=151936, num_attention_heads=32,
                                  num_key_value_heads=4, head_dim=128, dtype="bfloat16"),
@@ -244,64 +244,6 @@ class _Values:
         return (g + np.outer((b - b.mean()) / self.s, self.u)).astype(np.float32)
 
 
-def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even as torch does.
-
-    Args:
-        x: float32 array.
-    Returns:
-        uint16 array of the same shape holding the upper 16 bits of the rounded float32.
-    """
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    nan = np.isnan(x)                     # rounding could carry a NaN's payload into the exponent: keep it quiet NaN
-    out = rounded.astype(np.uint16)
-    if nan.any():
-        out[nan] = 0x7FC0
-    return out
-
-
-def _encode(v: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return to_bfloat16_bits(v)
-    return v.astype(np.float16) if dtype == "float16" else v
-
-
-# ---------------------------------------------------------------- safetensors shards
-
-def _plan_shards(tensors: list[_Tensor], itemsize: int, shard_bytes: int) -> list[list[_Tensor]]:
-    """Greedy split in write order; a tensor larger than shard_bytes gets a shard of its own."""
-    shards, size = [[]], 0
-    for t in tensors:
-        n = math.prod(t.shape) * itemsize
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += n
-    return shards
-
-
-def _write_shard(path: Path, tensors: list[_Tensor], values: _Values, dtype: str, bar) -> None:
-    """Header first (every shape is known up front), then each tensor's bytes as they are generated."""
-    code, itemsize = DTYPES[dtype]
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for t in tensors:
-        n = math.prod(t.shape) * itemsize
-        header[t.name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)       # data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for t in tensors:
-            for chunk in values.chunks(t):
-                data = _encode(chunk, dtype)
-                f.write(data.data)
-                bar.update(data.nbytes)
-
-
 # ---------------------------------------------------------------- public API
 
 def _resolve(family, hidden_size, num_layers, num_experts, top_k, moe_intermediate_size, vocab_size,
@@ -415,15 +357,9 @@ def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, 
     tmp.mkdir()
     try:
         values = _Values(a, seed, popularity_skew, layer_correlation)
-        shards = _plan_shards(tensors, DTYPES[dtype][1], shard_bytes)
-        weight_map = {}
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"synthetic {a.family}", disable=not progress) as bar:
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                _write_shard(tmp / name, shard, values, dtype, bar)
-                weight_map.update({t.name: name for t in shard})
-        _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
-                                                          "weight_map": weight_map})
+            write_sharded(tmp, [(t.name, t.shape) for t in tensors], lambda i: values.chunks(tensors[i]), dtype,
+                          shard_bytes, bar.update)
         _write_json(tmp / "config.json", _config(a, dtype))
         _write_json(tmp / "synthetic.json", {
             "generator": "edge_moe_export.synthetic", "arch": asdict(a), "dtype": dtype, "seed": seed,

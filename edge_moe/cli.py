@@ -1,0 +1,123 @@
+"""`edge-moe`: export, inspect, generate (and the benchmarks). User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import EdgeMoeError
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise EdgeMoeError(f"--prompt-ids {text!r}: expected comma-separated integers like 1,2,3") from None
+
+
+def cmd_export(args) -> int:
+    from edge_moe_export.exporter import export_checkpoint
+
+    out = export_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                            progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .manifest import Manifest
+
+    m = Manifest.load(args.model)
+    c = m.config
+    sizes = {e.length for e in m.experts.values()}
+    summary = {
+        "path": str(m.root), "family": m.family, "dtype": m.dtype, "layers": c["num_layers"],
+        "moe_layers": len(c["moe_layers"]), "experts_per_layer": c["num_experts"], "top_k": c["top_k"],
+        "experts": len(m.experts), "hidden_size": c["hidden_size"], "vocab_size": c["vocab_size"],
+        "backbone_bytes": m.backbone_bytes, "expert_bytes": m.expert_bytes,
+        "bytes_per_expert": sorted(sizes)[0] if len(sizes) == 1 else sorted(sizes),
+        "tokenizer": m.tokenizer is not None,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    width = max(map(len, summary))
+    for key, value in summary.items():
+        if key.endswith("bytes") and isinstance(value, int):
+            value = f"{value:,} ({value / 2**20:.1f} MiB)"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from . import load
+
+    if args.prompt is None and args.prompt_ids is None:
+        raise EdgeMoeError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if args.max_new_tokens < 1:
+        raise EdgeMoeError(f"-n {args.max_new_tokens}: generate at least 1 token")
+    model = load(args.model, threads=args.threads)
+    prompt = args.prompt if args.prompt is not None else _ids(args.prompt_ids)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed)
+    if args.json:
+        result = model.generate(prompt, **options)
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_ids": result.prompt_ids,
+                          "finish_reason": result.finish_reason, "stats": result.stats}))
+        return 0
+    for response in model.stream_generate(prompt, **options):
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+        last = response
+    sys.stdout.write("\n")
+    print(f"[{last.prompt_tokens} prompt tokens, {last.index + 1} generated, "
+          f"decode {last.decode_tps:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-moe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a Hugging Face MoE checkpoint to an edge_moe package")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("inspect", help="summarize a package")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate text")
+    p.add_argument("--model", required=True, help="package directory")
+    p.add_argument("--prompt")
+    p.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, stats")
+    p.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except EdgeMoeError as exc:
+        print(f"edge-moe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge-moe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The shared runner: tiny random-weight models built locally with transformers' `from_config` (no download),
+saved as Hugging Face checkpoints, exported, and compared against transformers' own PyTorch forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# family -> the config keys that name its expert count
+EXPERT_KEY = {"mixtral": "num_local_experts", "olmoe": "num_experts", "qwen2_moe": "num_experts",
+              "qwen3_moe": "num_experts"}
+
+
+def tiny_config(family: str, *, hidden=48, layers=2, heads=4, kv_heads=2, experts=6, top_k=2, ffn=40, vocab=128,
+                **extra):
+    kwargs = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, vocab_size=vocab, num_experts_per_tok=top_k,
+                  max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    kwargs[EXPERT_KEY[family]] = experts
+    if family in ("qwen2_moe", "qwen3_moe"):
+        kwargs["moe_intermediate_size"] = ffn
+        kwargs["intermediate_size"] = ffn + 8
+    else:
+        kwargs["intermediate_size"] = ffn
+    if family == "qwen2_moe":
+        kwargs["shared_expert_intermediate_size"] = ffn + 16
+    kwargs.update(extra)
+    return transformers.AutoConfig.for_model(family, **kwargs)
+
+
+def build_checkpoint(directory, config, *, seed=0, dtype=None, max_shard_size=None):
+    """Saves a random-weight model; returns the transformers model (float32, eval mode)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # default init leaves routers near zero: spread them so routing is decisive
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.15 if ("gate.weight" in name) else 0.05)
+            elif "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    save = model.to(dtype) if dtype is not None else model
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    save.save_pretrained(directory, **kwargs)
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def reference_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def reference_greedy(model, ids, steps: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=steps, min_new_tokens=steps,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory):
+    """A small exported qwen3_moe package shared by the CLI and bad-input tests: (package dir, hf dir)."""
+    from edge_moe_export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_checkpoint(root / "hf", tiny_config("qwen3_moe"))
+    return export_checkpoint(root / "hf", root / "pkg", progress=False), root / "hf"

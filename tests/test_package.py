@@ -1,0 +1,83 @@
+"""The package format: standalone expert graphs, alignment, checksums, atomic export, unknown families."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import xxhash
+
+from edge_moe.errors import EdgeMoeError
+from edge_moe.manifest import Manifest
+from edge_moe_export import exporter
+from edge_moe_export.checkpoint import Checkpoint
+from edge_moe_export.exporter import export_checkpoint
+
+from conftest import build_checkpoint, tiny_config
+
+
+def test_expert_graph_is_standalone_and_matches_checkpoint(tiny_package):
+    package, hf = tiny_package
+    manifest = Manifest.load(package)
+    checkpoint = Checkpoint(hf)
+    x = np.random.default_rng(0).standard_normal((5, manifest.config["hidden_size"])).astype(np.float32)
+    for key in [(0, 0), (1, 5)]:
+        record = manifest.experts[key]
+        assert record.offset % 4096 == 0
+        blob = record.blob.read_bytes()
+        assert len(blob) % 4096 == 0
+        assert record.checksum == "xxh3_64:" + xxhash.xxh3_64_hexdigest(blob[record.offset:record.offset + record.length])
+        session = ort.InferenceSession(str(record.graph), providers=["CPUExecutionProvider"])
+        (y,) = session.run(None, {"hidden_states": x})
+        prefix = f"model.layers.{key[0]}.mlp.experts.{key[1]}"
+        gate, up, down = (checkpoint.read(f"{prefix}.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj"))
+        g = x @ gate.T
+        expected = ((g / (1 + np.exp(-g))) * (x @ up.T)) @ down.T
+        np.testing.assert_allclose(y, expected, atol=1e-5)
+
+
+def test_manifest_lists_every_expert(tiny_package):
+    package, _ = tiny_package
+    data = json.loads((package / "manifest.json").read_text())
+    c = data["config"]
+    keys = {(e["layer"], e["index"]) for e in data["experts"]}
+    assert keys == {(layer, e) for layer in c["moe_layers"] for e in range(c["num_experts"])}
+    assert data["format_version"] == 1 and data["family"] == "qwen3_moe"
+
+
+def test_unknown_model_type_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(EdgeMoeError, match="mixtral, olmoe, qwen2_moe, qwen3_moe"):
+        export_checkpoint(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_interrupted_export_leaves_nothing_loadable(tmp_path, monkeypatch):
+    build_checkpoint(tmp_path / "hf", tiny_config("mixtral"))
+    calls = {"n": 0}
+    real_read = Checkpoint.read
+
+    def failing_read(self, name):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt  # what Ctrl-C does halfway through
+        return real_read(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read", failing_read)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(tmp_path / "hf", tmp_path / "pkg", progress=False)
+    assert not (tmp_path / "pkg").exists()
+    assert not list(tmp_path.glob("pkg*")), "the staging directory must be removed"
+
+
+def test_existing_directory_needs_overwrite(tmp_path):
+    build_checkpoint(tmp_path / "hf", tiny_config("mixtral"))
+    export_checkpoint(tmp_path / "hf", tmp_path / "pkg", progress=False)
+    with pytest.raises(EdgeMoeError, match="--overwrite"):
+        export_checkpoint(tmp_path / "hf", tmp_path / "pkg", progress=False)
+    export_checkpoint(tmp_path / "hf", tmp_path / "pkg", progress=False, overwrite=True)
+    Manifest.load(tmp_path / "pkg")
+
+
+def test_bad_dtype_is_a_clear_error(tmp_path):
+    with pytest.raises(EdgeMoeError, match="float32, float16"):
+        exporter.export_checkpoint(tmp_path, tmp_path / "o", dtype="int3", progress=False)
