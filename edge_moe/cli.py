@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, stats")
     p.set_defaults(run=cmd_generate)
+
+    from .bench import command as bench
+
+    p = sub.add_parser("bench", help="benchmarks: decode speed and floors (prints a table, --json writes one)")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.run)
     return parser
 
 

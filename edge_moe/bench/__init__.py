@@ -1,0 +1,2 @@
+"""`edge-moe bench`: measurements that print a table and can write JSON. Ratios are taken within one run
+because this class of machine is noisy."""

@@ -1,0 +1,53 @@
+"""`edge-moe bench`: the all-resident decode table (against transformers and the bandwidth floor)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..telemetry import peak_rss_bytes
+from . import decode
+from .report import print_table, write_json
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="package directory")
+    p.add_argument("--reference", metavar="HF_DIR", help="also time transformers' eager PyTorch on this checkpoint")
+    p.add_argument("--tokens", type=int, default=64, help="tokens to decode per run")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+
+
+def run(args) -> int:
+    import edge_moe
+
+    model = edge_moe.load(args.model, threads=args.threads, progress=True)
+    vocab = model.config["vocab_size"]
+    prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_tokens).tolist()
+    decode.decode_run(model, prompt, 4)  # warm-up: sessions, allocator
+    ours = decode.decode_run(model, prompt, args.tokens)
+    bandwidth = decode.weight_read_bandwidth()
+    per_token = decode.weight_bytes_per_token(model.manifest)
+    floor_tps = bandwidth / per_token
+    rows = [{"engine": "edge_moe", "threads": model.threads,
+             "prefill_tok_s": ours["prefill_tokens_per_second"], "decode_tok_s": ours["decode_tokens_per_second"],
+             "outside_ort": ours["decode_share_outside_ort"], "of_floor": ours["decode_tokens_per_second"] / floor_tps}]
+    results = {"model": str(args.model), "threads": model.threads, "edge_moe": ours,
+               "weight_bytes_per_token": per_token, "weight_read_bandwidth": bandwidth,
+               "bandwidth_floor_tokens_per_second": floor_tps}
+    if args.reference:
+        reference = decode.transformers_decode(args.reference, prompt, args.tokens, model.threads)
+        results["transformers"] = reference
+        results["speedup_vs_transformers"] = ours["decode_tokens_per_second"] / reference["decode_tokens_per_second"]
+        rows.append({"engine": "transformers eager", "threads": model.threads,
+                     "prefill_tok_s": reference["prefill_tokens_per_second"],
+                     "decode_tok_s": reference["decode_tokens_per_second"], "outside_ort": "",
+                     "of_floor": reference["decode_tokens_per_second"] / floor_tps})
+    results["peak_rss_bytes"] = peak_rss_bytes()
+    print_table(f"decode, all experts resident ({per_token / 2**20:.1f} MiB of weights per token, "
+                f"read bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floor_tps:.1f} tok/s)", rows)
+    if args.reference:
+        print(f"speedup vs transformers: {results['speedup_vs_transformers']:.2f}x")
+    if args.json:
+        write_json(args.json, results)
+    return 0
