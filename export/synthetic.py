@@ -53,7 +53,7 @@ _CHUNK_ELEMENTS = 2**20              # rows of a large tensor are generated 4 MB
 _NORM_JITTER = 0.05                  # std of norm weights around 1 and of attention biases around 0
 _EMBED_SHARED = 1.0                  # energy of the shared direction u relative to the random part of an embedding
 
-# Sizes are tensor bytes (checkpoint_nbytes); `--layers N` scales the layer part.
+# Sizes are tensor bytes; `--layers N` scales the per-layer part.
 PRESETS: dict[str, dict] = {
     # Quick tests and CLI smoke runs: 0.63 MB.
     "tiny": dict(family="qwen3_moe", hidden_size=64, num_layers=2, num_experts=8, top_k=2,
@@ -220,7 +220,8 @@ class _Values:
             return
         rows, cols = t.shape
         std = {"embed": 1.0, "linear": 1.0 / math.sqrt(cols), "residual": self.residual_scale / math.sqrt(cols)}
-        shared = (math.sqrt(_EMBED_SHARED * cols) * self.u).astype(np.float32)   # |shared| = sqrt(shared * H)
+        if t.init == "embed":   # the same u component in every row; its norm is sqrt(_EMBED_SHARED * H)
+            shared = (math.sqrt(_EMBED_SHARED * cols) * self.u).astype(np.float32)
         step = max(1, _CHUNK_ELEMENTS // cols)
         for r in range(0, rows, step):
             v = rng.standard_normal((min(step, rows - r), cols), dtype=np.float32)
@@ -264,12 +265,11 @@ def _resolve(family, hidden_size, num_layers, num_experts, top_k, moe_intermedia
     if num_attention_heads % num_key_value_heads:
         raise EdgeMoeError(f"num_attention_heads={num_attention_heads} is not a multiple of "
                            f"num_key_value_heads={num_key_value_heads}; pick a divisor")
-    natural = hidden_size // num_attention_heads
     if head_dim is None:
         if hidden_size % num_attention_heads:
             raise EdgeMoeError(f"hidden_size={hidden_size} is not a multiple of num_attention_heads="
                                f"{num_attention_heads}; change one or pass head_dim")
-        head_dim = natural
+        head_dim = hidden_size // num_attention_heads
     if family == "olmoe" and head_dim * num_attention_heads != hidden_size:
         raise EdgeMoeError(f"head_dim={head_dim}: olmoe sizes q_norm by hidden_size, so head_dim must be "
                            f"hidden_size / num_attention_heads = {hidden_size / num_attention_heads:g}")
@@ -279,29 +279,6 @@ def _resolve(family, hidden_size, num_layers, num_experts, top_k, moe_intermedia
         raise EdgeMoeError(f"shared_expert_intermediate_size={shared_expert_intermediate_size}: family {family} "
                            "has no shared expert; leave it None or use family='qwen2_moe'")
     return _Arch(family, head_dim=head_dim, shared_expert_intermediate_size=shared_expert_intermediate_size, **sizes)
-
-
-def checkpoint_nbytes(*, dtype: str = "float32", **shape) -> int:
-    """Bytes of tensor data that write_synthetic_checkpoint would write (headers and JSON files excluded).
-
-    Args:
-        dtype: "float32", "float16" or "bfloat16".
-        **shape: the shape arguments of write_synthetic_checkpoint (family, hidden_size, ...); missing ones take
-            its defaults.
-    Returns:
-        The total size in bytes.
-    Raises:
-        EdgeMoeError: an unknown dtype or invalid shape.
-    """
-    if dtype not in DTYPES:
-        raise EdgeMoeError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    a = _resolve(**{**_SHAPE_DEFAULTS, **shape})
-    return sum(math.prod(t.shape) for t in _tensors(a)) * DTYPES[dtype][1]
-
-
-_SHAPE_DEFAULTS = dict(family="qwen3_moe", hidden_size=512, num_layers=12, num_experts=32, top_k=4,
-                       moe_intermediate_size=512, vocab_size=32000, num_attention_heads=8, num_key_value_heads=4,
-                       head_dim=None, shared_expert_intermediate_size=None)
 
 
 def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, num_layers=12, num_experts=32,
