@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, stats")
     p.set_defaults(run=cmd_generate)
 
+    from edge_moe_export import synthetic
+
+    p = sub.add_parser("synth", help="write a random-weight Hugging Face MoE checkpoint (numpy, streaming)")
+    synthetic.add_arguments(p)
+    p.set_defaults(run=synthetic.run)
+
     from .bench import command as bench
 
     p = sub.add_parser("bench", help="benchmarks: decode speed and floors (prints a table, --json writes one)")

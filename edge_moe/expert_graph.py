@@ -28,8 +28,10 @@ class ExpertShape:
     dtype: str  # dtype of the stored weights
 
     def tensor_shapes(self) -> dict[str, list[int]]:
+        # [in, out]: onnxruntime's MatMul streams unpacked weights at M=1 about 40% faster than Gemm(transB)
+        # (13.8 vs 9.9 GB/s measured on 2 cores), and the kernel takes weights as inputs, so nothing is prepacked.
         h, f = self.hidden_size, self.intermediate_size
-        return {"gate_up_proj": [2 * f, h], "down_proj": [h, f]}
+        return {"gate_up_proj": [h, 2 * f], "down_proj": [f, h]}
 
 
 def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, int]] | None = None) -> onnx.ModelProto:
@@ -55,6 +57,6 @@ def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, i
             location, offset, length = external[name]
             weights[name] = g.external(name, shape.dtype, dims, location, offset, length)
         weights[name] = g.as_float32(weights[name], shape.dtype)
-    y = g.swiglu(x, weights["gate_up_proj"], weights["down_proj"])
+    y = g.swiglu(x, weights["gate_up_proj"], weights["down_proj"], in_out_layout=True)
     g.output(y, OUTPUT, "float32", ["T", shape.hidden_size])
     return g.model()

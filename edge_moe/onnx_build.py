@@ -93,11 +93,13 @@ class GraphBuilder:
         root = self.op("Sqrt", self.op("Add", mean_square, self.const(eps)))
         return self.op("Mul", self.op("Div", x, root), weight)
 
-    def swiglu(self, x: str, gate_up: str, down: str) -> str:
-        """down(silu(gate(x)) * up(x)) with gate and up fused in one [2F, H] matrix."""
-        gate, up = self.op("Split", self.linear(x, gate_up), axis=-1, outputs=2)
+    def swiglu(self, x: str, gate_up: str, down: str, in_out_layout: bool = False) -> str:
+        """down(silu(gate(x)) * up(x)) with gate and up fused in one matrix: [2F, H] in Hugging Face's
+        [out, in] layout, or [H, 2F] with `in_out_layout` (then down is [F, H]) for a plain MatMul."""
+        project = (lambda a, w: self.op("MatMul", a, w)) if in_out_layout else self.linear
+        gate, up = self.op("Split", project(x, gate_up), axis=-1, outputs=2)
         activated = self.op("Mul", self.op("Mul", gate, self.op("Sigmoid", gate)), up)
-        return self.linear(activated, down)
+        return project(activated, down)
 
     def as_float32(self, x: str, dtype: str) -> str:
         """Casts a float16/bfloat16 weight to float32 (all activations are float32)."""

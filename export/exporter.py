@@ -10,6 +10,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
@@ -133,10 +134,12 @@ def _export_experts(root: Path, checkpoint, family, dtype, bar) -> list[dict]:
         for index in range(arch.num_experts):
             gate, up, down = family.expert_keys(layer, index)
             writer = ExpertWriter(blob)
-            writer.write("gate_up_proj", [checkpoint.read(gate), checkpoint.read(up)], dtype)
-            writer.write("down_proj", [checkpoint.read(down)], dtype)
+            # Hugging Face [out, in] -> [in, out] (see ExpertShape); gate columns first, then up.
+            writer.write("gate_up_proj", np.concatenate([checkpoint.read(gate).T, checkpoint.read(up).T], axis=1),
+                         dtype)
+            writer.write("down_proj", checkpoint.read(down).T, dtype)
             offset, length, checksum = writer.finish()
-            ffn = writer.tensors[0]["shape"][0] // 2
+            ffn = writer.tensors[1]["shape"][0]
             shape = ExpertShape("swiglu", arch.hidden_size, ffn, dtype)
             external = {t["name"]: (blob_name, offset + t["offset"], t["nbytes"]) for t in writer.tensors}
             graph = f"experts/L{layer:03d}_E{index:03d}.onnx"

@@ -55,17 +55,14 @@ class ExpertWriter:
         self.tensors: list[dict] = []
         self._hasher = xxhash.xxh3_64()
 
-    def write(self, name: str, arrays: list[np.ndarray], dtype: str) -> None:
-        """Writes the arrays concatenated along axis 0 as tensor `name`, without building the concatenation."""
-        pad = -(self.blob.size - self.offset) % 64  # tensor starts 64-byte aligned for SIMD loads
+    def write(self, name: str, array: np.ndarray, dtype: str) -> None:
+        """Appends `array` in `dtype` as tensor `name`, 64-byte aligned within the expert for SIMD loads."""
+        pad = -(self.blob.size - self.offset) % 64
         if pad:
             self.blob.write(np.zeros(pad, np.uint8), self._hasher)
-        start, nbytes = self.blob.size, 0
-        for array in arrays:
-            nbytes += self.blob.write(array.astype(dtype, copy=False), self._hasher)[1]
-        shape = [sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]]
-        self.tensors.append({"name": name, "dtype": dtype, "shape": shape, "offset": start - self.offset,
-                             "nbytes": nbytes})
+        start, nbytes = self.blob.write(array.astype(dtype, copy=False), self._hasher)
+        self.tensors.append({"name": name, "dtype": dtype, "shape": list(array.shape),
+                             "offset": start - self.offset, "nbytes": nbytes})
 
     def finish(self) -> tuple[int, int, str]:
         """Returns (offset, length, checksum) of the expert's span."""
