@@ -36,6 +36,26 @@ def moe_trace(tokens, L, E, k, alpha, seed, scan_every=0):
     return trace
 
 
+def correlated_trace(tokens, L, E, k, rho, seed, phase=0):
+    """Zipf per layer; each expert of the previous token's visit is kept with probability rho (consecutive
+    tokens share experts); the popularity is redrawn every `phase` tokens (a new request)."""
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, E + 1)
+    probs, prev, trace = None, [[] for _ in range(L)], []
+    for t in range(tokens):
+        if probs is None or (phase and t % phase == 0):
+            probs = [w[rng.permutation(E)] / w.sum() for _ in range(L)]
+        for layer in range(L):
+            chosen = [e for e in prev[layer] if rng.random() < rho]
+            while len(chosen) < k:
+                e = int(rng.choice(E, p=probs[layer]))
+                if e not in chosen:
+                    chosen.append(e)
+            prev[layer] = chosen
+            trace.append([(layer, e) for e in chosen])
+    return trace
+
+
 # -- oracles ------------------------------------------------------------------------------------------
 
 def lru_oracle(trace, sizes, cap):
@@ -171,6 +191,24 @@ def test_adaptive_beats_lru_and_lfu_on_skewed_trace_with_scans():
     assert ada >= 1.15 * lru, (ada, lru, lfu, opt)
     assert ada >= 1.05 * lfu, (ada, lru, lfu, opt)
     assert ada <= opt
+
+
+def test_adaptive_beats_lru_and_lfu_on_correlated_trace_with_phases():
+    # LRU's home ground: half of each token's experts repeat the previous token's
+    trace = correlated_trace(tokens=300, L=6, E=16, k=2, rho=0.5, seed=0, phase=100)
+    sizes = {(layer, e): 1 for layer in range(6) for e in range(16)}
+    pol = AdaptivePolicy()
+    ada = simulate(pol, trace, sizes, 30).hits
+    lru, lfu = simulate("lru", trace, sizes, 30).hits, simulate(LFUPolicy(keep_history=True), trace, sizes, 30).hits
+    assert ada > lru and ada > 1.3 * lfu, (ada, lru, lfu)
+    assert 0.35 < pol.rho() < 0.65  # the repeat rate is fitted, not assumed
+
+
+def test_adaptive_fits_no_repeat_rate_on_independent_routing():
+    pol = AdaptivePolicy()
+    trace = correlated_trace(tokens=300, L=6, E=16, k=2, rho=0.0, seed=0)
+    simulate(pol, trace, {(layer, e): 1 for layer in range(6) for e in range(16)}, 30)
+    assert pol.rho() < 0.05
 
 
 def test_adaptive_hints_protect_predicted_and_routed_experts():
