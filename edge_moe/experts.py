@@ -1,5 +1,5 @@
-"""Routed experts as the generation loop sees them: `ExpertSource.get((layer, index))` is the single place where
-the loop obtains an expert, and `ExpertKernels.run` computes it.
+"""Routed experts as the generation loop sees them: `fetch` of an expert source is the single place where
+the loop obtains experts (`fetch(layer, experts)`), and `ExpertKernels.run` computes them.
 
 A resident expert is its weight arrays (views into one buffer holding the expert's blob bytes); the kernel for
 its shape is one shared onnxruntime session that takes the weights as inputs. The all-resident source reads
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import EdgeMoeError
 from .expert_graph import INPUT, OUTPUT, ExpertShape, build_expert_graph
 from .manifest import ExpertRecord, Manifest
 from .sessions import OrtClock, TimedSession, open_session
@@ -57,48 +56,31 @@ class ExpertKernels:
         return session.run({INPUT: x, **expert.weights})[0]
 
 
-def read_expert_bytes(record: ExpertRecord) -> np.ndarray:
-    """A plain buffered read of one expert (the all-resident source; the streaming store lives in store.py)."""
-    buffer = np.empty(record.length, dtype=np.uint8)
-    try:
-        with open(record.blob, "rb", buffering=0) as f:
-            f.seek(record.offset)
-            got = f.readinto(memoryview(buffer))
-    except OSError as exc:
-        raise EdgeMoeError(f"{record.blob}: cannot read expert {record.key} ({exc.strerror}); "
-                           "check the disk or re-export the model") from None
-    if got != record.length:
-        raise EdgeMoeError(f"{record.blob}: short read of expert {record.key} ({got} of {record.length} bytes); "
-                           "the blob is truncated, re-export the model")
-    return buffer
-
-
-def verify_checksum(record: ExpertRecord, buffer: np.ndarray) -> None:
-    import xxhash
-
-    algorithm, _, expected = record.checksum.partition(":")
-    if algorithm != "xxh3_64":
-        raise EdgeMoeError(f"{record.blob}: checksum algorithm {algorithm!r} of expert {record.key} is unknown; "
-                           "re-export the model")
-    if xxhash.xxh3_64_hexdigest(memoryview(buffer)) != expected:
-        raise EdgeMoeError(f"{record.blob}: checksum mismatch for expert {record.key} (layer, index); the blob is "
-                           "corrupt, re-export the model")
-
-
 class AllResidentExperts:
     """Every expert read once at load (checksum verified) and kept: the reference the budgeted cache must match."""
 
-    def __init__(self, manifest: Manifest, progress=None):
+    def __init__(self, manifest: Manifest, store, progress=None, trace: list | None = None):
         self.experts: dict[tuple[int, int], ResidentExpert] = {}
+        self.trace, self.step = trace, 0
         for record in manifest.experts.values():
-            buffer = read_expert_bytes(record)
-            verify_checksum(record, buffer)
-            self.experts[record.key] = ResidentExpert.from_bytes(record, buffer)
+            self.experts[record.key] = ResidentExpert.from_bytes(record, store.read(record.key))
             if progress is not None:
                 progress.update()
 
-    def get(self, key: tuple[int, int]) -> ResidentExpert:
-        return self.experts[key]
+    def begin_step(self) -> None:
+        self.step += 1
+
+    def fetch(self, layer: int, experts: list[int]):
+        if self.trace is not None:
+            self.trace.append({"step": self.step, "layer": layer, "experts": [int(e) for e in experts],
+                               "hit": [True] * len(experts)})
+        return (self.experts[(layer, int(e))] for e in experts)
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        pass  # everything is resident
+
+    def on_route(self, layer: int, scores) -> None:
+        pass
 
     def resident_bytes(self) -> int:
         return sum(e.nbytes for e in self.experts.values())

@@ -57,6 +57,8 @@ class Manifest:
     layers: list[Path]
     head: Path
     backbone_bytes: int
+    backbone_blob: Path | None = None
+    routers: dict = field(default_factory=dict)  # layer -> {"weight"|"norm": {dtype, shape, offset, nbytes}}
     experts: dict[tuple[int, int], ExpertRecord] = field(default_factory=dict)
 
     @property
@@ -94,6 +96,8 @@ class Manifest:
                 tokenizer=root / data["tokenizer"] if data.get("tokenizer") else None,
                 embed=root / backbone["embed"], layers=[root / p for p in backbone["layers"]],
                 head=root / backbone["head"], backbone_bytes=int(backbone["bytes"]),
+                backbone_blob=root / backbone["blob"],
+                routers={int(layer): entry for layer, entry in (backbone.get("routers") or {}).items()},
             )
             for e in data["experts"]:
                 tensors = tuple(TensorRecord(t["name"], t["dtype"], tuple(t["shape"]), int(t["offset"]),

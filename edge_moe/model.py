@@ -36,15 +36,16 @@ class Backbone:
 
 
 class Forward:
-    """Runs tokens through the model, getting every routed expert from `experts.get` (the cache's seat)."""
+    """Runs tokens through the model, getting every routed expert from `experts.fetch` (all-resident or the
+    budgeted cache), with speculative prefetch of the next layers' experts when a predictor is given."""
 
-    def __init__(self, manifest: Manifest, backbone: Backbone, experts, kernels: ExpertKernels):
+    def __init__(self, manifest: Manifest, backbone: Backbone, experts, kernels: ExpertKernels, predictor=None):
         c = manifest.config
         self.config = c
-        self.backbone, self.experts, self.kernels = backbone, experts, kernels
+        self.backbone, self.experts, self.kernels, self.predictor = backbone, experts, kernels, predictor
         self.moe_layers = set(c["moe_layers"])
         self.top_k, self.normalize = int(c["top_k"]), bool(c["norm_topk_prob"])
-        self.observers: list = []  # callables (layer, indices, weights) for traces and telemetry
+        self.num_experts = int(c["num_experts"])
 
     def new_cache(self) -> KVCache:
         c = self.config
@@ -52,33 +53,44 @@ class Forward:
 
     def hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """ids [T] int64 after the cached tokens -> final hidden states [T, H]; extends the cache."""
+        self.experts.begin_step()
         h = self.backbone.embed.run({"input_ids": ids})[0]
         for layer, session in enumerate(self.backbone.layers):
             past_k, past_v = cache.past(layer)
             outputs = session.run({"hidden_states": h, "past_key": past_k, "past_value": past_v})
             if layer in self.moe_layers:
                 residual, moe_input, logits, key, value = outputs
-                h = residual + self.moe(layer, moe_input, logits)
+                h = residual + self.moe(layer, moe_input, logits, residual)
             else:
                 h, key, value = outputs
             cache.write(layer, key, value)
         cache.advance(ids.shape[0])
         return h
 
-    def moe(self, layer: int, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    def moe(self, layer: int, x: np.ndarray, logits: np.ndarray, residual: np.ndarray) -> np.ndarray:
         indices, weights = route(logits, self.top_k, self.normalize)  # [T, k]
-        for observe in self.observers:
-            observe(layer, indices, weights)
-        if x.shape[0] == 1:  # decode: no grouping needed
+        scores = np.zeros(self.num_experts, np.float32)
+        np.maximum.at(scores, indices.ravel(), weights.ravel())
+        self.experts.on_route(layer, scores)
+        if x.shape[0] == 1:  # decode: the token's experts, best first
+            groups = [(int(e), None, j) for j, e in enumerate(indices[0])]
+        else:  # prefill: each expert once, on all the tokens routed to it
+            groups = list(group_by_expert(indices))
+        experts = self.experts.fetch(layer, [g[0] for g in groups])  # misses start reading now
+        if self.predictor is not None:
+            self.predictor.observe(layer, [g[0] for g in groups])
+            for target, predicted in self.predictor.predict(layer, residual).items():
+                self.experts.prefetch(target, predicted)  # queued behind this layer's own misses
+        if x.shape[0] == 1:
             out = None
-            for expert, weight in zip(indices[0], weights[0]):
-                y = self.kernels.run(self.experts.get((layer, int(expert))), x) * weight
+            for (_, _, j), expert in zip(groups, experts):
+                y = self.kernels.run(expert, x) * weights[0, j]
                 out = y if out is None else out + y
             return out
         out = np.zeros_like(x)
-        for expert, rows, slots in group_by_expert(indices):
-            y = self.kernels.run(self.experts.get((layer, expert)), x[rows])
-            out[rows] += y * weights[rows, slots][:, None]  # a token meets an expert at most once
+        for (_, rows, slots), expert in zip(groups, experts):
+            # a token meets an expert at most once, so rows are unique and += is exact
+            out[rows] += self.kernels.run(expert, x[rows]) * weights[rows, slots][:, None]
         return out
 
     def logits(self, h: np.ndarray) -> np.ndarray:

@@ -6,33 +6,72 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 from tqdm import tqdm
 
+from .budget import parse_budget
+from .cache import ExpertCache, store_for
 from .errors import EdgeMoeError
 from .experts import AllResidentExperts, ExpertKernels
 from .generate import GenerationResponse, GenerationResult, make_sampler, stream_tokens
 from .manifest import Manifest
 from .model import Backbone, Forward
+from .policies import make_policy
+from .prefetch import NextLayerPredictor
 from .sessions import OrtClock, configure_threads
+from .telemetry import peak_rss_bytes, rss_bytes
 from .tokenizer import StreamingDecoder, Tokenizer
 
 
 class Model:
     """A loaded package. Create with `edge_moe.load`."""
 
-    def __init__(self, manifest: Manifest, *, threads: int | None = None, progress: bool = False):
+    def __init__(self, manifest: Manifest, *, threads: int | None = None, budget=None, policy: str = "adaptive",
+                 prefetch: int = 1, io_threads: int = 2, direct_io: bool = True, trace: bool = False,
+                 progress: bool = False):
         self.manifest = manifest
         self.config = manifest.config
         self.threads = configure_threads(threads)
         self.clock = OrtClock()
         self.tokenizer = Tokenizer(manifest.tokenizer) if manifest.tokenizer else None
         self.backbone = Backbone(manifest, self.clock)
-        self.rss_baseline_bytes = psutil.Process().memory_info().rss
-        with tqdm(total=len(manifest.experts), desc="load experts", unit="expert", disable=not progress) as bar:
-            self.experts = AllResidentExperts(manifest, bar)
+        self.rss_baseline_bytes = rss_bytes()
+        self.trace: list | None = [] if trace else None
+        self.store = store_for(manifest, io_threads=io_threads, direct=direct_io)
+        self.budget = None if budget is None else parse_budget(budget, manifest)
+        if self.budget is None:
+            with tqdm(total=len(manifest.experts), desc="load experts", unit="expert", disable=not progress) as bar:
+                self.experts = AllResidentExperts(manifest, self.store, bar, trace=self.trace)
+            predictor = None
+        else:
+            self.experts = ExpertCache(manifest, self.store, make_policy(policy), self.budget, trace=self.trace)
+            predictor = NextLayerPredictor(manifest, depth=prefetch) if prefetch > 0 else None
+        self.predictor = predictor
         self.kernels = ExpertKernels(self.clock)
-        self.forward = Forward(manifest, self.backbone, self.experts, self.kernels)
+        self.forward = Forward(manifest, self.backbone, self.experts, self.kernels, predictor)
+
+    def pin(self, keys) -> None:
+        """Keeps these (layer, index) experts resident for good (a budgeted model only)."""
+        if self.budget is None:
+            return  # all experts are resident anyway
+        self.experts.pin(keys)
+
+    def expert_stats(self) -> dict:
+        """Cache, flash and prefetch counters so far."""
+        s = self.store.stats
+        stats = {"bytes_read": s.bytes_read, "reads": s.reads, "read_seconds": s.read_seconds,
+                 "checksum_seconds": s.checksum_seconds, "resident_bytes": self.experts.resident_bytes(),
+                 "budget_bytes": self.budget}
+        cache = getattr(self.experts, "stats", None)
+        if cache is not None:
+            stats.update(hits=cache.hits, misses=cache.misses, evictions=cache.evictions,
+                         stall_seconds=cache.stall_seconds, prefetch_issued=cache.prefetch_issued,
+                         peak_resident_bytes=cache.peak_resident_bytes)
+        else:
+            lookups = sum(len(t["experts"]) for t in self.trace) if self.trace else 0
+            stats.update(hits=lookups, misses=0, stall_seconds=0.0)
+        if self.predictor is not None:
+            stats.update(prefetch_precision=self.predictor.precision, prefetch_recall=self.predictor.recall)
+        return stats
 
     # Tokens ------------------------------------------------------------------------------------------
 
@@ -108,8 +147,8 @@ class Model:
             "decode_tokens_per_second": (len(tokens) - 1) / decode_seconds if len(tokens) > 1 else 0.0,
             "ort_seconds": self.clock.seconds - ort_before, "ort_calls": self.clock.calls - calls_before,
             "total_seconds": total, "threads": self.threads,
-            "rss_baseline_bytes": self.rss_baseline_bytes,
-            "peak_rss_bytes": psutil.Process().memory_info().rss,
+            "rss_baseline_bytes": self.rss_baseline_bytes, "peak_rss_bytes": peak_rss_bytes(),
+            **self.expert_stats(),
         }
         return GenerationResult(self.decode(tokens), tokens, ids, last.finish_reason or "length", stats)
 
@@ -120,16 +159,22 @@ class Model:
                                "shorten the prompt or lower -n")
 
 
-def load(path: str | Path, *, threads: int | None = None, progress: bool = False) -> Model:
+def load(path: str | Path, **options) -> Model:
     """Opens a model package.
 
     Args:
         path: a directory written by `edge-moe export`.
         threads: onnxruntime threads (default: physical cores); the first load in a process sets the pool.
+        budget: None keeps every expert resident; else bytes, '512MB', '2GiB' or '25%' of the expert bytes
+            bound what expert residency may use (weights, read buffers); experts stream from flash.
+        policy: residency policy under a budget: 'lru', 'lfu' or 'adaptive' (default).
+        prefetch: layers ahead to predict and read speculatively (0: off).
+        io_threads: flash reader threads. direct_io: bypass the page cache with O_DIRECT where possible.
+        trace: record (step, layer, experts, hit) for every MoE layer visit in `model.trace`.
         progress: show a progress bar while experts load.
     Returns:
         A Model.
     Raises:
-        EdgeMoeError: the package is missing, corrupt, or from an unsupported format version.
+        EdgeMoeError: the package is missing, corrupt or of an unsupported format version; a bad budget or policy.
     """
-    return Model(Manifest.load(path), threads=threads, progress=progress)
+    return Model(Manifest.load(path), **options)

@@ -122,7 +122,14 @@ def _export_backbone(root: Path, checkpoint, family, dtype, bar) -> dict:
         _save(g.model(), root / files["layers"][-1])
         bar.update()
     blob.close()
-    return {**files, "blob": "backbone/weights.bin", "bytes": blob.size}
+    # Where each MoE layer's router and post-attention norm lie, for speculative next-layer routing at run time.
+    routers = {}
+    for layer in family.arch.moe_layers:
+        entries = {"weight": family.router_key(layer),
+                   "norm": family.layer_key(layer, "post_attention_layernorm.weight")}
+        routers[str(layer)] = {role: dict(zip(("dtype", "shape", "offset", "nbytes"), weights.written[key]))
+                               for role, key in entries.items()}
+    return {**files, "blob": "backbone/weights.bin", "bytes": blob.size, "routers": routers}
 
 
 def _export_experts(root: Path, checkpoint, family, dtype, bar) -> list[dict]:

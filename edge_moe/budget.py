@@ -1,0 +1,54 @@
+"""Memory budgets: parsing `512MB`, `2GiB`, `25%` (of the model's expert bytes), and the minimum that can run."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import EdgeMoeError
+from .manifest import Manifest
+
+PAGE = 4096
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def expert_footprint(length: int) -> int:
+    """Bytes one resident expert costs: its page-rounded read buffer plus the alignment slack (store.py)."""
+    return -(-length // PAGE) * PAGE + PAGE
+
+
+def minimum_budget(manifest: Manifest) -> int:
+    """The largest layer's top-k experts: a layer's experts must all be resident while it runs."""
+    k = int(manifest.config["top_k"])
+    by_layer: dict[int, list[int]] = {}
+    for record in manifest.experts.values():
+        by_layer.setdefault(record.layer, []).append(expert_footprint(record.length))
+    return max((sum(sorted(sizes)[-k:]) for sizes in by_layer.values()), default=0)
+
+
+def full_budget(manifest: Manifest) -> int:
+    return sum(expert_footprint(r.length) for r in manifest.experts.values())
+
+
+def parse_budget(value, manifest: Manifest) -> int:
+    """Bytes from an int, '512MB', '2GiB', '1.5G' or '25%' (a share of the model's expert bytes).
+
+    Raises:
+        EdgeMoeError: malformed, or below the minimum that can run (the message names the minimum).
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        nbytes = int(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)(%|[kmgt]?i?b?)", text)
+        if not match or (match.group(2) != "%" and match.group(2) not in _UNITS):
+            raise EdgeMoeError(f"budget {value!r} is not understood; write bytes like 512MB or 2GiB, or a share "
+                               "of the expert bytes like 25%")
+        number, unit = float(match.group(1)), match.group(2)
+        nbytes = int(number / 100 * full_budget(manifest)) if unit == "%" else int(number * _UNITS[unit])
+    minimum = minimum_budget(manifest)
+    if nbytes < minimum:
+        raise EdgeMoeError(f"budget {value!r} ({nbytes:,} bytes) is below the minimum of {minimum:,} bytes "
+                           f"({minimum / 2**20:.1f} MiB: the largest layer's top-{manifest.config['top_k']} "
+                           "experts); raise the budget")
+    return nbytes

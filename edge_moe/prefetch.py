@@ -1,0 +1,69 @@
+"""Predicting which experts the next layers will route to, so the I/O pool can read them while this layer computes.
+
+Speculative routing (mixtral-offloading, MoE-Infinity): layer l+d's router applied to layer l's post-attention
+hidden state, after layer l+d's own post-attention norm. Consecutive layers' residual streams differ by a small
+update, so the prediction is usually right; precision and recall are measured as the model runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .manifest import Manifest
+from .routing import route
+
+
+def _read_tensor(manifest: Manifest, entry: dict) -> np.ndarray:
+    with open(manifest.backbone_blob, "rb") as f:
+        f.seek(entry["offset"])
+        raw = f.read(entry["nbytes"])
+    return np.frombuffer(raw, dtype=entry["dtype"]).reshape(entry["shape"]).astype(np.float32)
+
+
+class NextLayerPredictor:
+    """Holds every MoE layer's router and post-attention norm weights (E x H each: small)."""
+
+    def __init__(self, manifest: Manifest, depth: int = 1, extra: int = 0):
+        c = manifest.config
+        self.top_k, self.eps, self.depth, self.extra = int(c["top_k"]), float(c["rms_norm_eps"]), depth, extra
+        self.moe_layers = sorted(c["moe_layers"])
+        self.routers = {layer: (_read_tensor(manifest, e["weight"]), _read_tensor(manifest, e["norm"]))
+                        for layer, e in manifest.routers.items()}
+        self.tp = self.predicted = self.actual = 0
+        self._pending: dict[int, set[int]] = {}
+
+    def predict(self, layer: int, hidden: np.ndarray) -> dict[int, list[int]]:
+        """hidden [T, H] after layer `layer`'s attention -> {later layer: experts to prefetch, best first}."""
+        later = [l for l in self.moe_layers if l > layer][:self.depth]
+        predictions = {}
+        for target in later:
+            if target not in self.routers:
+                continue
+            weight, norm = self.routers[target]
+            x = hidden / np.sqrt(np.mean(hidden * hidden, axis=-1, keepdims=True) + self.eps) * norm
+            indices, weights = route(x @ weight.T, min(self.top_k + self.extra, weight.shape[0]), False)
+            # Over several tokens (prefill) rank experts by their summed routing weight.
+            scores = np.zeros(weight.shape[0], np.float32)
+            np.add.at(scores, indices.ravel(), weights.ravel())
+            chosen = [int(e) for e in np.argsort(-scores, kind="stable") if scores[e] > 0]
+            predictions[target] = chosen
+            self._pending[target] = set(chosen)
+        return predictions
+
+    def observe(self, layer: int, used) -> None:
+        """Scores the last prediction for `layer` against the experts it really used."""
+        predicted = self._pending.pop(layer, None)
+        if predicted is None:
+            return
+        used = set(int(e) for e in used)
+        self.tp += len(predicted & used)
+        self.predicted += len(predicted)
+        self.actual += len(used)
+
+    @property
+    def precision(self) -> float:
+        return self.tp / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / self.actual if self.actual else 0.0
