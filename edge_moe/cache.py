@@ -152,6 +152,28 @@ class ExpertCache:
         with self._lock:
             self.pinned.difference_update(map(tuple, keys))
 
+    # Live controls and state (the demo app, the planner) ----------------------------------------------------
+
+    def set_budget(self, nbytes: int) -> None:
+        """Changes the budget now; shrinking evicts (policy order) down to it. Parse with budget.parse_budget."""
+        with self._lock:
+            self.budget = int(nbytes)
+            self._make_room(0, set(), wait=True)
+
+    def set_policy(self, policy) -> None:
+        """Swaps the residency policy; the new one learns from the accesses that follow."""
+        with self._lock:
+            self.policy = policy
+            for key in self.resident:
+                policy.on_admit(key, self.size(key), self.now)
+
+    def snapshot(self) -> dict[tuple, str]:
+        """State of every expert that is not only on flash: 'resident', 'pinned' or 'reading'."""
+        with self._lock:
+            state = {key: "reading" for key in self.inflight}
+            state.update({key: "pinned" if key in self.pinned else "resident" for key in self.resident})
+            return state
+
     # Budget ---------------------------------------------------------------------------------------------
 
     def resident_bytes(self) -> int:
