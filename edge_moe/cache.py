@@ -158,7 +158,7 @@ class ExpertCache:
         """Changes the budget now; shrinking evicts (policy order) down to it. Parse with budget.parse_budget."""
         with self._lock:
             self.budget = int(nbytes)
-            self._make_room(0, set(), wait=True)
+            self._make_room(0, self._protected, wait=True)
 
     def set_policy(self, policy) -> None:
         """Swaps the residency policy; the new one learns from the accesses that follow."""
