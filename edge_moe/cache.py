@@ -78,12 +78,16 @@ class ExpertCache:
         with self._lock:
             self._protected = set(keys)
             hits = []
+            room = True
             for key in keys:
                 hit = key in self.resident or (key in self.inflight and self.inflight[key].done())
                 hits.append(hit)
-                if key not in self.resident and key not in self.inflight:
-                    self._reserve(self.size(key))
-                    self.inflight[key] = self.store.submit(key)
+                if room and key not in self.resident and key not in self.inflight:
+                    # A prefill layer may route to more experts than the budget holds at once: read what fits
+                    # now, the rest in turn as earlier ones are computed and can make room (_hand_out).
+                    room = self._make_room(self.size(key), self._protected, wait=False)
+                    if room:
+                        self._start_read(key)
             self.stats.hits += sum(hits)
             self.stats.misses += len(hits) - sum(hits)
             if self.trace is not None:
@@ -92,10 +96,14 @@ class ExpertCache:
         return self._hand_out(keys)
 
     def _hand_out(self, keys):
-        for key in keys:
+        for j, key in enumerate(keys):
             with self._lock:
+                self._protected = set(keys[j:])  # experts already computed may now be evicted
                 self.now += 1
                 expert = self.resident.get(key)
+                if expert is None and key not in self.inflight:
+                    self._reserve(self.size(key))
+                    self._start_read(key)
                 future = None if expert is not None else self.inflight[key]
             if future is not None:
                 start = time.perf_counter()
@@ -120,8 +128,7 @@ class ExpertCache:
                     continue
                 if not self._make_room(self.size(key), keep, wait=False):
                     break
-                self.used += self.size(key)
-                self.inflight[key] = self.store.submit(key)
+                self._start_read(key)
                 self.stats.prefetch_issued += 1
 
     def on_route(self, layer: int, scores, now=None) -> None:
@@ -144,7 +151,7 @@ class ExpertCache:
                 if key not in self.resident:
                     if key not in self.inflight:
                         self._reserve(self.size(key))
-                        self.inflight[key] = self.store.submit(key)
+                        self._start_read(key)
                     self.inflight[key].result()
                     self._admit(key)
 
@@ -181,8 +188,12 @@ class ExpertCache:
 
     def _reserve(self, nbytes: int) -> None:
         self._make_room(nbytes, self._protected, wait=True)
-        self.used += nbytes
+
+    def _start_read(self, key) -> None:
+        """Submits the read of a key whose room is made; its bytes count from now on."""
+        self.used += self.size(key)
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.used)
+        self.inflight[key] = self.store.submit(key)
 
     def _make_room(self, nbytes: int, keep: set, wait: bool) -> bool:
         """Evicts until nbytes fit. Never evicts `keep` or pinned experts. False if impossible (prefetch only)."""

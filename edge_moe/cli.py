@@ -50,6 +50,31 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def write_trace(path: str, trace: list) -> None:
+    """JSON lines, one per (step, layer); written aside and renamed so a crash leaves no half file."""
+    import os
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        for entry in trace:
+            f.write(json.dumps(entry) + "\n")
+    os.replace(tmp, path)
+
+
+def add_runtime_arguments(p) -> None:
+    """Options of `edge_moe.load` shared by generate and the benchmarks."""
+    p.add_argument("--model", help="package directory (default: the model that ships with edge_moe)")
+    p.add_argument("--budget", help="memory for experts: bytes (512MB, 2GiB) or a share of the expert bytes "
+                                    "(25%%); default: every expert resident")
+    p.add_argument("--policy", default="adaptive", help="residency policy under a budget: lru, lfu, adaptive")
+    p.add_argument("--prefetch", type=int, default=1, help="layers ahead to prefetch speculatively (0: off)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
+
+
+def load_options(args) -> dict:
+    return dict(threads=args.threads, budget=args.budget, policy=args.policy, prefetch=args.prefetch)
+
+
 def cmd_generate(args) -> int:
     from . import load
 
@@ -57,7 +82,7 @@ def cmd_generate(args) -> int:
         raise EdgeMoeError("give --prompt TEXT or --prompt-ids 1,2,3")
     if args.max_new_tokens < 1:
         raise EdgeMoeError(f"-n {args.max_new_tokens}: generate at least 1 token")
-    model = load(args.model, threads=args.threads)
+    model = load(args.model, trace=bool(args.trace), **load_options(args))
     prompt = args.prompt if args.prompt is not None else _ids(args.prompt_ids)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
@@ -65,14 +90,17 @@ def cmd_generate(args) -> int:
         result = model.generate(prompt, **options)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_ids": result.prompt_ids,
                           "finish_reason": result.finish_reason, "stats": result.stats}))
-        return 0
-    for response in model.stream_generate(prompt, **options):
-        sys.stdout.write(response.text)
-        sys.stdout.flush()
-        last = response
-    sys.stdout.write("\n")
-    print(f"[{last.prompt_tokens} prompt tokens, {last.index + 1} generated, "
-          f"decode {last.decode_tps:.1f} tok/s]", file=sys.stderr)
+    else:
+        for response in model.stream_generate(prompt, **options):
+            sys.stdout.write(response.text)
+            sys.stdout.flush()
+            last = response
+        sys.stdout.write("\n")
+        stats = model.expert_stats()
+        print(f"[{last.prompt_tokens} prompt tokens, {last.index + 1} generated, decode {last.decode_tps:.1f} "
+              f"tok/s, expert hits {stats['hits']}/{stats['hits'] + stats['misses']}]", file=sys.stderr)
+    if args.trace:
+        write_trace(args.trace, model.trace)
     return 0
 
 
@@ -94,14 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("generate", help="generate text")
-    p.add_argument("--model", required=True, help="package directory")
+    add_runtime_arguments(p)
+    p.add_argument("--trace", metavar="FILE", help="write JSON lines {step, layer, experts, hit} per MoE layer")
     p.add_argument("--prompt")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
     p.add_argument("-n", "--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, stats")
     p.set_defaults(run=cmd_generate)
 

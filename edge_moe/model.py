@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .errors import EdgeMoeError
@@ -46,6 +48,9 @@ class Forward:
         self.moe_layers = set(c["moe_layers"])
         self.top_k, self.normalize = int(c["top_k"]), bool(c["norm_topk_prob"])
         self.num_experts = int(c["num_experts"])
+        # One forward step at a time per model: the cache protects the running layer's experts, and two threads
+        # generating at once interleave token by token instead of evicting each other's experts mid-layer.
+        self._step_lock = threading.Lock()
 
     def new_cache(self) -> KVCache:
         c = self.config
@@ -53,6 +58,10 @@ class Forward:
 
     def hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """ids [T] int64 after the cached tokens -> final hidden states [T, H]; extends the cache."""
+        with self._step_lock:
+            return self._hidden(ids, cache)
+
+    def _hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         self.experts.begin_step()
         h = self.backbone.embed.run({"input_ids": ids})[0]
         for layer, session in enumerate(self.backbone.layers):

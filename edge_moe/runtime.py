@@ -159,11 +159,12 @@ class Model:
                                "shorten the prompt or lower -n")
 
 
-def load(path: str | Path, **options) -> Model:
+def load(path: str | Path | None = None, **options) -> Model:
     """Opens a model package.
 
     Args:
-        path: a directory written by `edge-moe export`.
+        path: a directory written by `edge-moe export`; None opens the default model that ships with edge_moe
+            (exported into the per-user cache on first use).
         threads: onnxruntime threads (default: physical cores); the first load in a process sets the pool.
         budget: None keeps every expert resident; else bytes, '512MB', '2GiB' or '25%' of the expert bytes
             bound what expert residency may use (weights, read buffers); experts stream from flash.
@@ -177,4 +178,8 @@ def load(path: str | Path, **options) -> Model:
     Raises:
         EdgeMoeError: the package is missing, corrupt or of an unsupported format version; a bad budget or policy.
     """
+    if path is None:
+        from .default_model import default_model_path
+
+        path = default_model_path(progress=options.get("progress", True))
     return Model(Manifest.load(path), **options)
