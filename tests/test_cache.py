@@ -1,0 +1,129 @@
+"""The budgeted cache: same tokens as all-resident, the budget never exceeded, pinning, errors, two threads."""
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+import edge_moe
+from edge_moe.budget import full_budget, minimum_budget, parse_budget
+from edge_moe.cache import ExpertCache, store_for
+from edge_moe.errors import EdgeMoeError
+from edge_moe.manifest import Manifest
+from edge_moe.policies import make_policy
+from edge_moe_export.exporter import export_checkpoint
+
+from conftest import build_checkpoint, tiny_config
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    build_checkpoint(root / "hf", tiny_config("qwen3_moe", layers=3, experts=16, top_k=2, hidden=64, ffn=96))
+    return export_checkpoint(root / "hf", root / "pkg", progress=False)
+
+
+PROMPT = list(range(3, 40))
+
+
+@pytest.mark.parametrize("policy, prefetch", [("lru", 0), ("lfu", 1), ("adaptive", 1), ("adaptive", 2)])
+def test_quarter_budget_generates_the_same_tokens(package, policy, prefetch):
+    expected = edge_moe.load(package).generate(PROMPT, max_new_tokens=16).token_ids
+    model = edge_moe.load(package, budget="25%", policy=policy, prefetch=prefetch)
+    result = model.generate(PROMPT, max_new_tokens=16)
+    assert result.token_ids == expected
+    stats = result.stats
+    assert stats["misses"] > 0 and stats["bytes_read"] > 0, "a 25% budget must stream experts"
+    assert stats["peak_resident_bytes"] <= model.budget
+
+
+def test_budget_never_exceeded_on_random_routing(package):
+    manifest = Manifest.load(package)
+    rng = np.random.default_rng(0)
+    for policy in ("lru", "lfu", "adaptive"):
+        budget = int(minimum_budget(manifest) * 1.7)
+        cache = ExpertCache(manifest, store_for(manifest), make_policy(policy), budget)
+        real_start = cache._start_read
+
+        def checked_start(key):
+            real_start(key)
+            assert cache.used <= cache.budget, (policy, cache.used, cache.budget)
+
+        cache._start_read = checked_start
+        for step in range(60):
+            layer = int(rng.integers(0, 3))
+            experts = rng.choice(16, size=int(rng.integers(1, 6)), replace=False).tolist()
+            for expert in cache.fetch(layer, experts):
+                assert expert.record.layer == layer
+            cache.prefetch((layer + 1) % 3, rng.choice(16, size=3, replace=False).tolist())
+            resident = sum(cache.size(k) for k in cache.resident) + sum(cache.size(k) for k in cache.inflight)
+            assert resident == cache.used <= cache.budget
+
+
+def test_budget_parsing_and_minimum(package):
+    manifest = Manifest.load(package)
+    assert parse_budget("100%", manifest) == full_budget(manifest)
+    assert parse_budget("2GiB", manifest) == 2 * 2**30
+    assert parse_budget("1.5MB", manifest) == 1_500_000
+    with pytest.raises(EdgeMoeError, match=f"minimum of {minimum_budget(manifest):,} bytes"):
+        parse_budget("1KB", manifest)
+    with pytest.raises(EdgeMoeError, match="not understood"):
+        parse_budget("lots", manifest)
+
+
+def test_pinned_experts_stay(package):
+    model = edge_moe.load(package, budget=minimum_budget(Manifest.load(package)) * 2, policy="lru")
+    pinned = [(0, 0), (1, 1)]
+    model.pin(pinned)
+    model.generate(PROMPT, max_new_tokens=8)
+    assert all(model.experts.snapshot()[k] == "pinned" for k in pinned)
+
+
+def test_corrupt_expert_under_budget_is_reported_and_cache_stays_consistent(package, tmp_path):
+    broken = tmp_path / "pkg"
+    shutil.copytree(package, broken)
+    manifest = Manifest.load(broken)
+    record = manifest.experts[(1, 3)]
+    data = bytearray(record.blob.read_bytes())
+    data[record.offset + 10] ^= 0xFF
+    record.blob.write_bytes(bytes(data))
+    cache = ExpertCache(manifest, store_for(manifest), make_policy("lru"), full_budget(manifest))
+    with pytest.raises(EdgeMoeError, match="checksum"):
+        list(cache.fetch(1, [2, 3, 4]))
+    accounted = sum(cache.size(k) for k in list(cache.resident) + list(cache.inflight))
+    assert cache.used == accounted and (1, 3) not in cache.resident
+    assert len(list(cache.fetch(0, [0, 1]))) == 2  # still usable
+
+
+def test_two_threads_share_one_model(package):
+    expected = edge_moe.load(package).generate(PROMPT, max_new_tokens=12).token_ids
+    model = edge_moe.load(package, budget="30%")
+    results, errors = {}, []
+
+    def worker(name):
+        try:
+            results[name] = model.generate(PROMPT, max_new_tokens=12).token_ids
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever happened
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results[0] == expected and results[1] == expected
+
+
+def test_cli_trace_lines(package, tmp_path):
+    from edge_moe.cli import main
+
+    trace = tmp_path / "trace.jsonl"
+    assert main(["generate", "--model", str(package), "--prompt-ids", "5,6,7", "-n", "4", "--budget", "25%",
+                 "--trace", str(trace), "--json"]) == 0
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(lines) == 4 * 3  # 4 forward steps (prefill + 3 decodes) x 3 MoE layers
+    assert set(lines[0]) == {"step", "layer", "experts", "hit"}
+    assert all(len(line["experts"]) == len(line["hit"]) for line in lines)
+    assert not any(lines[0]["hit"]), "nothing is resident before the first step"
