@@ -54,6 +54,7 @@ class StoreStats:
     bytes_read: int = 0  # payload bytes handed to callers (not the alignment padding)
     reads: int = 0
     read_seconds: float = 0.0  # wall time inside pread, summed over I/O threads
+    busy_seconds: float = 0.0  # wall time during which at least one read was in progress (throughput = bytes/busy)
     checksum_seconds: float = 0.0
     direct_reads: int = 0
     buffered_reads: int = 0
@@ -107,6 +108,7 @@ class ExpertStore:
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="edge_moe_io")
         self._closed = False
+        self._active, self._busy_since = 0, 0.0
         self.stats = StoreStats()
 
     def __contains__(self, key) -> bool:
@@ -143,9 +145,11 @@ class ExpertStore:
         start = loc.offset - loc.offset % ALIGN  # format v1 offsets are aligned; tolerate others anyway
         head = loc.offset - start
         buf = aligned_empty(_round_up(head + loc.length))
-        t0 = time.perf_counter()
-        direct = self._read_into(loc, buf, start, head + loc.length)
-        t1 = time.perf_counter()
+        t0 = self._busy(+1)
+        try:
+            direct = self._read_into(loc, buf, start, head + loc.length)
+        finally:
+            t1 = self._busy(-1)
         data = buf[head : head + loc.length]
         if self._verify:
             got = xxhash.xxh3_64_hexdigest(data)
@@ -168,6 +172,16 @@ class ExpertStore:
             else:
                 s.buffered_reads += 1
         return data
+
+    def _busy(self, delta: int) -> float:
+        """Counts reads in progress; accumulates the wall time when any is (the union of read intervals)."""
+        now = time.perf_counter()
+        with self._lock:
+            if self._active:
+                self.stats.busy_seconds += now - self._busy_since
+            self._busy_since = now
+            self._active += delta
+        return now
 
     def submit(self, key) -> concurrent.futures.Future:
         """Start `read(key)` on the I/O pool (prefetch). The future raises what `read` would raise."""
