@@ -18,7 +18,7 @@ from concurrent.futures import Future
 
 from .budget import expert_footprint
 from .errors import EdgeMoeError
-from .experts import ResidentExpert
+from .experts import ExpertSource, ResidentExpert
 from .manifest import Manifest
 from .store import ExpertLocation, ExpertStore
 
@@ -47,10 +47,11 @@ class CacheStats:
         self.peak_resident_bytes = 0
 
 
-class ExpertCache:
+class ExpertCache(ExpertSource):
     """Experts resident under `budget` bytes, chosen by `policy`, read through `store`."""
 
     def __init__(self, manifest: Manifest, store: ExpertStore, policy, budget: int, trace: list | None = None):
+        super().__init__(trace)
         _return_freed_memory()
         self.manifest, self.store, self.policy, self.budget = manifest, store, policy, int(budget)
         self.resident: dict[tuple, ResidentExpert] = {}
@@ -58,8 +59,6 @@ class ExpertCache:
         self.pinned: set[tuple] = set()
         self.used = 0  # bytes of resident experts and in-flight reads
         self.now = 0
-        self.step = 0
-        self.trace = trace
         self.stats = CacheStats()
         self._protected: set[tuple] = set()
         self._lock = threading.RLock()
@@ -68,9 +67,6 @@ class ExpertCache:
         return expert_footprint(self.manifest.experts[key].length)
 
     # The generation loop's side -------------------------------------------------------------------------
-
-    def begin_step(self) -> None:
-        self.step += 1
 
     def fetch(self, layer: int, experts: list[int]):
         """Returns a generator of ResidentExpert in the order of `experts`; all misses are submitted now."""
@@ -90,9 +86,7 @@ class ExpertCache:
                         self._start_read(key)
             self.stats.hits += sum(hits)
             self.stats.misses += len(hits) - sum(hits)
-            if self.trace is not None:
-                self.trace.append({"step": self.step, "layer": layer, "experts": [k[1] for k in keys],
-                                   "hit": hits})
+            self.record(layer, experts, hits)
         return self._hand_out(keys)
 
     def _hand_out(self, keys):

@@ -56,31 +56,41 @@ class ExpertKernels:
         return session.run({INPUT: x, **expert.weights})[0]
 
 
-class AllResidentExperts:
+class ExpertSource:
+    """What every expert source shares: the step counter and the (step, layer, experts, hit) trace."""
+
+    def __init__(self, trace: list | None = None):
+        self.trace, self.step = trace, 0
+
+    def begin_step(self) -> None:
+        self.step += 1
+
+    def record(self, layer: int, experts, hits) -> None:
+        if self.trace is not None:
+            self.trace.append({"step": self.step, "layer": layer, "experts": [int(e) for e in experts],
+                               "hit": [bool(h) for h in hits]})
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        pass
+
+    def on_route(self, layer: int, scores) -> None:
+        pass
+
+
+class AllResidentExperts(ExpertSource):
     """Every expert read once at load (checksum verified) and kept: the reference the budgeted cache must match."""
 
     def __init__(self, manifest: Manifest, store, progress=None, trace: list | None = None):
+        super().__init__(trace)
         self.experts: dict[tuple[int, int], ResidentExpert] = {}
-        self.trace, self.step = trace, 0
         for record in manifest.experts.values():
             self.experts[record.key] = ResidentExpert.from_bytes(record, store.read(record.key))
             if progress is not None:
                 progress.update()
 
-    def begin_step(self) -> None:
-        self.step += 1
-
     def fetch(self, layer: int, experts: list[int]):
-        if self.trace is not None:
-            self.trace.append({"step": self.step, "layer": layer, "experts": [int(e) for e in experts],
-                               "hit": [True] * len(experts)})
+        self.record(layer, experts, [True] * len(experts))
         return (self.experts[(layer, int(e))] for e in experts)
-
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        pass  # everything is resident
-
-    def on_route(self, layer: int, scores) -> None:
-        pass
 
     def resident_bytes(self) -> int:
         return sum(e.nbytes for e in self.experts.values())

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .baselines import MmapExperts, NoCacheExperts
 from .budget import parse_budget
 from .cache import ExpertCache, store_for
 from .errors import EdgeMoeError
@@ -27,7 +28,7 @@ class Model:
 
     def __init__(self, manifest: Manifest, *, threads: int | None = None, budget=None, policy: str = "adaptive",
                  prefetch: int = 1, io_threads: int = 2, direct_io: bool = True, trace: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, baseline: str | None = None):
         self.manifest = manifest
         self.config = manifest.config
         self.threads = configure_threads(threads)
@@ -38,10 +39,16 @@ class Model:
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io)
         self.budget = None if budget is None else parse_budget(budget, manifest)
-        if self.budget is None:
+        predictor = None
+        if baseline == "mmap":
+            self.experts = MmapExperts(manifest, trace=self.trace)
+        elif baseline == "no-cache":
+            self.experts = NoCacheExperts(manifest, self.store, trace=self.trace)
+        elif baseline is not None:
+            raise EdgeMoeError(f"baseline {baseline!r} is unknown; choose mmap or no-cache")
+        elif self.budget is None:
             with tqdm(total=len(manifest.experts), desc="load experts", unit="expert", disable=not progress) as bar:
                 self.experts = AllResidentExperts(manifest, self.store, bar, trace=self.trace)
-            predictor = None
         else:
             self.experts = ExpertCache(manifest, self.store, make_policy(policy), self.budget, trace=self.trace)
             predictor = NextLayerPredictor(manifest, depth=prefetch) if prefetch > 0 else None
@@ -59,6 +66,7 @@ class Model:
         """Cache, flash and prefetch counters so far."""
         s = self.store.stats
         stats = {"bytes_read": s.bytes_read, "reads": s.reads, "read_seconds": s.read_seconds,
+                 "read_busy_seconds": s.busy_seconds,
                  "checksum_seconds": s.checksum_seconds, "resident_bytes": self.experts.resident_bytes(),
                  "budget_bytes": self.budget}
         cache = getattr(self.experts, "stats", None)
@@ -172,6 +180,7 @@ def load(path: str | Path | None = None, **options) -> Model:
         prefetch: layers ahead to predict and read speculatively (0: off).
         io_threads: flash reader threads. direct_io: bypass the page cache with O_DIRECT where possible.
         trace: record (step, layer, experts, hit) for every MoE layer visit in `model.trace`.
+        baseline: 'mmap' or 'no-cache' replace the cache with what the benchmark compares it to.
         progress: show a progress bar while experts load.
     Returns:
         A Model.
