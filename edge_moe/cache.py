@@ -33,10 +33,10 @@ def _return_freed_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
-def store_for(manifest: Manifest, io_threads: int = 2, direct: bool = True) -> ExpertStore:
+def store_for(manifest: Manifest, io_threads: int = 2, direct: bool = True, throttle=None) -> ExpertStore:
     locations = [ExpertLocation(r.key, str(r.blob), r.offset, r.length, r.checksum)
                  for r in manifest.experts.values()]
-    return ExpertStore(locations, io_threads=io_threads, direct=direct)
+    return ExpertStore(locations, io_threads=io_threads, direct=direct, throttle=throttle)
 
 
 class CacheStats:

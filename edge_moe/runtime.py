@@ -28,7 +28,7 @@ class Model:
 
     def __init__(self, manifest: Manifest, *, threads: int | None = None, budget=None, policy: str = "adaptive",
                  prefetch: int = 1, io_threads: int = 2, direct_io: bool = True, trace: bool = False,
-                 progress: bool = False, baseline: str | None = None):
+                 progress: bool = False, baseline: str | None = None, throttle=None):
         self.manifest = manifest
         self.config = manifest.config
         self.threads = configure_threads(threads)
@@ -37,7 +37,7 @@ class Model:
         self.backbone = Backbone(manifest, self.clock)
         self.rss_baseline_bytes = rss_bytes()
         self.trace: list | None = [] if trace else None
-        self.store = store_for(manifest, io_threads=io_threads, direct=direct_io)
+        self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
         self.budget = None if budget is None else parse_budget(budget, manifest)
         predictor = None
         if baseline == "mmap":
@@ -182,6 +182,7 @@ def load(path: str | Path | None = None, **options) -> Model:
         trace: record (step, layer, experts, hit) for every MoE layer visit in `model.trace`.
         baseline: 'mmap' or 'no-cache' replace the cache with what the benchmark compares it to.
         progress: show a progress bar while experts load.
+        throttle: emulate a slower flash device (edge_moe.emulate.TokenBucket; `--emulate PROFILE` sets it).
     Returns:
         A Model.
     Raises:

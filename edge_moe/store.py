@@ -79,13 +79,15 @@ class ExpertStore:
         io_threads: worker threads of the prefetch pool used by `submit`.
         direct: try O_DIRECT first (falls back per file where the filesystem refuses it).
         verify: check each expert's XXH3-64 checksum on every read.
+        throttle: optional shared-device emulation (edge_moe.emulate.TokenBucket): each read reserves its bytes
+            before the pread and waits out the emulated device time after it.
 
     Raises:
         EdgeMoeError: a duplicate key, a malformed checksum, a negative offset/length, or io_threads < 1.
     """
 
     def __init__(self, locations: Iterable[ExpertLocation], *, io_threads: int = 2, direct: bool = True,
-                 verify: bool = True):
+                 verify: bool = True, throttle=None):
         if io_threads < 1:
             raise EdgeMoeError(f"io_threads={io_threads}: the expert store needs at least 1 I/O thread")
         self._locs: dict[tuple[int, int], ExpertLocation] = {}
@@ -103,6 +105,7 @@ class ExpertStore:
             self._locs[key] = loc
         self._direct = direct and bool(_O_DIRECT)
         self._verify = verify
+        self._throttle = throttle
         self._fds: dict[tuple[str, bool], int] = {}  # (path, direct) -> fd; pread on a shared fd is thread-safe
         self._direct_ok: dict[str, bool] = {}  # per blob: did O_DIRECT work? learned on first use
         self._lock = threading.Lock()
@@ -147,7 +150,10 @@ class ExpertStore:
         buf = aligned_empty(_round_up(head + loc.length))
         t0 = self._busy(+1)
         try:
+            deadline = self._throttle.reserve(buf.nbytes) if self._throttle is not None else None
             direct = self._read_into(loc, buf, start, head + loc.length)
+            if deadline is not None:
+                self._throttle.wait(deadline)  # a read costs max(real, emulated device) time
         finally:
             t1 = self._busy(-1)
         data = buf[head : head + loc.length]
