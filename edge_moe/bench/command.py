@@ -1,4 +1,5 @@
-"""`edge-moe bench`: the all-resident decode table (against transformers and the bandwidth floor)."""
+"""`edge-moe bench`: the all-resident decode table (against transformers and the bandwidth floor), and with
+--budgets the expert-cache table (policies against OPT, flash bandwidth and the baselines)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,39 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens to decode per run")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--threads", type=int)
+    p.add_argument("--budgets", help="comma-separated budgets for the cache table, e.g. 10%%,25%%,50%%,100%%")
+    p.add_argument("--policies", default="lru,lfu,adaptive", help="policies to compare under each budget")
+    p.add_argument("--prefetch", type=int, default=1, help="prefetch depth for the policy rows")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature of the cache runs (seeded: every configuration makes the same tokens)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-decode", action="store_true", help="only the cache table")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
 
 
 def run(args) -> int:
+    results = {}
+    if not args.skip_decode:
+        results["decode"] = decode_table(args)
+    if args.budgets:
+        from ..manifest import Manifest
+        from .cache import cache_rows
+
+        manifest = Manifest.load(args.model)
+        prompt = np.random.default_rng(args.seed).integers(0, manifest.config["vocab_size"],
+                                                           args.prompt_tokens).tolist()
+        cache = results["cache"] = cache_rows(args, manifest, prompt)
+        print_table(f"expert cache: {args.tokens} tokens after a {args.prompt_tokens}-token prompt; raw O_DIRECT "
+                    f"sequential read {cache['raw_sequential_bandwidth'] / 1e9:.2f} GB/s; hit rates over decode",
+                    cache["rows"])
+        print_table("decode floor per budget: max(all-resident decode time, OPT misses x expert bytes / raw "
+                    "bandwidth) per token; <config>_of_floor = measured / floor tok/s", cache["floors"])
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def decode_table(args) -> dict:
     import edge_moe
 
     model = edge_moe.load(args.model, threads=args.threads, progress=True)
@@ -48,6 +78,4 @@ def run(args) -> int:
                 f"read bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floor_tps:.1f} tok/s)", rows)
     if args.reference:
         print(f"speedup vs transformers: {results['speedup_vs_transformers']:.2f}x")
-    if args.json:
-        write_json(args.json, results)
-    return 0
+    return results
