@@ -24,6 +24,7 @@ class ResidentExpert:
     record: ExpertRecord
     weights: dict[str, np.ndarray]
     nbytes: int
+    shape: "ExpertShape"
 
     @classmethod
     def from_bytes(cls, record: ExpertRecord, buffer: np.ndarray) -> "ResidentExpert":
@@ -31,7 +32,7 @@ class ResidentExpert:
         weights = {}
         for t in record.tensors:
             weights[t.name] = buffer[t.offset:t.offset + t.nbytes].view(t.dtype).reshape(t.shape)
-        return cls(record, weights, int(buffer.nbytes))
+        return cls(record, weights, int(buffer.nbytes), expert_shape(record))
 
 
 def expert_shape(record: ExpertRecord) -> ExpertShape:
@@ -47,7 +48,7 @@ class ExpertKernels:
 
     def run(self, expert: ResidentExpert, x: np.ndarray) -> np.ndarray:
         """x [T, H] float32 -> [T, H] float32."""
-        shape = expert_shape(expert.record)
+        shape = expert.shape
         session = self._sessions.get(shape)
         if session is None:
             model = build_expert_graph(shape).SerializeToString()

@@ -78,8 +78,11 @@ class Forward:
 
     def moe(self, layer: int, x: np.ndarray, logits: np.ndarray, residual: np.ndarray) -> np.ndarray:
         indices, weights = route(logits, self.top_k, self.normalize)  # [T, k]
-        scores = np.zeros(self.num_experts, np.float32)
-        np.maximum.at(scores, indices.ravel(), weights.ravel())
+        scores = np.zeros(self.num_experts, np.float32)  # [E]: each expert's highest weight over the tokens
+        if x.shape[0] == 1:
+            scores[indices[0]] = weights[0]
+        else:
+            np.maximum.at(scores, indices.ravel(), weights.ravel())
         self.experts.on_route(layer, scores)
         if x.shape[0] == 1:  # decode: the token's experts, best first
             groups = [(int(e), None, j) for j, e in enumerate(indices[0])]
