@@ -28,6 +28,8 @@ def cmd_export(args) -> int:
 def cmd_inspect(args) -> int:
     from .manifest import Manifest
 
+    if args.routing:
+        return inspect_routing(args)
     m = Manifest.load(args.model)
     c = m.config
     sizes = {e.length for e in m.experts.values()}
@@ -47,6 +49,53 @@ def cmd_inspect(args) -> int:
         if key.endswith("bytes") and isinstance(value, int):
             value = f"{value:,} ({value / 2**20:.1f} MiB)"
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def inspect_routing(args) -> int:
+    from . import load
+    from .bench.report import print_table
+    from .evaluate import read_text_ids, routing_statistics
+
+    if not args.text:
+        raise EdgeMoeError("--routing needs --text FILE: the text whose routing is measured")
+    model = load(args.model)
+    ids = read_text_ids(model, args.text)
+    rows = routing_statistics(model, ids, _window(model, args.window))
+    if args.json:
+        print(json.dumps({"tokens": len(ids), "layers": rows}))
+    else:
+        print_table(f"routing on {args.text} ({len(ids)} tokens; uniform entropy = 1, top25_share of uniform = "
+                    "0.25)", rows)
+    return 0
+
+
+def _window(model, window: int | None) -> int:
+    limit = int(model.config.get("max_position_embeddings") or 512)
+    return min(window or limit, limit)
+
+
+def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
+    from . import load
+    from .evaluate import evaluate, read_text_ids, unigram_perplexity
+
+    model = load(args.model, **({"budget": args.budget} if args.budget else {}))
+    ids = read_text_ids(model, args.text)
+    reference = load(args.reference) if args.reference else None
+    train = read_text_ids(model, args.unigram_text) if args.unigram_text else None
+    with tqdm(total=len(ids), desc="eval", unit="tok", disable=args.json) as bar:
+        result = evaluate(model, ids, _window(model, args.window), reference, bar)
+    result["unigram_perplexity"] = unigram_perplexity(ids, model.config["vocab_size"], train)
+    result["unigram_estimated_on"] = args.unigram_text or "the scored text itself (flatters the baseline)"
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"tokens {result['tokens']}  perplexity {result['perplexity']:.3f}  "
+          f"unigram baseline {result['unigram_perplexity']:.3f} (estimated on {result['unigram_estimated_on']})")
+    if reference is not None:
+        print(f"mean KL(reference || model) per token: {result['mean_kl_vs_reference']:.5f} nats")
     return 0
 
 
@@ -116,10 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_export)
 
-    p = sub.add_parser("inspect", help="summarize a package")
+    p = sub.add_parser("inspect", help="summarize a package (--routing: routing statistics on a text)")
     p.add_argument("model")
+    p.add_argument("--routing", action="store_true", help="expert popularity and reuse measured on --text")
+    p.add_argument("--text", help="text file for --routing")
+    p.add_argument("--window", type=int, help="tokens per prefill window (default: the model's context)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("eval", help="perplexity on a text against a unigram baseline (and KL to a reference)")
+    p.add_argument("--model", help="package directory (default: the model that ships with edge_moe)")
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--reference", metavar="DIR", help="package to compare next-token distributions with (KL)")
+    p.add_argument("--unigram-text", metavar="FILE", help="estimate the unigram baseline on this text")
+    p.add_argument("--window", type=int, help="tokens per prefill window (default: the model's context)")
+    p.add_argument("--budget", help="run under this expert memory budget")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text")
     add_runtime_arguments(p)

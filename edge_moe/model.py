@@ -48,6 +48,7 @@ class Forward:
         self.moe_layers = set(c["moe_layers"])
         self.top_k, self.normalize = int(c["top_k"]), bool(c["norm_topk_prob"])
         self.num_experts = int(c["num_experts"])
+        self.route_observers: list = []  # callables (layer, indices [T, k]) for routing statistics
         # One forward step at a time per model: the cache protects the running layer's experts, and two threads
         # generating at once interleave token by token instead of evicting each other's experts mid-layer.
         self._step_lock = threading.Lock()
@@ -78,6 +79,8 @@ class Forward:
 
     def moe(self, layer: int, x: np.ndarray, logits: np.ndarray, residual: np.ndarray) -> np.ndarray:
         indices, weights = route(logits, self.top_k, self.normalize)  # [T, k]
+        for observe in self.route_observers:
+            observe(layer, indices)
         scores = np.zeros(self.num_experts, np.float32)  # [E]: each expert's highest weight over the tokens
         if x.shape[0] == 1:
             scores[indices[0]] = weights[0]
