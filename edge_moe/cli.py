@@ -19,9 +19,16 @@ def _ids(text: str) -> list[int]:
 def cmd_export(args) -> int:
     from edge_moe_export.exporter import export_checkpoint
 
+    import time
+
+    from .telemetry import peak_rss_bytes
+
+    start = time.perf_counter()
     out = export_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                             progress=not args.quiet)
-    print(f"wrote {out}")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({size / 2**20:,.1f} MiB) in {time.perf_counter() - start:.1f} s; "
+          f"peak RSS {peak_rss_bytes() / 2**20:,.1f} MiB")
     return 0
 
 
