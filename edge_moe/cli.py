@@ -213,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: decode speed and floors (prints a table, --json writes one)")
     bench.add_arguments(p)
     p.set_defaults(run=bench.run)
+
+    from . import planner, profiler
+
+    p = sub.add_parser("profile", help="measure this machine (disk, memory, expert compute) and write a device profile")
+    profiler.add_arguments(p)
+    p.set_defaults(run=profiler.run)
+
+    p = sub.add_parser("plan", help="predict speed and memory on a device profile; recommend budget, policy, ...")
+    planner.add_arguments(p)
+    p.set_defaults(run=planner.run)
     return parser
 
 

@@ -1,0 +1,78 @@
+"""The planner's cost model on hand-computed cases (a one-layer model, four 12 KiB experts, a trace of 4 steps)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from edge_moe.errors import EdgeMoeError
+from edge_moe.planner import load_routing, plan, predict
+from edge_moe.profiles import load_profile
+
+LENGTH = 3 * 4096  # footprint: 3 pages + 1 page of slack = 16 KiB
+SEQ = LENGTH * 100  # one expert read = 10 ms
+
+
+def manifest():
+    experts = {(0, i): SimpleNamespace(layer=0, length=LENGTH) for i in range(4)}
+    config = {"hidden_size": 8, "moe_intermediate_size": 8, "vocab_size": 10, "top_k": 1, "moe_layers": [0],
+              "tie_word_embeddings": False}
+    return SimpleNamespace(config=config, dtype="float32", backbone_bytes=1000, expert_bytes=4 * LENGTH,
+                           experts=experts)
+
+
+def profile(seq=SEQ, ram=10**9):
+    p = load_profile("rpi5-8gb-nvme")
+    p.flash_seq_read = p.flash_rand4k_read = float(seq)  # no per-read latency
+    p.ram_bytes, p.usable_fraction = ram, 1.0
+    p.measured = {"hash_gb_s": 1e9, "expert_shape": "8x8", "expert_ms": {"cpu": {"m1": 1.0}},
+                  "model": {"shape": "8x8", "dtype": "float32", "moe_layers": 1, "backbone_bytes": 1000,
+                            "decode_ms_per_token": 10.0, "prefill_ms_per_token": 2.0}}
+    return p
+
+
+# expert 0 (prompt), then 1, 0, 2: under LRU with room for 2 experts: miss, miss, hit, miss (evicts 1)
+STATS = {"format_version": 1, "prompt_tokens": 1, "prefetch_precision": 1.0, "prefetch_recall": 0.5,
+         "steps": [[[0, [0]]], [[0, [1]]], [[0, [0]]], [[0, [2]]]]}
+
+
+def test_decode_without_prefetch_adds_io_to_compute():
+    r = predict(manifest(), STATS, profile(), budget=2 * 16384, policy="lru", prefetch=0)
+    # step times: 10 ms compute + 10 ms per miss -> decode steps 20, 10, 20 ms -> 3 tokens / 50 ms
+    assert r["decode_tokens_per_second"] == pytest.approx(60.0, rel=1e-3)
+    assert r["hit_rate"] == pytest.approx(0.25)
+    assert r["bytes_read_per_token"] == pytest.approx(2 * LENGTH / 3)
+    # prefill: 1 token x 2 ms + (step 0: 20 ms) - its 10 ms decode compute = 12 ms
+    assert r["prefill_tokens_per_second"] == pytest.approx(1 / 0.012, rel=1e-3)
+    assert r["peak_memory_bytes"] > 1000 + 2 * 16384
+
+
+def test_prefetch_overlaps_by_recall():
+    r = predict(manifest(), STATS, profile(), budget=2 * 16384, policy="lru", prefetch=1)
+    # max(10, 10) + (1 - 0.5) x 10 = 15 ms per missing step: 15 + 10 + 15 ms for 3 tokens
+    assert r["decode_tokens_per_second"] == pytest.approx(75.0, rel=1e-3)
+
+
+def test_half_bitwidth_halves_reads_and_expert_compute():
+    r = predict(manifest(), STATS, profile(), budget=2 * 16384, policy="lru", prefetch=0, bits=16)
+    # reads 5 ms; compute 10 - 1 x (1 - 0.5) = 9.5 ms: 14.5 + 9.5 + 14.5 ms
+    assert r["decode_tokens_per_second"] == pytest.approx(3 / 0.0385, rel=1e-3)
+
+
+def test_plan_names_flash_as_the_bottleneck_when_reads_dominate():
+    result = plan(manifest(), STATS, profile(seq=LENGTH * 2, ram=10**9), tokens=None)
+    assert result["fits_in_ram"] and result["bottleneck"] == "flash bandwidth"
+    result = plan(manifest(), STATS, profile(seq=LENGTH * 10**5), tokens=None)
+    assert result["bottleneck"].startswith("compute")
+
+
+def test_prompt_larger_than_budget_is_an_error():
+    stats = dict(STATS, steps=[[[0, [0, 1, 2]]], [[0, [0]]]])
+    with pytest.raises(EdgeMoeError, match="over the .* expert budget"):
+        predict(manifest(), stats, profile(), budget=2 * 16384, policy="lru")
+
+
+def test_missing_routing_stats_say_how_to_record(tmp_path):
+    with pytest.raises(EdgeMoeError, match="--record"):
+        load_routing(tmp_path)
