@@ -19,7 +19,7 @@ STATE_COLOURS = np.array([
     (48, 52, 58),     # FLASH: only on flash
     (230, 160, 40),   # READING: a read from flash in flight
     (52, 120, 210),   # RAM: resident in host memory
-    (120, 80, 200),   # PINNED: resident for good
+    (60, 200, 220),   # PINNED: resident for good (cyan: a red miss flash over blue RAM blends to purple)
     (40, 170, 100),   # ACCELERATOR: resident on the accelerator
 ], dtype=np.float32)
 STATE_NAMES = {FLASH: "on flash", READING: "being read", RAM: "in RAM", PINNED: "pinned in RAM",

@@ -20,6 +20,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def qt_problem() -> str | None:
+    """Why the installed PySide6 cannot run the app, or None. PySide6 6.12.0 drops a reference to None on
+    void calls (QPainterPath.lineTo, QPainter.drawLine, ...); before Python 3.12, where None became immortal,
+    that aborts the process within seconds of painting ("deallocating None")."""
+    import PySide6
+    if sys.version_info < (3, 12) and PySide6.__version__.startswith("6.12."):
+        return (f"PySide6 {PySide6.__version__} crashes on Python {sys.version_info.major}."
+                f"{sys.version_info.minor} (a refcount bug on None); install 'PySide6-Essentials<6.12'")
+    return None
+
+
 def _seconds_since_process_start() -> float:
     import psutil
     return time.time() - psutil.Process().create_time()
@@ -32,6 +43,10 @@ def main(argv=None) -> int:
         from PySide6.QtWidgets import QApplication
     except ImportError:
         print("edge-moe-demo needs PySide6: pip install 'edge-moe[demo]'", file=sys.stderr)
+        return 2
+    problem = qt_problem()
+    if problem:
+        print(f"edge-moe-demo: {problem}", file=sys.stderr)
         return 2
     from .window import DemoWindow
 

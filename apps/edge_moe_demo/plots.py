@@ -60,10 +60,13 @@ class StripPlot(QWidget):
         self.series = {key: deque(maxlen=POINTS) for key, *_ in ROWS}
         self.series["budget_bytes"] = deque(maxlen=POINTS)
 
-    def add(self, m: dict) -> None:
+    def add(self, m: dict, repaint: bool = True) -> None:
+        """Appends a frame's metrics; `repaint=False` only records them (the window repaints a few times a
+        second: each repaint is Python holding the GIL that the generation thread needs)."""
         for key, values in self.series.items():
             values.append(float(m.get(key) or 0.0))
-        self.update()
+        if repaint:
+            self.update()
 
     def clear(self) -> None:
         for values in self.series.values():

@@ -1,47 +1,69 @@
-"""The one place the app touches device profiles (edge_moe/profiles.py, profiles/*.json), so that module can
-land later without the app changing elsewhere.
+"""The one place the app touches device profiles (edge_moe.profiles, edge_moe.emulate), so those modules can
+change without the app changing elsewhere.
 
-What the app needs from edge_moe.profiles:
-    list_profiles() -> list[str]                  names to offer (files under profiles/)
-    apply_profile(model, name | None) -> str|None emulate that device on a loaded model, live (None: this
-                                                  machine); may return a one-line summary for the status bar
-Where the module or either function is missing, the control is hidden and `reason()` says why.
+Applying a profile to a running model, live:
+    expert budget  the profile's usable RAM less backbone and runtime (emulate.profile_budget), via set_budget
+    flash          the store's read throttle (emulate.TokenBucket at the profile's bandwidth and latency)
+    threads        not live: the onnxruntime pool is fixed when the first model loads
+Where either module is missing, the control is hidden and `reason()` says why.
 """
 
 from __future__ import annotations
 
 
-def _module():
+def _modules():
     try:
-        import edge_moe.profiles as profiles
+        from edge_moe import emulate, profiles
     except ImportError as e:
-        return None, f"device profiles are not available: edge_moe.profiles cannot be imported ({e})"
-    missing = [f for f in ("list_profiles", "apply_profile") if not hasattr(profiles, f)]
+        return None, f"device profiles are not available: {e}"
+    missing = [f"{m.__name__}.{f}" for m, f in ((profiles, "list_profiles"), (profiles, "load_profile"),
+                                                (emulate, "profile_budget"), (emulate, "TokenBucket"))
+               if not hasattr(m, f)]
     if missing:
-        return None, f"device profiles are not available: edge_moe.profiles has no {', '.join(missing)}"
-    return profiles, None
+        return None, f"device profiles are not available: no {', '.join(missing)}"
+    return (profiles, emulate), None
 
 
 def available() -> bool:
-    return _module()[0] is not None
+    return _modules()[0] is not None
 
 
 def reason() -> str | None:
     """Why the profile control is hidden, or None when it is shown."""
-    return _module()[1]
+    return _modules()[1]
 
 
 def names() -> list[str]:
-    profiles, _ = _module()
-    return list(profiles.list_profiles()) if profiles else []
+    found, _ = _modules()
+    return list(found[0].list_profiles()) if found else []
+
+
+def _set_throttle(store, bucket) -> None:
+    setter = getattr(store, "set_throttle", None)
+    if setter is not None:
+        setter(bucket)
+    else:  # the store reads `_throttle` per read; called between tokens, when no read of ours is starting
+        store._throttle = bucket
 
 
 def apply(session, name: str | None) -> str:
-    """Emulates `name` on the session's model from the next token; returns a status line."""
-    profiles, why = _module()
-    if profiles is None:
+    """Emulates profile `name` (None: this machine) on the session's model; returns a status line.
+
+    Raises:
+        EdgeMoeError: unknown or invalid profile, or the model does not fit the device.
+    """
+    found, why = _modules()
+    if found is None:
         raise RuntimeError(why)
-    result = []
-    session.run_between_tokens(lambda: result.append(profiles.apply_profile(session.model, name)))
-    summary = result[0] if result and result[0] else None
-    return summary or (f"emulating {name}" if name else "emulation off: this machine")
+    profiles, emulate = found
+    model = session.model
+    if name is None:
+        session.run_between_tokens(lambda: _set_throttle(model.store, None))
+        return "emulation off: this machine's flash; the budget stays where it is"
+    profile = profiles.load_profile(name)
+    budget = emulate.profile_budget(profile, model.manifest)
+    bucket = emulate.TokenBucket(profile.flash_seq_read, profile.read_latency)
+    session.set_budget(budget)
+    session.run_between_tokens(lambda: _set_throttle(model.store, bucket))
+    return (f"emulating {profile.name}: budget {budget / 2**20:,.1f} MiB, flash {profile.flash_seq_read / 1e6:.0f} "
+            f"MB/s + {profile.read_latency * 1e3:.2f} ms per read (threads and CPU speed stay this machine's)")

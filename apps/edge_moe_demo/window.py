@@ -6,6 +6,7 @@ red message line at the top of the window; the app keeps running with whatever m
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer, Signal
@@ -21,6 +22,7 @@ from .session import DEFAULT_BUDGET, Session, default_model_path
 from .worker import GenerationWorker
 
 DEFAULT_PROMPT = "def fibonacci(n):"
+SLOW_UPDATE_S = 0.25  # gauges and plot repaint at most this often; the map every token
 
 
 class DemoWindow(QMainWindow):
@@ -35,6 +37,7 @@ class DemoWindow(QMainWindow):
         self.worker: GenerationWorker | None = None
         self.initial_budget = budget
         self.last_run: dict = {}
+        self._last_slow_update = 0.0
 
         self.message = QLabel()
         self.message.setWordWrap(True)
@@ -193,9 +196,13 @@ class DemoWindow(QMainWindow):
             self.output.insertPlainText(text)
 
     def _frame(self, frame) -> None:
-        self.map.show_frame(frame)
-        self.gauges.show_metrics(frame.metrics)
-        self.plot.add(frame.metrics)
+        self.map.show_frame(frame)  # every token: the map is the point of the app
+        now = time.perf_counter()
+        slow = now - self._last_slow_update >= SLOW_UPDATE_S
+        self.plot.add(frame.metrics, repaint=slow)
+        if slow:  # gauges and plot: a few times a second is all an eye can follow
+            self.gauges.show_metrics(frame.metrics)
+            self._last_slow_update = now
         if self.worker is not None:
             self.worker.frame_taken.set()
 
@@ -214,6 +221,9 @@ class DemoWindow(QMainWindow):
         self.open_button.setEnabled(True)
         self.stop_button.setEnabled(False)
         self.map.show_frame(self.session.idle_frame())
+        if self.plot.series["tokens_per_second"]:  # the last frame's gauges may have been skipped by the throttle
+            self.gauges.show_metrics({key: values[-1] for key, values in self.plot.series.items()})
+            self.plot.update()
         QTimer.singleShot(400, self.map.clear_flashes)
         self.show_info(f"{result['tokens']} tokens ({result['reason']}), decode {result['decode_tps']:.1f} "
                        f"tokens/s, prefill {1e3 * result['prefill_seconds']:.0f} ms")

@@ -70,6 +70,7 @@ class GenerationWorker(QThread):
             if last is not None and reason != "stopped":
                 reason = last.finish_reason or "length"
         except Exception as e:  # shown in the window: an app must not die on a bad prompt or a read error
+            reason = "error"
             self.failed.emit(f"{type(e).__name__}: {e}")
         finally:
             if stream is not None:
