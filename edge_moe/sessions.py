@@ -1,8 +1,10 @@
-"""onnxruntime sessions: one process-wide thread pool, shared by every session.
+"""onnxruntime sessions: each with a small intra-op pool whose threads sleep instead of spinning.
 
-A spinning intra-op pool per session makes live sessions fight for the cores (DESIGN.md: 7.8 ms instead of 1.9 ms
-at M=64), and edge_moe keeps a dozen sessions live (one per layer graph plus one per expert shape). So the pool is
-global, sized once, and every session uses it.
+edge_moe keeps a dozen sessions live (one per layer graph plus one per expert shape) and runs them back to back.
+Spinning pools make live sessions fight for the cores (DESIGN.md: 7.8 ms instead of 1.9 ms at M=64). A global
+pool (onnxruntime.set_global_thread_pool_sizes) avoids that too, but it is process-wide and makes every other
+session in the process fail unless it opts in, which an embeddable library must not do; so each session gets
+its own pool with spinning off.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import time
 import onnxruntime as ort
 import psutil
 
-_pool_lock = threading.Lock()
-_pool_threads: int | None = None
+_lock = threading.Lock()
+_threads: int | None = None
 
 
 def default_threads() -> int:
@@ -24,19 +26,20 @@ def default_threads() -> int:
 
 
 def configure_threads(threads: int | None) -> int:
-    """Sizes the global pool on first use; later calls get the pool that exists (onnxruntime allows one)."""
-    global _pool_threads
-    with _pool_lock:
-        if _pool_threads is None:
-            _pool_threads = int(threads or default_threads())
-            ort.set_global_thread_pool_sizes(_pool_threads, 1)
-        return _pool_threads
+    """The intra-op thread count of sessions opened from now on (default: physical cores); returns it."""
+    global _threads
+    with _lock:
+        if threads is not None or _threads is None:
+            _threads = int(threads or default_threads())
+        return _threads
 
 
-def open_session(model, *, providers=("CPUExecutionProvider",)) -> ort.InferenceSession:
-    """Opens a session on the global pool. `model` is a path or serialized ModelProto bytes."""
+def open_session(model, *, providers=("CPUExecutionProvider",), threads: int | None = None) -> ort.InferenceSession:
+    """Opens a session. `model` is a path or serialized ModelProto bytes."""
     options = ort.SessionOptions()
-    options.use_per_session_threads = False
+    options.intra_op_num_threads = threads or _threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
