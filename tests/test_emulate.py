@@ -43,11 +43,12 @@ def test_throttled_store_holds_the_bandwidth(tmp_path):
 
 
 def test_latency_is_charged_per_read():
-    bucket = TokenBucket(1e9, latency=0.01)
-    start = time.perf_counter()
-    for _ in range(10):
-        bucket.consume(4096)
-    assert time.perf_counter() - start == pytest.approx(0.1, rel=0.10)
+    # reserve() without sleeping: ten back-to-back reads finish 10 x (latency + bytes / rate) after the first starts
+    bucket = TokenBucket(1e6, latency=0.01)
+    start = time.monotonic()
+    deadlines = [bucket.reserve(4096) for _ in range(10)]
+    assert deadlines[-1] - start == pytest.approx(10 * (0.01 + 4096 / 1e6), abs=2e-3)
+    assert deadlines == sorted(deadlines)
 
 
 def fake_manifest(backbone=100_000_000, experts=8, length=3 << 20, top_k=2):
