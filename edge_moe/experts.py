@@ -62,11 +62,14 @@ class ExpertSource:
 
     def __init__(self, trace: list | None = None):
         self.trace, self.step = trace, 0
+        self.lookups = self.lookup_hits = 0
 
     def begin_step(self) -> None:
         self.step += 1
 
     def record(self, layer: int, experts, hits) -> None:
+        self.lookups += len(hits)
+        self.lookup_hits += sum(map(bool, hits))
         if self.trace is not None:
             self.trace.append({"step": self.step, "layer": layer, "experts": [int(e) for e in experts],
                                "hit": [bool(h) for h in hits]})

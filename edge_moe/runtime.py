@@ -75,8 +75,8 @@ class Model:
                          stall_seconds=cache.stall_seconds, prefetch_issued=cache.prefetch_issued,
                          peak_resident_bytes=cache.peak_resident_bytes)
         else:
-            lookups = sum(len(t["experts"]) for t in self.trace) if self.trace else 0
-            stats.update(hits=lookups, misses=0, stall_seconds=0.0)
+            stats.update(hits=self.experts.lookup_hits, misses=self.experts.lookups - self.experts.lookup_hits,
+                         stall_seconds=0.0)
         if self.predictor is not None:
             stats.update(prefetch_precision=self.predictor.precision, prefetch_recall=self.predictor.recall)
         return stats
