@@ -2,15 +2,19 @@
 
     fetch(layer, experts): hits are returned at once; misses are read by the I/O pool, all of a layer's misses in
         parallel, and handed out in order as they land, so expert j computes while expert j+1 is still read.
-    prefetch(layer, experts): speculative reads for a later layer, only into room that evicting nothing the
-        current layer needs can make.
-    Every byte of a resident expert or an in-flight read counts against the budget (page-rounded buffers plus
-    alignment slack); large buffers are mmap-backed (see _return_freed_memory), so evicting really gives memory
-    back instead of leaving it in glibc's heap.
+    prefetch(layer, experts): speculative reads for a later layer, queued behind every read the model waits for,
+        only into room that evicting nothing the current layer needs, nothing predicted for a layer still to come,
+        and nothing the policy values more than the prediction (BasePolicy.should_replace) can make.
+    Every byte of a resident expert, an in-flight read or a spare buffer counts against the budget (page-rounded
+    buffers plus alignment slack). An evicted expert's buffer is the spare the next read of the same size lands in:
+    a fresh buffer costs a page fault per page when O_DIRECT pins it and an munmap when it goes; spares of other
+    sizes are freed before anything resident is evicted. Large buffers are mmap-backed (see _return_freed_memory),
+    so a freed buffer really gives memory back instead of staying in glibc's heap.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import threading
 import time
@@ -20,7 +24,7 @@ from .budget import expert_footprint
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
 from .manifest import Manifest
-from .store import ExpertLocation, ExpertStore
+from .store import ExpertLocation, ExpertStore, aligned_empty
 
 
 def _return_freed_memory() -> None:
@@ -33,7 +37,7 @@ def _return_freed_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
-def store_for(manifest: Manifest, io_threads: int = 2, direct: bool = True, throttle=None) -> ExpertStore:
+def store_for(manifest: Manifest, io_threads: int = 4, direct: bool = True, throttle=None) -> ExpertStore:
     locations = [ExpertLocation(r.key, str(r.blob), r.offset, r.length, r.checksum)
                  for r in manifest.experts.values()]
     return ExpertStore(locations, io_threads=io_threads, direct=direct, throttle=throttle)
@@ -57,10 +61,15 @@ class ExpertCache(ExpertSource):
         self.resident: dict[tuple, ResidentExpert] = {}
         self.inflight: dict[tuple, Future] = {}
         self.pinned: set[tuple] = set()
-        self.used = 0  # bytes of resident experts and in-flight reads
+        self.used = 0  # bytes of resident experts, in-flight reads and spare buffers
         self.now = 0
         self.stats = CacheStats()
         self._protected: set[tuple] = set()
+        self._buffers: dict[tuple, object] = {}  # key -> its whole aligned buffer (resident and in-flight keys)
+        self._spare: dict[int, list] = {}  # footprint -> buffers of evicted experts, waiting for a read that size
+        self.spare_bytes = 0
+        self._predicted: dict[int, set[tuple]] = {}  # layer still to run -> keys prefetched for it
+        self._layer = None  # the layer running now
         self._lock = threading.RLock()
 
     def size(self, key) -> int:
@@ -72,6 +81,8 @@ class ExpertCache(ExpertSource):
         """Returns a generator of ResidentExpert in the order of `experts`; all misses are submitted now."""
         keys = [(layer, int(e)) for e in experts]
         with self._lock:
+            self._layer = layer
+            self._predicted.pop(layer, None)
             self._protected = set(keys)
             hits = []
             room = True
@@ -99,10 +110,12 @@ class ExpertCache(ExpertSource):
                     self._reserve(self.size(key))
                     self._start_read(key)
                 future = None if expert is not None else self.inflight[key]
+                if future is not None:
+                    self.store.prioritize(future, 0)  # a prefetch the model now waits for goes first
             if future is not None:
                 start = time.perf_counter()
                 try:
-                    buffer = future.result()
+                    future.exception()  # wait; _admit raises a failed read's error with the cache consistent
                 finally:
                     self.stats.stall_seconds += time.perf_counter() - start
                 with self._lock:
@@ -116,13 +129,17 @@ class ExpertCache(ExpertSource):
         with self._lock:
             predicted = [(layer, int(e)) for e in experts]
             self.policy.on_predict(predicted, self.now)
-            keep = self._protected | set(predicted)
+            pending = self._predicted.setdefault(layer, set())
+            pending.update(predicted)
+            keep = self._protected.union(*self._predicted.values())
+            # nearer layers' reads first; a depth-d prediction waits behind every demand read (priority 0)
+            ahead = layer - self._layer if self._layer is not None and layer > self._layer else 1
             for key in predicted:
                 if key in self.resident or key in self.inflight:
                     continue
-                if not self._make_room(self.size(key), keep, wait=False):
+                if not self._make_room(self.size(key), keep, wait=False, incoming=key):
                     break
-                self._start_read(key)
+                self._start_read(key, priority=ahead)
                 self.stats.prefetch_issued += 1
 
     def on_route(self, layer: int, scores, now=None) -> None:
@@ -183,30 +200,55 @@ class ExpertCache(ExpertSource):
     def _reserve(self, nbytes: int) -> None:
         self._make_room(nbytes, self._protected, wait=True)
 
-    def _start_read(self, key) -> None:
-        """Submits the read of a key whose room is made; its bytes count from now on."""
-        self.used += self.size(key)
+    def _start_read(self, key, priority: int = 0) -> None:
+        """Submits the read of a key whose room is made (a spare buffer of its size, or free budget); its bytes
+        count from now on."""
+        size = self.size(key)
+        spares = self._spare.get(size)
+        if spares:
+            buffer = spares.pop()  # its bytes are already counted
+            self.spare_bytes -= size
+        else:
+            buffer = aligned_empty(self.store.buffer_size(key))
+            self.used += size
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.used)
-        self.inflight[key] = self.store.submit(key)
+        self._buffers[key] = buffer
+        self.inflight[key] = self.store.submit(key, into=buffer, priority=priority)
 
-    def _make_room(self, nbytes: int, keep: set, wait: bool) -> bool:
-        """Evicts until nbytes fit. Never evicts `keep` or pinned experts. False if impossible (prefetch only)."""
-        while self.used + nbytes > self.budget:
+    def _make_room(self, nbytes: int, keep: set, wait: bool, incoming=None) -> bool:
+        """Makes room for one read of footprint `nbytes`: a spare buffer that size, or free budget. Never evicts
+        `keep` or pinned experts. False if impossible (prefetch only), or if the policy values the victim more
+        than `incoming` (a prediction)."""
+        while not self._spare.get(nbytes) and self.used + nbytes > self.budget:
+            other = next((size for size, buffers in self._spare.items() if buffers), None)
+            if other is not None:  # a spare of another size is worth less than any resident expert
+                self._spare[other].pop()
+                self.spare_bytes -= other
+                self.used -= other
+                continue
             self._reap()
             candidates = [k for k in self.resident if k not in keep and k not in self.pinned]
             if candidates:
-                self._evict(self.policy.victim(candidates))
+                victim = self.policy.victim(candidates)
+                if incoming is not None and not self.policy.should_replace(victim, incoming):
+                    return False
+                self._evict(victim)
                 continue
-            # Only in-flight prefetches remain evictable: wait for one and drop it.
+            # Only in-flight prefetches remain evictable: drop one that has not started, else wait for one to land
+            # (then it is resident, and the policy weighs it). A running read's buffer is never handed on.
             droppable = [k for k in self.inflight if k not in keep and k not in self.pinned]
             if not droppable or not wait:
                 if wait:
                     raise EdgeMoeError(f"budget of {self.budget:,} bytes cannot hold the experts one layer needs "
                                        f"plus the pinned ones; raise the budget or unpin experts")
                 return False
-            key = droppable[0]
-            self.inflight.pop(key).cancel() or None
-            self.used -= self.size(key)
+            queued = next((k for k in droppable if self.inflight[k].cancel()), None)
+            if queued is None:
+                concurrent.futures.wait([self.inflight[k] for k in droppable],
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                continue
+            del self.inflight[queued]
+            self._recycle(queued)
             self.stats.prefetch_dropped += 1
         return True
 
@@ -225,7 +267,9 @@ class ExpertCache(ExpertSource):
         try:
             buffer = future.result()
         except BaseException:
-            self.used -= self.size(key)  # the reservation goes with the failed read: the cache stays consistent
+            # the reservation goes with the failed read (its buffer is not reused): the cache stays consistent
+            del self._buffers[key]
+            self.used -= self.size(key)
             raise
         expert = self.resident[key] = ResidentExpert.from_bytes(self.manifest.experts[key], buffer)
         self.policy.on_admit(key, self.size(key), self.now)
@@ -233,6 +277,14 @@ class ExpertCache(ExpertSource):
 
     def _evict(self, key) -> None:
         del self.resident[key]
-        self.used -= self.size(key)
+        self._recycle(key)
         self.policy.on_evict(key)
         self.stats.evictions += 1
+
+    def _recycle(self, key) -> None:
+        """The key's buffer becomes a spare (still counted in `used`) for the next read of its size. Only called
+        for a key nobody computes with any more: evicted (never the running layer's) or cancelled before its read
+        started."""
+        size = self.size(key)
+        self._spare.setdefault(size, []).append(self._buffers.pop(key))
+        self.spare_bytes += size

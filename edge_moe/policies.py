@@ -25,6 +25,7 @@ class Policy(Protocol):
     def on_admit(self, key: Key, nbytes: int, now: int) -> None: ...
     def on_evict(self, key: Key) -> None: ...
     def victim(self, candidates: list) -> Key: ...
+    def should_replace(self, victim: Key, incoming: Key) -> bool: ...
     def on_route(self, layer: int, scores: np.ndarray, now: int) -> None: ...
     def on_predict(self, keys: Iterable[Key], now: int) -> None: ...
 
@@ -51,6 +52,11 @@ class BasePolicy:
 
     def victim(self, candidates: list) -> Key:
         raise NotImplementedError
+
+    def should_replace(self, victim: Key, incoming: Key) -> bool:
+        """May a speculative read of `incoming` evict `victim` (the policy's own choice)? Yes unless the policy
+        can tell that the victim is needed sooner."""
+        return True
 
     def _check(self, candidates: list) -> None:
         if not candidates:
@@ -213,34 +219,55 @@ class AdaptivePolicy(BasePolicy):
 
     def victim(self, candidates):
         self._check(candidates)
-        L, cur = self._L, self._cur if self._cur is not None else 0
-        freq, pred, last = self._freq, self._predicted, self._last
-        topk, rho, w = self._picks / max(1, self._total_visits), self.rho(), self._route_w
-        per_layer = {}  # layer -> (steps until it runs again, its visits, router EMA)
+        scorer = self._scorer()
         best, best_score = None, -1.0
         for k in candidates:
-            layer = k[0]
-            info = per_layer.get(layer)
-            if info is None:
-                d = (layer - cur - 1) % L + 1  # steps until the layer runs again (L if it is running now)
-                info = per_layer[layer] = (d, self._visits.get(layer, 0), self._route.get(layer))
-            d, v, r = info
-            f, at = freq.get(k, (0.0, v))
-            p = self._base_p(f, at, v)
-            if r is not None and 0 <= k[1] < r.shape[0]:
-                # router probabilities sum to 1 over E experts, picks to top-k: scale by the observed k
-                p = (1.0 - w) * p + w * min(1.0, topk * float(r[k[1]]))
-            # a repeat is only pending if the expert was picked at its layer's latest visit and that
-            # visit is over (while its layer runs, a candidate of that layer was not picked this time)
-            p1 = rho + (1.0 - rho) * p if at == v and f > 0 and layer != self._cur else p
-            if pred.get(k, -1) >= v:
-                p1 = 1.0
-            dist = self._dist(d, L, p, p1)
-            # furthest expected next use; ties (e.g. never-picked keys) go to the least recent
-            score = dist * 1e12 - last.get(k, -1) if dist != math.inf else math.inf
+            score = scorer(k)
             if score > best_score or best is None:
                 best, best_score = k, score
         return best
+
+    def should_replace(self, victim, incoming):
+        # a prediction is only worth the victim's room if the victim's next use is expected later
+        scorer = self._scorer()
+        return scorer(victim) > scorer(incoming)
+
+    def _scorer(self) -> Callable[[Key], float]:
+        """key -> expected steps to its next use (x 1e12, minus recency to break ties): larger is evicted first.
+        The same arithmetic as _base_p and _dist, inlined with per-layer terms hoisted: the cache calls this on
+        every eviction over ~100 candidates, on the generation loop's thread."""
+        L, cur = self._L, self._cur if self._cur is not None else 0
+        freq, pred, last, visits, decay = self._freq, self._predicted, self._last, self._visits, self._decay
+        topk, rho, w = self._picks / max(1, self._total_visits), self.rho(), self._route_w
+        per_layer = {}  # layer -> (steps until it runs again, its visits, picks at full rate, weighted router EMA)
+
+        def layer_info(layer):
+            d = (layer - cur - 1) % L + 1  # steps until the layer runs again (L if it is running now)
+            v = visits.get(layer, 0)
+            full = (1.0 - decay ** v) / (1.0 - decay) if v > 0 else 0.0  # decayed picks of "picked every visit"
+            r = self._route.get(layer)
+            # router probabilities sum to 1 over E experts, picks to top-k: scale by the observed k
+            routed = None if r is None else (w * np.minimum(1.0, topk * r)).tolist()
+            info = per_layer[layer] = (d, v, full, routed, layer != self._cur)
+            return info
+
+        def score(k) -> float:
+            d, v, full, routed, done = per_layer.get(k[0]) or layer_info(k[0])
+            f, at = freq.get(k, (0.0, v))
+            p = min(1.0, f * decay ** (v - at) / full) if full > 0.0 else 0.0
+            if routed is not None and 0 <= k[1] < len(routed):
+                p = (1.0 - w) * p + routed[k[1]]
+            # a repeat is only pending if the expert was picked at its layer's latest visit and that
+            # visit is over (while its layer runs, a candidate of that layer was not picked this time)
+            p1 = rho + (1.0 - rho) * p if at == v and f > 0 and done else p
+            if pred.get(k, -1) >= v:
+                p1 = 1.0
+            if p1 <= 0.0:
+                return math.inf
+            # furthest expected next use (_dist); ties (e.g. never-picked keys) go to the least recent
+            return (d + L * (1.0 - p1) / p1) * 1e12 - last.get(k, -1)
+
+        return score
 
 POLICIES: dict[str, Callable[..., BasePolicy]] = {
     "lru": LRUPolicy,

@@ -36,16 +36,19 @@ class NextLayerPredictor:
         """hidden [T, H] after layer `layer`'s attention -> {later layer: experts to prefetch, best first}."""
         later = [l for l in self.moe_layers if l > layer][:self.depth]
         predictions = {}
+        # the RMS scale is the same for every target layer; only the norm weights differ
+        unit = hidden / np.sqrt(np.mean(hidden * hidden, axis=-1, keepdims=True) + self.eps)
         for target in later:
             if target not in self.routers:
                 continue
             weight, norm = self.routers[target]
-            x = hidden / np.sqrt(np.mean(hidden * hidden, axis=-1, keepdims=True) + self.eps) * norm
-            indices, weights = route(x @ weight.T, min(self.top_k + self.extra, weight.shape[0]), False)
-            # Over several tokens (prefill) rank experts by their summed routing weight.
-            scores = np.zeros(weight.shape[0], np.float32)
-            np.add.at(scores, indices.ravel(), weights.ravel())
-            chosen = [int(e) for e in np.argsort(-scores, kind="stable") if scores[e] > 0]
+            indices, weights = route((unit * norm) @ weight.T, min(self.top_k + self.extra, weight.shape[0]), False)
+            if indices.shape[0] == 1:  # decode: route() already ranks the token's experts best first
+                chosen = indices[0].tolist()
+            else:  # over several tokens (prefill) rank experts by their summed routing weight
+                scores = np.zeros(weight.shape[0], np.float32)
+                np.add.at(scores, indices.ravel(), weights.ravel())
+                chosen = [int(e) for e in np.argsort(-scores, kind="stable") if scores[e] > 0]
             predictions[target] = chosen
             self._pending[target] = set(chosen)
         return predictions

@@ -5,12 +5,17 @@ of every expert we ever read (that is how mmap-based runtimes thrash once the mo
 use O_DIRECT into a 4096-aligned buffer; where the filesystem refuses O_DIRECT (tmpfs, some FUSE/overlay
 mounts) we read buffered and drop the pages right after with POSIX_FADV_DONTNEED.
 
-The store holds no cache and no per-read state: a failed read raises and leaves nothing behind.
+The store holds no cache and no per-read state: a failed read raises and leaves nothing behind. Reads queue by
+priority (a layer's own misses before speculative prefetches: a prefetch must never delay the read the model is
+waiting for), and may land in a buffer the caller recycles (a fresh buffer costs a page fault per 4 KiB page when
+O_DIRECT pins it, and an munmap with TLB shootdowns when it is freed).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import errno
+import heapq
+import itertools
 import os
 import re
 import threading
@@ -76,7 +81,8 @@ class ExpertStore:
 
     Args:
         locations: one ExpertLocation per expert; keys must be unique.
-        io_threads: worker threads of the prefetch pool used by `submit`.
+        io_threads: reader threads used by `submit` (the queue depth the disk sees; virtio and NVMe disks deliver
+            more of their bandwidth at 4 or more reads in flight than at 1).
         direct: try O_DIRECT first (falls back per file where the filesystem refuses it).
         verify: check each expert's XXH3-64 checksum on every read.
         throttle: optional shared-device emulation (edge_moe.emulate.TokenBucket): each read reserves its bytes
@@ -109,8 +115,15 @@ class ExpertStore:
         self._fds: dict[tuple[str, bool], int] = {}  # (path, direct) -> fd; pread on a shared fd is thread-safe
         self._direct_ok: dict[str, bool] = {}  # per blob: did O_DIRECT work? learned on first use
         self._lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="edge_moe_io")
+        self._queue: list = []  # heap of (priority, seq, _Job); stale entries (re-prioritized jobs) are skipped
+        self._seq = itertools.count()
+        self._jobs: dict[concurrent.futures.Future, _Job] = {}  # queued, not yet started
+        self._wake = threading.Condition(self._lock)
         self._closed = False
+        self._workers = [threading.Thread(target=self._work, name=f"edge_moe_io_{i}", daemon=True)
+                         for i in range(io_threads)]
+        for t in self._workers:
+            t.start()
         self._active, self._busy_since = 0, 0.0
         self.stats = StoreStats()
 
@@ -129,25 +142,40 @@ class ExpertStore:
             raise EdgeMoeError(f"expert {key!r} is not in the model package; keys are (layer, index) with "
                                f"{len(self._locs)} experts known") from None
 
-    def read(self, key) -> np.ndarray:
+    def buffer_size(self, key) -> int:
+        """Bytes of the 4096-aligned buffer one read of `key` needs (`read(key, into=...)`)."""
+        loc = self.location(key)
+        return _round_up(loc.offset % ALIGN + loc.length)
+
+    def read(self, key, into: np.ndarray | None = None) -> np.ndarray:
         """Read one expert's bytes.
 
         Args:
             key: (layer, index).
+            into: optional uint8 buffer to read into (4096-aligned, at least `buffer_size(key)` bytes), e.g. the
+                buffer of an evicted expert; a fresh one is allocated otherwise.
 
         Returns:
             A uint8 array of exactly `length` bytes, a view into a 4096-aligned buffer owned by the caller.
 
         Raises:
-            EdgeMoeError: unknown key, a closed store, an I/O error, a short read (truncated blob) or a
-                checksum mismatch. Nothing is cached, so a failed read leaves no state behind.
+            EdgeMoeError: unknown key, a closed store, a bad `into` buffer, an I/O error, a short read (truncated
+                blob) or a checksum mismatch. Nothing is cached, so a failed read leaves no state behind.
         """
         if self._closed:
             raise EdgeMoeError("the expert store is closed; open a new one to read experts")
         loc = self.location(key)
         start = loc.offset - loc.offset % ALIGN  # format v1 offsets are aligned; tolerate others anyway
         head = loc.offset - start
-        buf = aligned_empty(_round_up(head + loc.length))
+        need = _round_up(head + loc.length)
+        if into is None:
+            buf = aligned_empty(need)
+        elif into.dtype != np.uint8 or into.nbytes < need or into.ctypes.data % ALIGN or not into.flags.c_contiguous:
+            raise EdgeMoeError(f"read of expert {loc.key} into a buffer of {into.nbytes} bytes ({into.dtype}, address "
+                               f"{into.ctypes.data:#x}): it needs a contiguous uint8 buffer of at least {need} bytes "
+                               "at a 4096-aligned address; allocate it with edge_moe.store.aligned_empty")
+        else:
+            buf = into[:need]
         t0 = self._busy(+1)
         try:
             deadline = self._throttle.reserve(buf.nbytes) if self._throttle is not None else None
@@ -189,18 +217,61 @@ class ExpertStore:
             self._active += delta
         return now
 
-    def submit(self, key) -> concurrent.futures.Future:
-        """Start `read(key)` on the I/O pool (prefetch). The future raises what `read` would raise."""
-        if self._closed:
-            raise EdgeMoeError("the expert store is closed; open a new one to read experts")
-        return self._pool.submit(self.read, key)
+    def submit(self, key, into: np.ndarray | None = None, priority: int = 0) -> concurrent.futures.Future:
+        """Queue `read(key, into)` on the I/O threads; lower `priority` runs first (0: the model is waiting for it,
+        larger: a prefetch that many layers ahead), FIFO within a priority. The future raises what `read` would
+        raise; cancelling it before it starts drops the read."""
+        self.location(key)  # an unknown key fails here, not on an I/O thread
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise EdgeMoeError("the expert store is closed; open a new one to read experts")
+            job = _Job(tuple(key), into, future, priority)
+            self._jobs[future] = job
+            heapq.heappush(self._queue, (priority, next(self._seq), job))
+            self._wake.notify()
+        return future
+
+    def prioritize(self, future: concurrent.futures.Future, priority: int) -> None:
+        """Moves a queued read up to `priority` (a prefetch the model now waits for); no-op once it started."""
+        with self._lock:
+            job = self._jobs.get(future)
+            if job is not None and priority < job.priority:
+                job.priority = priority
+                heapq.heappush(self._queue, (priority, next(self._seq), job))
+                self._wake.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    while self._queue and self._queue[0][2].priority != self._queue[0][0]:
+                        heapq.heappop(self._queue)  # stale: the job was moved up
+                    if self._queue or self._closed:
+                        break
+                    self._wake.wait()
+                if not self._queue:
+                    return  # closed and drained
+                job = heapq.heappop(self._queue)[2]
+                del self._jobs[job.future]
+                job.priority = -1  # any other heap entry of this job is stale now
+            if not job.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                job.future.set_result(self.read(job.key, job.into))
+            except BaseException as e:  # noqa: BLE001 - the future hands it to the caller
+                job.future.set_exception(e)
 
     def close(self) -> None:
-        """Wait for pending reads, then close every file descriptor. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        self._pool.shutdown(wait=True)
+        """Wait for queued and running reads, then close every file descriptor. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify_all()
+        for t in self._workers:
+            if t is not threading.current_thread():
+                t.join()
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
@@ -300,6 +371,14 @@ class ExpertStore:
             return total / (time.perf_counter() - t0)
         finally:
             os.close(fd)
+
+
+@dataclass(eq=False)
+class _Job:
+    key: tuple
+    into: np.ndarray | None
+    future: concurrent.futures.Future
+    priority: int
 
 
 class _ShortRead(Exception):

@@ -9,6 +9,7 @@ import pytest
 
 import edge_moe
 from edge_moe.budget import full_budget, minimum_budget, parse_budget
+from edge_moe import cache as cache_module
 from edge_moe.cache import ExpertCache, store_for
 from edge_moe.errors import EdgeMoeError
 from edge_moe.manifest import Manifest
@@ -47,8 +48,8 @@ def test_budget_never_exceeded_on_random_routing(package):
         cache = ExpertCache(manifest, store_for(manifest), make_policy(policy), budget)
         real_start = cache._start_read
 
-        def checked_start(key):
-            real_start(key)
+        def checked_start(key, **kw):
+            real_start(key, **kw)
             assert cache.used <= cache.budget, (policy, cache.used, cache.budget)
 
         cache._start_read = checked_start
@@ -59,7 +60,8 @@ def test_budget_never_exceeded_on_random_routing(package):
                 assert expert.record.layer == layer
             cache.prefetch((layer + 1) % 3, rng.choice(16, size=3, replace=False).tolist())
             resident = sum(cache.size(k) for k in cache.resident) + sum(cache.size(k) for k in cache.inflight)
-            assert resident == cache.used <= cache.budget
+            spare = sum(size * len(buffers) for size, buffers in cache._spare.items())  # recycled buffers count too
+            assert resident + spare == cache.used <= cache.budget
 
 
 def test_budget_parsing_and_minimum(package):
@@ -92,7 +94,7 @@ def test_corrupt_expert_under_budget_is_reported_and_cache_stays_consistent(pack
     cache = ExpertCache(manifest, store_for(manifest), make_policy("lru"), full_budget(manifest))
     with pytest.raises(EdgeMoeError, match="checksum"):
         list(cache.fetch(1, [2, 3, 4]))
-    accounted = sum(cache.size(k) for k in list(cache.resident) + list(cache.inflight))
+    accounted = sum(cache.size(k) for k in list(cache.resident) + list(cache.inflight)) + cache.spare_bytes
     assert cache.used == accounted and (1, 3) not in cache.resident
     assert len(list(cache.fetch(0, [0, 1]))) == 2  # still usable
 
@@ -127,3 +129,42 @@ def test_cli_trace_lines(package, tmp_path):
     assert set(lines[0]) == {"step", "layer", "experts", "hit"}
     assert all(len(line["experts"]) == len(line["hit"]) for line in lines)
     assert not any(lines[0]["hit"]), "nothing is resident before the first step"
+
+
+def test_recycled_buffers_stay_within_the_budget(package):
+    manifest = Manifest.load(package)
+    budget = int(minimum_budget(manifest) * 1.5)
+    cache = ExpertCache(manifest, store_for(manifest), make_policy("lru"), budget)
+    fresh = []
+    real_empty = cache_module.aligned_empty
+
+    def counted_empty(nbytes):
+        fresh.append(nbytes)
+        return real_empty(nbytes)
+
+    cache_module.aligned_empty, allocated = counted_empty, None
+    try:
+        rng = np.random.default_rng(1)
+        for step in range(40):
+            layer = step % 3
+            keys = rng.choice(16, size=2, replace=False).tolist()
+            for expert in cache.fetch(layer, keys):
+                assert expert.record.layer == layer
+            cache.prefetch((layer + 1) % 3, rng.choice(16, size=2, replace=False).tolist())
+            held = sum(cache.size(k) for k in list(cache.resident) + list(cache.inflight)) + cache.spare_bytes
+            assert held == cache.used <= budget
+        allocated = len(fresh)
+    finally:
+        cache_module.aligned_empty = real_empty
+    # every buffer ever allocated fits in the budget at once: after warm-up, reads land in evicted experts' buffers
+    assert allocated * cache.size((0, 0)) <= budget
+    assert cache.stats.evictions > 0 and cache.store.stats.reads > allocated
+
+
+def test_demand_miss_keeps_its_experts_while_prefetches_are_dropped(package):
+    manifest = Manifest.load(package)
+    cache = ExpertCache(manifest, store_for(manifest), make_policy("adaptive"), minimum_budget(manifest))
+    for _ in range(3):
+        cache.prefetch(1, [5, 6])  # at the minimum budget a prefetch can only use room nobody needs
+        got = [e.record.key for e in cache.fetch(0, [0, 1])]
+        assert got == [(0, 0), (0, 1)] and cache.used <= cache.budget

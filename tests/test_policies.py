@@ -9,7 +9,7 @@ import pytest
 
 from edge_moe.errors import EdgeMoeError
 from edge_moe.opt import belady, simulate
-from edge_moe.policies import POLICIES, AdaptivePolicy, LFUPolicy, make_policy
+from edge_moe.policies import POLICIES, AdaptivePolicy, LFUPolicy, LRUPolicy, make_policy
 
 
 def random_trace(rng, n_steps, n_keys, max_step=3, layers=3):
@@ -235,6 +235,20 @@ def test_layer_distance_prefers_evicting_the_layer_just_passed():
             now += 1
     pol.on_access((1, 1), now)  # now visiting layer 1: layer 2 comes next, layer 0 was just passed
     assert pol.victim([(0, 0), (2, 0), (3, 0)]) == (0, 0)
+
+
+def test_prefetch_may_not_replace_an_expert_needed_sooner():
+    pol = AdaptivePolicy(num_layers=4)
+    now = 0
+    for _ in range(3):
+        for layer in range(4):
+            pol.on_access((layer, 0), now)
+            now += 1
+    pol.on_access((1, 1), now)  # now visiting layer 1
+    pol.on_predict([(2, 0), (3, 5)], now)  # layer 2 (next) is predicted to use expert 0 again; layer 3 a new one
+    assert not pol.should_replace((2, 0), (3, 5))  # a guess for a later layer must not push it out
+    assert pol.should_replace((0, 0), (3, 5))  # layer 0 was just passed: its room is the prediction's
+    assert LRUPolicy().should_replace((2, 0), (3, 5))  # policies without an estimate always allow it
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -233,3 +233,44 @@ def test_sequential_bandwidth_and_hash_bandwidth(tmp_path):
         pytest.skip(str(e))
     assert bw > 0
     assert store_mod.hash_bandwidth(1 << 20) > 0
+
+
+# -- recycled buffers and priorities ----------------------------------------------------------------
+
+def test_read_into_a_recycled_buffer(tmp_path):
+    locs, datas = write_blob(tmp_path / "b.bin")
+    with ExpertStore(locs) as st:
+        buf = store_mod.aligned_empty(max(st.buffer_size(loc.key) for loc in locs))
+        for loc, data in zip(locs, datas):
+            got = st.submit(loc.key, into=buf).result()
+            assert got.tobytes() == data and got.ctypes.data == buf.ctypes.data  # no copy, no new buffer
+        with pytest.raises(EdgeMoeError, match="at least"):
+            st.read(locs[0].key, into=store_mod.aligned_empty(4096))
+        with pytest.raises(EdgeMoeError, match="aligned"):
+            st.read(locs[1].key, into=store_mod.aligned_empty(3 * 4096)[1:])
+
+
+def test_demand_reads_overtake_queued_prefetches(tmp_path, monkeypatch):
+    locs, _ = write_blob(tmp_path / "b.bin")
+    gate, order = threading.Event(), []
+    with ExpertStore(locs, io_threads=1) as st:
+        real_read = st.read
+
+        def logged_read(key, into=None):
+            gate.wait()
+            order.append(key)
+            return real_read(key, into)
+
+        monkeypatch.setattr(st, "read", logged_read)
+        blocker = st.submit(locs[0].key, priority=0)  # occupies the one I/O thread until the gate opens
+        late = [st.submit(locs[i].key, priority=2) for i in (1, 2)]
+        near = st.submit(locs[3].key, priority=1)
+        demand = st.submit(locs[0].key, priority=0)
+        st.prioritize(late[1], 0)  # the model now waits for this prefetch
+        dropped = st.submit(locs[1].key, priority=3)
+        assert dropped.cancel()
+        gate.set()
+        for f in [blocker, demand, near, *late]:
+            f.result()
+        assert dropped.cancelled()
+    assert order == [(0, 0), (0, 0), (0, 2), (0, 3), (0, 1)]
