@@ -37,7 +37,7 @@ def _return_freed_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
-def store_for(manifest: Manifest, io_threads: int = 4, direct: bool = True, throttle=None) -> ExpertStore:
+def store_for(manifest: Manifest, io_threads: int = 8, direct: bool = True, throttle=None) -> ExpertStore:
     locations = [ExpertLocation(r.key, str(r.blob), r.offset, r.length, r.checksum)
                  for r in manifest.experts.values()]
     return ExpertStore(locations, io_threads=io_threads, direct=direct, throttle=throttle)
