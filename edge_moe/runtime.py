@@ -27,7 +27,7 @@ class Model:
     """A loaded package. Create with `edge_moe.load`."""
 
     def __init__(self, manifest: Manifest, *, threads: int | None = None, budget=None, policy: str = "adaptive",
-                 prefetch: int = 1, io_threads: int = 2, direct_io: bool = True, trace: bool = False,
+                 prefetch: int = 2, io_threads: int = 8, direct_io: bool = True, trace: bool = False,
                  progress: bool = False, baseline: str | None = None, throttle=None):
         self.manifest = manifest
         self.config = manifest.config

@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--budgets", help="comma-separated budgets for the cache table, e.g. 10%%,25%%,50%%,100%%")
     p.add_argument("--policies", default="lru,lfu,adaptive", help="policies to compare under each budget")
-    p.add_argument("--prefetch", type=int, default=1, help="prefetch depth for the policy rows")
+    p.add_argument("--prefetch", type=int, default=2, help="prefetch depth for the policy rows")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature of the cache runs (seeded: every configuration makes the same tokens)")
     p.add_argument("--seed", type=int, default=0)
