@@ -204,25 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edge_moe_export import synthetic
 
-    p = sub.add_parser("synth", help="write a random-weight Hugging Face MoE checkpoint (numpy, streaming)")
-    synthetic.add_arguments(p)
-    p.set_defaults(run=synthetic.run)
-
+    from . import planner, profiler
     from .bench import command as bench
 
-    p = sub.add_parser("bench", help="benchmarks: decode speed and floors (prints a table, --json writes one)")
-    bench.add_arguments(p)
-    p.set_defaults(run=bench.run)
-
-    from . import planner, profiler
-
-    p = sub.add_parser("profile", help="measure this machine (disk, memory, expert compute) and write a device profile")
-    profiler.add_arguments(p)
-    p.set_defaults(run=profiler.run)
-
-    p = sub.add_parser("plan", help="predict speed and memory on a device profile; recommend budget, policy, ...")
-    planner.add_arguments(p)
-    p.set_defaults(run=planner.run)
+    # Commands that live in their own module, each with add_arguments(parser) and run(args).
+    for name, module, help_text in (
+        ("synth", synthetic, "write a random-weight Hugging Face MoE checkpoint (numpy, streaming)"),
+        ("bench", bench, "benchmarks: decode speed and floors, the expert cache (prints tables, --json writes one)"),
+        ("profile", profiler, "measure this machine (disk, memory, expert compute) and write a device profile"),
+        ("plan", planner, "predict speed and memory on a device profile; recommend budget, policy, ..."),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
     return parser
 
 
