@@ -56,6 +56,8 @@ def make_sampler(temperature: float, top_p: float, seed: int | None):
         scaled = logits.astype(np.float64) / temperature
         probs = np.exp(scaled - scaled.max())
         probs /= probs.sum()
+        if top_p >= 1.0:  # no nucleus: skip sorting the whole vocabulary
+            return int(rng.choice(len(probs), p=probs))
         order = np.argsort(-probs, kind="stable")
         cumulative = np.cumsum(probs[order])
         keep = order[:int(np.searchsorted(cumulative, top_p)) + 1]  # smallest prefix with mass >= top_p

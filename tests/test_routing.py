@@ -32,3 +32,16 @@ def test_group_by_expert_covers_every_assignment_once():
         assert (indices[rows, slots] == expert).all()
         seen.update(zip(rows.tolist(), slots.tolist()))
     assert seen == {(t, j) for t in range(9) for j in range(3)}
+
+
+def test_sampler_follows_the_distribution_and_nucleus():
+    from edge_moe.generate import make_sampler
+
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    full = make_sampler(1.0, 1.0, seed=0)
+    counts = np.bincount([full(logits) for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    nucleus = make_sampler(1.0, 0.7, seed=0)  # smallest prefix with mass >= 0.7: tokens 0 and 1
+    picks = {nucleus(logits) for _ in range(500)}
+    assert picks == {0, 1}
+    assert make_sampler(0.0, 1.0, None)(logits) == 0
