@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .devices import DEVICE_CHOICES
 from .errors import EdgeMoeError
 
 
@@ -125,10 +126,15 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--policy", default="adaptive", help="residency policy under a budget: lru, lfu, adaptive")
     p.add_argument("--prefetch", type=int, default=1, help="layers ahead to prefetch speculatively (0: off)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
+    p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
+                   help="where the backbone and the accelerator expert tier run (auto: accelerator if it loads)")
+    p.add_argument("--gpu-budget", help="expert bytes on the accelerator (4GiB, 25%%); default: all experts")
+    p.add_argument("--gpu-policy", default="lfu", help="accelerator tier residency policy: lru, lfu, adaptive")
 
 
 def load_options(args) -> dict:
-    return dict(threads=args.threads, budget=args.budget, policy=args.policy, prefetch=args.prefetch)
+    return dict(threads=args.threads, budget=args.budget, policy=args.policy, prefetch=args.prefetch,
+                device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy)
 
 
 def cmd_generate(args) -> int:

@@ -10,7 +10,9 @@ from tqdm import tqdm
 
 from .baselines import MmapExperts, NoCacheExperts
 from .budget import parse_budget
+from .accelerator import build_tier
 from .cache import ExpertCache, store_for
+from .devices import resolve_device
 from .errors import EdgeMoeError
 from .experts import AllResidentExperts, ExpertKernels
 from .generate import GenerationResponse, GenerationResult, make_sampler, stream_tokens
@@ -28,13 +30,15 @@ class Model:
 
     def __init__(self, manifest: Manifest, *, threads: int | None = None, budget=None, policy: str = "adaptive",
                  prefetch: int = 2, io_threads: int = 8, direct_io: bool = True, trace: bool = False,
-                 progress: bool = False, baseline: str | None = None, throttle=None):
+                 progress: bool = False, baseline: str | None = None, throttle=None, device="cpu",
+                 gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False):
         self.manifest = manifest
         self.config = manifest.config
         self.threads = configure_threads(threads)
         self.clock = OrtClock()
         self.tokenizer = Tokenizer(manifest.tokenizer) if manifest.tokenizer else None
-        self.backbone = Backbone(manifest, self.clock)
+        self.device = resolve_device(device)
+        self.backbone = Backbone(manifest, self.clock, providers=self.device.providers)
         self.rss_baseline_bytes = rss_bytes()
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
@@ -54,7 +58,16 @@ class Model:
             predictor = NextLayerPredictor(manifest, depth=prefetch) if prefetch > 0 else None
         self.predictor = predictor
         self.kernels = ExpertKernels(self.clock)
-        self.forward = Forward(manifest, self.backbone, self.experts, self.kernels, predictor)
+        # With an accelerator, Forward gets experts and kernels through its tier (accelerator.py), which keeps
+        # self.experts as the RAM tier behind it.
+        self.accelerator = None
+        experts, kernels = self.experts, self.kernels
+        if self.device.accelerator:
+            self.accelerator = build_tier(self, gpu_budget, gpu_policy, cost_model, recalibrate, progress)
+            experts, kernels = self.accelerator, self.accelerator.kernels
+        self.forward = Forward(manifest, self.backbone, experts, kernels, predictor)
+        if self.accelerator is not None:
+            self.forward.route_observers.append(self.accelerator.observe_routes)
 
     def pin(self, keys) -> None:
         """Keeps these (layer, index) experts resident for good (a budgeted model only)."""
@@ -77,6 +90,8 @@ class Model:
         else:
             stats.update(hits=self.experts.lookup_hits, misses=self.experts.lookups - self.experts.lookup_hits,
                          stall_seconds=0.0)
+        if self.accelerator is not None:
+            stats["tiers"] = self.accelerator.stats_dict()
         if self.predictor is not None:
             stats.update(prefetch_precision=self.predictor.precision, prefetch_recall=self.predictor.recall)
         return stats
@@ -183,6 +198,12 @@ def load(path: str | Path | None = None, **options) -> Model:
         baseline: 'mmap' or 'no-cache' replace the cache with what the benchmark compares it to.
         progress: show a progress bar while experts load.
         throttle: emulate a slower flash device (edge_moe.emulate.TokenBucket; `--emulate PROFILE` sets it).
+        device: 'cpu' (default), 'cuda', or 'auto' (the accelerator if its provider loads, else the CPU with a
+            notice); with an accelerator the backbone runs there and experts get a third tier (accelerator.py).
+        gpu_budget: expert bytes on the accelerator: bytes, '4GiB' or '25%' of the expert bytes; None: all.
+        gpu_policy: the accelerator tier's residency policy ('lfu' default, 'lru', 'adaptive').
+        cost_model: placement.CostModel or a path to its JSON; None: this machine's cached calibration.
+        recalibrate: measure the cost model again at load even if cached.
     Returns:
         A Model.
     Raises:
