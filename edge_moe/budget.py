@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 
 from .errors import EdgeMoeError
-from .manifest import Manifest
+from .manifest import ExpertRecord, Manifest
+from .experts import expert_shape
+from .quant import resident_extra_bytes
 
 PAGE = 4096
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -17,17 +19,23 @@ def expert_footprint(length: int) -> int:
     return -(-length // PAGE) * PAGE + PAGE
 
 
+def record_footprint(record: ExpertRecord) -> int:
+    """Bytes one resident expert of this record costs: its read buffer plus what a quantized expert holds beside it
+    (its MatMulNBits session's prepacked weights, or its dequantized float32 copy; edge_moe.quant)."""
+    return expert_footprint(record.length) + resident_extra_bytes(expert_shape(record))
+
+
 def minimum_budget(manifest: Manifest) -> int:
     """The largest layer's top-k experts: a layer's experts must all be resident while it runs."""
     k = int(manifest.config["top_k"])
     by_layer: dict[int, list[int]] = {}
     for record in manifest.experts.values():
-        by_layer.setdefault(record.layer, []).append(expert_footprint(record.length))
+        by_layer.setdefault(record.layer, []).append(record_footprint(record))
     return max((sum(sorted(sizes)[-k:]) for sizes in by_layer.values()), default=0)
 
 
 def full_budget(manifest: Manifest) -> int:
-    return sum(expert_footprint(r.length) for r in manifest.experts.values())
+    return sum(record_footprint(r) for r in manifest.experts.values())
 
 
 def parse_budget(value, manifest: Manifest) -> int:

@@ -25,8 +25,11 @@ def cmd_export(args) -> int:
     from .telemetry import peak_rss_bytes
 
     start = time.perf_counter()
+    bits = None if args.bits is None else (args.bits if args.bits == "mixed" else int(args.bits))
     out = export_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                            progress=not args.quiet)
+                            progress=not args.quiet, bits=bits, block_size=args.block_size,
+                            zero_points=args.zero_points, expert_bytes=args.expert_bytes,
+                            calibration=args.calibration)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({size / 2**20:,.1f} MiB) in {time.perf_counter() - start:.1f} s; "
           f"peak RSS {peak_rss_bytes() / 2**20:,.1f} MiB")
@@ -174,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--bits", choices=["16", "8", "4", "mixed"],
+                   help="expert weights: float16, 8- or 4-bit MatMulNBits, or mixed per expert (default: --dtype)")
+    p.add_argument("--block-size", type=int, default=32, help="weights per quantization scale (default 32)")
+    p.add_argument("--zero-points", action="store_true", help="asymmetric quantization blocks (zero points)")
+    p.add_argument("--expert-bytes", metavar="SIZE", help="--bits mixed: total expert size to fit (300MB, 1GiB)")
+    p.add_argument("--calibration", metavar="FILE", help="--bits mixed: text whose routing and errors decide")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_export)

@@ -5,6 +5,9 @@ that plain onnxruntime and Netron open). The runtime builds the same graph once 
 as graph inputs and feeds each resident expert's arrays to that one session: no session per expert, no copy of
 C-contiguous float32 weights per call (measured in DESIGN.md), and the bytes the cache holds are the bytes it
 accounts for.
+
+Quantized experts (dtype "q4"/"q8", edge_moe.quant_graph) are the exception: MatMulNBits runs 15-20x slower with its
+weights as graph inputs, so each resident quantized expert gets its own session with the weights as initializers.
 """
 
 from __future__ import annotations
@@ -25,9 +28,23 @@ class ExpertShape:
     kind: str  # "swiglu"
     hidden_size: int
     intermediate_size: int
-    dtype: str  # dtype of the stored weights
+    dtype: str  # dtype of the stored weights: float32, float16, or q4/q8 (MatMulNBits, see quant_graph)
+    block_size: int = 0  # quantized only: weights per scale
+    zero_points: bool = False  # quantized only: asymmetric blocks with a stored zero point
+
+    @property
+    def bits(self) -> int:
+        return {"float32": 32, "float16": 16, "bfloat16": 16, "q8": 8, "q4": 4}[self.dtype]
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in ("q4", "q8")
 
     def tensor_shapes(self) -> dict[str, list[int]]:
+        if self.quantized:
+            from .quant_graph import quantized_tensor_shapes
+
+            return {name: shape for name, (_, shape) in quantized_tensor_shapes(self).items()}
         # [in, out]: onnxruntime's MatMul streams unpacked weights at M=1 about 40% faster than Gemm(transB)
         # (13.8 vs 9.9 GB/s measured on 2 cores), and the kernel takes weights as inputs, so nothing is prepacked.
         h, f = self.hidden_size, self.intermediate_size
@@ -46,6 +63,10 @@ def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, i
     """
     if shape.kind != "swiglu":
         raise ValueError(f"expert kind {shape.kind!r} is not supported; supported: swiglu")
+    if shape.quantized:
+        from .quant_graph import build_quant_expert_graph
+
+        return build_quant_expert_graph(shape, external)
     g = GraphBuilder(f"expert_{shape.kind}_{shape.hidden_size}x{shape.intermediate_size}_{shape.dtype}")
     g.scope = "/expert"
     x = g.input(INPUT, "float32", ["T", shape.hidden_size])

@@ -2,16 +2,20 @@
 the loop obtains experts (`fetch(layer, experts)`), and `ExpertKernels.run` computes them.
 
 A resident expert is its weight arrays (views into one buffer holding the expert's blob bytes); the kernel for
-its shape is one shared onnxruntime session that takes the weights as inputs. The all-resident source reads
+its shape is one shared onnxruntime session that takes the weights as inputs. A quantized (q4/q8) expert is the
+exception: it gets its own MatMulNBits session at admission (edge_moe.quant_graph), or, when it is so small that a
+session costs more than its float32 copy, is dequantized for the shared float32 kernel (edge_moe.quant). The all-resident source reads
 every expert at load; the budgeted cache (edge_moe.cache) implements the same `get`.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import quant
 from .expert_graph import INPUT, OUTPUT, ExpertShape, build_expert_graph
 from .manifest import ExpertRecord, Manifest
 from .sessions import OrtClock, TimedSession, open_session
@@ -25,18 +29,41 @@ class ResidentExpert:
     weights: dict[str, np.ndarray]
     nbytes: int
     shape: "ExpertShape"
+    session: object = None  # its own onnxruntime session (quantized experts), else None: the shared kernel
 
     @classmethod
     def from_bytes(cls, record: ExpertRecord, buffer: np.ndarray) -> "ResidentExpert":
-        """Views the tensors inside `buffer` (uint8, the expert's `length` bytes) without copying."""
+        """Views the tensors inside `buffer` (uint8, the expert's `length` bytes) without copying; a quantized
+        expert's session is created here (it prepacks its own copy and no longer reads `buffer`)."""
         weights = {}
         for t in record.tensors:
             weights[t.name] = buffer[t.offset:t.offset + t.nbytes].view(t.dtype).reshape(t.shape)
-        return cls(record, weights, int(buffer.nbytes), expert_shape(record))
+        shape = expert_shape(record)
+        if not shape.quantized:
+            return cls(record, weights, int(buffer.nbytes), shape)
+        extra = quant.resident_extra_bytes(shape)
+        if quant.uses_session(shape):
+            return cls(record, {}, int(buffer.nbytes) + extra, shape, _quant_session(record, shape, weights))
+        return cls(record, quant.dequantized_weights(shape, weights), int(buffer.nbytes) + extra,
+                   ExpertShape(shape.kind, shape.hidden_size, shape.intermediate_size, "float32"))
 
 
 def expert_shape(record: ExpertRecord) -> ExpertShape:
-    return ExpertShape(record.kind, record.hidden_size, record.intermediate_size, record.dtype)
+    return ExpertShape(record.kind, record.hidden_size, record.intermediate_size, record.dtype, record.block_size,
+                       record.zero_points)
+
+
+_graphs: dict[ExpertShape, bytes] = {}
+
+
+def _quant_session(record: ExpertRecord, shape: ExpertShape, weights: dict[str, np.ndarray]):
+    """The expert's own MatMulNBits session, its initializers taken from `weights` (views into the read buffer).
+    One serialized graph per shape: the initializers' external locations are never read (all are overridden)."""
+    model = _graphs.get(shape)
+    if model is None:
+        external = {t.name: ("unused.bin", 0, t.nbytes) for t in record.tensors}
+        model = _graphs[shape] = build_expert_graph(shape, external).SerializeToString()
+    return open_session(model, initializers=weights)
 
 
 class ExpertKernels:
@@ -48,6 +75,12 @@ class ExpertKernels:
 
     def run(self, expert: ResidentExpert, x: np.ndarray) -> np.ndarray:
         """x [T, H] float32 -> [T, H] float32."""
+        if expert.session is not None:
+            start = time.perf_counter()
+            y = expert.session.run(None, {INPUT: x})[0]
+            self.clock.seconds += time.perf_counter() - start
+            self.clock.calls += 1
+            return y
         shape = expert.shape
         session = self._sessions.get(shape)
         if session is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import EdgeMoeError
 
 FORMAT_VERSION = 1
+_EXPERT_DTYPES = ("float32", "float16", "q8", "q4")
 _REEXPORT = "re-export the model with `edge-moe export HF_DIR OUT_DIR`"
 
 
@@ -39,6 +40,8 @@ class ExpertRecord:
     hidden_size: int
     intermediate_size: int
     tensors: tuple[TensorRecord, ...]
+    block_size: int = 0  # quantized experts (dtype q4/q8) only
+    zero_points: bool = False
 
     @property
     def key(self) -> tuple[int, int]:
@@ -104,7 +107,13 @@ class Manifest:
                                              int(t["nbytes"])) for t in e["tensors"])
                 record = ExpertRecord(int(e["layer"]), int(e["index"]), root / e["graph"], root / e["blob"],
                                       int(e["offset"]), int(e["length"]), str(e["dtype"]), str(e["checksum"]),
-                                      str(e["kind"]), int(e["hidden_size"]), int(e["intermediate_size"]), tensors)
+                                      str(e["kind"]), int(e["hidden_size"]), int(e["intermediate_size"]), tensors,
+                                      int(e.get("block_size", 0)), bool(e.get("zero_points", False)))
+                if record.dtype not in _EXPERT_DTYPES:
+                    raise EdgeMoeError(f"{path}: expert {record.key} has dtype {record.dtype!r}, not one of "
+                                       f"{', '.join(_EXPERT_DTYPES)}; {_REEXPORT}, or install a newer edge_moe")
+                if record.dtype in ("q4", "q8") and record.block_size <= 0:
+                    raise EdgeMoeError(f"{path}: expert {record.key} ({record.dtype}) has no block_size; {_REEXPORT}")
                 manifest.experts[record.key] = record
         except (KeyError, TypeError, ValueError) as exc:
             raise EdgeMoeError(f"{path}: field {exc} is missing or malformed; {_REEXPORT}") from None

@@ -34,9 +34,14 @@ def configure_threads(threads: int | None) -> int:
         return _threads
 
 
-def open_session(model, *, providers=("CPUExecutionProvider",), threads: int | None = None) -> ort.InferenceSession:
-    """Opens a session. `model` is a path or serialized ModelProto bytes."""
+def open_session(model, *, providers=("CPUExecutionProvider",), threads: int | None = None,
+                 initializers=None) -> ort.InferenceSession:
+    """Opens a session. `model` is a path or serialized ModelProto bytes; `initializers` (name -> C-contiguous
+    array) replace the model's initializers of those names without a copy (quantized experts, experts.py)."""
     options = ort.SessionOptions()
+    if initializers:
+        options.add_external_initializers(list(initializers), [ort.OrtValue.ortvalue_from_numpy(a)
+                                                              for a in initializers.values()])
     options.intra_op_num_threads = threads or _threads or default_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

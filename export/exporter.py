@@ -22,6 +22,7 @@ from edge_moe.onnx_build import GraphBuilder
 
 from .checkpoint import Checkpoint
 from .families import family_for
+from .quantize import BLOCK_SIZES, quantize
 from .writer import BlobWriter, ExpertWriter, StagedDirectory
 
 DTYPES = ("float32", "float16")
@@ -59,22 +60,32 @@ class BackboneWeights:
 
 
 def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: bool = False,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, bits=None, block_size: int = 32, zero_points: bool = False,
+                      expert_bytes=None, calibration=None) -> Path:
     """Exports a checkpoint directory to a package directory.
 
     Args:
         hf_dir: directory with config.json, safetensors shards and (optionally) tokenizer.json.
         out_dir: the package directory to create; it appears only when the export is complete.
-        dtype: float32 or float16 for the weights.
+        dtype: float32 or float16 for the weights (the backbone's, and the experts' unless `bits` says otherwise).
         overwrite: replace an existing non-empty out_dir.
         progress: show a progress bar on stderr.
+        bits: None (experts in `dtype`), 16 (float16), 8 or 4 (MatMulNBits), or "mixed" (per expert, from
+            calibration on the text `calibration` to fit `expert_bytes` in total; export/calibrate.py).
+        block_size, zero_points: the quantization blocks (8- and 4-bit experts).
     Returns:
         The package path.
     Raises:
-        EdgeMoeError: unsupported model_type or dtype, missing tensors, unwritable output.
+        EdgeMoeError: unsupported model_type, dtype or bits, missing tensors, unwritable output.
     """
     if dtype not in DTYPES:
         raise EdgeMoeError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    choose = expert_formats(bits, dtype, block_size, zero_points)
+    if bits == "mixed":
+        from .calibrate import choose_bits
+
+        chosen = choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size, zero_points, progress)
+        choose = lambda layer, index, h, f: _shape(chosen[(layer, index)], dtype, h, f, block_size, zero_points)  # noqa: E731
     checkpoint = Checkpoint(hf_dir)
     family = family_for(checkpoint.config)
     arch = family.arch
@@ -85,7 +96,7 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         steps = 2 + arch.num_layers + len(arch.moe_layers) * arch.num_experts
         with tqdm(total=steps, desc=f"export {family.model_type}", unit="graph", disable=not progress) as bar:
             backbone = _export_backbone(staged.path, checkpoint, family, dtype, bar)
-            experts = _export_experts(staged.path, checkpoint, family, dtype, bar)
+            experts = _export_experts(staged.path, checkpoint, family, choose, bar)
         tokenizer = checkpoint.tokenizer_path()
         if tokenizer:
             shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
@@ -94,6 +105,9 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
             "family": family.model_type, "dtype": dtype, "config": dataclasses.asdict(arch),
             "source_config": checkpoint.config, "tokenizer": "tokenizer.json" if tokenizer else None,
             "backbone": backbone, "experts": experts,
+            **({"quantization": {"bits": bits, "block_size": block_size, "zero_points": zero_points,
+                                 "expert_bytes_target": expert_bytes, "calibration": calibration and
+                                 Path(calibration).name}} if bits is not None else {}),
         })
         return staged.commit()
     except BaseException:
@@ -132,27 +146,63 @@ def _export_backbone(root: Path, checkpoint, family, dtype, bar) -> dict:
     return {**files, "blob": "backbone/weights.bin", "bytes": blob.size, "routers": routers}
 
 
-def _export_experts(root: Path, checkpoint, family, dtype, bar) -> list[dict]:
+def _shape(bits, dtype: str, h: int, f: int, block_size: int, zero_points: bool) -> ExpertShape:
+    if bits is None:
+        return ExpertShape("swiglu", h, f, dtype)
+    if bits == 16:
+        return ExpertShape("swiglu", h, f, "float16")
+    return ExpertShape("swiglu", h, f, f"q{bits}", block_size, zero_points)
+
+
+def expert_formats(bits, dtype: str, block_size: int, zero_points: bool):
+    """(layer, index, hidden, ffn) -> ExpertShape for a uniform bitwidth (mixed: export/calibrate.py).
+
+    Raises:
+        EdgeMoeError: bits or block_size that no kernel takes.
+    """
+    if bits not in (None, 16, 8, 4, "mixed"):
+        raise EdgeMoeError(f"--bits {bits!r} is not supported; choose 16, 8, 4 or mixed")
+    if bits is not None and block_size not in BLOCK_SIZES:
+        raise EdgeMoeError(f"--block-size {block_size} is not supported by MatMulNBits; choose one of "
+                           f"{', '.join(map(str, BLOCK_SIZES))}")
+    return lambda layer, index, h, f: _shape(None if bits == "mixed" else bits, dtype, h, f, block_size,
+                                             zero_points)
+
+
+def expert_tensors(shape: ExpertShape, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> dict[str, np.ndarray]:
+    """One expert's stored tensors, in blob order, from Hugging Face [out, in] weights."""
+    if shape.quantized:
+        out = quantize(np.concatenate([gate, up], axis=0), shape.bits, shape.block_size,
+                       not shape.zero_points).tensors("gate_up_proj")
+        out.update(quantize(down, shape.bits, shape.block_size, not shape.zero_points).tensors("down_proj"))
+        return out
+    # Hugging Face [out, in] -> [in, out] (see ExpertShape); gate columns first, then up.
+    return {"gate_up_proj": np.concatenate([gate.T, up.T], axis=1).astype(shape.dtype),
+            "down_proj": down.T.astype(shape.dtype)}
+
+
+def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
     (root / "experts").mkdir()
     arch, records = family.arch, []
     for layer in arch.moe_layers:
         blob_name = f"layer_{layer:03d}.bin"
         blob = BlobWriter(root / "experts" / blob_name)
         for index in range(arch.num_experts):
-            gate, up, down = family.expert_keys(layer, index)
+            gate, up, down = (checkpoint.read(key) for key in family.expert_keys(layer, index))
+            ffn = down.shape[1]
+            shape = choose(layer, index, arch.hidden_size, ffn)
             writer = ExpertWriter(blob)
-            # Hugging Face [out, in] -> [in, out] (see ExpertShape); gate columns first, then up.
-            writer.write("gate_up_proj", np.concatenate([checkpoint.read(gate).T, checkpoint.read(up).T], axis=1),
-                         dtype)
-            writer.write("down_proj", checkpoint.read(down).T, dtype)
+            for name, array in expert_tensors(shape, gate, up, down).items():
+                writer.write(name, array, str(array.dtype))
+            del gate, up, down
             offset, length, checksum = writer.finish()
-            ffn = writer.tensors[1]["shape"][0]
-            shape = ExpertShape("swiglu", arch.hidden_size, ffn, dtype)
             external = {t["name"]: (blob_name, offset + t["offset"], t["nbytes"]) for t in writer.tensors}
             graph = f"experts/L{layer:03d}_E{index:03d}.onnx"
             _save(build_expert_graph(shape, external), root / graph)
+            quantized = {"block_size": shape.block_size, "zero_points": shape.zero_points} if shape.quantized else {}
             records.append({"layer": layer, "index": index, "graph": graph, "blob": f"experts/{blob_name}",
-                            "offset": offset, "length": length, "dtype": dtype, "checksum": checksum,
+                            "offset": offset, "length": length, "dtype": shape.dtype, "bits": shape.bits,
+                            **quantized, "checksum": checksum,
                             "kind": shape.kind, "hidden_size": shape.hidden_size, "intermediate_size": ffn,
                             "tensors": writer.tensors})
             bar.update()

@@ -1,0 +1,69 @@
+"""Block-wise weight quantization in numpy, in the layout of onnxruntime's `com.microsoft.MatMulNBits`.
+
+    # N = output features, K = input features, B = block size, nb = ceil(K / B) blocks per row
+    w [N, K] float32 (Hugging Face [out, in])  ->  packed [N, nb, B * bits / 8] uint8
+                                                    scales [N, nb] float32
+                                                    zero_points [N, ceil(nb * bits / 8)] uint8 (asymmetric only)
+    dequantized w[n, k] = (q[n, k] - zp[n, k // B]) * scale[n, k // B]; without zero points zp = 2 ** (bits - 1)
+
+Four-bit values pack two to a byte, the even index in the low nibble (zero points pack the same way); the format
+and `dequantize` live in edge_moe/quant.py, which the runtime needs too. K is padded to whole blocks with zeros;
+MatMulNBits ignores the padding. One matrix at a time, so export streams expert by expert.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_moe.quant import QuantizedMatrix, dequantize, unpack  # noqa: F401 (re-exported for tests)
+
+BITS = (4, 8)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _check(bits: int, block_size: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits={bits} is not supported by this quantizer; choose one of {BITS}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size={block_size} is not supported by MatMulNBits; choose one of {BLOCK_SIZES}")
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., n] -> bytes [..., ceil(n * bits / 8)]."""
+    if bits == 8:
+        return values.astype(np.uint8)
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = True) -> QuantizedMatrix:
+    """Quantizes w [N, K] block-wise along K.
+
+    Symmetric: scale = absmax / (2^(bits-1) - 1), codes centred on 2^(bits-1) (no zero points stored).
+    Asymmetric: scale = (max - min) / (2^bits - 1) and a per-block zero point, better for skewed blocks.
+
+    Raises:
+        ValueError: bits or block_size that MatMulNBits does not take.
+    """
+    _check(bits, block_size)
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    nb = -(-k // block_size)
+    blocks = np.zeros((n, nb * block_size), np.float32)
+    blocks[:, :k] = w
+    blocks = blocks.reshape(n, nb, block_size)
+    top = (1 << bits) - 1
+    if symmetric:
+        half = 1 << (bits - 1)
+        scales = np.abs(blocks).max(axis=-1) / (half - 1)
+        zero = np.full((n, nb), half, np.float32)
+    else:
+        low, high = np.minimum(blocks.min(axis=-1), 0.0), np.maximum(blocks.max(axis=-1), 0.0)
+        scales = (high - low) / top
+        zero = np.clip(np.round(-low / np.where(scales > 0, scales, 1.0)), 0, top)
+    safe = np.where(scales > 0, scales, 1.0)[..., None]
+    codes = np.clip(np.round(blocks / safe) + zero[..., None], 0, top).astype(np.uint8)
+    packed = _pack(codes, bits)  # [N, nb, B * bits / 8]
+    zero_points = None if symmetric else _pack(zero.astype(np.uint8), bits)
+    return QuantizedMatrix(packed, scales.astype(np.float32), zero_points, bits, block_size, k)
