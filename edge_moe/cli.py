@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--bits", choices=["16", "8", "4", "mixed"],
-                   help="expert weights: float16, 8- or 4-bit MatMulNBits, or mixed per expert (default: --dtype)")
+    p.add_argument("--bits", choices=["16", "8", "4", "2", "mixed"],
+                   help="expert weights: float16, 8-, 4- or 2-bit MatMulNBits, or mixed per expert (default: --dtype)")
     p.add_argument("--block-size", type=int, default=32, help="weights per quantization scale (default 32)")
     p.add_argument("--zero-points", action="store_true", help="asymmetric quantization blocks (zero points)")
     p.add_argument("--expert-bytes", metavar="SIZE", help="--bits mixed: total expert size to fit (300MB, 1GiB)")

@@ -6,7 +6,7 @@ as graph inputs and feeds each resident expert's arrays to that one session: no 
 C-contiguous float32 weights per call (measured in DESIGN.md), and the bytes the cache holds are the bytes it
 accounts for.
 
-Quantized experts (dtype "q4"/"q8", edge_moe.quant_graph) are the exception: MatMulNBits runs 15-20x slower with its
+Quantized experts (dtype "q2"/"q4"/"q8", edge_moe.quant_graph) are the exception: MatMulNBits runs 15-20x slower with its
 weights as graph inputs, so each resident quantized expert gets its own session with the weights as initializers.
 """
 
@@ -28,17 +28,17 @@ class ExpertShape:
     kind: str  # "swiglu"
     hidden_size: int
     intermediate_size: int
-    dtype: str  # dtype of the stored weights: float32, float16, or q4/q8 (MatMulNBits, see quant_graph)
+    dtype: str  # dtype of the stored weights: float32, float16, or q2/q4/q8 (MatMulNBits, see quant_graph)
     block_size: int = 0  # quantized only: weights per scale
     zero_points: bool = False  # quantized only: asymmetric blocks with a stored zero point
 
     @property
     def bits(self) -> int:
-        return {"float32": 32, "float16": 16, "bfloat16": 16, "q8": 8, "q4": 4}[self.dtype]
+        return {"float32": 32, "float16": 16, "bfloat16": 16, "q8": 8, "q4": 4, "q2": 2}[self.dtype]
 
     @property
     def quantized(self) -> bool:
-        return self.dtype in ("q4", "q8")
+        return self.dtype in ("q2", "q4", "q8")
 
     def tensor_shapes(self) -> dict[str, list[int]]:
         if self.quantized:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import EdgeMoeError
 
 FORMAT_VERSION = 1
-_EXPERT_DTYPES = ("float32", "float16", "q8", "q4")
+_EXPERT_DTYPES = ("float32", "float16", "q8", "q4", "q2")
 _REEXPORT = "re-export the model with `edge-moe export HF_DIR OUT_DIR`"
 
 
@@ -40,7 +40,7 @@ class ExpertRecord:
     hidden_size: int
     intermediate_size: int
     tensors: tuple[TensorRecord, ...]
-    block_size: int = 0  # quantized experts (dtype q4/q8) only
+    block_size: int = 0  # quantized experts (dtype q2/q4/q8) only
     zero_points: bool = False
 
     @property
@@ -112,7 +112,7 @@ class Manifest:
                 if record.dtype not in _EXPERT_DTYPES:
                     raise EdgeMoeError(f"{path}: expert {record.key} has dtype {record.dtype!r}, not one of "
                                        f"{', '.join(_EXPERT_DTYPES)}; {_REEXPORT}, or install a newer edge_moe")
-                if record.dtype in ("q4", "q8") and record.block_size <= 0:
+                if record.dtype in ("q2", "q4", "q8") and record.block_size <= 0:
                     raise EdgeMoeError(f"{path}: expert {record.key} ({record.dtype}) has no block_size; {_REEXPORT}")
                 manifest.experts[record.key] = record
         except (KeyError, TypeError, ValueError) as exc:

@@ -4,7 +4,7 @@
     packed [N, nb, B * bits / 8] uint8, scales [N, nb] float32, zero_points [N, ceil(nb * bits / 8)] uint8 (optional)
     w[n, k] = (q[n, k] - zp[n, k // B]) * scale[n, k // B]; without zero points zp = 2 ** (bits - 1)
 
-Four-bit codes pack two to a byte, the even index in the low nibble; zero points pack the same way. The quantizer
+Codes of 2 and 4 bits pack 8/bits to a byte, the lowest index in the lowest bits; zero points pack the same way. The quantizer
 is export/quantize.py; the runtime only dequantizes (small experts, below) and sizes sessions.
 """
 
@@ -44,8 +44,10 @@ def unpack(data: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Bytes [..., m] -> uint8 codes [..., n]."""
     if bits == 8:
         return data[..., :n]
-    out = np.empty(data.shape[:-1] + (data.shape[-1] * 2,), np.uint8)
-    out[..., 0::2], out[..., 1::2] = data & 0x0F, data >> 4
+    per, mask = 8 // bits, (1 << bits) - 1
+    out = np.empty(data.shape[:-1] + (data.shape[-1] * per,), np.uint8)
+    for j in range(per):
+        out[..., j::per] = (data >> (bits * j)) & mask
     return out[..., :n]
 
 

@@ -4,10 +4,10 @@
        (up to SAMPLES rows) and how many tokens were routed to it;
     2. cost[e, b] = routed tokens x mean ||swiglu_b(x) - swiglu_f32(x)||^2 over its recorded inputs: the squared
        error bitwidth b adds to the layer output (weights dequantized in numpy, exactly what MatMulNBits uses);
-    3. start every expert at 4-bit and upgrade (4 -> 8 -> 16) whichever step buys the most cost per byte while the
+    3. start every expert at 2-bit and upgrade (2 -> 4 -> 8 -> 16) whichever step buys the most cost per byte while the
        total of the experts' stored lengths stays within the target (greedy knapsack).
 
-Experts never routed on the text cost nothing and stay 4-bit: the text should resemble what the model will see.
+Experts never routed on the text cost nothing and stay 2-bit: the text should resemble what the model will see.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from edge_moe.budget import _UNITS
 from edge_moe.errors import EdgeMoeError
 
-CANDIDATES = (4, 8, 16)
+CANDIDATES = (2, 4, 8, 16)
 SAMPLES = 256  # recorded input rows per expert: enough for a stable mean error
 
 
@@ -94,8 +94,8 @@ def record_routing(package: Path, text_path, window: int | None = None):
 
 def choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size: int, zero_points: bool,
                 progress: bool = True) -> dict[tuple[int, int], int]:
-    """Per-expert bitwidths (4, 8 or 16) that fit `expert_bytes` (summed stored lengths) and minimize the
-    calibration cost. Raises EdgeMoeError without a text or a target, or when the target is below all-4-bit."""
+    """Per-expert bitwidths (2, 4, 8 or 16) that fit `expert_bytes` (summed stored lengths) and minimize the
+    calibration cost. Raises EdgeMoeError without a text or a target, or when the target is below all-2-bit."""
     from edge_moe.expert_graph import ExpertShape
 
     from .exporter import export_checkpoint
@@ -128,7 +128,7 @@ def choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size: int, zer
     chosen = {key: CANDIDATES[0] for key in shapes}
     total = sum(size[key][chosen[key]] for key in shapes)
     if total > target:
-        raise EdgeMoeError(f"--expert-bytes {expert_bytes!r} ({target:,} bytes) is below the all-4-bit size of "
+        raise EdgeMoeError(f"--expert-bytes {expert_bytes!r} ({target:,} bytes) is below the all-2-bit size of "
                            f"{total:,} bytes; raise it")
     while True:
         best, best_gain = None, 0.0

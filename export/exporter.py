@@ -70,9 +70,9 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         dtype: float32 or float16 for the weights (the backbone's, and the experts' unless `bits` says otherwise).
         overwrite: replace an existing non-empty out_dir.
         progress: show a progress bar on stderr.
-        bits: None (experts in `dtype`), 16 (float16), 8 or 4 (MatMulNBits), or "mixed" (per expert, from
+        bits: None (experts in `dtype`), 16 (float16), 8, 4 or 2 (MatMulNBits), or "mixed" (per expert, from
             calibration on the text `calibration` to fit `expert_bytes` in total; export/calibrate.py).
-        block_size, zero_points: the quantization blocks (8- and 4-bit experts).
+        block_size, zero_points: the quantization blocks (8-, 4- and 2-bit experts).
     Returns:
         The package path.
     Raises:
@@ -160,8 +160,8 @@ def expert_formats(bits, dtype: str, block_size: int, zero_points: bool):
     Raises:
         EdgeMoeError: bits or block_size that no kernel takes.
     """
-    if bits not in (None, 16, 8, 4, "mixed"):
-        raise EdgeMoeError(f"--bits {bits!r} is not supported; choose 16, 8, 4 or mixed")
+    if bits not in (None, 16, 8, 4, 2, "mixed"):
+        raise EdgeMoeError(f"--bits {bits!r} is not supported; choose 16, 8, 4, 2 or mixed")
     if bits is not None and block_size not in BLOCK_SIZES:
         raise EdgeMoeError(f"--block-size {block_size} is not supported by MatMulNBits; choose one of "
                            f"{', '.join(map(str, BLOCK_SIZES))}")

@@ -6,7 +6,7 @@
                                                     zero_points [N, ceil(nb * bits / 8)] uint8 (asymmetric only)
     dequantized w[n, k] = (q[n, k] - zp[n, k // B]) * scale[n, k // B]; without zero points zp = 2 ** (bits - 1)
 
-Four-bit values pack two to a byte, the even index in the low nibble (zero points pack the same way); the format
+Codes of 2 and 4 bits pack 8/bits to a byte, the lowest index in the lowest bits (zero points alike); the format
 and `dequantize` live in edge_moe/quant.py, which the runtime needs too. K is padded to whole blocks with zeros;
 MatMulNBits ignores the padding. One matrix at a time, so export streams expert by expert.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_moe.quant import QuantizedMatrix, dequantize, unpack  # noqa: F401 (re-exported for tests)
 
-BITS = (4, 8)
+BITS = (2, 4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -32,9 +32,14 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     """uint8 codes [..., n] -> bytes [..., ceil(n * bits / 8)]."""
     if bits == 8:
         return values.astype(np.uint8)
-    if values.shape[-1] % 2:
-        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
-    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+    per = 8 // bits
+    if values.shape[-1] % per:
+        pad = np.zeros(values.shape[:-1] + (per - values.shape[-1] % per,), values.dtype)
+        values = np.concatenate([values, pad], axis=-1)
+    out = np.zeros(values.shape[:-1] + (values.shape[-1] // per,), np.uint8)
+    for j in range(per):
+        out |= (values[..., j::per] << (bits * j)).astype(np.uint8)
+    return out
 
 
 def quantize(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = True) -> QuantizedMatrix:
