@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .budget import expert_footprint
+from .budget import record_footprint
 from .experts import ExpertSource, ResidentExpert
 from .manifest import Manifest
 
@@ -22,7 +22,7 @@ class NoCacheExperts(ExpertSource):
     def fetch(self, layer: int, experts: list[int]):
         self.record(layer, experts, [False] * len(experts))
         futures = [self.store.submit((layer, int(e))) for e in experts]
-        self.peak = max(self.peak, sum(expert_footprint(self.manifest.experts[(layer, int(e))].length)
+        self.peak = max(self.peak, sum(record_footprint(self.manifest.experts[(layer, int(e))])
                                        for e in experts))
         return (ResidentExpert.from_bytes(self.manifest.experts[(layer, int(e))], f.result())
                 for e, f in zip(experts, futures))

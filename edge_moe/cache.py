@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from .budget import expert_footprint
+from .budget import record_footprint
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
 from .manifest import Manifest
@@ -73,7 +73,7 @@ class ExpertCache(ExpertSource):
         self._lock = threading.RLock()
 
     def size(self, key) -> int:
-        return expert_footprint(self.manifest.experts[key].length)
+        return record_footprint(self.manifest.experts[key])
 
     # The generation loop's side -------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from ..budget import expert_footprint, full_budget, parse_budget
+from ..budget import full_budget, parse_budget, record_footprint
 from ..errors import EdgeMoeError
 from ..manifest import Manifest
 from ..opt import belady
@@ -50,7 +50,7 @@ def decode_hit_rate(flags, decode_mask) -> float:
 
 def cache_rows(args, manifest: Manifest, prompt: list[int]) -> dict:
     model = str(manifest.root)
-    sizes = {key: expert_footprint(r.length) for key, r in manifest.experts.items()}
+    sizes = {key: record_footprint(r) for key, r in manifest.experts.items()}
     largest_blob = max({r.blob for r in manifest.experts.values()}, key=lambda p: p.stat().st_size)
     raw_bandwidth = ExpertStore.sequential_bandwidth(str(largest_blob))
     common = dict(threads=args.threads)
