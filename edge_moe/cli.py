@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -127,8 +128,10 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--budget", help="memory for experts: bytes (512MB, 2GiB) or a share of the expert bytes "
                                     "(25%%); default: every expert resident")
     p.add_argument("--policy", default="adaptive", help="residency policy under a budget: lru, lfu, adaptive")
-    p.add_argument("--prefetch", type=int, default=1, help="layers ahead to prefetch speculatively (0: off)")
+    p.add_argument("--prefetch", type=int, default=2, help="layers ahead to prefetch speculatively (0: off)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
+    p.add_argument("--emulate", metavar="PROFILE", help="run under a device profile's limits (threads, RAM budget, "
+                                                        "flash bandwidth; a memory cgroup where allowed)")
     p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
                    help="where the backbone and the accelerator expert tier run (auto: accelerator if it loads)")
     p.add_argument("--gpu-budget", help="expert bytes on the accelerator (4GiB, 25%%); default: all experts")
@@ -140,6 +143,27 @@ def load_options(args) -> dict:
                 device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy)
 
 
+@contextlib.contextmanager
+def emulation(args, model_path):
+    """--emulate PROFILE: yields (load options the profile sets, report lines); explicit --threads and --budget win.
+    The process memory limit (a cgroup, page cache included) holds for the block where the machine allows it."""
+    if not getattr(args, "emulate", None):
+        yield {}, []
+        return
+    from .emulate import emulation_options, memory_limit
+    from .manifest import Manifest
+    from .profiles import load_profile
+
+    profile = load_profile(args.emulate)
+    options, report = emulation_options(profile, Manifest.load(model_path))
+    for name in ("threads", "budget"):
+        if getattr(args, name, None) is not None:
+            options.pop(name, None)
+            report.append(f"  --{name} given: it replaces the profile's {name}")
+    with memory_limit(profile.usable_ram_bytes) as limit:
+        yield options, report + [limit.describe()]
+
+
 def cmd_generate(args) -> int:
     from . import load
 
@@ -147,26 +171,38 @@ def cmd_generate(args) -> int:
         raise EdgeMoeError("give --prompt TEXT or --prompt-ids 1,2,3")
     if args.max_new_tokens < 1:
         raise EdgeMoeError(f"-n {args.max_new_tokens}: generate at least 1 token")
-    model = load(args.model, trace=bool(args.trace), **load_options(args))
+    if args.emulate and args.model is None:
+        from .default_model import default_model_path
+
+        args.model = str(default_model_path())
+    with emulation(args, args.model) as (emulated, report):
+        for line in report:
+            print(line, file=sys.stderr)
+        model = load(args.model, trace=bool(args.trace), **{**load_options(args), **emulated})
+        generate(args, model, report)
+    if args.trace:
+        write_trace(args.trace, model.trace)
+    return 0
+
+
+def generate(args, model, report: list[str]) -> None:
     prompt = args.prompt if args.prompt is not None else _ids(args.prompt_ids)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
     if args.json:
         result = model.generate(prompt, **options)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_ids": result.prompt_ids,
-                          "finish_reason": result.finish_reason, "stats": result.stats}))
-    else:
-        for response in model.stream_generate(prompt, **options):
-            sys.stdout.write(response.text)
-            sys.stdout.flush()
-            last = response
-        sys.stdout.write("\n")
-        stats = model.expert_stats()
-        print(f"[{last.prompt_tokens} prompt tokens, {last.index + 1} generated, decode {last.decode_tps:.1f} "
-              f"tok/s, expert hits {stats['hits']}/{stats['hits'] + stats['misses']}]", file=sys.stderr)
-    if args.trace:
-        write_trace(args.trace, model.trace)
-    return 0
+                          "finish_reason": result.finish_reason, "stats": result.stats,
+                          **({"emulation": report} if report else {})}))
+        return
+    for response in model.stream_generate(prompt, **options):
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+        last = response
+    sys.stdout.write("\n")
+    stats = model.expert_stats()
+    print(f"[{last.prompt_tokens} prompt tokens, {last.index + 1} generated, decode {last.decode_tps:.1f} "
+          f"tok/s, expert hits {stats['hits']}/{stats['hits'] + stats['misses']}]", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
