@@ -59,6 +59,14 @@ def reference_greedy(model, ids, steps: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def fake_expert_record(layer: int, length: int):
+    """What budget arithmetic reads of a float32 expert record, for tests that need no package."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(layer=layer, length=length, kind="swiglu", hidden_size=512, intermediate_size=512,
+                           dtype="float32", block_size=None, zero_points=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory):
     """A small exported qwen3_moe package shared by the CLI and bad-input tests: (package dir, hf dir)."""

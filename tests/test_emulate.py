@@ -16,6 +16,8 @@ from edge_moe.errors import EdgeMoeError
 from edge_moe.profiles import load_profile
 from edge_moe.store import ExpertLocation, ExpertStore
 
+from conftest import fake_expert_record
+
 
 def test_token_bucket_rejects_bad_rates():
     with pytest.raises(EdgeMoeError, match="rate"):
@@ -52,7 +54,7 @@ def test_latency_is_charged_per_read():
 
 
 def fake_manifest(backbone=100_000_000, experts=8, length=3 << 20, top_k=2):
-    records = {(0, i): SimpleNamespace(layer=0, length=length) for i in range(experts)}
+    records = {(0, i): fake_expert_record(0, length) for i in range(experts)}
     return SimpleNamespace(backbone_bytes=backbone, experts=records, config={"top_k": top_k})
 
 

@@ -10,12 +10,14 @@ from edge_moe.errors import EdgeMoeError
 from edge_moe.planner import load_routing, plan, predict
 from edge_moe.profiles import load_profile
 
+from conftest import fake_expert_record
+
 LENGTH = 3 * 4096  # footprint: 3 pages + 1 page of slack = 16 KiB
 SEQ = LENGTH * 100  # one expert read = 10 ms
 
 
 def manifest():
-    experts = {(0, i): SimpleNamespace(layer=0, length=LENGTH) for i in range(4)}
+    experts = {(0, i): fake_expert_record(0, LENGTH) for i in range(4)}
     config = {"hidden_size": 8, "moe_intermediate_size": 8, "vocab_size": 10, "top_k": 1, "moe_layers": [0],
               "tie_word_embeddings": False}
     return SimpleNamespace(config=config, dtype="float32", backbone_bytes=1000, expert_bytes=4 * LENGTH,
