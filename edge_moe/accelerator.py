@@ -5,8 +5,10 @@
 `fetch(layer, experts)` hands out the GPU-resident experts as DeviceExperts and asks the RAM tier only for the
 rest. `kernels.run(expert, x)` (what Forward calls) runs a DeviceExpert on the accelerator; for a RAM expert the
 cost model (edge_moe.placement) picks the CPU or an upload for the T tokens routed to it. Hot experts are
-promoted: an expert whose recent routing share beats the GPU policy's victim by PROMOTE_MARGIN is uploaded and
-kept, whatever the cost model says for this one call, since it pays back over the following steps.
+promoted: when an expert's decayed routing share (its expected uses over the next ~half-life of calls) times the
+per-call saving of a resident decode call exceeds one upload, it is uploaded and kept, whatever the cost model
+says for this one call; an uploaded expert stays if there is room or its share beats the GPU policy's victim's by
+PROMOTE_MARGIN.
 
 Resident weights are OrtValues on the device, bound with IOBinding: the weights never cross the bus per call,
 only x [T, H] goes over and y [T, H] comes back.
@@ -132,8 +134,15 @@ class AcceleratorTier(ExpertSource):
             s.gpu_hits += 1
             s.gpu_seconds += time.perf_counter() - start
         else:
-            promote = self._should_promote(key, expert.record.length)
-            where = "upload" if promote else self.cost.choose(expert, x.shape[0])
+            promote = False
+            if _quantized(expert.record):  # MatMulNBits experts (edge_moe.quant) have no device kernel here yet
+                where = "cpu"
+            elif (where := self.cost.choose(expert, x.shape[0])) == "cpu":
+                # cheaper now; but a hot expert pays its upload back over the next steps
+                promote = self._worth_promoting(key, expert)
+                where = "upload" if promote else "cpu"
+            else:  # the upload is paid anyway: keep the copy if there is room or it beats the victim
+                promote = self._room_for(key, expert.record.length)
             if where == "cpu":
                 y = self.cpu_kernels.run(expert, x)
                 s.cpu_runs += 1
@@ -156,6 +165,7 @@ class AcceleratorTier(ExpertSource):
         """Uploads experts (default: all, layer by layer) while they fit; returns how many are resident. For an
         all-resident accelerator, so the first tokens do not pay the uploads."""
         keys = sorted(self.manifest.experts) if keys is None else [tuple(k) for k in keys]
+        keys = [k for k in keys if not _quantized(self.manifest.experts[k])]
         by_layer: dict[int, list[int]] = {}
         for layer, e in keys:
             by_layer.setdefault(layer, []).append(e)
@@ -190,7 +200,16 @@ class AcceleratorTier(ExpertSource):
         value, at = self._share.get(key, (0.0, self.now))
         return value * 0.5 ** ((self.now - at) / self.half_life)
 
-    def _should_promote(self, key, nbytes: int) -> bool:
+    def _worth_promoting(self, key, expert) -> bool:
+        """Promote an expert the CPU would run now when its expected uses (its decayed routing share over about a
+        half-life of calls) times what a resident decode call saves exceed one upload, and it has room."""
+        p = self.cost.predict(expert, 1)
+        saving, upload = p["cpu"] - p["gpu"], p["upload"] - p["gpu"]
+        if saving <= 0 or self._share_now(key) * saving < upload:
+            return False
+        return self._room_for(key, expert.record.length)
+
+    def _room_for(self, key, nbytes: int) -> bool:
         """Free room: yes. Full: if the incoming expert's routing share beats the policy's victim's."""
         if nbytes > self.budget:
             return False
@@ -227,6 +246,10 @@ class AcceleratorTier(ExpertSource):
         self.stats.upload_bytes += expert.nbytes
         self.stats.upload_seconds += time.perf_counter() - start
         return handle
+
+
+def _quantized(record) -> bool:
+    return str(record.dtype) in ("q2", "q4", "q8")
 
 
 class _PlacedKernels:
@@ -286,6 +309,8 @@ def build_tier(model, gpu_budget=None, gpu_policy: str = "lfu", cost_model=None,
     if cost_model is None:
         samples = {}
         for record in m.experts.values():
+            if _quantized(record):
+                continue  # runs on the CPU (see AcceleratorTier.run): nothing to calibrate
             samples.setdefault(shape_key(expert_shape(record)),
                                lambda r=record: ResidentExpert.from_bytes(r, model.store.read(r.key)))
         dk = tier.device_kernels

@@ -126,13 +126,16 @@ def measure_shape(sample, cpu_run, upload, device_run, tokens=TOKENS, seconds: f
     """
     rng = np.random.default_rng(0)
     handle = upload(sample)  # also the warm-up of the copy path (allocator, first-touch)
-    upload_s = _median_time(lambda: upload(sample), seconds, at_most=5)
-    cpu_s, gpu_s = [], []
-    for t in tokens:
-        x = rng.standard_normal((t, sample.shape.hidden_size), dtype=np.float32)
-        cpu_s.append(_median_time(lambda: cpu_run(sample, x), seconds))
-        gpu_s.append(_median_time(lambda: device_run(handle, x), seconds))
-    return ShapeCosts(list(tokens), cpu_s, gpu_s, upload_s, int(sample.nbytes))
+    xs = [rng.standard_normal((t, sample.shape.hidden_size), dtype=np.float32) for t in tokens]
+    # Two passes, the lower median of each point kept: a burst of other work during one point (seen on the H200
+    # machine: T=8 measured at twice its real cost) would otherwise skew every choice near it until recalibration.
+    passes = [([_median_time(lambda: cpu_run(sample, x), seconds / 2) for x in xs],
+               [_median_time(lambda: device_run(handle, x), seconds / 2) for x in xs],
+               _median_time(lambda: upload(sample), seconds / 2, at_most=5)) for _ in range(2)]
+    cpu_s, gpu_s = (list(np.min([p[i] for p in passes], axis=0)) for i in (0, 1))
+    upload_s = min(p[2] for p in passes)
+    return ShapeCosts(list(tokens), [float(c) for c in cpu_s], [float(g) for g in gpu_s], float(upload_s),
+                      int(sample.nbytes))
 
 
 def _median_time(call, seconds: float, at_most: int = 50) -> float:

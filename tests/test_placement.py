@@ -142,7 +142,8 @@ def test_decisions_follow_the_cost_table(package):
 
 
 def test_gpu_budget_holds_and_hot_experts_are_promoted(package):
-    model = tier_model(package, gpu_budget="25%", cost_model=stub(package))
+    # an upload costs what 1.7 decode calls save: experts routed to about twice recently are promoted
+    model = tier_model(package, gpu_budget="25%", cost_model=stub(package, upload_ms=0.3))
     tier = model.accelerator
     seen = []
     admit = tier._admit
@@ -155,7 +156,7 @@ def test_gpu_budget_holds_and_hot_experts_are_promoted(package):
     tier._admit = checked_admit
     model.generate(PROMPT, max_new_tokens=24)
     s = tier.stats
-    assert s.promotions > 0 and s.evictions > 0 and max(seen) <= tier.budget
+    assert s.promotions > 0 and max(seen) <= tier.budget
     assert 0 < tier.used <= tier.budget and s.gpu_hits > 0 and s.cpu_runs > 0
     assert {k for k, v in tier.snapshot().items() if v == "gpu"} == set(tier.resident)
     assert all(len(e["where"]) == len(e["experts"]) and None not in e["where"] for e in model.trace)
@@ -173,3 +174,12 @@ def test_gpu_budget_holds_and_hot_experts_are_promoted(package):
     tier.run(expert, x)
     assert (layer, cold) in tier.resident and s.evictions > evictions and model.trace[-1]["where"] == ["upload"]
     assert next(tier.fetch(layer, [cold])) is tier.resident[(layer, cold)]  # next time: a GPU hit
+
+
+def test_quantized_experts_stay_on_the_cpu(package, tmp_path):
+    hf = package.parent / "hf"
+    q4 = export_checkpoint(hf, tmp_path / "q4", bits=4, progress=False)
+    reference = edge_moe.load(q4)
+    model = edge_moe.load(q4, device=STANDIN, gpu_budget="50%", trace=True, cost_model=CostModel({}))
+    np.testing.assert_allclose(model.logits(PROMPT), reference.logits(PROMPT), rtol=1e-5, atol=1e-5)
+    assert {w for entry in model.trace for w in entry["where"]} == {"cpu"} and model.accelerator.used == 0

@@ -21,6 +21,10 @@ import numpy as np
 from .. import load
 from ..experts import ResidentExpert
 
+# --device cuda against --device cpu: float16 experts compute in float16 on the GPU (float32 on the CPU) and the
+# CUDA backbone may use TF32, so logits differ by rounding; measured on the H200: 3.1e-4 (Qwen3-30B-A3B shapes) and
+# 3.6e-4 (Mixtral shapes) of the largest |logit|, with every argmax equal. The check allows 1e-3.
+TOLERANCE = 1e-3
 ACCEL = "cuda"  # the accelerator's device name (a local smoke run swaps in a CPU stand-in Device)
 CONFIGS = [  # name, device (None: ACCEL), RAM budget, GPU budget
     ("cpu-only, RAM all", "cpu", None, None),
@@ -46,6 +50,7 @@ def logits_match(package, prompt: list[int], steps: int = 16, gpu_budget=None) -
         total += a.shape[0]
         ids = np.asarray([int(a[-1].argmax())], dtype=np.int64)
     return {"gpu_budget": gpu_budget or "100%", "max_rel_diff": rel, "argmax_agree": agree, "positions": total,
+            "ok": rel <= TOLERANCE and agree == total,
             "tiers": gpu.expert_stats().get("tiers")}
 
 
@@ -144,7 +149,7 @@ def main(argv=None) -> int:
     if not args.skip_match:
         for m in section("match", lambda: [logits_match(args.package, prompt[:64], 16, b) for b in (None, "25%")]):
             print(f"logits {ACCEL} vs cpu (gpu {m['gpu_budget']}): max rel diff {m['max_rel_diff']:.2e}, argmax "
-                  f"{m['argmax_agree']}/{m['positions']}", flush=True)
+                  f"{m['argmax_agree']}/{m['positions']} ({'ok' if m['ok'] else 'OVER'} at {TOLERANCE:g})", flush=True)
     c = section("choice", lambda: choice_accuracy(args.package, [int(t) for t in args.choice_tokens.split(",")],
                                                     args.choice_experts))
     if "share" in c:
