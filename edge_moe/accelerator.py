@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .device_kernels import DeviceExpert, DeviceKernels
-from .budget import _UNITS
+from .budget import parse_bytes
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
 
@@ -273,15 +273,7 @@ def parse_gpu_budget(value, manifest) -> int:
     total = sum(r.length for r in manifest.experts.values())
     if value is None:
         return total
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return max(int(value), 0)
-    text = str(value).strip().lower().replace(" ", "")
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(%|[kmgt]?i?b?)", text)
-    if not match or (match.group(2) != "%" and match.group(2) not in _UNITS):
-        raise EdgeMoeError(f"gpu budget {value!r} is not understood; write bytes like 4GiB or 512MB, or a share "
-                           "of the expert bytes like 25%")
-    number, unit = float(match.group(1)), match.group(2)
-    return int(number / 100 * total) if unit == "%" else int(number * _UNITS[unit])
+    return max(parse_bytes(value, total, "gpu budget"), 0)
 
 
 def build_tier(model, gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False,

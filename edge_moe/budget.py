@@ -38,22 +38,30 @@ def full_budget(manifest: Manifest) -> int:
     return sum(record_footprint(r) for r in manifest.experts.values())
 
 
+def parse_bytes(value, total: int, what: str = "budget") -> int:
+    """Bytes from an int, '512MB', '2GiB', '1.5G' or '25%' (a share of `total`).
+
+    Raises:
+        EdgeMoeError: malformed (the message names `what` and the accepted forms).
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    text = str(value).strip().lower().replace(" ", "")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(%|[kmgt]?i?b?)", text)
+    if not match or (match.group(2) != "%" and match.group(2) not in _UNITS):
+        raise EdgeMoeError(f"{what} {value!r} is not understood; write bytes like 512MB or 2GiB, or a share "
+                           "of the expert bytes like 25%")
+    number, unit = float(match.group(1)), match.group(2)
+    return int(number / 100 * total) if unit == "%" else int(number * _UNITS[unit])
+
+
 def parse_budget(value, manifest: Manifest) -> int:
-    """Bytes from an int, '512MB', '2GiB', '1.5G' or '25%' (a share of the model's expert bytes).
+    """Bytes of the RAM expert budget from an int, '512MB', '2GiB', '1.5G' or '25%' (of the model's expert bytes).
 
     Raises:
         EdgeMoeError: malformed, or below the minimum that can run (the message names the minimum).
     """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        nbytes = int(value)
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)(%|[kmgt]?i?b?)", text)
-        if not match or (match.group(2) != "%" and match.group(2) not in _UNITS):
-            raise EdgeMoeError(f"budget {value!r} is not understood; write bytes like 512MB or 2GiB, or a share "
-                               "of the expert bytes like 25%")
-        number, unit = float(match.group(1)), match.group(2)
-        nbytes = int(number / 100 * full_budget(manifest)) if unit == "%" else int(number * _UNITS[unit])
+    nbytes = parse_bytes(value, full_budget(manifest))
     minimum = minimum_budget(manifest)
     if nbytes < minimum:
         raise EdgeMoeError(f"budget {value!r} ({nbytes:,} bytes) is below the minimum of {minimum:,} bytes "
