@@ -341,9 +341,10 @@ class ExpertStore:
         """Raw O_DIRECT sequential read bandwidth of a file, for benchmarks.
 
         Args:
-            path: a file on the disk to measure (at least one `block` long).
+            path: a file on the disk to measure (at least 4096 bytes).
             nbytes: how much to read at most (capped at the file size).
-            block: bytes per read call (rounded up to 4096).
+            block: bytes per read call (rounded up to 4096; capped at the file size, so small models' blobs,
+                a few MB per layer, can be measured too).
 
         Returns:
             Bytes per second.
@@ -351,8 +352,8 @@ class ExpertStore:
         Raises:
             EdgeMoeError: the file is too small or its filesystem refuses O_DIRECT.
         """
-        block = _round_up(block)
         size = os.path.getsize(path)
+        block = min(_round_up(block), size // ALIGN * ALIGN) or ALIGN
         total = min(nbytes, size) // block * block
         if total == 0:
             raise EdgeMoeError(f"{path}: {size} bytes is smaller than one {block}-byte block; "

@@ -53,9 +53,7 @@ def cache_rows(args, manifest: Manifest, prompt: list[int]) -> dict:
     model = str(manifest.root)
     sizes = {key: record_footprint(r) for key, r in manifest.experts.items()}
     largest_blob = max({r.blob for r in manifest.experts.values()}, key=lambda p: p.stat().st_size)
-    blob_size = largest_blob.stat().st_size // 4096 * 4096  # small models have blobs under one 8 MiB block
-    raw_bandwidth = ExpertStore.sequential_bandwidth(str(largest_blob), nbytes=min(256 << 20, blob_size),
-                                                     block=min(8 << 20, blob_size))
+    raw_bandwidth = ExpertStore.sequential_bandwidth(str(largest_blob))
     emulate = getattr(args, "emulate", None)
     if emulate:  # the emulated device's flash is the bandwidth that bounds it (the throttle cannot go faster)
         from ..profiles import load_profile
