@@ -113,13 +113,9 @@ def cmd_eval(args) -> int:
 
 def write_trace(path: str, trace: list) -> None:
     """JSON lines, one per (step, layer); written aside and renamed so a crash leaves no half file."""
-    import os
+    from .files import write_text_atomic
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        for entry in trace:
-            f.write(json.dumps(entry) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(entry) + "\n" for entry in trace))
 
 
 def add_runtime_arguments(p) -> None:

@@ -16,7 +16,6 @@ fraction of a second per shape and is cached per machine (hostname, onnxruntime 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import EdgeMoeError
+from .files import write_text_atomic
 
 TOKENS = (1, 8, 64, 512)  # token counts measured: decode, short and long prefill chunks
 
@@ -200,8 +200,6 @@ def _write_cache(path, machine: str, model: CostModel) -> None:
         data = json.loads(path.read_text()) if path.exists() else {}
         entry = data.setdefault(machine, {"shapes": {}})
         entry["shapes"].update(model.to_json()["shapes"])
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=1))
     except (OSError, ValueError):
         pass

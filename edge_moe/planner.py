@@ -16,7 +16,6 @@ Cost of one decode step (L = MoE layers, S = bytes per expert, k = experts per t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import numpy as np
 from .budget import expert_footprint, full_budget, minimum_budget
 from .emulate import RUNTIME_OVERHEAD, profile_budget
 from .errors import EdgeMoeError
+from .files import write_text_atomic
 from .manifest import Manifest
 from .opt import simulate
 from .profiles import DeviceProfile, load_profile
@@ -52,10 +52,7 @@ def record_routing(model_dir, prompt_tokens: int = 16, tokens: int = 128, seed: 
              "prefetch_precision": model.predictor.precision, "prefetch_recall": model.predictor.recall,
              "steps": [steps[s] for s in sorted(steps)]}
     path = Path(out) if out else Path(model_dir) / STATS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(stats))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(stats))
 
 
 def load_routing(model_dir, path=None) -> dict:

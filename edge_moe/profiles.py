@@ -9,12 +9,12 @@ bytes and bytes/s so that the planner and the emulator never convert twice.
 from __future__ import annotations
 
 import math
-import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgeMoeError
+from .files import write_text_atomic
 
 FORMAT_VERSION = 1
 PROFILE_DIR = Path(__file__).with_name("device_profiles")
@@ -215,9 +215,6 @@ def dumps(data: dict) -> str:
 
 
 def write_profile(data: dict, path) -> None:
-    """Validates and writes a profile atomically (temp file + os.replace). Raises EdgeMoeError."""
+    """Validates and writes a profile atomically (files.write_text_atomic). Raises EdgeMoeError."""
     validate(data, str(path))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(data))
-    os.replace(tmp, path)
+    write_text_atomic(path, dumps(data))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+
+from ..files import write_text_atomic
 
 
 def format_value(value) -> str:
@@ -30,7 +31,4 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Atomic: a crash never leaves half a results file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))
