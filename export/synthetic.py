@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import zlib
@@ -48,6 +47,7 @@ from tqdm import tqdm
 
 from edge_moe.errors import EdgeMoeError
 from edge_moe_export.safetensors_writer import DTYPES, write_sharded
+from edge_moe_export.writer import StagedDirectory
 
 _CHUNK_ELEMENTS = 2**20              # rows of a large tensor are generated 4 MB (fp32) at a time
 _NORM_JITTER = 0.05                  # std of norm weights around 1 and of attention biases around 0
@@ -289,7 +289,7 @@ def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, 
     """Writes a random-weight Hugging Face checkpoint of the family, one tensor at a time.
 
     Args:
-        out_dir: directory to create; written as `<out_dir>.tmp-<pid>` and renamed into place at the end.
+        out_dir: directory to create; written as `<out_dir>.partial-<pid>` and renamed into place at the end (export/writer.py).
         family: config.json model_type: "qwen3_moe", "olmoe", "mixtral" or "qwen2_moe".
         hidden_size ... num_key_value_heads: the architecture (moe_intermediate_size is each routed expert's
             intermediate size whatever field name the family's config uses for it).
@@ -318,9 +318,6 @@ def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, 
     if not 0.0 <= layer_correlation <= 1.0:
         raise EdgeMoeError(f"layer_correlation={layer_correlation} must be between 0 and 1")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise EdgeMoeError(f"{out} already exists and is not an empty directory; pass overwrite=True "
-                           "(--overwrite) or choose another OUT_DIR")
     tensors = _tensors(a)
     total = sum(math.prod(t.shape) for t in tensors) * DTYPES[dtype][1]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,9 +326,8 @@ def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, 
         raise EdgeMoeError(f"{out.parent}: {total / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; "
                            "free space or lower num_layers / use dtype='bfloat16'")
 
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)       # a leftover of an earlier crash of a process with our pid
-    tmp.mkdir()
+    staged = StagedDirectory(out, overwrite)
+    tmp = staged.path
     try:
         values = _Values(a, seed, popularity_skew, layer_correlation)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"synthetic {a.family}", disable=not progress) as bar:
@@ -343,26 +339,14 @@ def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, 
             "popularity_skew": popularity_skew, "layer_correlation": layer_correlation,
             "layer_permutation": values.permutation.tolist(),
             "popularity_rank": [r.tolist() for r in values.rank]})
-        _move_into_place(tmp, out)
+        return staged.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.abort()
         raise
-    return out
 
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """os.replace renames over a missing or empty directory; a full one (overwrite) is moved aside first."""
-    old = None
-    if out.exists() and any(out.iterdir()):
-        old = out.parent / f"{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------- CLI

@@ -74,7 +74,9 @@ class StagedDirectory:
 
     def __init__(self, out_dir: str | os.PathLike, overwrite: bool):
         self.final = Path(out_dir)
-        if self.final.exists() and not overwrite and (not self.final.is_dir() or any(self.final.iterdir())):
+        if self.final.exists() and not self.final.is_dir():  # --overwrite replaces a directory, never a file
+            raise EdgeMoeError(f"{self.final}: exists and is not a directory; choose another output directory")
+        if self.final.exists() and not overwrite and any(self.final.iterdir()):
             raise EdgeMoeError(f"{self.final}: already exists and is not empty; choose another directory "
                                "or pass --overwrite")
         self.path = self.final.with_name(f"{self.final.name}.partial-{os.getpid()}")

@@ -121,7 +121,7 @@ def test_write_is_atomic_and_refuses_existing_dir(tmp_path, capsys):
     assert main([str(out), "--preset", "tiny", "--layers", "3", "--quiet", "--overwrite"]) == 0
     assert not (out / "keep.txt").exists()
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]           # no .tmp- or .old- leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]           # no .partial- or .old- leftovers
 
     with pytest.raises(EdgeMoeError, match="head_dim"):
         write_synthetic_checkpoint(tmp_path / "bad", family="olmoe", head_dim=32, **TINY)
