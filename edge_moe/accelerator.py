@@ -17,7 +17,6 @@ only x [T, H] goes over and y [T, H] comes back.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass

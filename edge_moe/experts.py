@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import quant
-from .expert_graph import INPUT, OUTPUT, ExpertShape, build_expert_graph
+from .expert_graph import INPUT, ExpertShape, build_expert_graph
 from .manifest import ExpertRecord, Manifest
 from .sessions import OrtClock, TimedSession, open_session
 
