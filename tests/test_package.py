@@ -81,3 +81,11 @@ def test_existing_directory_needs_overwrite(tmp_path):
 def test_bad_dtype_is_a_clear_error(tmp_path):
     with pytest.raises(EdgeMoeError, match="float32, float16"):
         exporter.export_checkpoint(tmp_path, tmp_path / "o", dtype="int3", progress=False)
+
+
+def test_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
+    build_checkpoint(tmp_path / "hf", tiny_config("mixtral"))
+    (tmp_path / "pkg").write_text("not a package")
+    with pytest.raises(EdgeMoeError, match="not a directory"):
+        export_checkpoint(tmp_path / "hf", tmp_path / "pkg", progress=False, overwrite=True)
+    assert (tmp_path / "pkg").read_text() == "not a package"
