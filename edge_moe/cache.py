@@ -24,6 +24,7 @@ from .budget import record_footprint
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
 from .manifest import Manifest
+from .prefetch import PrefetchGate
 from .store import ExpertLocation, ExpertStore, aligned_empty
 
 
@@ -46,7 +47,7 @@ def store_for(manifest: Manifest, io_threads: int = 8, direct: bool = True, thro
 class CacheStats:
     def __init__(self):
         self.hits = self.misses = self.evictions = 0
-        self.prefetch_issued = self.prefetch_dropped = 0
+        self.prefetch_issued = self.prefetch_dropped = self.prefetch_skipped = 0
         self.stall_seconds = 0.0
         self.peak_resident_bytes = 0
 
@@ -70,6 +71,7 @@ class ExpertCache(ExpertSource):
         self.spare_bytes = 0
         self._predicted: dict[int, set[tuple]] = {}  # layer still to run -> keys prefetched for it
         self._layer = None  # the layer running now
+        self.gate = PrefetchGate()
         self._lock = threading.RLock()
 
     def size(self, key) -> int:
@@ -84,6 +86,7 @@ class ExpertCache(ExpertSource):
             self._layer = layer
             self._predicted.pop(layer, None)
             self._protected = set(keys)
+            self.gate.observe(layer, self._protected)
             hits = []
             room = True
             for key in keys:
@@ -134,8 +137,12 @@ class ExpertCache(ExpertSource):
             keep = self._protected.union(*self._predicted.values())
             # nearer layers' reads first; a depth-d prediction waits behind every demand read (priority 0)
             ahead = layer - self._layer if self._layer is not None and layer > self._layer else 1
-            for key in predicted:
+            for rank, key in enumerate(predicted):
                 if key in self.resident or key in self.inflight:
+                    continue
+                self.gate.note(key, ahead, min(rank, 8))
+                if not self.gate.allows(ahead, min(rank, 8)):
+                    self.stats.prefetch_skipped += 1
                     continue
                 if not self._make_room(self.size(key), keep, wait=False, incoming=key):
                     break

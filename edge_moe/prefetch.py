@@ -70,3 +70,32 @@ class NextLayerPredictor:
     @property
     def recall(self) -> float:
         return self.tp / self.actual if self.actual else 0.0
+
+
+class PrefetchGate:
+    """Learns which predictions are worth a read: the precision of predictions of experts that were not resident,
+    per (layers ahead, rank in the prediction). The last of a token's top-k predicted two layers ahead is right about
+    half the time on our synthetic 2 GB model while the first three are right ~90%: reading it anyway cost a quarter
+    more flash bytes per token than the demand misses, on a disk that is already the bottleneck. A bucket is read
+    while it is new (fewer than `warmup` outcomes) or right at least `min_precision` of the time; predictions
+    that are not read are still scored, so a bucket that becomes good is read again."""
+
+    def __init__(self, min_precision: float = 0.6, warmup: int = 16, memory: int = 512):
+        self.min_precision, self.warmup, self.memory = min_precision, warmup, memory
+        self.counts: dict[tuple[int, int], list[float]] = {}  # bucket -> [right, outcomes]
+        self._open: dict[int, list] = {}  # layer -> [(key, bucket)] predicted for its next run
+
+    def allows(self, ahead: int, rank: int) -> bool:
+        right, total = self.counts.get((ahead, rank), (0.0, 0.0))
+        return total < self.warmup or right >= self.min_precision * total
+
+    def note(self, key: tuple, ahead: int, rank: int) -> None:
+        self._open.setdefault(key[0], []).append((key, (ahead, rank)))
+
+    def observe(self, layer: int, used: set) -> None:
+        for key, bucket in self._open.pop(layer, ()):
+            c = self.counts.setdefault(bucket, [0.0, 0.0])
+            c[0] += key in used
+            c[1] += 1.0
+            if c[1] > self.memory:  # forget slowly, so a change of topic or phase shows
+                c[0], c[1] = c[0] / 2, c[1] / 2

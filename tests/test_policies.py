@@ -212,7 +212,7 @@ def test_adaptive_fits_no_repeat_rate_on_independent_routing():
 
 
 def test_adaptive_hints_protect_predicted_and_routed_experts():
-    pol = AdaptivePolicy(num_layers=2)
+    pol = AdaptivePolicy(num_layers=2, route_weight=0.5)  # router hints are off by default
     for now, key in enumerate([(0, 0), (1, 0), (0, 0), (1, 0), (0, 1), (1, 1)]):
         pol.on_access(key, now)
     # current layer is 1; (0, 0) is hot and layer 0 runs next, so (0, 1) is the victim
@@ -224,6 +224,11 @@ def test_adaptive_hints_protect_predicted_and_routed_experts():
     assert pol.victim([(0, 0), (0, 1)]) == (0, 1)
     pol.on_route(0, np.array([0.0, 1.0, 0.0]), 9)
     assert pol.victim([(0, 0), (0, 1)]) == (0, 0)  # the router favours expert 1 of layer 0 now
+    off = AdaptivePolicy(num_layers=2)
+    for now, key in enumerate([(0, 0), (1, 0), (0, 0), (1, 0), (0, 1), (1, 1)]):
+        off.on_access(key, now)
+    off.on_route(0, np.array([0.0, 1.0, 0.0]), 6)
+    assert off.victim([(0, 0), (0, 1)]) == (0, 1)  # default: the pick frequency alone decides
 
 
 def test_layer_distance_prefers_evicting_the_layer_just_passed():
