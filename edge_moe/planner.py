@@ -9,7 +9,8 @@ recall). The residency policy is replayed on that trace (edge_moe.opt.simulate) 
 Cost of one decode step (L = MoE layers, S = bytes per expert, k = experts per token):
     IO  = sum over misses (read latency + S / flash bandwidth) + wasted prefetch reads
     C   = resident per-token compute (measured for this model on this profile, else weight bytes / (0.6 x DRAM bw))
-          + misses x S / hash bandwidth (checksums)
+          + (misses + wasted prefetches) x the CPU cost of a miss (measured by `edge-moe profile` on this model's
+            shapes: admission, policy, checksum, I/O threads contending with onnxruntime; else S / hash bandwidth)
     no prefetch: t = C + IO;   prefetch: t = max(IO, C) + (1 - recall) x min(IO, C)
 """
 
@@ -95,9 +96,12 @@ def compute_costs(manifest: Manifest, profile: DeviceProfile) -> dict:
         source = f"roofline: {per_token_bytes / 1e6:.0f} MB/token at {stream / 1e9:.1f} GB/s"
     expert_ms = (m.get("expert_ms", {}).get("cpu", {}).get("m1") if m.get("expert_shape") == shape else None)
     expert_s = expert_ms / 1e3 if expert_ms else mean_expert / stream
+    hashing = m.get("hash_gb_s", 0) * 1e9 or HASH_BANDWIDTH
+    # what a miss costs the compute side: measured on this model's shapes, else its checksum
+    miss_s = model["miss_overhead_ms"] / 1e3 if same_shape and "miss_overhead_ms" in model else mean_expert / hashing
     return {"decode_s": decode, "prefill_s_per_token": prefill, "expert_bytes": mean_expert,
             "expert_compute_s": min(c["top_k"] * len(c["moe_layers"]) * expert_s, decode),
-            "hash_bandwidth": m.get("hash_gb_s", 0) * 1e9 or HASH_BANDWIDTH, "source": source,
+            "hash_bandwidth": hashing, "miss_compute_s": miss_s, "source": source,
             "weight_bytes_per_token": per_token_bytes}
 
 
@@ -144,7 +148,8 @@ def predict(manifest: Manifest, stats: dict, profile: DeviceProfile, *, budget: 
         io = (misses + wasted) * read_s
         # decode streams expert weights from DRAM: their compute shrinks with their bytes, the backbone's does not
         resident = costs["decode_s"] - costs["expert_compute_s"] * (1 - scale)
-        compute = resident / compute_scale + misses * S / costs["hash_bandwidth"]
+        miss_s = costs["miss_compute_s"] if scale == 1.0 else S / costs["hash_bandwidth"]
+        compute = (resident + (misses + wasted) * miss_s) / compute_scale
         t = compute + io if not prefetch else max(io, compute) + (1 - recall) * min(io, compute)
         times.append(t)
         reads.append((misses + wasted) * S)

@@ -93,22 +93,35 @@ def expert_times(hidden: int, ffn: int, dtype: str = "float32") -> dict[str, dic
 
 def model_times(model_dir: str, threads: int) -> dict:
     """Resident decode and prefill ms per token of the model through the budgeted cache (the path an emulated or
-    memory-limited run takes), every expert the measured tokens need already loaded by a longer warm-up."""
+    memory-limited run takes), every expert the measured tokens need already loaded by a longer warm-up; and what
+    one cache miss costs the generation loop beyond waiting for its read (miss_overhead_ms: admission, policy,
+    checksum and I/O threads competing with onnxruntime for the cores), from the same tokens under a small budget
+    without prefetch: (time - read stalls - resident time) / misses."""
     import edge_moe
     from .bench.decode import decode_run
+    from .budget import full_budget, minimum_budget
 
     model = edge_moe.load(model_dir, threads=threads, budget="100%", prefetch=1)
     c = model.config
     prompt = np.random.default_rng(0).integers(0, c["vocab_size"], 16).tolist()
     decode_run(model, prompt, 24)  # same greedy prompt: the measured runs then hit on every expert
     runs = [decode_run(model, prompt, 16) for _ in range(2)]
+    resident = float(np.mean([model.generate(prompt, max_new_tokens=16).stats["total_seconds"] for _ in range(2)]))
     # the mean, not the best: the planner predicts a typical run, and shared machines drift between runs
     best = {k: float(np.mean([r[k] for r in runs])) for k in ("decode_tokens_per_second", "prefill_tokens_per_second")}
+    manifest = model.manifest
+    del model
+    small = edge_moe.load(model_dir, threads=threads, prefetch=0,
+                          budget=max(full_budget(manifest) // 4, 2 * minimum_budget(manifest)))
+    small.generate(prompt, max_new_tokens=16)  # past the cold start
+    s = small.generate(prompt, max_new_tokens=16).stats
+    overhead = max(0.0, s["total_seconds"] - s["stall_seconds"] - resident) / max(1, s["misses"])
     return {"path": str(Path(model_dir).resolve()), "shape": f"{c['hidden_size']}x{c['moe_intermediate_size']}",
-            "dtype": model.manifest.dtype, "moe_layers": len(c["moe_layers"]), "top_k": c["top_k"],
-            "backbone_bytes": model.manifest.backbone_bytes,
+            "dtype": manifest.dtype, "moe_layers": len(c["moe_layers"]), "top_k": c["top_k"],
+            "backbone_bytes": manifest.backbone_bytes,
             "decode_ms_per_token": round(1e3 / best["decode_tokens_per_second"], 3),
-            "prefill_ms_per_token": round(1e3 / best["prefill_tokens_per_second"], 3)}
+            "prefill_ms_per_token": round(1e3 / best["prefill_tokens_per_second"], 3),
+            "miss_overhead_ms": round(overhead * 1e3, 4)}
 
 
 def measure(model_dir: str | None = None, disk_dir: str | None = None) -> dict:

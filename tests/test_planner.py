@@ -78,3 +78,14 @@ def test_prompt_larger_than_budget_is_an_error():
 def test_missing_routing_stats_say_how_to_record(tmp_path):
     with pytest.raises(EdgeMoeError, match="--record"):
         load_routing(tmp_path)
+
+
+def test_measured_cost_of_a_miss_adds_to_compute():
+    p = profile()
+    p.measured["model"]["miss_overhead_ms"] = 2.0  # what `edge-moe profile` measured per miss on these shapes
+    r = predict(manifest(), STATS, p, budget=2 * 16384, policy="lru", prefetch=0)
+    # step times: (10 + 2) ms compute + 10 ms read per miss -> 22, 10, 22 ms for 3 tokens
+    assert r["decode_tokens_per_second"] == pytest.approx(3 / 0.054, rel=1e-3)
+    r = predict(manifest(), STATS, p, budget=2 * 16384, policy="lru", prefetch=1)
+    # max(10, 12) + (1 - 0.5) x 10 = 17 ms per missing step: 17 + 10 + 17 ms
+    assert r["decode_tokens_per_second"] == pytest.approx(3 / 0.044, rel=1e-3)
