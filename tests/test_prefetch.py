@@ -1,7 +1,13 @@
-"""The prefetch gate reads a (layers ahead, rank) bucket only while its predictions of non-resident experts are
+"""Speculative routing many layers ahead, and the prefetch gate.
+
+The prefetch gate reads a (layers ahead, rank) bucket only while its predictions of non-resident experts are
 right often enough, keeps scoring the predictions it does not read, and reads the bucket again once they are."""
 
-from edge_moe.prefetch import PrefetchGate
+import numpy as np
+import pytest
+
+from edge_moe.manifest import Manifest
+from edge_moe.prefetch import NextLayerPredictor, PrefetchGate
 
 
 def run_layer(gate, layer, predicted, used):
@@ -30,3 +36,15 @@ def test_gate_scores_each_prediction_once_per_layer_run():
     assert gate.counts == {(1, 0): [1.0, 1.0]}
     gate.observe(4, set())  # a layer without predictions
     assert gate.counts == {(1, 0): [1.0, 1.0]}
+
+
+@pytest.mark.parametrize("depth", [1, 3, 99])
+def test_decode_prediction_of_many_layers_at_once_equals_one_router_at_a_time(tiny_package, depth):
+    manifest = Manifest.load(tiny_package[0])
+    stacked = NextLayerPredictor(manifest, depth=depth)
+    looped = NextLayerPredictor(manifest, depth=depth)
+    looped._stack = None  # the per-layer path (prefill's)
+    rng = np.random.default_rng(depth)
+    for layer in sorted(manifest.config["moe_layers"]):
+        hidden = rng.standard_normal((1, manifest.config["hidden_size"])).astype(np.float32)
+        assert stacked.predict(layer, hidden) == looped.predict(layer, hidden)
