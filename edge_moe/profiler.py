@@ -91,12 +91,22 @@ def expert_times(hidden: int, ffn: int, dtype: str = "float32") -> dict[str, dic
     return out
 
 
-def model_times(model_dir: str, threads: int) -> dict:
+def _repeat(run, seconds: float, least: int, most: int = 40) -> list:
+    """`run()` until `seconds` have passed and it ran at least `least` times: a tiny model's 16 tokens take a tenth of
+    a second, and a few such runs on a shared machine swung the planner's compute figure by 1.6x."""
+    out, start = [], time.perf_counter()
+    while len(out) < least or (time.perf_counter() - start < seconds and len(out) < most):
+        out.append(run())
+    return out
+
+
+def model_times(model_dir: str, threads: int, seconds: float = 2.0) -> dict:
     """Resident decode and prefill ms per token of the model through the budgeted cache (the path an emulated or
     memory-limited run takes), every expert the measured tokens need already loaded by a longer warm-up; and what
     one cache miss costs the generation loop beyond waiting for its read (miss_overhead_ms: admission, policy,
     checksum and I/O threads competing with onnxruntime for the cores), from the same tokens under a small budget
-    without prefetch: (time - read stalls - resident time) / misses."""
+    without prefetch: (time - read stalls - resident time) / misses. Each figure is the median of repeated runs over
+    about `seconds`: the planner predicts a typical run, and shared machines drift between runs."""
     import edge_moe
     from .bench.decode import decode_run
     from .budget import full_budget, minimum_budget
@@ -105,25 +115,26 @@ def model_times(model_dir: str, threads: int) -> dict:
     c = model.config
     prompt = np.random.default_rng(0).integers(0, c["vocab_size"], 16).tolist()
     decode_run(model, prompt, 24)  # same greedy prompt: the measured runs then hit on every expert
-    runs = [decode_run(model, prompt, 16) for _ in range(2)]
-    resident = float(np.mean([model.generate(prompt, max_new_tokens=16).stats["total_seconds"] for _ in range(2)]))
-    # the mean, not the best: the planner predicts a typical run, and shared machines drift between runs
-    best = {k: float(np.mean([r[k] for r in runs])) for k in ("decode_tokens_per_second", "prefill_tokens_per_second")}
+    runs = _repeat(lambda: decode_run(model, prompt, 16), seconds, least=2)
+    rates = {k: float(np.median([r[k] for r in runs])) for k in ("decode_tokens_per_second", "prefill_tokens_per_second")}
+    resident = float(np.median(_repeat(lambda: model.generate(prompt, max_new_tokens=16).stats["total_seconds"],
+                                       seconds / 2, least=2)))
     manifest = model.manifest
     del model
     small = edge_moe.load(model_dir, threads=threads, prefetch=0,
                           budget=max(full_budget(manifest) // 4, 2 * minimum_budget(manifest)))
-    runs = [small.generate(prompt, max_new_tokens=16).stats for _ in range(3)]  # the first is the cold start
+    small.generate(prompt, max_new_tokens=16)  # the cold start
+    runs = _repeat(lambda: small.generate(prompt, max_new_tokens=16).stats, seconds / 2, least=3)
     overheads = []
     for before, s in zip(runs, runs[1:]):  # cache counters add up over the model's life: take deltas
         stall, misses = s["stall_seconds"] - before["stall_seconds"], s["misses"] - before["misses"]
         overheads.append((s["total_seconds"] - stall - resident) / max(1, misses))
-    overhead = max(0.0, float(np.mean(overheads)))
+    overhead = max(0.0, float(np.median(overheads)))
     return {"path": str(Path(model_dir).resolve()), "shape": f"{c['hidden_size']}x{c['moe_intermediate_size']}",
             "dtype": manifest.dtype, "moe_layers": len(c["moe_layers"]), "top_k": c["top_k"],
             "backbone_bytes": manifest.backbone_bytes,
-            "decode_ms_per_token": round(1e3 / best["decode_tokens_per_second"], 3),
-            "prefill_ms_per_token": round(1e3 / best["prefill_tokens_per_second"], 3),
+            "decode_ms_per_token": round(1e3 / rates["decode_tokens_per_second"], 3),
+            "prefill_ms_per_token": round(1e3 / rates["prefill_tokens_per_second"], 3),
             "miss_overhead_ms": round(overhead * 1e3, 4)}
 
 
