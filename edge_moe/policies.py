@@ -8,7 +8,6 @@ Keys are (layer, index). `now` is a monotonically increasing access counter supp
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Hashable, Iterable, Protocol
 
 import numpy as np

@@ -120,7 +120,7 @@ def model_times(model_dir: str, threads: int, seconds: float = 2.0) -> dict:
     resident = float(np.median(_repeat(lambda: model.generate(prompt, max_new_tokens=16).stats["total_seconds"],
                                        seconds / 2, least=2)))
     manifest = model.manifest
-    del model
+    model = None  # frees the resident experts before the small-budget model loads
     small = edge_moe.load(model_dir, threads=threads, prefetch=0,
                           budget=max(full_budget(manifest) // 4, 2 * minimum_budget(manifest)))
     small.generate(prompt, max_new_tokens=16)  # the cold start
