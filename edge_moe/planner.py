@@ -11,7 +11,8 @@ Cost of one decode step (L = MoE layers, S = bytes per expert, k = experts per t
     C   = resident per-token compute (measured for this model on this profile, else weight bytes / (0.6 x DRAM bw))
           + (misses + wasted prefetches) x the CPU cost of a miss (measured by `edge-moe profile` on this model's
             shapes: admission, policy, checksum, I/O threads contending with onnxruntime; else S / hash bandwidth)
-    no prefetch: t = C + IO;   prefetch: t = max(IO, C) + (1 - recall) x min(IO, C)
+    per MoE layer visit: stall = read time - min(recall x read time, prefetch depth x C / L)
+    t = max(IO, C + stalls)    (a prefetched read hides behind at most the compute of the layers it was issued ahead)
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def predict(manifest: Manifest, stats: dict, profile: DeviceProfile, *, budget: 
     Args:
         budget: expert budget in bytes (default: what the profile's RAM allows, see emulate.profile_budget).
         policy: residency policy replayed on the recorded trace.
-        prefetch: 0 (off) or >= 1 (next-layer speculative reads; depth beyond 1 is modelled as 1).
+        prefetch: 0 (off) or the depth of speculative reads (how many layers of compute a read can hide behind).
         bits: expert bitwidth to assume (None: as packaged).
         tokens: generated tokens to predict for (default: all recorded); the first comes from prefill.
         flash_scale, compute_scale: what-if multipliers (the bottleneck analysis doubles each resource).
@@ -139,20 +140,27 @@ def predict(manifest: Manifest, stats: dict, profile: DeviceProfile, *, budget: 
     k = manifest.config["top_k"]
     precision, recall = (stats["prefetch_precision"], stats["prefetch_recall"]) if prefetch else (1.0, 0.0)
     not_resident = 1.0 - budget / sum(sizes.values())
+    # decode streams expert weights from DRAM: their compute shrinks with their bytes, the backbone's does not
+    resident = costs["decode_s"] - costs["expert_compute_s"] * (1 - scale)
+    miss_s = costs["miss_compute_s"] if scale == 1.0 else S / costs["hash_bandwidth"]
     times, reads, pos, visit = [], [], 0, 0
     for n_layers in per_visit:
-        n = sum(len(trace[visit + i]) for i in range(n_layers))
-        misses = n - sum(flags[pos:pos + n])
-        pos, visit = pos + n, visit + n_layers
-        wasted = n_layers * k * (1 - precision) * not_resident if prefetch else 0.0
-        io = (misses + wasted) * read_s
-        # decode streams expert weights from DRAM: their compute shrinks with their bytes, the backbone's does not
-        resident = costs["decode_s"] - costs["expert_compute_s"] * (1 - scale)
-        miss_s = costs["miss_compute_s"] if scale == 1.0 else S / costs["hash_bandwidth"]
-        compute = (resident + (misses + wasted) * miss_s) / compute_scale
-        t = compute + io if not prefetch else max(io, compute) + (1 - recall) * min(io, compute)
-        times.append(t)
-        reads.append((misses + wasted) * S)
+        # a layer's predicted reads start when the layer `prefetch` ahead of it routes: they can hide behind at
+        # most that much compute, and the rest of each read is a stall (slow flash: most of it)
+        lead = prefetch * resident / compute_scale / max(1, len(manifest.config["moe_layers"]))
+        loaded = io = stall = 0.0
+        for layer_keys in trace[visit:visit + n_layers]:
+            n = len(layer_keys)
+            misses = n - sum(flags[pos:pos + n])
+            pos += n
+            wasted = k * (1 - precision) * not_resident if prefetch else 0.0
+            read = (misses + wasted) * read_s
+            loaded, io = loaded + misses + wasted, io + read
+            stall += read - min(recall * read, lead)
+        visit += n_layers
+        compute = (resident + loaded * miss_s) / compute_scale
+        times.append(max(io, compute + stall))  # the flash cannot deliver faster than io either way
+        reads.append(loaded * S)
     prompt = stats["prompt_tokens"]
     prefill = prompt * costs["prefill_s_per_token"] / compute_scale + times[0] - costs["decode_s"] / compute_scale
     decode_t = sum(times[1:]) or 1e-12

@@ -89,3 +89,23 @@ def test_measured_cost_of_a_miss_adds_to_compute():
     r = predict(manifest(), STATS, p, budget=2 * 16384, policy="lru", prefetch=1)
     # max(10, 12) + (1 - 0.5) x 10 = 17 ms per missing step: 17 + 10 + 17 ms
     assert r["decode_tokens_per_second"] == pytest.approx(3 / 0.044, rel=1e-3)
+
+
+def two_layer_manifest():
+    experts = {(layer, i): fake_expert_record(layer, LENGTH) for layer in (0, 1) for i in range(4)}
+    config = dict(manifest().config, top_k=2, moe_layers=[0, 1])
+    return SimpleNamespace(config=config, dtype="float32", backbone_bytes=1000, expert_bytes=8 * LENGTH,
+                           experts=experts)
+
+
+def test_a_prefetched_read_hides_behind_at_most_the_compute_it_was_issued_ahead_of():
+    # the decode step reads two new experts at layer 0 (2 x 10 ms) and none at layer 1; compute is measured at 10 ms
+    # per MoE layer (profile()), so 20 ms a token
+    stats = dict(STATS, prefetch_recall=1.0, steps=[[[0, [0, 1]], [1, [0, 1]]], [[0, [2, 3]], [1, [0, 1]]]])
+    # depth 1: the reads hide behind one layer's 10 ms -> stall 20 - 10 = 10 ms -> 20 + 10 = 30 ms a token
+    r = predict(two_layer_manifest(), stats, profile(), budget=8 * 16384, policy="lru", prefetch=1)
+    assert r["decode_tokens_per_second"] == pytest.approx(1 / 0.030, rel=1e-3)
+    # depth 2: two layers' 20 ms ahead -> no stall -> 20 ms (the old max(IO, C) + (1 - recall) x min(IO, C) said 20
+    # at any depth)
+    r = predict(two_layer_manifest(), stats, profile(), budget=8 * 16384, policy="lru", prefetch=2)
+    assert r["decode_tokens_per_second"] == pytest.approx(1 / 0.020, rel=1e-3)
