@@ -86,6 +86,7 @@ class Model:
         if cache is not None:
             stats.update(hits=cache.hits, misses=cache.misses, evictions=cache.evictions,
                          stall_seconds=cache.stall_seconds, prefetch_issued=cache.prefetch_issued,
+                         prefetch_skipped=cache.prefetch_skipped, prefetch_dropped=cache.prefetch_dropped,
                          peak_resident_bytes=cache.peak_resident_bytes)
         else:
             stats.update(hits=self.experts.lookup_hits, misses=self.experts.lookups - self.experts.lookup_hits,

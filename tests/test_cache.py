@@ -168,3 +168,16 @@ def test_demand_miss_keeps_its_experts_while_prefetches_are_dropped(package):
         cache.prefetch(1, [5, 6])  # at the minimum budget a prefetch can only use room nobody needs
         got = [e.record.key for e in cache.fetch(0, [0, 1])]
         assert got == [(0, 0), (0, 1)] and cache.used <= cache.budget
+
+
+def test_prefetch_gate_skips_reads_of_predictions_that_are_mostly_wrong(package):
+    manifest = Manifest.load(package)
+    cache = ExpertCache(manifest, store_for(manifest), make_policy("lru"), full_budget(manifest))
+    list(cache.fetch(0, [0, 1]))  # layer 0 runs: a prediction for layer 1 is one layer ahead
+    cache.gate.counts[(1, 0)] = [10.0, 100.0]  # rank-0 predictions one layer ahead: right 10 % of the time
+    cache.prefetch(1, [2, 3])
+    assert (1, 2) not in cache.inflight and (1, 2) not in cache.resident  # skipped: no read
+    assert (1, 3) in cache.inflight or (1, 3) in cache.resident  # rank 1 has no record yet: read
+    assert cache.stats.prefetch_skipped == 1 and cache.stats.prefetch_issued == 1
+    list(cache.fetch(1, [2, 3]))  # both were used: the gate learns from the skipped prediction too
+    assert cache.gate.counts[(1, 0)] == [11.0, 101.0]
