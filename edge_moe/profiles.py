@@ -1,6 +1,6 @@
 """Device profiles: what a device class offers the runtime (RAM, flash, cores, memory bandwidth, accelerator),
-each number with its source. The format is documented in profiles/README.md; the shipped files live in
-edge_moe/device_profiles/ so that they install with the wheel.
+each number with its source. The format is documented in profiles/README.md; the shipped files are profiles/*.toml,
+installed as edge_moe/device_profiles/ (pyproject maps the folder).
 
 Units inside the files are the ones datasheets use (GB = 1e9 bytes, MB/s = 1e6 bytes/s); `DeviceProfile` holds
 bytes and bytes/s so that the planner and the emulator never convert twice.
@@ -17,7 +17,9 @@ from .errors import EdgeMoeError
 from .files import write_text_atomic
 
 FORMAT_VERSION = 1
-PROFILE_DIR = Path(__file__).with_name("device_profiles")
+# installed: edge_moe/device_profiles; in a source checkout (or an editable install): the repository's profiles/
+PROFILE_DIR = next((d for d in (Path(__file__).with_name("device_profiles"), Path(__file__).parents[1] / "profiles")
+                    if d.is_dir()), Path(__file__).with_name("device_profiles"))
 
 # section -> field -> (kind, lower bound, upper bound); kind "num" needs a [sources] entry, "str" does not
 SCHEMA: dict[str, dict[str, tuple]] = {
