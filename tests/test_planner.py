@@ -109,3 +109,16 @@ def test_a_prefetched_read_hides_behind_at_most_the_compute_it_was_issued_ahead_
     # at any depth)
     r = predict(two_layer_manifest(), stats, profile(), budget=8 * 16384, policy="lru", prefetch=2)
     assert r["decode_tokens_per_second"] == pytest.approx(1 / 0.020, rel=1e-3)
+
+
+def test_unmeasured_device_costs_weight_streaming_plus_per_layer_glue_scaled_by_core_speed():
+    from edge_moe.planner import GLUE_REF_GFLOPS_PER_CORE, LAYER_GLUE_S, STREAM_EFFICIENCY, compute_costs
+
+    p = profile()
+    p.measured = {}
+    p.memory_bandwidth, p.cpu_flops, p.cores = 10e9, 4 * GLUE_REF_GFLOPS_PER_CORE * 1e9 / 2, 4  # cores half as fast
+    costs = compute_costs(manifest(), p)
+    # backbone 1000 bytes minus the 10 x 8 x 4-byte embedding table, plus the top-1 expert, at 60 % of 10 GB/s;
+    # one MoE layer of glue at twice the reference time
+    streamed = (1000 - 10 * 8 * 4 + LENGTH) / (STREAM_EFFICIENCY * 10e9)
+    assert costs["decode_s"] == pytest.approx(streamed + 2 * LAYER_GLUE_S)
