@@ -140,8 +140,9 @@ class ExpertCache(ExpertSource):
             for rank, key in enumerate(predicted):
                 if key in self.resident or key in self.inflight:
                     continue
-                self.gate.note(key, ahead, min(rank, 8))
-                if not self.gate.allows(ahead, min(rank, 8)):
+                rank = min(rank, 8)  # a prefill's long tail of predictions shares one bucket
+                self.gate.note(key, ahead, rank)
+                if not self.gate.allows(ahead, rank):
                     self.stats.prefetch_skipped += 1
                     continue
                 if not self._make_room(self.size(key), keep, wait=False, incoming=key):

@@ -151,11 +151,11 @@ def predict(manifest: Manifest, stats: dict, profile: DeviceProfile, *, budget: 
     # decode streams expert weights from DRAM: their compute shrinks with their bytes, the backbone's does not
     resident = costs["decode_s"] - costs["expert_compute_s"] * (1 - scale)
     miss_s = costs["miss_compute_s"] if scale == 1.0 else S / costs["hash_bandwidth"]
+    # a layer's predicted reads start when the layer `prefetch` ahead of it routes: they can hide behind at most
+    # that much compute, and the rest of each read is a stall (slow flash: most of it)
+    lead = prefetch * resident / compute_scale / max(1, len(manifest.config["moe_layers"]))
     times, reads, pos, visit = [], [], 0, 0
     for n_layers in per_visit:
-        # a layer's predicted reads start when the layer `prefetch` ahead of it routes: they can hide behind at
-        # most that much compute, and the rest of each read is a stall (slow flash: most of it)
-        lead = prefetch * resident / compute_scale / max(1, len(manifest.config["moe_layers"]))
         loaded = io = stall = 0.0
         for layer_keys in trace[visit:visit + n_layers]:
             n = len(layer_keys)

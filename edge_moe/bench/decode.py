@@ -28,6 +28,7 @@ def decode_run(model, prompt_ids: list[int], new_tokens: int) -> dict:
         "decode_tokens_per_second": (count - 1) / decode_seconds,
         "decode_share_outside_ort": 1.0 - (clock.seconds - ort_at_first) / decode_seconds,
         "generated_tokens": count,
+        "total_seconds": end - start,
     }
 
 
