@@ -59,6 +59,7 @@ class ExpertCache(ExpertSource):
         super().__init__(trace)
         _return_freed_memory()
         self.manifest, self.store, self.policy, self.budget = manifest, store, policy, int(budget)
+        self._sizes = {key: record_footprint(record) for key, record in manifest.experts.items()}
         self.resident: dict[tuple, ResidentExpert] = {}
         self.inflight: dict[tuple, Future] = {}
         self.pinned: set[tuple] = set()
@@ -75,7 +76,7 @@ class ExpertCache(ExpertSource):
         self._lock = threading.RLock()
 
     def size(self, key) -> int:
-        return record_footprint(self.manifest.experts[key])
+        return self._sizes[key]
 
     # The generation loop's side -------------------------------------------------------------------------
 

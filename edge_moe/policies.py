@@ -150,6 +150,7 @@ class AdaptivePolicy(BasePolicy):
         if not 0.0 <= route_weight <= 1.0:
             raise EdgeMoeError(f"adaptive policy: route_weight={route_weight} must lie in [0, 1]")
         self._decay = 2.0 ** (-1.0 / half_life)  # per visit of the expert's layer
+        self._log_decay = np.log(self._decay)
         self._route_w = route_weight
         self._L = num_layers or 1
         self._cur = None  # layer being visited now
@@ -167,7 +168,8 @@ class AdaptivePolicy(BasePolicy):
         self._total_visits = 0
         # decayed sums over picks that had a previous visit: repeats, and the repeats p alone predicts
         self._rep = self._rep_expected = self._rep_n = 0.0
-        self._version, self._grid_version, self._grid = 0, -1, []  # scores memoized until an event changes them
+        # scores memoized until an event changes them, as an array and (for victim) as lists of rows
+        self._version, self._grid_version, self._grid, self._grid_rows = 0, -1, None, None
 
     def _ensure(self, layer: int, index: int) -> None:
         rows, cols = self._f.shape
@@ -225,11 +227,23 @@ class AdaptivePolicy(BasePolicy):
         self._routed[layer] = True
 
     def on_predict(self, keys, now):
-        self._version += 1
+        shape = self._f.shape
+        patch = self._grid_version == self._version
         for layer, index in keys:
             self._ensure(layer, index)
             # predicted for the coming visit of its layer (the one after, if that layer is running now)
             self._pred[layer, index] = self._visits[layer] + (1 if layer == self._cur else 0)
+        if patch and self._f.shape == shape:
+            # a predicted expert's score is its layer's distance alone (p1 = 1): patch the memoized scores instead
+            # of recomputing them all (the prefetcher predicts at every layer, just before the cache asks for victims)
+            cur = self._cur if self._cur is not None else 0
+            for layer, index in keys:
+                score = ((layer - cur - 1) % self._L + 1) * 1e12 - float(self._last[layer, index])
+                self._grid[layer, index] = score
+                if self._grid_rows is not None:
+                    self._grid_rows[layer][index] = score
+        else:
+            self._version += 1
 
     def rho(self) -> float:
         """Fitted probability that an expert picked at a layer's visit is picked again at the next one
@@ -247,45 +261,54 @@ class AdaptivePolicy(BasePolicy):
 
     def victim(self, candidates):
         self._check(candidates)
-        g = self._scores()
-        return max(candidates, key=lambda k: g[k[0]][k[1]])  # the first of equal scores, as a plain loop would
+        self._scores()
+        if self._grid_rows is None:  # Python lists: ~150 lookups cost less than converting keys for numpy
+            self._grid_rows = self._grid.tolist()
+        g = self._grid_rows
+        scores = [g[layer][index] for layer, index in candidates]
+        return candidates[scores.index(max(scores))]  # the first of equal scores
 
     def should_replace(self, victim, incoming):
         # a prediction is only worth the victim's room if the victim's next use is expected later
         g = self._scores()
-        return g[victim[0]][victim[1]] > g[incoming[0]][incoming[1]]
+        return bool(g[victim] > g[incoming])
 
-    def _scores(self) -> list[list[float]]:
-        """[layer][index] -> expected steps to the next use (x 1e12, minus recency to break ties): larger is
-        evicted first. Memoized until the next event that changes it (an access, router scores, predictions)."""
+    def _scores(self) -> np.ndarray:
+        """[layer, index] -> expected steps to the next use (x 1e12, minus recency to break ties): larger is
+        evicted first. Memoized until the next event that changes it (an access, router scores, predictions);
+        it runs on the generation loop's thread about twice a layer, so it is written for few numpy calls."""
         if self._grid_version == self._version:
             return self._grid
-        L, rows = self._L, self._f.shape[0]
+        L = self._L
         cur = self._cur if self._cur is not None else 0
-        layers = np.arange(rows)
+        layers = np.arange(self._f.shape[0])
         d = ((layers - cur - 1) % L + 1)[:, None]  # steps until the layer runs again (L if it is running now)
         v = self._visits[:, None]
-        decay = self._decay
-        full = np.where(v > 0, (1.0 - decay ** v) / (1.0 - decay), 0.0)  # decayed picks of "picked every visit"
-        with np.errstate(divide="ignore", invalid="ignore"):
-            p = np.where(full > 0, np.minimum(1.0, self._f * decay ** (v - self._at) / full), 0.0)
-            if self._route_w > 0 and self._routed.any():
-                # router probabilities sum to 1 over E experts, picks to top-k: scale by the observed k
-                topk = self._picks / max(1, self._total_visits)
-                routed = (1.0 - self._route_w) * p + self._route_w * np.minimum(1.0, topk * self._route)
-                p = np.where(self._routed[:, None], routed, p)
-            # a repeat is only pending if the expert was picked at its layer's latest visit and that visit is
-            # over (while its layer runs, a candidate of that layer was not picked this time)
-            rho = self.rho()
-            repeat = (self._at == v) & (self._f > 0) & (layers != self._cur)[:, None]
-            p1 = np.where(repeat, rho + (1.0 - rho) * p, p)
-            p1 = np.where(self._pred >= v, 1.0, p1)
-            # furthest expected next use: as if the next-visit probability p1 held at every visit. The exact
-            # expectation under the model, d + L * (1 - p1) / p, lets the long tail of rare experts dominate and
-            # loses to LRU on correlated traces (0.46 vs 0.60 hit rate); this short-horizon form keeps
-            # just-picked experts and equals the exact one for independent routing (p1 = p)
-            score = np.where(p1 > 0, (d + L * (1.0 - p1) / p1) * 1e12 - self._last, np.inf)
-        self._grid, self._grid_version = score.tolist(), self._version
+        # p: decayed picks over the decayed picks of "picked at every visit" (0 for a layer never visited)
+        full = (1.0 - self._decay ** np.maximum(v, 1)) / (1.0 - self._decay)
+        p = np.minimum(1.0, self._f * np.exp(self._log_decay * (v - self._at)) / full)
+        if self._route_w > 0 and self._routed.any():
+            # router probabilities sum to 1 over E experts, picks to top-k: scale by the observed k
+            topk = self._picks / max(1, self._total_visits)
+            routed = (1.0 - self._route_w) * p + self._route_w * np.minimum(1.0, topk * self._route)
+            p = np.where(self._routed[:, None], routed, p)
+        # a repeat is only pending if the expert was picked at its layer's latest visit and that visit is
+        # over (while its layer runs, a candidate of that layer was not picked this time)
+        rho = self.rho()
+        repeat = (self._at == v) & (self._f > 0)
+        if self._cur is not None and self._cur < len(layers):
+            repeat[self._cur] = False
+        p1 = np.where(repeat, rho + (1.0 - rho) * p, p)
+        p1[self._pred >= v] = 1.0
+        # furthest expected next use: as if the next-visit probability p1 held at every visit. The exact
+        # expectation under the model, d + L * (1 - p1) / p, lets the long tail of rare experts dominate and
+        # loses to LRU on correlated traces (0.46 vs 0.60 hit rate); this short-horizon form keeps
+        # just-picked experts and equals the exact one for independent routing (p1 = p)
+        never = p1 <= 0
+        p1[never] = 1.0  # scored below as never used again
+        score = (d + L * (1.0 - p1) / p1) * 1e12 - self._last
+        score[never] = np.inf
+        self._grid, self._grid_version, self._grid_rows = score, self._version, None
         return self._grid
 
 
