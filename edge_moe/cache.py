@@ -82,6 +82,15 @@ class ExpertCache(ExpertSource):
 
     def fetch(self, layer: int, experts: list[int]):
         """Returns a generator of ResidentExpert in the order of `experts`; all misses are submitted now."""
+        return (expert for _, expert in self._hand_out(self._lookup(layer, experts), ready_first=False))
+
+    def fetch_ready_first(self, layer: int, experts: list[int]):
+        """Like fetch, but yields (position in `experts`, ResidentExpert) with the experts that are ready first, so
+        the caller computes them while the misses are still reading (it must combine results by position)."""
+        return self._hand_out(self._lookup(layer, experts), ready_first=True)
+
+    def _lookup(self, layer: int, experts: list[int]) -> list[tuple]:
+        """Counts hits and misses, records the trace and submits the misses' reads; returns the keys."""
         keys = [(layer, int(e)) for e in experts]
         with self._lock:
             self._layer = layer
@@ -102,12 +111,19 @@ class ExpertCache(ExpertSource):
             self.stats.hits += sum(hits)
             self.stats.misses += len(hits) - sum(hits)
             self.record(layer, experts, hits)
-        return self._hand_out(keys)
+        return keys
 
-    def _hand_out(self, keys):
-        for j, key in enumerate(keys):
+    def _ready(self, key) -> bool:
+        return key in self.resident or (key in self.inflight and self.inflight[key].done())
+
+    def _hand_out(self, keys, ready_first: bool):
+        todo = list(range(len(keys)))
+        while todo:
             with self._lock:
-                self._protected = set(keys[j:])  # experts already computed may now be evicted
+                self._protected = {keys[j] for j in todo}  # experts already computed may now be evicted
+                j = next((j for j in todo if self._ready(keys[j])), todo[0]) if ready_first else todo[0]
+                todo.remove(j)
+                key = keys[j]
                 self.now += 1
                 expert = self.resident.get(key)
                 if expert is None and key not in self.inflight:
@@ -126,7 +142,7 @@ class ExpertCache(ExpertSource):
                     expert = self._admit(key)
             with self._lock:
                 self.policy.on_access(key, self.now)
-            yield expert
+            yield j, expert
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Starts reads of predicted experts of a later layer, best first, while room can be made."""

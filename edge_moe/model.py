@@ -91,21 +91,30 @@ class Forward:
             groups = [(int(e), None, j) for j, e in enumerate(indices[0])]
         else:  # prefill: each expert once, on all the tokens routed to it
             groups = list(group_by_expert(indices))
-        experts = self.experts.fetch(layer, [g[0] for g in groups])  # misses start reading now
+        chosen = [g[0] for g in groups]
+        # misses start reading now; a cache hands out the experts that are ready first
+        ready_first = getattr(self.experts, "fetch_ready_first", None)
+        experts = ready_first(layer, chosen) if ready_first else enumerate(self.experts.fetch(layer, chosen))
         if self.predictor is not None:
-            self.predictor.observe(layer, [g[0] for g in groups])
+            self.predictor.observe(layer, chosen)
             for target, predicted in self.predictor.predict(layer, residual).items():
                 self.experts.prefetch(target, predicted)  # queued behind this layer's own misses
+        # results are summed in routing order whatever order the experts came in: the same floating-point sum
+        # (and so the same tokens) as with every expert resident
+        parts = [None] * len(groups)
         if x.shape[0] == 1:
-            out = None
-            for (_, _, j), expert in zip(groups, experts):
-                y = self.kernels.run(expert, x) * weights[0, j]
-                out = y if out is None else out + y
+            for i, expert in experts:
+                parts[i] = self.kernels.run(expert, x) * weights[0, groups[i][2]]
+            out = parts[0]
+            for y in parts[1:]:
+                out = out + y
             return out
+        for i, expert in experts:
+            _, rows, slots = groups[i]
+            parts[i] = self.kernels.run(expert, x[rows]) * weights[rows, slots][:, None]
         out = np.zeros_like(x)
-        for (_, rows, slots), expert in zip(groups, experts):
-            # a token meets an expert at most once, so rows are unique and += is exact
-            out[rows] += self.kernels.run(expert, x[rows]) * weights[rows, slots][:, None]
+        for (_, rows, _), y in zip(groups, parts):
+            out[rows] += y  # a token meets an expert at most once, so rows are unique and += is exact
         return out
 
     def logits(self, h: np.ndarray) -> np.ndarray:

@@ -181,3 +181,38 @@ def test_prefetch_gate_skips_reads_of_predictions_that_are_mostly_wrong(package)
     assert cache.stats.prefetch_skipped == 1 and cache.stats.prefetch_issued == 1
     list(cache.fetch(1, [2, 3]))  # both were used: the gate learns from the skipped prediction too
     assert cache.gate.counts[(1, 0)] == [11.0, 101.0]
+
+
+def test_ready_first_hands_out_resident_experts_while_a_miss_reads(package):
+    """The generation loop computes the experts it has while a miss is still on its way, and learns each one's
+    position; a plain fetch keeps routing order (the loop sums results in routing order either way: test above)."""
+    manifest = Manifest.load(package)
+    store = store_for(manifest)
+    cache = ExpertCache(manifest, store, make_policy("lru"), full_budget(manifest))
+    list(cache.fetch(0, [1]))  # (0, 1) is resident now
+    held = {}
+    real_submit = store.submit
+
+    def submit(key, into=None, priority=0):
+        if key == (0, 2):  # this read does not land until the test says so
+            held["future"] = future = cache_module.concurrent.futures.Future()
+            held["args"] = (key, into)
+            return future
+        return real_submit(key, into=into, priority=priority)
+
+    def land():
+        if held["future"].set_running_or_notify_cancel():
+            held["future"].set_result(store.read(*held["args"]))
+
+    store.submit = submit
+    handed = cache.fetch_ready_first(0, [2, 1])
+    safety = threading.Timer(5.0, land)  # lands the read anyway, so a wrong order fails instead of hanging
+    safety.start()
+    position, expert = next(handed)
+    landed_first = held["future"].done()
+    safety.cancel()
+    assert (position, expert.record.key) == (1, (0, 1)) and not landed_first  # handed out before the miss landed
+    land()
+    position, expert = next(handed)
+    assert (position, expert.record.key) == (0, (0, 2))
+    assert list(handed) == []

@@ -22,6 +22,9 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature of the cache runs (seeded: every configuration makes the same tokens)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every cache configuration this many times, round after round, and report medians "
+                        "(ratios are taken within a round first): for noisy machines")
     p.add_argument("--skip-decode", action="store_true", help="only the cache table")
     p.add_argument("--emulate", metavar="PROFILE", help="cache runs under a device profile: its threads and flash "
                                                         "bandwidth, and its RAM as a real limit where allowed")
@@ -43,11 +46,13 @@ def run(args) -> int:
         if cache.get("emulation"):
             print("\n".join(cache["emulation"]) + "\n  (the all-resident reference runs without the RAM limit)")
         flash = "emulated flash" if args.emulate else "raw O_DIRECT sequential read"
-        print_table(f"expert cache: {args.tokens} tokens after a {args.prompt_tokens}-token prompt; {flash} "
-                    f"{cache['raw_sequential_bandwidth'] / 1e9:.2f} GB/s; hit rates over decode",
-                    cache["rows"])
+        rounds = f"medians of {args.rounds} rounds; " if args.rounds > 1 else ""
+        print_table(f"expert cache: {args.tokens} tokens after a {args.prompt_tokens}-token prompt; {rounds}{flash} "
+                    f"measured before each run (raw_GB_s; median {cache['raw_sequential_bandwidth'] / 1e9:.2f} GB/s); "
+                    "hit rates over decode", cache["rows"])
         print_table("decode floor per budget: max(all-resident decode time, OPT misses x expert bytes / raw "
                     "bandwidth) per token; <config>_of_floor = measured / floor tok/s", cache["floors"])
+        print_table("decode speed ratios per budget, each within a round (median over rounds)", cache["targets"])
     if args.json:
         write_json(args.json, results)
     return 0
