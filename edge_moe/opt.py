@@ -114,6 +114,24 @@ def simulate(policy_or_name, trace, sizes: Mapping[Key, int], capacity_bytes: in
     return _result(flags, loaded)
 
 
+class KnownFrequencyLFU(BasePolicy):
+    """LFU that knows, before the trace starts, how often every key occurs in the whole trace: evicts the candidate
+    used least overall. Not implementable online (the counts include the future); a reference for how far an online
+    frequency estimate (lfu, adaptive) falls short of perfect knowledge of popularity, as OPT is for everything."""
+
+    name = "lfu-known-frequencies"
+
+    def __init__(self, trace: Iterable[Iterable[Key]]):
+        self.count: dict[Key, int] = {}
+        for step in trace:
+            for key in set(step):
+                self.count[key] = self.count.get(key, 0) + 1
+
+    def victim(self, candidates):
+        self._check(candidates)
+        return min(candidates, key=lambda k: self.count.get(k, 0))  # the first of equal counts
+
+
 def belady(trace, sizes: Mapping[Key, int], capacity_bytes: int, *, observe: Observer | None = None) -> SimResult:
     """Belady's OPT (furthest next use first) under the step constraint.
 

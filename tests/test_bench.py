@@ -35,3 +35,8 @@ def test_bench_tables_and_opt_bound(tiny_package, tmp_path, capsys):
         assert abs(t["vs_lru_no_prefetch"] - sum(ratios) / 2) < 1e-9
         assert abs(t["vs_no_cache"] - sum(a / b for a, b in zip(tok[name], tok["no-cache"])) / 2) < 1e-9
     assert "decode speed ratios" in printed
+    # the offline replay: OPT reads no more than any policy, the known-frequency LFU included
+    for row in results["cache"]["replay"]:
+        reads = {k: v for k, v in row.items() if k.endswith("_MiB_per_tok") and k != "opt_MiB_per_tok"}
+        assert set(reads) == {"lru_MiB_per_tok", "adaptive_MiB_per_tok", "lfu-known-frequencies_MiB_per_tok"}
+        assert all(row["opt_MiB_per_tok"] <= v + 1e-9 for v in reads.values())

@@ -16,7 +16,7 @@ import numpy as np
 from ..budget import full_budget, parse_budget, record_footprint
 from ..errors import EdgeMoeError
 from ..manifest import Manifest
-from ..opt import belady
+from ..opt import KnownFrequencyLFU, belady, simulate
 from ..store import ExpertStore
 
 
@@ -114,7 +114,7 @@ def cache_rows(args, manifest: Manifest, prompt: list[int]) -> dict:
         if budget is not None and budget not in opt_by_budget:
             steps, mask = opt_steps(trace, sizes, budget)
             opt = belady(steps, sizes, budget)
-            misses = sum(1 for f, d in zip(opt.hit_flags, mask) if d and not f)
+            misses = _decode_misses(opt.hit_flags, mask)
             opt_by_budget[budget] = (opt.hit_flags, mask, misses / decode_tokens * mean_size)
 
     def run_row(name: str, budget: int | None, out: dict) -> dict:
@@ -153,6 +153,7 @@ def cache_rows(args, manifest: Manifest, prompt: list[int]) -> dict:
                                    "stats": [out["stats"] for out in runs[name]]})
     results["rows"] = rows
     results["floors"], results["targets"] = _floors_and_targets(args, configs, runs, opt_by_budget)
+    results["replay"] = _demand_replay(args, configs, trace, sizes, decode_tokens, opt_by_budget)
     results["raw_sequential_bandwidth"] = _median([out["raw_bandwidth"] for rs in runs.values() for out in rs])
     results["expert_bytes"] = full_budget(manifest)
     return results
@@ -188,3 +189,27 @@ def _floors_and_targets(args, configs, runs, opt_by_budget) -> tuple[list[dict],
                 "of_floor": row[f"{name.split(' @')[0]}_of_floor"],
                 "per_round_vs_lru": " ".join(f"{tok_s[name][r] / tok_s[baseline][r]:.2f}" for r in rounds)})
     return floors, targets
+
+
+def _demand_replay(args, configs, trace, sizes, decode_tokens, opt_by_budget) -> list[dict]:
+    """The recorded trace replayed offline without prefetch: MiB a decoded token must read under each policy, under
+    LFU knowing every expert's frequency over the whole trace in advance, and under OPT. What no online policy can
+    read less than, roughly, is between the best policy and the known-frequency LFU; OPT also knows the order."""
+    mean_size = float(np.mean(list(sizes.values())))
+    rows = []
+    for text in args.budgets.split(","):
+        budget = next(b for name, b, _ in configs if name.endswith(f" @{text}"))
+        steps, mask = opt_steps(trace, sizes, budget)
+        policies = {p: p for p in dict.fromkeys(["lru"] + args.policies.split(","))}
+        policies["lfu-known-frequencies"] = KnownFrequencyLFU(steps)
+        row = {"budget": text}
+        for name, policy in policies.items():
+            flags = simulate(policy, steps, sizes, budget).hit_flags
+            row[f"{name}_MiB_per_tok"] = _decode_misses(flags, mask) * mean_size / decode_tokens / 2**20
+        row["opt_MiB_per_tok"] = opt_by_budget[budget][2] / 2**20
+        rows.append(row)
+    return rows
+
+
+def _decode_misses(flags, mask) -> int:
+    return sum(1 for f, d in zip(flags, mask) if d and not f)

@@ -53,6 +53,8 @@ def run(args) -> int:
         print_table("decode floor per budget: max(all-resident decode time, OPT misses x expert bytes / raw "
                     "bandwidth) per token; <config>_of_floor = measured / floor tok/s", cache["floors"])
         print_table("decode speed ratios per budget, each within a round (median over rounds)", cache["targets"])
+        print_table("the recorded trace replayed offline without prefetch: MiB read per decoded token",
+                    cache["replay"])
     if args.json:
         write_json(args.json, results)
     return 0
