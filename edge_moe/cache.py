@@ -100,8 +100,7 @@ class ExpertCache(ExpertSource):
             hits = []
             room = True
             for key in keys:
-                hit = key in self.resident or (key in self.inflight and self.inflight[key].done())
-                hits.append(hit)
+                hits.append(self._ready(key))
                 if room and key not in self.resident and key not in self.inflight:
                     # A prefill layer may route to more experts than the budget holds at once: read what fits
                     # now, the rest in turn as earlier ones are computed and can make room (_hand_out).

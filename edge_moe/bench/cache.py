@@ -109,20 +109,21 @@ def cache_rows(args, manifest: Manifest, prompt: list[int]) -> dict:
     trace = resident["trace"]
     decode_mask_all = [e["step"] > 1 for e in trace for _ in e["experts"]]
     decode_tokens = max(args.tokens - 1, 1)
+    # budget text -> bytes, and per budget bytes the trace as OPT's steps, OPT's hit flags, decode mask and bytes
+    budgets = {name.split(" @")[1]: b for name, b, _ in configs if b is not None}
     opt_by_budget = {}
-    for _, budget, _ in configs:
-        if budget is not None and budget not in opt_by_budget:
-            steps, mask = opt_steps(trace, sizes, budget)
-            opt = belady(steps, sizes, budget)
-            misses = _decode_misses(opt.hit_flags, mask)
-            opt_by_budget[budget] = (opt.hit_flags, mask, misses / decode_tokens * mean_size)
+    for budget in set(budgets.values()):
+        steps, mask = opt_steps(trace, sizes, budget)
+        opt = belady(steps, sizes, budget)
+        opt_by_budget[budget] = (steps, opt.hit_flags, mask, _decode_misses(opt.hit_flags, mask) * mean_size
+                                 / decode_tokens)
 
     def run_row(name: str, budget: int | None, out: dict) -> dict:
         s = out["stats"]
         if out["token_ids"] != resident["token_ids"]:
             raise EdgeMoeError(f"{name}: generated different tokens than all-resident; this is a bug, please report")
         hit = decode_hit_rate([h for e in out["trace"] for h in e["hit"]], decode_mask_all)
-        opt_hit = decode_hit_rate(*opt_by_budget[budget][:2]) if budget is not None else None
+        opt_hit = decode_hit_rate(*opt_by_budget[budget][1:3]) if budget is not None else None
         busy = s.get("read_busy_seconds") or 0.0
         throughput = s["bytes_read"] / busy if busy else 0.0
         rss_over = s["peak_rss_bytes"] - s["rss_baseline_bytes"]
@@ -141,7 +142,7 @@ def cache_rows(args, manifest: Manifest, prompt: list[int]) -> dict:
     rows = []
     for name, budget, _ in configs:
         per_run = [run_row(name, budget, out) for out in runs[name]]
-        row = {k: (_median([p[k] for p in per_run]) if isinstance(v, float) and not isinstance(v, bool) else v)
+        row = {k: (_median([p[k] for p in per_run]) if isinstance(v, float) else v)
                for k, v in per_run[0].items()}
         if budget is not None:
             row["rss_ok"] = "yes" if all(p["rss_ok"] == "yes" for p in per_run) else "NO"
@@ -152,23 +153,22 @@ def cache_rows(args, manifest: Manifest, prompt: list[int]) -> dict:
         results["configs"].append({"name": row["config"], "budget_bytes": budget, **row, "runs": per_run,
                                    "stats": [out["stats"] for out in runs[name]]})
     results["rows"] = rows
-    results["floors"], results["targets"] = _floors_and_targets(args, configs, runs, opt_by_budget)
-    results["replay"] = _demand_replay(args, configs, trace, sizes, decode_tokens, opt_by_budget)
+    results["floors"], results["targets"] = _floors_and_targets(budgets, configs, runs, opt_by_budget)
+    results["replay"] = _demand_replay(args.policies, budgets, sizes, mean_size / decode_tokens, opt_by_budget)
     results["raw_sequential_bandwidth"] = _median([out["raw_bandwidth"] for rs in runs.values() for out in rs])
     results["expert_bytes"] = full_budget(manifest)
     return results
 
 
-def _floors_and_targets(args, configs, runs, opt_by_budget) -> tuple[list[dict], list[dict]]:
+def _floors_and_targets(budgets, configs, runs, opt_by_budget) -> tuple[list[dict], list[dict]]:
     """Per budget, the floor max(all-resident decode time, OPT's decode reads / raw bandwidth) per token, each
     round's own (its all-resident run, the raw bandwidth measured before the run in question); and per policy the
     issue's speed ratios, each taken within a round, medians over rounds."""
     tok_s = {name: [out["stats"]["decode_tokens_per_second"] for out in rs] for name, rs in runs.items()}
     floors, targets = [], []
-    for text in args.budgets.split(","):
+    for text, budget in budgets.items():
         names = [name for name, _, _ in configs if name.endswith(f" @{text}")]
-        budget = next(b for name, b, _ in configs if name == names[0])
-        flags, mask, opt_bytes = opt_by_budget[budget]
+        _, flags, mask, opt_bytes = opt_by_budget[budget]
 
         def floor_seconds(name, r):
             return max(1 / tok_s["all-resident"][r], opt_bytes / runs[name][r]["raw_bandwidth"])
@@ -191,22 +191,20 @@ def _floors_and_targets(args, configs, runs, opt_by_budget) -> tuple[list[dict],
     return floors, targets
 
 
-def _demand_replay(args, configs, trace, sizes, decode_tokens, opt_by_budget) -> list[dict]:
+def _demand_replay(policy_names: str, budgets, sizes, bytes_per_decode_miss, opt_by_budget) -> list[dict]:
     """The recorded trace replayed offline without prefetch: MiB a decoded token must read under each policy, under
     LFU knowing every expert's frequency over the whole trace in advance, and under OPT. What no online policy can
     read less than, roughly, is between the best policy and the known-frequency LFU; OPT also knows the order."""
-    mean_size = float(np.mean(list(sizes.values())))
     rows = []
-    for text in args.budgets.split(","):
-        budget = next(b for name, b, _ in configs if name.endswith(f" @{text}"))
-        steps, mask = opt_steps(trace, sizes, budget)
-        policies = {p: p for p in dict.fromkeys(["lru"] + args.policies.split(","))}
+    for text, budget in budgets.items():
+        steps, _, mask, opt_bytes = opt_by_budget[budget]
+        policies = {p: p for p in dict.fromkeys(["lru"] + policy_names.split(","))}
         policies["lfu-known-frequencies"] = KnownFrequencyLFU(steps)
         row = {"budget": text}
         for name, policy in policies.items():
             flags = simulate(policy, steps, sizes, budget).hit_flags
-            row[f"{name}_MiB_per_tok"] = _decode_misses(flags, mask) * mean_size / decode_tokens / 2**20
-        row["opt_MiB_per_tok"] = opt_by_budget[budget][2] / 2**20
+            row[f"{name}_MiB_per_tok"] = _decode_misses(flags, mask) * bytes_per_decode_miss / 2**20
+        row["opt_MiB_per_tok"] = opt_bytes / 2**20
         rows.append(row)
     return rows
 
