@@ -68,3 +68,18 @@ def parse_budget(value, manifest: Manifest) -> int:
                            f"({minimum / 2**20:.1f} MiB: the largest layer's top-{manifest.config['top_k']} "
                            "experts); raise the budget")
     return nbytes
+
+
+def check_memory(nbytes: int, purpose: str, fix: str) -> None:
+    """Refuses, before allocating, what this machine's available memory (RAM plus free swap) cannot hold: a
+    manifest's sizes are bounded by the bytes on disk, not by RAM.
+
+    Raises:
+        EdgeMoeError: naming the bytes needed and available, and `fix`.
+    """
+    import psutil
+
+    available = psutil.virtual_memory().available + psutil.swap_memory().free
+    if nbytes > available:
+        raise EdgeMoeError(f"{purpose} needs {nbytes / 2**30:.2f} GiB of memory and this machine has "
+                           f"{available / 2**30:.2f} GiB available; {fix}")

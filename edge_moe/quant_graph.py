@@ -21,6 +21,7 @@ from onnx import helper
 from .onnx_build import GraphBuilder
 
 ACCURACY_LEVEL = 4
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits takes
 MS_DOMAIN = "com.microsoft"
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .baselines import MmapExperts, NoCacheExperts
-from .budget import parse_budget
+from .budget import check_memory, full_budget, parse_budget
 from .accelerator import build_tier
 from .cache import ExpertCache, store_for
 from .devices import resolve_device
@@ -51,6 +51,8 @@ class Model:
         elif baseline is not None:
             raise EdgeMoeError(f"baseline {baseline!r} is unknown; choose mmap or no-cache")
         elif self.budget is None:
+            check_memory(full_budget(manifest), "keeping every expert resident", "pass --budget 25% (budget=...) "
+                         "to stream experts from flash")
             with tqdm(total=len(manifest.experts), desc="load experts", unit="expert", disable=not progress) as bar:
                 self.experts = AllResidentExperts(manifest, self.store, bar, trace=self.trace)
         else:

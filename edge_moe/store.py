@@ -27,6 +27,7 @@ import numpy as np
 import xxhash
 
 from edge_moe.errors import EdgeMoeError
+from edge_moe.package_files import OPEN_FLAGS, check_regular_fd
 
 ALIGN = 4096  # O_DIRECT needs offset, length and buffer address aligned to the logical block size
 _CHECKSUM_RE = re.compile(r"^xxh3_64:([0-9a-f]{16})$")
@@ -289,8 +290,9 @@ class ExpertStore:
         with self._lock:
             fd = self._fds.get((path, direct))
             if fd is None:
-                fd = os.open(path, os.O_RDONLY | (_O_DIRECT if direct else 0))
-                self._fds[(path, direct)] = fd
+                # a blob swapped for a FIFO, device or link after load must neither block nor lead elsewhere
+                fd = os.open(path, OPEN_FLAGS | (_O_DIRECT if direct else 0))
+                self._fds[(path, direct)] = check_regular_fd(fd, path, "expert blob")
             return fd
 
     def _read_into(self, loc: ExpertLocation, buf: np.ndarray, start: int, need: int) -> bool:

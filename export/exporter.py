@@ -17,7 +17,7 @@ from tqdm import tqdm
 import edge_moe
 from edge_moe.errors import EdgeMoeError
 from edge_moe.expert_graph import ExpertShape, build_expert_graph
-from edge_moe.manifest import FORMAT_VERSION
+from edge_moe.manifest import ExpertRecord, Manifest
 from edge_moe.onnx_build import GraphBuilder
 
 from .checkpoint import Checkpoint
@@ -100,15 +100,17 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         tokenizer = checkpoint.tokenizer_path()
         if tokenizer:
             shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
-        staged.write_json("manifest.json", {
-            "format_version": FORMAT_VERSION, "edge_moe_version": edge_moe.__version__,
-            "family": family.model_type, "dtype": dtype, "config": dataclasses.asdict(arch),
-            "source_config": checkpoint.config, "tokenizer": "tokenizer.json" if tokenizer else None,
-            "backbone": backbone, "experts": experts,
-            **({"quantization": {"bits": bits, "block_size": block_size, "zero_points": zero_points,
-                                 "expert_bytes_target": expert_bytes, "calibration": calibration and
-                                 Path(calibration).name}} if bits is not None else {}),
-        })
+        root = staged.path
+        Manifest(
+            root=root, family=family.model_type, dtype=dtype, config=dataclasses.asdict(arch),
+            source_config=checkpoint.config, tokenizer=root / "tokenizer.json" if tokenizer else None,
+            embed=root / backbone["embed"], layers=[root / p for p in backbone["layers"]], head=root / backbone["head"],
+            backbone_bytes=backbone["bytes"], backbone_blob=root / backbone["blob"], routers=backbone["routers"],
+            experts={record.key: record for record in experts}, edge_moe_version=edge_moe.__version__,
+            quantization={"bits": bits, "block_size": block_size, "zero_points": zero_points,
+                          "expert_bytes_target": expert_bytes,
+                          "calibration": calibration and Path(calibration).name} if bits is not None else None,
+        ).save()
         return staged.commit()
     except BaseException:
         staged.abort()
@@ -181,7 +183,7 @@ def expert_tensors(shape: ExpertShape, gate: np.ndarray, up: np.ndarray, down: n
             "down_proj": down.T.astype(shape.dtype)}
 
 
-def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
+def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[ExpertRecord]:
     (root / "experts").mkdir()
     arch, records = family.arch, []
     for layer in arch.moe_layers:
@@ -196,15 +198,13 @@ def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
                 writer.write(name, array, str(array.dtype))
             del gate, up, down
             offset, length, checksum = writer.finish()
-            external = {t["name"]: (blob_name, offset + t["offset"], t["nbytes"]) for t in writer.tensors}
+            external = {t.name: (blob_name, offset + t.offset, t.nbytes) for t in writer.tensors}
             graph = f"experts/L{layer:03d}_E{index:03d}.onnx"
             _save(build_expert_graph(shape, external), root / graph)
-            quantized = {"block_size": shape.block_size, "zero_points": shape.zero_points} if shape.quantized else {}
-            records.append({"layer": layer, "index": index, "graph": graph, "blob": f"experts/{blob_name}",
-                            "offset": offset, "length": length, "dtype": shape.dtype, "bits": shape.bits,
-                            **quantized, "checksum": checksum,
-                            "kind": shape.kind, "hidden_size": shape.hidden_size, "intermediate_size": ffn,
-                            "tensors": writer.tensors})
+            records.append(ExpertRecord(
+                layer, index, root / graph, root / "experts" / blob_name, offset, length, shape.dtype, checksum,
+                shape.kind, shape.hidden_size, ffn, tuple(writer.tensors),
+                shape.block_size, shape.zero_points))
             bar.update()
         blob.close()
     return records

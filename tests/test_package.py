@@ -42,7 +42,7 @@ def test_manifest_lists_every_expert(tiny_package):
     c = data["config"]
     keys = {(e["layer"], e["index"]) for e in data["experts"]}
     assert keys == {(layer, e) for layer in c["moe_layers"] for e in range(c["num_experts"])}
-    assert data["format_version"] == 1 and data["family"] == "qwen3_moe"
+    assert data["format_version"] == 2 and data["family"] == "qwen3_moe"
 
 
 def test_unknown_model_type_lists_supported(tmp_path):

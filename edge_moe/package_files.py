@@ -1,0 +1,129 @@
+"""The files of a package, opened as untrusted input.
+
+A package is something people download and share: every path its manifest names must stay inside the package
+directory (no absolute path, no `..`, no symlink that leads out), name a regular file (a FIFO would block a read
+forever, a device file would never end), and the files edge_moe reads whole (manifest, tokenizer) have a size
+cap. What the runtime opens itself it opens with O_NOFOLLOW | O_NONBLOCK and checks with fstat after the open, so
+a file swapped for a FIFO or a link between the check and the open is refused too.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path, PurePosixPath
+
+import xxhash
+
+from .errors import EdgeMoeError
+
+MANIFEST_MAX_BYTES = 64 << 20  # a 64-layer, 256-expert model's manifest is about 10 MB
+TOKENIZER_MAX_BYTES = 256 << 20  # the largest tokenizer.json files on the Hub are a few tens of MB
+REEXPORT = "re-export the model with `edge-moe export HF_DIR OUT_DIR`"
+OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_CHUNK = 8 << 20
+
+
+def package_root(root: str | os.PathLike) -> Path:
+    """The package directory, resolved (its own path may go through links: the user chose it)."""
+    path = Path(root)
+    if not path.is_dir():
+        raise EdgeMoeError(f"{path}: no such model directory; pass a package made by `edge-moe export`")
+    return Path(os.path.realpath(path))
+
+
+def confine(root: Path, relative, field: str) -> Path:
+    """The file that manifest field `field` names, checked to be a regular file inside `root` (resolved).
+
+    Raises:
+        EdgeMoeError: not a relative path inside the package, a link leading out of it, missing, not a regular file.
+    """
+    if not isinstance(relative, str) or not relative or "\0" in relative or "\\" in relative:
+        raise EdgeMoeError(f"{root / 'manifest.json'}: {field} is {str(relative)[:80]!r}, not a relative path; "
+                           f"{REEXPORT}")
+    parts = PurePosixPath(relative).parts
+    if PurePosixPath(relative).is_absolute() or ".." in parts:
+        raise EdgeMoeError(f"{root / 'manifest.json'}: {field} {relative[:200]!r} points outside the package; "
+                           f"paths must be relative and inside it; {REEXPORT}")
+    path = root.joinpath(*parts)
+    real = Path(os.path.realpath(path))
+    if real != root and root not in real.parents:
+        raise EdgeMoeError(f"{path}: a symbolic link that leads outside the package (to {real}); replace it with "
+                           f"the file itself, or {REEXPORT}")
+    require_regular(real, field)
+    return real
+
+
+def require_regular(path: Path, field: str = "file") -> os.stat_result:
+    """lstat: the path exists and is a regular file (checked before any open, so a FIFO never blocks)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise EdgeMoeError(f"{path}: {field} is missing from the package; {REEXPORT}") from None
+    except OSError as exc:
+        raise EdgeMoeError(f"{path}: {field} cannot be read ({exc.strerror}); check the package's permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise EdgeMoeError(f"{path}: {field} is a {_kind(st.st_mode)}, not a regular file; {REEXPORT}")
+    return st
+
+
+def open_regular(path: str | os.PathLike, field: str = "file", flags: int = 0) -> int:
+    """An fd of a regular file, opened without following a final link and without blocking on a FIFO.
+
+    Raises:
+        EdgeMoeError: the path is a link, FIFO, device or directory, or cannot be opened.
+    """
+    try:
+        fd = os.open(path, OPEN_FLAGS | flags)
+    except OSError as exc:
+        raise EdgeMoeError(f"{path}: {field} cannot be opened ({exc.strerror}; links are not followed); "
+                           f"{REEXPORT}") from exc
+    return check_regular_fd(fd, path, field)
+
+
+def check_regular_fd(fd: int, path, field: str = "file") -> int:
+    """fstat after the open: returns fd if it is a regular file, else closes it and raises EdgeMoeError."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise EdgeMoeError(f"{path}: {field} is a {_kind(st.st_mode)}, not a regular file; {REEXPORT}")
+    return fd
+
+
+def read_capped(path: Path, limit: int, field: str) -> bytes:
+    """The whole file, refused before reading when it is larger than `limit` bytes."""
+    fd = open_regular(path, field)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise EdgeMoeError(f"{path}: {field} is {size:,} bytes, over the {limit:,}-byte limit; this is not "
+                               f"a file edge_moe wrote ({REEXPORT})")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)[:limit]
+    finally:
+        os.close(fd)
+
+
+def file_checksum(path: str | os.PathLike, field: str = "file") -> tuple[int, str]:
+    """(size, "xxh3_64:<hex>") of a regular file, read in chunks."""
+    fd = open_regular(path, field)
+    hasher = xxhash.xxh3_64()
+    size = 0
+    try:
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            while chunk := f.read(_CHUNK):
+                hasher.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise EdgeMoeError(f"{path}: {field} cannot be read ({exc.strerror}); check the disk and the package") from None
+    finally:
+        os.close(fd)
+    return size, f"xxh3_64:{hasher.hexdigest()}"
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link")):
+        if test(mode):
+            return name
+    return "special file"
