@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edge_moe_export import synthetic
 
-    from . import planner, profiler
+    from . import planner, profiler, verify
     from .bench import command as bench
 
     # Commands that live in their own module, each with add_arguments(parser) and run(args).
@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", bench, "benchmarks: decode speed and floors, the expert cache (prints tables, --json writes one)"),
         ("profile", profiler, "measure this machine (disk, memory, expert compute) and write a device profile"),
         ("plan", planner, "predict speed and memory on a device profile; recommend budget, policy, ..."),
+        ("verify", verify, "check every byte of a package against its checksums and list what is wrong"),
     ):
         p = sub.add_parser(name, help=help_text)
         module.add_arguments(p)

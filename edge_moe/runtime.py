@@ -109,6 +109,11 @@ class Model:
             if self.tokenizer is None:
                 raise EdgeMoeError(f"{self.manifest.root}: the package has no tokenizer.json; pass token ids "
                                    "(--prompt-ids) instead of text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a command line with bytes that are not UTF-8 (surrogate escapes)
+                raise EdgeMoeError(f"the prompt is not valid UTF-8 text (byte {exc.start}); pass UTF-8 text or "
+                                   "token ids (--prompt-ids)") from None
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(i) for i in prompt]
