@@ -106,14 +106,14 @@ class Model:
         if isinstance(prompt, str):
             if not prompt:
                 raise EdgeMoeError("the prompt is empty; give some text or at least one token id")
-            if self.tokenizer is None:
-                raise EdgeMoeError(f"{self.manifest.root}: the package has no tokenizer.json; pass token ids "
-                                   "(--prompt-ids) instead of text")
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as exc:  # a command line with bytes that are not UTF-8 (surrogate escapes)
                 raise EdgeMoeError(f"the prompt is not valid UTF-8 text (byte {exc.start}); pass UTF-8 text or "
                                    "token ids (--prompt-ids)") from None
+            if self.tokenizer is None:
+                raise EdgeMoeError(f"{self.manifest.root}: the package has no tokenizer.json; pass token ids "
+                                   "(--prompt-ids) instead of text")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(i) for i in prompt]
