@@ -13,16 +13,25 @@ MAX_INT = 1 << 62  # far above any byte count or size a package can hold; keeps 
 
 
 class Fields:
-    """One JSON object at `where` (e.g. "pkg/manifest.json: experts[3]")."""
+    """One JSON object of `file` at field path `name` (e.g. "experts[3]"; "" for the top level)."""
 
-    def __init__(self, data, where: str):
+    def __init__(self, data, file: str, name: str = ""):
+        self.file, self.name = file, name
         if not isinstance(data, dict):
-            raise EdgeMoeError(f"{where}: expected a JSON object, got {_show(data)}; {REEXPORT}")
-        self.data, self.where = data, where
+            raise EdgeMoeError(f"{self.where}: expected a JSON object, got {_show(data)}; {REEXPORT}")
+        self.data = data
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}: {self.name}" if self.name else self.file
+
+    def field(self, key: str) -> str:
+        """The field path of `key` inside this object ("experts[3].blob")."""
+        return f"{self.name}.{key}" if self.name else key
 
     def _bad(self, key: str, expected: str, value=None) -> EdgeMoeError:
         got = "nothing (missing)" if key not in self.data else _show(self.data[key] if value is None else value)
-        return EdgeMoeError(f"{self.where}.{key}: expected {expected}, got {got}; {REEXPORT}")
+        return EdgeMoeError(f"{self.file}: {self.field(key)}: expected {expected}, got {got}; {REEXPORT}")
 
     def get(self, key: str, types, expected: str):
         value = self.data.get(key)
@@ -69,24 +78,24 @@ class Fields:
         values = self.list(key, required)
         for i, v in enumerate(values):
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                raise EdgeMoeError(f"{self.where}.{key}[{i}]: expected an integer in {lo}..{hi}, got {_show(v)}; "
+                raise EdgeMoeError(f"{self.file}: {self.field(key)}[{i}]: expected an integer in {lo}..{hi}, got {_show(v)}; "
                                    f"{REEXPORT}")
         return values
 
     def object(self, key: str, required: bool = True) -> "Fields":
         if not required and self.data.get(key) is None:
-            return Fields({}, f"{self.where}.{key}")
-        return Fields(self.get(key, dict, "an object"), f"{self.where}.{key}")
+            return Fields({}, self.file, self.field(key))
+        return Fields(self.get(key, dict, "an object"), self.file, self.field(key))
 
     def optional_object(self, key: str) -> dict:
         return self.object(key, required=False).data
 
     def objects(self, key: str) -> list["Fields"]:
-        return [Fields(item, f"{self.where}.{key}[{i}]") for i, item in enumerate(self.list(key))]
+        return [Fields(item, self.file, f"{self.field(key)}[{i}]") for i, item in enumerate(self.list(key))]
 
     def items(self):
         """(key, Fields) for an object of objects."""
-        return [(k, Fields(v, f"{self.where}[{k[:40]!r}]")) for k, v in self.data.items()]
+        return [(k, Fields(v, self.file, f"{self.name}[{k[:40]!r}]")) for k, v in self.data.items()]
 
 
 def _tuple(types) -> tuple:

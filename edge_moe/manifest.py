@@ -82,8 +82,8 @@ class ExpertRecord:
     def from_json(cls, f: Fields, root: Path) -> "ExpertRecord":
         dtype = f.choice("dtype", EXPERT_DTYPES, "or install a newer edge_moe")
         quantized = dtype in ("q2", "q4", "q8")
-        return cls(f.int("layer", 0), f.int("index", 0), confine(root, f.str("graph"), f"{f.where}.graph"),
-                   confine(root, f.str("blob"), f"{f.where}.blob"), f.int("offset", 0), f.int("length", 1),
+        return cls(f.int("layer", 0), f.int("index", 0), confine(root, f.str("graph"), f.field("graph")),
+                   confine(root, f.str("blob"), f.field("blob")), f.int("offset", 0), f.int("length", 1),
                    dtype, f.checksum("checksum"), f.str("kind"), f.int("hidden_size", 1),
                    f.int("intermediate_size", 1), tuple(TensorRecord.from_json(t) for t in f.objects("tensors")),
                    f.int("block_size", 1) if quantized else 0, f.bool("zero_points") if quantized else False)
@@ -170,7 +170,7 @@ class Manifest:
             head=file(backbone.str("head"), "backbone.head"),
             backbone_bytes=backbone.int("bytes", 0),
             backbone_blob=file(backbone.str("blob"), "backbone.blob"),
-            routers={_layer_key(key, backbone.where): value.data
+            routers={_layer_key(key, path): value.data
                      for key, value in backbone.object("routers", required=False).items()},
             edge_moe_version=str(top.data.get("edge_moe_version", "")),
             quantization=top.optional_object("quantization") or None,
@@ -265,9 +265,9 @@ def _relative(path: Path, root: Path) -> str:
     return Path(path).relative_to(root).as_posix()
 
 
-def _layer_key(key: str, where: str) -> int:
-    if not (isinstance(key, str) and key.isdigit() and len(key) < 7):
-        raise EdgeMoeError(f"{where}.routers: key {key[:40]!r} is not a layer number; {_REEXPORT}")
+def _layer_key(key: str, path: Path) -> int:
+    if not (isinstance(key, str) and key.isdigit() and key.isascii() and len(key) < 7):
+        raise EdgeMoeError(f"{path}: backbone.routers: key {key[:40]!r} is not a layer number; {_REEXPORT}")
     return int(key)
 
 

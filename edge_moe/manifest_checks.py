@@ -49,7 +49,7 @@ def validate(manifest, path: Path) -> None:
 
 
 def _config(manifest, path: Path) -> dict:
-    f = Fields(manifest.config, f"{path}: config")
+    f = Fields(manifest.config, str(path), "config")
     c = manifest.config
     # Sizes the backbone's weights must hold: an embedding [V, H] and per layer K/V projections [kvH * D, H] of
     # at least 2 bytes a weight. Checking them against the blob's size bounds every allocation sized by them.
@@ -82,8 +82,7 @@ def _routers(manifest, c: dict, path: Path, blob_size: int) -> None:
         raise EdgeMoeError(f"{path}: backbone.routers covers layers {sorted(manifest.routers)[:20]}, not "
                            f"config.moe_layers; {REEXPORT}")
     for layer, entry in manifest.routers.items():
-        where = f"{path}: backbone.routers[{layer}]"
-        roles = Fields(entry, where)
+        roles = Fields(entry, str(path), f"backbone.routers[{layer}]")
         for role, shape in shapes.items():
             t = roles.object(role)
             dtype = t.choice("dtype", ("float32", "float16"))
@@ -124,7 +123,7 @@ def _expert(record, c: dict, path: Path) -> None:
         dtype, dims = expected[t.name]
         nbytes = math.prod(dims) * np.dtype(dtype).itemsize
         if t.dtype != dtype or list(t.shape) != list(dims) or t.nbytes != nbytes:
-            raise EdgeMoeError(f"{where}: tensor {t.name} is {t.dtype[:20]} {list(t.shape)[:4]} in {t.nbytes} "
+            raise EdgeMoeError(f"{where}: tensor {t.name} is {t.dtype[:20]!r} {list(t.shape)[:4]} in {t.nbytes} "
                                f"bytes, not {dtype} {dims} in {nbytes}; {REEXPORT}")
         if t.offset < end or t.offset % np.dtype(dtype).itemsize or t.offset + t.nbytes > record.length:
             raise EdgeMoeError(f"{where}: tensor {t.name} at offset {t.offset} overlaps the previous tensor, is "

@@ -28,7 +28,7 @@ def package_root(root: str | os.PathLike) -> Path:
     """The package directory, resolved (its own path may go through links: the user chose it)."""
     path = Path(root)
     if not path.is_dir():
-        raise EdgeMoeError(f"{path}: no such model directory; pass a package made by `edge-moe export`")
+        raise EdgeMoeError(f"{shown(path)}: no such model directory; pass a package made by `edge-moe export`")
     return Path(os.path.realpath(path))
 
 
@@ -39,16 +39,16 @@ def confine(root: Path, relative, field: str) -> Path:
         EdgeMoeError: not a relative path inside the package, a link leading out of it, missing, not a regular file.
     """
     if not isinstance(relative, str) or not relative or "\0" in relative or "\\" in relative:
-        raise EdgeMoeError(f"{root / 'manifest.json'}: {field} is {str(relative)[:80]!r}, not a relative path; "
+        raise EdgeMoeError(f"{shown(root / 'manifest.json')}: {field} is {str(relative)[:80]!r}, not a relative path; "
                            f"{REEXPORT}")
     parts = PurePosixPath(relative).parts
     if PurePosixPath(relative).is_absolute() or ".." in parts:
-        raise EdgeMoeError(f"{root / 'manifest.json'}: {field} {relative[:200]!r} points outside the package; "
+        raise EdgeMoeError(f"{shown(root / 'manifest.json')}: {field} {relative[:200]!r} points outside the package; "
                            f"paths must be relative and inside it; {REEXPORT}")
     path = root.joinpath(*parts)
     real = Path(os.path.realpath(path))
     if real != root and root not in real.parents:
-        raise EdgeMoeError(f"{path}: a symbolic link that leads outside the package (to {real}); replace it with "
+        raise EdgeMoeError(f"{shown(path)}: a symbolic link that leads outside the package (to {shown(real)}); replace it with "
                            f"the file itself, or {REEXPORT}")
     require_regular(real, field)
     return real
@@ -59,11 +59,11 @@ def require_regular(path: Path, field: str = "file") -> os.stat_result:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise EdgeMoeError(f"{path}: {field} is missing from the package; {REEXPORT}") from None
+        raise EdgeMoeError(f"{shown(path)}: {field} is missing from the package; {REEXPORT}") from None
     except OSError as exc:
-        raise EdgeMoeError(f"{path}: {field} cannot be read ({exc.strerror}); check the package's permissions") from None
+        raise EdgeMoeError(f"{shown(path)}: {field} cannot be read ({exc.strerror}); check the package's permissions") from None
     if not stat.S_ISREG(st.st_mode):
-        raise EdgeMoeError(f"{path}: {field} is a {_kind(st.st_mode)}, not a regular file; {REEXPORT}")
+        raise EdgeMoeError(f"{shown(path)}: {field} is a {_kind(st.st_mode)}, not a regular file; {REEXPORT}")
     return st
 
 
@@ -76,7 +76,7 @@ def open_regular(path: str | os.PathLike, field: str = "file", flags: int = 0) -
     try:
         fd = os.open(path, OPEN_FLAGS | flags)
     except OSError as exc:
-        raise EdgeMoeError(f"{path}: {field} cannot be opened ({exc.strerror}; links are not followed); "
+        raise EdgeMoeError(f"{shown(path)}: {field} cannot be opened ({exc.strerror}; links are not followed); "
                            f"{REEXPORT}") from exc
     return check_regular_fd(fd, path, field)
 
@@ -86,7 +86,7 @@ def check_regular_fd(fd: int, path, field: str = "file") -> int:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise EdgeMoeError(f"{path}: {field} is a {_kind(st.st_mode)}, not a regular file; {REEXPORT}")
+        raise EdgeMoeError(f"{shown(path)}: {field} is a {_kind(st.st_mode)}, not a regular file; {REEXPORT}")
     return fd
 
 
@@ -96,7 +96,7 @@ def read_capped(path: Path, limit: int, field: str) -> bytes:
     try:
         size = os.fstat(fd).st_size
         if size > limit:
-            raise EdgeMoeError(f"{path}: {field} is {size:,} bytes, over the {limit:,}-byte limit; this is not "
+            raise EdgeMoeError(f"{shown(path)}: {field} is {size:,} bytes, over the {limit:,}-byte limit; this is not "
                                f"a file edge_moe wrote ({REEXPORT})")
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read(limit + 1)[:limit]
@@ -115,10 +115,16 @@ def file_checksum(path: str | os.PathLike, field: str = "file") -> tuple[int, st
                 hasher.update(chunk)
                 size += len(chunk)
     except OSError as exc:
-        raise EdgeMoeError(f"{path}: {field} cannot be read ({exc.strerror}); check the disk and the package") from None
+        raise EdgeMoeError(f"{shown(path)}: {field} cannot be read ({exc.strerror}); check the disk and the package") from None
     finally:
         os.close(fd)
     return size, f"xxh3_64:{hasher.hexdigest()}"
+
+
+def shown(path) -> str:
+    """A path for a one-line message: as is when printable, else its repr (a name may hold a newline)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def _kind(mode: int) -> str:
