@@ -74,12 +74,12 @@ def stale_pid(directory: Path) -> int | None:
         marker = (directory / MARKER).read_text().strip() if not directory.is_symlink() else ""
     except OSError:
         return None
-    if marker != suffix or _alive(int(suffix)):
+    if marker != suffix or alive(int(suffix)):
         return None
     return int(suffix)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
         return True

@@ -13,7 +13,7 @@ import numpy as np
 import xxhash
 
 from edge_moe.errors import EdgeMoeError
-from edge_moe.files import MARKER, exchange, fsync_directory, fsync_tree, stale_pid, write_marker
+from edge_moe.files import MARKER, alive, exchange, fsync_directory, fsync_tree, stale_pid, write_marker
 from edge_moe.manifest import TensorRecord
 
 PAGE = 4096
@@ -89,9 +89,9 @@ class StagedDirectory:
                                "or pass --overwrite")
         try:
             # the staging name appears with its marker inside (built under a random name and renamed): a kill
-            # can at worst leave an empty hidden folder, never a staging folder that cannot be recognised
+            # before the rename leaves a hidden folder holding at most the marker, which recover_leftovers knows
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            fresh = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.new-"))
+            fresh = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.new-{os.getpid()}-"))
             write_marker(fresh, os.getpid())
             os.rename(fresh, self.path)
         except OSError as exc:
@@ -121,6 +121,11 @@ class StagedDirectory:
 def recover_leftovers(final: Path) -> None:
     """Before an export into `final`: a dead export's staging folders go; its renamed-aside old package comes back
     when `final` itself is gone (the process died between the two renames of a non-atomic swap)."""
+    for fresh in final.parent.glob(f".{glob.escape(final.name)}.new-*-*"):
+        pid = fresh.name.split(".new-", 1)[1].split("-", 1)[0]
+        if (pid.isdigit() and not alive(int(pid)) and fresh.is_dir() and not fresh.is_symlink()
+                and all(MARKER in entry.name for entry in fresh.iterdir())):
+            _remove(fresh)
     for leftover in sorted(final.parent.glob(f"{glob.escape(final.name)}.*-*")):
         if stale_pid(leftover) is None:
             continue
