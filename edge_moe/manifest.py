@@ -18,7 +18,8 @@ from pathlib import Path
 import xxhash
 
 from .errors import EdgeMoeError
-from .package_files import MANIFEST_MAX_BYTES, REEXPORT, confine, file_checksum, package_root, read_capped
+from .package_files import (MANIFEST_MAX_BYTES, REEXPORT, Confined, confine, file_checksum, package_root,
+                            read_capped)
 from .fields import Fields
 
 FORMAT_VERSION = 2
@@ -79,11 +80,12 @@ class ExpertRecord:
                 "tensors": [t.to_json() for t in self.tensors]}
 
     @classmethod
-    def from_json(cls, f: Fields, root: Path) -> "ExpertRecord":
+    def from_json(cls, f: Fields, file) -> "ExpertRecord":
+        """`file(relative, field)` -> the confined path (Manifest.from_json's)."""
         dtype = f.choice("dtype", EXPERT_DTYPES, "or install a newer edge_moe")
         quantized = dtype in ("q2", "q4", "q8")
-        return cls(f.int("layer", 0), f.int("index", 0), confine(root, f.str("graph"), f.field("graph")),
-                   confine(root, f.str("blob"), f.field("blob")), f.int("offset", 0), f.int("length", 1),
+        return cls(f.int("layer", 0), f.int("index", 0), file(f.str("graph"), f.field("graph")),
+                   file(f.str("blob"), f.field("blob")), f.int("offset", 0), f.int("length", 1),
                    dtype, f.checksum("checksum"), f.str("kind"), f.int("hidden_size", 1),
                    f.int("intermediate_size", 1), tuple(TensorRecord.from_json(t) for t in f.objects("tensors")),
                    f.int("block_size", 1) if quantized else 0, f.bool("zero_points") if quantized else False)
@@ -153,9 +155,10 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict, root: Path, path: Path) -> "Manifest":
         names: dict[Path, str] = {}
+        confined = Confined(root)
 
         def file(relative, field_name: str) -> Path:
-            real = confine(root, relative, field_name)
+            real = confined.file(relative, field_name)
             names[real] = relative
             return real
 
@@ -177,7 +180,7 @@ class Manifest:
         )
         manifest.names = names
         for f in top.objects("experts"):
-            record = ExpertRecord.from_json(f, root)
+            record = ExpertRecord.from_json(f, file)
             if record.key in manifest.experts:
                 raise EdgeMoeError(f"{path}: expert {record.key} (layer, index) has two records; {_REEXPORT}")
             manifest.experts[record.key] = record

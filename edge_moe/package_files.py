@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import xxhash
 
@@ -38,20 +38,49 @@ def confine(root: Path, relative, field: str) -> Path:
     Raises:
         EdgeMoeError: not a relative path inside the package, a link leading out of it, missing, not a regular file.
     """
-    if not isinstance(relative, str) or not relative or "\0" in relative or "\\" in relative:
-        raise EdgeMoeError(f"{shown(root / 'manifest.json')}: {field} is {str(relative)[:80]!r}, not a relative path; "
-                           f"{REEXPORT}")
-    parts = PurePosixPath(relative).parts
-    if PurePosixPath(relative).is_absolute() or ".." in parts:
-        raise EdgeMoeError(f"{shown(root / 'manifest.json')}: {field} {relative[:200]!r} points outside the package; "
-                           f"paths must be relative and inside it; {REEXPORT}")
-    path = root.joinpath(*parts)
-    real = Path(os.path.realpath(path))
-    if real != root and root not in real.parents:
-        raise EdgeMoeError(f"{shown(path)}: a symbolic link that leads outside the package (to {shown(real)}); replace it with "
-                           f"the file itself, or {REEXPORT}")
-    require_regular(real, field)
-    return real
+    return Confined(root).file(relative, field)
+
+
+class Confined:
+    """Confinement for many paths of one package: each directory is resolved once (a manifest names thousands of
+    files in a handful of directories), each file is lstat-ed once."""
+
+    def __init__(self, root: Path):
+        self.root = str(root)
+        self._dirs: dict[tuple, str] = {(): self.root}
+
+    def file(self, relative, field: str) -> Path:
+        """See `confine`."""
+        manifest = Path(self.root, "manifest.json")
+        if not isinstance(relative, str) or not relative or "\0" in relative or "\\" in relative:
+            raise EdgeMoeError(f"{shown(manifest)}: {field} is {str(relative)[:80]!r}, not a relative path; "
+                               f"{REEXPORT}")
+        parts = tuple(p for p in relative.split("/") if p not in ("", "."))
+        if relative.startswith("/") or ".." in parts or not parts:
+            raise EdgeMoeError(f"{shown(manifest)}: {field} {relative[:200]!r} points outside the package; "
+                               f"paths must be relative and inside it; {REEXPORT}")
+        path = os.path.join(self._directory(parts[:-1], field), parts[-1])
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            mode = 0  # require_regular names what is wrong
+        if not stat.S_ISREG(mode):
+            if stat.S_ISLNK(mode):
+                path = self._inside(os.path.realpath(path), path)
+            require_regular(path, field)
+        return Path(path)
+
+    def _directory(self, parts: tuple, field: str) -> str:
+        if parts not in self._dirs:
+            path = os.path.join(self.root, *parts)
+            self._dirs[parts] = self._inside(os.path.realpath(path), path)
+        return self._dirs[parts]
+
+    def _inside(self, real: str, path: str) -> str:
+        if real != self.root and not real.startswith(self.root.rstrip(os.sep) + os.sep):
+            raise EdgeMoeError(f"{shown(path)}: a symbolic link that leads outside the package (to {shown(real)}); "
+                               f"replace it with the file itself, or {REEXPORT}")
+        return real
 
 
 def require_regular(path: Path, field: str = "file") -> os.stat_result:
