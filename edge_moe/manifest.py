@@ -237,6 +237,11 @@ class Manifest:
                 raise EdgeMoeError(f"{p}: checksum mismatch (manifest {checksum}): the file is damaged; {_REEXPORT}")
 
 
+def expert_seed(key: tuple[int, int]) -> int:
+    """The XXH3 seed of an expert's checksum: its (layer, index), so the bytes are bound to the expert's identity."""
+    return (key[0] << 32) | key[1]
+
+
 def parse_json(raw: bytes, path: Path) -> dict:
     """manifest.json's bytes -> its object; NaN, Infinity and nesting too deep to read are malformed JSON too."""
     def no_constants(name):

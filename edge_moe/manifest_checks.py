@@ -21,6 +21,7 @@ from .quant_graph import BLOCK_SIZES
 
 EXPERT_KINDS = ("swiglu",)
 PAGE = 4096
+TENSOR_ALIGN = 64  # a tensor's offset within its expert (SIMD loads)
 _ITEMSIZE = {"float32": 4, "float16": 2, "uint8": 1}
 
 
@@ -118,6 +119,8 @@ def _expert(record, c: dict, path: Path) -> None:
     if [t.name for t in record.tensors] != list(expected):
         raise EdgeMoeError(f"{where}: tensors {[t.name[:40] for t in record.tensors][:8]} are not "
                            f"{list(expected)}; {REEXPORT}")
+    # The layout is fixed (export/writer.py ExpertWriter): tensors back to back, each at the next multiple of
+    # TENSOR_ALIGN, the expert ending with the last. Any other offset would read padding or a neighbour as weights.
     end = 0
     for t in record.tensors:
         dtype, dims = expected[t.name]
@@ -125,10 +128,13 @@ def _expert(record, c: dict, path: Path) -> None:
         if t.dtype != dtype or list(t.shape) != list(dims) or t.nbytes != nbytes:
             raise EdgeMoeError(f"{where}: tensor {t.name} is {t.dtype[:20]!r} {list(t.shape)[:4]} in {t.nbytes} "
                                f"bytes, not {dtype} {dims} in {nbytes}; {REEXPORT}")
-        if t.offset < end or t.offset % np.dtype(dtype).itemsize or t.offset + t.nbytes > record.length:
-            raise EdgeMoeError(f"{where}: tensor {t.name} at offset {t.offset} overlaps the previous tensor, is "
-                               f"misaligned or ends past the expert's {record.length} bytes; {REEXPORT}")
-        end = t.offset + t.nbytes
+        offset = -(-end // TENSOR_ALIGN) * TENSOR_ALIGN
+        if t.offset != offset:
+            raise EdgeMoeError(f"{where}: tensor {t.name} at offset {t.offset}, where the format puts it at "
+                               f"{offset}; {REEXPORT}")
+        end = offset + nbytes
+    if record.length != end:
+        raise EdgeMoeError(f"{where}: length {record.length} is not the {end} bytes its tensors take; {REEXPORT}")
 
 
 def _blob_ranges(manifest) -> None:

@@ -44,6 +44,8 @@ class ExpertLocation:
         offset: byte offset of the expert in the blob (a multiple of 4096 in format version 1).
         length: number of bytes of the expert.
         checksum: "xxh3_64:<16 hex digits>" of those bytes.
+        seed: the XXH3 seed (packages of format 2: manifest.expert_seed(key), which binds the bytes to the expert
+            they belong to, so records that swap their indices or blobs fail the check).
     """
 
     key: tuple[int, int]
@@ -51,6 +53,7 @@ class ExpertLocation:
     offset: int
     length: int
     checksum: str
+    seed: int = 0
 
 
 @dataclass
@@ -187,7 +190,7 @@ class ExpertStore:
             t1 = self._busy(-1)
         data = buf[head : head + loc.length]
         if self._verify:
-            got = xxhash.xxh3_64_hexdigest(data)
+            got = xxhash.xxh3_64_hexdigest(data, seed=loc.seed)
             t2 = time.perf_counter()
             if "xxh3_64:" + got != loc.checksum:
                 raise EdgeMoeError(

@@ -13,7 +13,7 @@ import time
 import xxhash
 
 from .errors import EdgeMoeError
-from .manifest import Manifest
+from .manifest import Manifest, expert_seed
 from .package_files import open_regular
 
 
@@ -67,7 +67,7 @@ def _check_expert(record) -> str | None:
         os.close(fd)
     if len(data) != record.length:
         return f"{record.blob}: expert {record.key} is truncated ({len(data)} of {record.length} bytes)"
-    actual = f"xxh3_64:{xxhash.xxh3_64_hexdigest(data)}"
+    actual = f"xxh3_64:{xxhash.xxh3_64_hexdigest(data, seed=expert_seed(record.key))}"
     if actual != record.checksum:
         return (f"{record.blob}: expert {record.key} at offset {record.offset}: checksum {actual} where the "
                 f"manifest says {record.checksum}")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import edge_moe
 from edge_moe.errors import EdgeMoeError
 from edge_moe.expert_graph import ExpertShape, build_expert_graph
-from edge_moe.manifest import ExpertRecord, Manifest
+from edge_moe.manifest import ExpertRecord, Manifest, expert_seed
 from edge_moe.onnx_build import GraphBuilder
 
 from .checkpoint import Checkpoint
@@ -193,7 +193,7 @@ def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[ExpertR
             gate, up, down = (checkpoint.read(key) for key in family.expert_keys(layer, index))
             ffn = down.shape[1]
             shape = choose(layer, index, arch.hidden_size, ffn)
-            writer = ExpertWriter(blob)
+            writer = ExpertWriter(blob, expert_seed((layer, index)))
             for name, array in expert_tensors(shape, gate, up, down).items():
                 writer.write(name, array, str(array.dtype))
             del gate, up, down

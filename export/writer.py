@@ -15,6 +15,7 @@ import xxhash
 from edge_moe.errors import EdgeMoeError
 from edge_moe.files import MARKER, alive, exchange, fsync_directory, fsync_tree, stale_pid, write_marker
 from edge_moe.manifest import TensorRecord
+from edge_moe.manifest_checks import TENSOR_ALIGN
 
 PAGE = 4096
 
@@ -52,15 +53,15 @@ class BlobWriter:
 class ExpertWriter:
     """Writes one expert's tensors back to back from a page boundary and checksums exactly those bytes."""
 
-    def __init__(self, blob: BlobWriter):
+    def __init__(self, blob: BlobWriter, seed: int = 0):
         self.blob = blob
         self.offset = blob.pad_to(PAGE)
         self.tensors: list[TensorRecord] = []
-        self._hasher = xxhash.xxh3_64()
+        self._hasher = xxhash.xxh3_64(seed=seed)  # seed: manifest.expert_seed(key) in packages
 
     def write(self, name: str, array: np.ndarray, dtype: str) -> None:
         """Appends `array` in `dtype` as tensor `name`, 64-byte aligned within the expert for SIMD loads."""
-        pad = -(self.blob.size - self.offset) % 64
+        pad = -(self.blob.size - self.offset) % TENSOR_ALIGN
         if pad:
             self.blob.write(np.zeros(pad, np.uint8), self._hasher)
         start, nbytes = self.blob.write(array.astype(dtype, copy=False), self._hasher)

@@ -24,6 +24,7 @@ from test_untrusted_package import time_limit
 
 EXAMPLES = int(os.environ.get("EDGE_MOE_FUZZ_EXAMPLES", "120"))
 IDS = [3, 5, 7, 11]
+MODEL_DEFINING = ("top_k", "norm_topk_prob")
 INTERESTING = [None, True, False, 0, 1, -1, 2, 7, 4096, 4095, 2**31, 2**63, -2**63, 10**30, 1.5, -0.0, 1e308, "",
                "x", "../outside.bin", "/etc/passwd", "experts/../../outside.bin", "backbone/head.onnx",
                "experts/layer_000.bin", "manifest.json", "/dev/zero", "float16", "q4", "swiglu",
@@ -90,8 +91,8 @@ def subject(tiny_package, tmp_path_factory):
 
 
 def classify(pkg, data, reference, logits) -> str:
-    """One case's outcome: refused | accepted-same | accepted-same-output | refused-at-run, or a failure category
-    (traceback:<type>, hang, outside, different)."""
+    """One case's outcome: refused | accepted-same | accepted-same-output | accepted-other-model | refused-at-run,
+    or a failure category (traceback:<type>, hang, outside, different)."""
     try:
         text = json.dumps(data)
     except (ValueError, RecursionError):
@@ -115,7 +116,13 @@ def classify(pkg, data, reference, logits) -> str:
         return "hang"
     except Exception as exc:  # what the test exists to find
         return f"traceback:{type(exc).__name__}:{str(exc)[:120]}"
-    return "accepted-same-output" if np.array_equal(output, logits) else "different"
+    if np.array_equal(output, logits):
+        return "accepted-same-output"
+    # top_k and norm_topk_prob define the model as much as its weights: another valid value is another model, which
+    # a re-sealed manifest may legitimately describe; any other change of output is silent damage
+    edited = _semantics(manifest)
+    edited["config"] = {**edited["config"], **{k: reference["config"][k] for k in MODEL_DEFINING}}
+    return "accepted-other-model" if edited == reference else "different"
 
 
 OUTCOMES: Counter = Counter()
