@@ -232,3 +232,42 @@ def test_onnxruntime_writes_no_telemetry(tmp_path):
     subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(tmp_path)}, check=True)
     assert not list(tmp_path.rglob("*")), "onnxruntime wrote under HOME"
 
+
+
+def test_memory_is_checked_before_loading_every_expert(tiny_package, monkeypatch):
+    import psutil
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    monkeypatch.setattr(psutil, "swap_memory", lambda: SimpleNamespace(free=0))
+    with pytest.raises(EdgeMoeError, match="--budget"):
+        edge_moe.load(tiny_package[0])
+
+
+@pytest.mark.parametrize("plant", ["open_mode", "symlink", "file"])
+def test_temporary_fallback_must_be_a_private_directory(tmp_path, plant):
+    target = tmp_path / "edge_moe-x"
+    if plant == "open_mode":
+        target.mkdir(mode=0o777)
+        target.chmod(0o777)
+    elif plant == "symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        target.symlink_to(tmp_path / "elsewhere")
+    else:
+        target.write_text("")
+    with pytest.raises(EdgeMoeError, match="private directory"):
+        default_model.private_directory(target)
+    fresh = default_model.private_directory(tmp_path / "fresh")
+    assert (fresh.stat().st_mode & 0o777) == 0o700
+
+
+def test_atomic_write_replaces_a_planted_link_instead_of_following_it(tmp_path):
+    from edge_moe.files import write_text_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "trace.jsonl").symlink_to(victim)
+    write_text_atomic(tmp_path / "trace.jsonl", "new")
+    assert victim.read_text() == "precious" and (tmp_path / "trace.jsonl").read_text() == "new"
+    assert not (tmp_path / "trace.jsonl").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.jsonl", "victim.txt"]
