@@ -11,20 +11,17 @@ EdgeMoeError naming the file and field. Experts are verified on every read by th
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
 
 from .errors import EdgeMoeError
-from .package_files import (MANIFEST_MAX_BYTES, REEXPORT, Confined, confine, file_checksum, package_root,
-                            read_capped)
 from .fields import Fields
+from .package_files import MANIFEST_MAX_BYTES, REEXPORT, Confined, confine, file_checksum, package_root, read_capped
 
 FORMAT_VERSION = 2
 EXPERT_DTYPES = ("float32", "float16", "q8", "q4", "q2")
-_REEXPORT = REEXPORT
 
 
 @dataclass(frozen=True)
@@ -182,7 +179,7 @@ class Manifest:
         for f in top.objects("experts"):
             record = ExpertRecord.from_json(f, file)
             if record.key in manifest.experts:
-                raise EdgeMoeError(f"{path}: expert {record.key} (layer, index) has two records; {_REEXPORT}")
+                raise EdgeMoeError(f"{path}: expert {record.key} (layer, index) has two records; {REEXPORT}")
             manifest.experts[record.key] = record
         for name, entry in top.object("files").items():
             file(name, f"files[{name[:80]!r}]")
@@ -201,17 +198,17 @@ class Manifest:
         root = package_root(root)
         path = root / "manifest.json"
         if not path.exists() and not path.is_symlink():
-            raise EdgeMoeError(f"{path}: missing; {root} is not an edge_moe package ({_REEXPORT})")
+            raise EdgeMoeError(f"{path}: missing; {root} is not an edge_moe package ({REEXPORT})")
         data = parse_json(read_capped(confine(root, "manifest.json", "manifest.json"), MANIFEST_MAX_BYTES,
                                       "manifest.json"), path)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise EdgeMoeError(f"{path}: format_version {version!r} is not supported (this edge_moe reads "
-                               f"{FORMAT_VERSION}); {_REEXPORT}, or install the edge_moe that wrote it")
+                               f"{FORMAT_VERSION}); {REEXPORT}, or install the edge_moe that wrote it")
         expected = digest(data)
         if data.get("digest") != expected:
             raise EdgeMoeError(f"{path}: the manifest's digest {str(data.get('digest'))[:40]!r} does not match its "
-                               f"content ({expected}): the file was changed or damaged; {_REEXPORT}")
+                               f"content ({expected}): the file was changed or damaged; {REEXPORT}")
         manifest = cls.from_json(data, root, path)
         validate(manifest, path)
         if verify_backbone:
@@ -227,14 +224,14 @@ class Manifest:
         for p in paths:
             name = self.relative(p)
             if name not in self.files:
-                raise EdgeMoeError(f"{self.root / 'manifest.json'}: files has no checksum for {name!r}; {_REEXPORT}")
+                raise EdgeMoeError(f"{self.root / 'manifest.json'}: files has no checksum for {name!r}; {REEXPORT}")
             size, checksum = self.files[name]
             actual_size = p.stat().st_size
             if actual_size != size:
                 raise EdgeMoeError(f"{p}: {actual_size:,} bytes where the manifest says {size:,}: the file is "
-                                   f"truncated or replaced; {_REEXPORT}")
+                                   f"truncated or replaced; {REEXPORT}")
             if file_checksum(p, name)[1] != checksum:
-                raise EdgeMoeError(f"{p}: checksum mismatch (manifest {checksum}): the file is damaged; {_REEXPORT}")
+                raise EdgeMoeError(f"{p}: checksum mismatch (manifest {checksum}): the file is damaged; {REEXPORT}")
 
 
 def expert_seed(key: tuple[int, int]) -> int:
@@ -250,9 +247,9 @@ def parse_json(raw: bytes, path: Path) -> dict:
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        raise EdgeMoeError(f"{path}: corrupt JSON ({str(exc)[:200]}); {_REEXPORT}") from None
+        raise EdgeMoeError(f"{path}: corrupt JSON ({str(exc)[:200]}); {REEXPORT}") from None
     if not isinstance(data, dict):
-        raise EdgeMoeError(f"{path}: not a JSON object; {_REEXPORT}")
+        raise EdgeMoeError(f"{path}: not a JSON object; {REEXPORT}")
     return data
 
 
@@ -275,9 +272,5 @@ def _relative(path: Path, root: Path) -> str:
 
 def _layer_key(key: str, path: Path) -> int:
     if not (isinstance(key, str) and key.isdigit() and key.isascii() and len(key) < 7):
-        raise EdgeMoeError(f"{path}: backbone.routers: key {key[:40]!r} is not a layer number; {_REEXPORT}")
+        raise EdgeMoeError(f"{path}: backbone.routers: key {key[:40]!r} is not a layer number; {REEXPORT}")
     return int(key)
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

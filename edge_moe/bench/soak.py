@@ -53,7 +53,7 @@ def run(args) -> int:
     stats = model.expert_stats()
     print_table(f"soak: {done} tokens at budget {args.budget} ({model.budget / 2**20:.1f} MiB of experts), "
                 f"windows of {window}; peak RSS {peak_rss_bytes() / 2**20:.1f} MiB, hits {stats['hits']}, "
-                f"misses {stats['misses']}", rows)
+                f"misses {stats['misses']}", [{**row, "tokens": str(row["tokens"])} for row in rows])
     if args.json:
         write_json(args.json, {"budget": args.budget, "tokens": done, "samples": rows, "stats": stats})
     return 0
