@@ -48,10 +48,11 @@ class Confined:
     def __init__(self, root: Path):
         self.root = str(root)
         self._dirs: dict[tuple, str] = {(): self.root}
+        self._manifest = os.path.join(self.root, "manifest.json")  # for messages
 
     def file(self, relative, field: str) -> Path:
         """See `confine`."""
-        manifest = Path(self.root, "manifest.json")
+        manifest = self._manifest
         if not isinstance(relative, str) or not relative or "\0" in relative or "\\" in relative:
             raise EdgeMoeError(f"{shown(manifest)}: {field} is {str(relative)[:80]!r}, not a relative path; "
                                f"{REEXPORT}")
