@@ -74,11 +74,36 @@ def _check_expert(record) -> str | None:
     return None
 
 
+def load_cost(root, runs: int = 5) -> list[dict]:
+    """What load's checks cost: medians over `runs` of the manifest's parse and validation, and of the backbone
+    checksum, in wall and main-thread CPU seconds (CPU time is what a busy machine cannot inflate)."""
+    import statistics
+
+    samples: dict[str, list[tuple[float, float]]] = {"parse + validate": [], "backbone checksum": []}
+    for _ in range(runs):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        manifest = Manifest.load(root, verify_backbone=False)
+        samples["parse + validate"].append((time.perf_counter() - wall, time.thread_time() - cpu))
+        wall, cpu = time.perf_counter(), time.thread_time()
+        manifest.verify_files(manifest.backbone_files)
+        samples["backbone checksum"].append((time.perf_counter() - wall, time.thread_time() - cpu))
+    nbytes = sum(p.stat().st_size for p in manifest.backbone_files)
+    return [{"step": step, "experts": len(manifest.experts), "MiB": nbytes / 2**20 if "checksum" in step else 0.0,
+             "wall_ms": 1e3 * statistics.median(w for w, _ in values),
+             "cpu_ms": 1e3 * statistics.median(c for _, c in values)} for step, values in samples.items()]
+
+
 def add_arguments(p) -> None:
     p.add_argument("model", help="package directory")
+    p.add_argument("--load-cost", action="store_true", help="instead: time load's validation and backbone checksum")
 
 
 def run(args) -> int:
+    if args.load_cost:
+        from .bench.report import print_table
+
+        print_table(f"load checks of {args.model} (medians of 5; warm page cache)", load_cost(args.model))
+        return 0
     problems, counts = verify_package(args.model)
     for line in problems:
         print(line)
