@@ -95,3 +95,17 @@ def test_a_users_folder_that_looks_like_a_leftover_is_kept(versions, tmp_path):
     (mine / "notes.txt").write_text("keep me")
     export_checkpoint(hf, tmp_path / "pkg", progress=False)
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+# os.replace calls of a first export: 1 the staging marker, 2 manifest.json, 3 the package into its name
+@pytest.mark.parametrize("step,nth,when", [("write", 10, "before"), ("replace", 2, "after"), ("replace", 3, "after")])
+def test_killed_first_export_leaves_nothing_or_the_whole_package(versions, tmp_path, step, nth, when):
+    hf, _, new_digest = versions
+    pkg = tmp_path / "pkg"
+    kill_export(hf, pkg, step, nth, when)
+    assert pkg.exists() == (nth == 3 and step == "replace")
+    if pkg.exists():
+        assert digest(pkg) == new_digest
+        Manifest.load(pkg)
+    export_checkpoint(hf, pkg, progress=False, dtype="float16", overwrite=True)
+    assert digest(pkg) == new_digest and leftovers(pkg) == []
