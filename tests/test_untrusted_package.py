@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -102,6 +103,16 @@ def test_fifo_in_place_of_a_file_never_blocks(pkg, name):
     (pkg / name).unlink()
     os.mkfifo(pkg / name)
     refused(pkg, "FIFO")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "experts/layer_000.bin"])
+def test_device_file_in_place_of_a_file_is_never_read(pkg, name):
+    (pkg / name).unlink()
+    try:
+        os.mknod(pkg / name, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero: a read that never ends
+    except (OSError, AttributeError):
+        pytest.skip("creating device files needs CAP_MKNOD")
+    refused(pkg, "character device")
 
 
 def test_directory_in_place_of_the_tokenizer(pkg):
