@@ -121,8 +121,9 @@ def write_trace(path: str, trace: list) -> None:
 def add_runtime_arguments(p) -> None:
     """Options of `edge_moe.load` shared by generate and the benchmarks."""
     p.add_argument("--model", help="package directory (default: the model that ships with edge_moe)")
-    p.add_argument("--budget", help="memory for experts: bytes (512MB, 2GiB) or a share of the expert bytes "
-                                    "(25%%); default: every expert resident")
+    p.add_argument("--budget", help="memory for experts: bytes (512MB, 2GiB), a share of the expert bytes "
+                                    "(25%%), or auto (what the memory cgroup or free RAM leaves after loading); "
+                                    "default: every expert resident")
     p.add_argument("--policy", default="adaptive", help="residency policy under a budget: lru, lfu, adaptive")
     p.add_argument("--prefetch", type=int, default=2, help="layers ahead to prefetch speculatively (0: off)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
@@ -175,6 +176,8 @@ def cmd_generate(args) -> int:
         for line in report:
             print(line, file=sys.stderr)
         model = load(args.model, trace=bool(args.trace), **{**load_options(args), **emulated})
+        if model.budget_note:
+            print(model.budget_note, file=sys.stderr)
         generate(args, model, report)
     if args.trace:
         write_trace(args.trace, model.trace)
