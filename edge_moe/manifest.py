@@ -106,7 +106,8 @@ class Manifest:
     # path relative to root -> (bytes, "xxh3_64:..."): every file but the expert blobs (checksummed per expert)
     files: dict[str, tuple[int, str]] = field(default_factory=dict)
     edge_moe_version: str = ""
-    quantization: dict | None = None
+    quantization: dict | None = None  # informational: how the experts were quantized
+    backbone_quantization: dict | None = None  # informational: export --backbone-bits
     names: dict[Path, str] = field(default_factory=dict, repr=False)  # resolved path -> name in the manifest
 
     @property
@@ -138,6 +139,7 @@ class Manifest:
             "experts": [self.experts[key].to_json(self.root) for key in sorted(self.experts)],
             "files": {name: {"bytes": size, "checksum": checksum} for name, (size, checksum) in sorted(self.files.items())},
             **({"quantization": self.quantization} if self.quantization is not None else {}),
+            **({"backbone_quantization": self.backbone_quantization} if self.backbone_quantization else {}),
         }
         return seal(data)
 
@@ -174,6 +176,7 @@ class Manifest:
                      for key, value in backbone.object("routers", required=False).items()},
             edge_moe_version=str(top.data.get("edge_moe_version", "")),
             quantization=top.optional_object("quantization") or None,
+            backbone_quantization=top.optional_object("backbone_quantization") or None,
         )
         manifest.names = names
         for f in top.objects("experts"):

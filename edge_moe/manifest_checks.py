@@ -71,6 +71,8 @@ def _config(manifest, path: Path) -> dict:
     if len(set(moe_layers)) != len(moe_layers):
         raise EdgeMoeError(f"{path}: config.moe_layers lists a layer twice ({moe_layers[:20]}); {REEXPORT}")
     f.ints("eos_token_ids", 0, 1 << 40, required=False)  # an id past the vocabulary just never ends generation
+    if "attention_kernel" in c:
+        f.choice("attention_kernel", ("generic", "gqa"), "or install a newer edge_moe")
     if c.get("max_position_embeddings") is not None:
         f.int("max_position_embeddings", 1, 1 << 40)
     return c
