@@ -1,0 +1,111 @@
+"""Low-precision checkpoint encodings decoded in numpy (no torch): FP8 with block scales and MXFP4.
+
+    # N = output features, K = input features (Hugging Face [out, in]), E = experts, G = K / 32 MXFP4 groups
+    FP8 (DeepSeek-V3):  weight [N, K] float8_e4m3fn, weight_scale_inv [ceil(N/bn), ceil(K/bk)] float32
+                        w[n, k] = fp8(weight[n, k]) * weight_scale_inv[n // bn, k // bk]   (bn = bk = 128)
+    MXFP4 (GPT-OSS):    X_blocks [E, N, G, 16] uint8 (two e2m1 codes a byte, low nibble first),
+                        X_scales [E, N, G] uint8 (e8m0: 2 ** (s - 127)); w[e, n, 32 g + j] = e2m1(code) * scale
+
+MXFP4 blocks have the same layout as MatMulNBits' 4-bit codes (32 along K, low nibble first), so an expert can go
+to our 4-bit format without going through float (`mxfp4_to_matmulnbits`). e2m1 is not uniform, though
+(0, 0.5, 1, 1.5, 2, 3, 4, 6): a uniform 16-level grid holds every value of a block only when it needs no +4 or 6;
+other blocks use a grid twice as coarse, where +-0.5 and +-1.5 round. 8 bits hold every e2m1 value exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_moe.quant import QuantizedMatrix
+
+E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+MXFP4_GROUP = 32
+
+
+def _e4m3fn_table() -> np.ndarray:
+    """float8_e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; no infinities, S.1111.111 is NaN."""
+    codes = np.arange(256)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exponent, mantissa = (codes >> 3) & 0xF, codes & 0x7
+    normal = (1.0 + mantissa / 8.0) * np.exp2(exponent - 7.0)
+    subnormal = (mantissa / 8.0) * 2.0 ** -6
+    values = sign * np.where(exponent == 0, subnormal, normal)
+    values[(exponent == 15) & (mantissa == 7)] = np.nan
+    return values.astype(np.float32)
+
+
+E4M3FN_VALUES = _e4m3fn_table()
+
+
+def decode_e4m3fn(bits: np.ndarray) -> np.ndarray:
+    """uint8 float8_e4m3fn bit patterns -> float32 (exact: every e4m3 value is a float32)."""
+    return E4M3FN_VALUES[bits]
+
+
+def dequantize_fp8_blocks(bits: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """[N, K] float8_e4m3fn codes with per-block scales [ceil(N/bn), ceil(K/bk)] -> float32 [N, K].
+
+    Raises:
+        ValueError: the scale grid does not cover the weight with this block size.
+    """
+    n, k = bits.shape
+    bn, bk = block
+    if scale_inv.shape != (-(-n // bn), -(-k // bk)):
+        raise ValueError(f"weight_scale_inv has shape {list(scale_inv.shape)}, expected "
+                         f"{[-(-n // bn), -(-k // bk)]} for a [{n}, {k}] weight in {bn}x{bk} blocks")
+    w = decode_e4m3fn(bits)
+    w *= np.repeat(np.repeat(scale_inv.astype(np.float32), bn, axis=0), bk, axis=1)[:n, :k]
+    return w
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """[..., N, G, 16] e2m1 bytes and [..., N, G] e8m0 exponents -> float32 [..., N, 32 G] (Hugging Face [out, in])."""
+    values = np.empty(blocks.shape[:-1] + (2 * blocks.shape[-1],), np.float32)
+    values[..., 0::2] = E2M1_VALUES[blocks & 0x0F]
+    values[..., 1::2] = E2M1_VALUES[blocks >> 4]
+    values *= np.exp2(scales.astype(np.float32) - 127.0)[..., None]
+    return values.reshape(blocks.shape[:-2] + (-1,))
+
+
+def _byte_table(codes_of: np.ndarray) -> np.ndarray:
+    """A 256-entry table mapping a byte of two e2m1 codes to the byte of two uniform 4-bit codes."""
+    byte = np.arange(256)
+    return (codes_of[byte & 0x0F] | (codes_of[byte >> 4] << 4)).astype(np.uint8)
+
+
+# Uniform 4-bit codes (zero point 8) on the fine grid (step 0.5 x scale): code = 8 + 2 v, exact for v in [-4, 3.5].
+_FINE = np.clip(8 + 2 * E2M1_VALUES, 0, 15).astype(np.uint8)
+# On the coarse grid (step 1 x scale): code = 8 + round(v); +-0.5 and +-1.5 round half to even, as np.round does.
+_COARSE = (8 + np.round(E2M1_VALUES)).astype(np.uint8)
+_FINE_BYTES, _COARSE_BYTES = _byte_table(_FINE), _byte_table(_COARSE)
+# e2m1 codes the fine grid cannot hold: +4 (6), +6 (7) and -6 (15); codes the coarse grid rounds: +-0.5, +-1.5.
+_NEEDS_COARSE = np.zeros(16, bool)
+_NEEDS_COARSE[[6, 7, 15]] = True
+_ROUNDED_ON_COARSE = np.zeros(16, bool)
+_ROUNDED_ON_COARSE[[1, 3, 9, 11]] = True
+
+
+def mxfp4_to_matmulnbits(blocks: np.ndarray, scales: np.ndarray, bits: int = 4) -> tuple[QuantizedMatrix, float]:
+    """One [N, G, 16] MXFP4 matrix -> MatMulNBits codes (block 32, no zero points) without going through float.
+
+    4 bits: each block on the fine grid (exact) where it can be, else on the coarse grid (+-0.5, +-1.5 round).
+    8 bits: code = 128 + 2 v at step 0.5 x scale, exact for every block.
+    Returns:
+        (the quantized matrix, the fraction of blocks held exactly).
+    """
+    n, g, _ = blocks.shape
+    step = np.exp2(scales.astype(np.float32) - 128.0)  # 0.5 x 2 ** (s - 127)
+    if bits == 8:
+        codes = np.empty((n, g, 32), np.uint8)
+        codes[..., 0::2] = 128 + 2 * E2M1_VALUES[blocks & 0x0F]
+        codes[..., 1::2] = 128 + 2 * E2M1_VALUES[blocks >> 4]
+        return QuantizedMatrix(codes, step, None, 8, MXFP4_GROUP, 32 * g), 1.0
+    if bits != 4:
+        raise ValueError(f"bits={bits}: MXFP4 maps to 4- or 8-bit MatMulNBits codes")
+    low, high = blocks & 0x0F, blocks >> 4
+    coarse = (_NEEDS_COARSE[low] | _NEEDS_COARSE[high]).any(axis=-1)  # [N, G]
+    rounded = coarse & (_ROUNDED_ON_COARSE[low] | _ROUNDED_ON_COARSE[high]).any(axis=-1)
+    packed = np.where(coarse[..., None], _COARSE_BYTES[blocks], _FINE_BYTES[blocks])
+    step = np.where(coarse, 2 * step, step)
+    return QuantizedMatrix(packed, step, None, 4, MXFP4_GROUP, 32 * g), float(1.0 - rounded.mean())

@@ -1,0 +1,115 @@
+"""FP8 block-scaled and MXFP4 checkpoints read without torch, against torch's float8 decoding and transformers' own
+dequantization; FP8 checkpoints exported end to end against transformers on the dequantized weights."""
+
+import json
+
+import numpy as np
+import pytest
+
+import edge_moe
+from edge_moe.errors import EdgeMoeError
+from edge_moe_export.checkpoint import Checkpoint
+from edge_moe_export.encodings import decode_e4m3fn, dequantize_fp8_blocks
+from edge_moe_export.exporter import export_checkpoint
+
+from conftest import build_checkpoint, reference_logits, tiny_config
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+
+
+def test_e4m3fn_table_equals_torch_for_every_code():
+    codes = torch.arange(256, dtype=torch.uint8)
+    expected = codes.view(torch.float8_e4m3fn).float().numpy()
+    np.testing.assert_array_equal(decode_e4m3fn(codes.numpy()), expected)  # NaN == NaN here, as it should
+
+
+def fp8_block_quantize(w, block):
+    """float32 [N, K] -> (float8_e4m3fn [N, K], scale_inv float32 [ceil(N/bn), ceil(K/bk)]): DeepSeek-V3's recipe,
+    each block scaled so that its absmax lands on 448, torch doing the rounding."""
+    (n, k), (bn, bk) = w.shape, block
+    nb, kb = -(-n // bn), -(-k // bk)
+    padded = torch.zeros(nb * bn, kb * bk)
+    padded[:n, :k] = w
+    scale = padded.reshape(nb, bn, kb, bk).abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0
+    q = (padded.reshape(nb, bn, kb, bk) / scale[:, None, :, None]).reshape(nb * bn, kb * bk)[:n, :k]
+    return q.to(torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("shape,block", [((300, 260), (128, 128)), ((40, 48), (16, 16)), ((7, 33), (4, 8))])
+def test_fp8_blocks_equal_transformers_dequantization(shape, block):
+    w = torch.randn(*shape) * 0.05
+    q, scale = fp8_block_quantize(w, block)
+    expected = fp8._dequantize_fp8_weight(q, scale, list(block), torch.float32).numpy()
+    ours = dequantize_fp8_blocks(q.view(torch.uint8).numpy(), scale.numpy(), block)
+    np.testing.assert_array_equal(ours, expected)
+    assert np.abs(ours - w.numpy()).max() <= 0.07 * np.abs(w.numpy()).max()  # e4m3 keeps 3 mantissa bits
+
+
+def test_fp8_scale_grid_that_does_not_fit_is_an_error():
+    with pytest.raises(ValueError, match="expected"):
+        dequantize_fp8_blocks(np.zeros((256, 256), np.uint8), np.ones((1, 2), np.float32), (128, 128))
+
+
+def write_fp8_checkpoint(hf_dir, out_dir, block):
+    """The float32 checkpoint hf_dir re-encoded as DeepSeek-V3 ships weights: every projection (not embeddings, the
+    head or the router) in float8_e4m3fn with `weight_scale_inv`. Returns {name: transformers' dequantization}."""
+    state = safetensors_torch.load_file(hf_dir / "model.safetensors")
+    stored, dequantized = {}, {}
+    for name, w in state.items():
+        if w.ndim == 2 and "embed" not in name and "lm_head" not in name and not name.endswith("mlp.gate.weight"):
+            q, scale = fp8_block_quantize(w, block)
+            stored[name], stored[name + "_scale_inv"] = q, scale
+            dequantized[name] = fp8._dequantize_fp8_weight(q, scale, list(block), torch.float32)
+        else:
+            stored[name] = w
+    out_dir.mkdir()
+    safetensors_torch.save_file(stored, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return dequantized
+
+
+def test_fp8_checkpoint_exports_to_the_logits_of_its_dequantized_weights(tmp_path):
+    """Blocks of 16 over hidden 48 / ffn 40: whole and partial blocks. The reference is the float32 model with every
+    FP8 weight replaced by transformers' dequantization of it."""
+    config = tiny_config("qwen3_moe", hidden=48, ffn=40, experts=4)
+    reference = build_checkpoint(tmp_path / "hf", config, seed=5)
+    dequantized = write_fp8_checkpoint(tmp_path / "hf", tmp_path / "fp8", (16, 16))
+
+    checkpoint = Checkpoint(tmp_path / "fp8")
+    assert not any(name.endswith("_scale_inv") for name in checkpoint.names())
+    key = "model.layers.1.mlp.experts.3.down_proj.weight"
+    np.testing.assert_array_equal(checkpoint.read(key), dequantized[key].numpy())
+
+    with torch.no_grad():
+        parameters = dict(reference.named_parameters())
+        for name, w in dequantized.items():
+            if name in parameters:
+                parameters[name].copy_(w)
+            else:  # transformers 5 holds experts fused: experts.gate_up_proj [E, 2F, H], experts.down_proj [E, H, F]
+                layer, expert, proj = name.split(".")[2], int(name.split(".")[5]), name.split(".")[6]
+                experts = reference.model.layers[int(layer)].mlp.experts
+                if proj == "down_proj":
+                    experts.down_proj[expert].copy_(w)
+                else:
+                    ffn = w.shape[0]
+                    rows = slice(0, ffn) if proj == "gate_proj" else slice(ffn, 2 * ffn)
+                    experts.gate_up_proj[expert][rows].copy_(w)
+    package = export_checkpoint(tmp_path / "fp8", tmp_path / "pkg", progress=False)
+    ids = list(range(3, 19))
+    np.testing.assert_allclose(edge_moe.load(package).logits(ids), reference_logits(reference, ids), atol=1e-4,
+                               rtol=0)
+
+
+def test_fp8_bad_block_size_is_a_one_line_error(tmp_path):
+    build_checkpoint(tmp_path / "hf", tiny_config("qwen3_moe", experts=2), seed=1)
+    write_fp8_checkpoint(tmp_path / "hf", tmp_path / "fp8", (16, 16))
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [32, 32]
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdgeMoeError, match="weight_block_size"):
+        Checkpoint(tmp_path / "fp8").read("model.layers.0.self_attn.q_proj.weight")
