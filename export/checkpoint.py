@@ -54,6 +54,11 @@ class Checkpoint:
             self._pair_mxfp4()
         return self._tensors
 
+    @property
+    def _mxfp4_pairs(self) -> dict[str, tuple[str, str]]:
+        self._index  # noqa: B018 (pairs are found while indexing)
+        return self._mxfp4
+
     def _pair_mxfp4(self) -> None:
         for blocks in [name for name in self._tensors if name.endswith("_blocks")]:
             base, scales = blocks[:-len("_blocks")], blocks[:-len("_blocks")] + "_scales"
@@ -116,24 +121,24 @@ class Checkpoint:
             self._tensors[name] = (path, info["dtype"], info["shape"], 8 + header_len + begin, end - begin)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._index or name in self._mxfp4
+        return name in self._index or name in self._mxfp4_pairs
 
     def names(self) -> list[str]:
         """Tensor names as the model sees them: scales and MXFP4 blocks folded into the tensor they encode."""
-        hidden = {part for pair in self._mxfp4.values() for part in pair}
+        hidden = {part for pair in self._mxfp4_pairs.values() for part in pair}
         hidden |= {name for name in self._index if name.endswith(FP8_SCALE_SUFFIX)
                    and self._index.get(name[:-len(FP8_SCALE_SUFFIX)], (None, ""))[1] == "F8_E4M3"}
-        return [name for name in self._index if name not in hidden] + list(self._mxfp4)
+        return [name for name in self._index if name not in hidden] + list(self._mxfp4_pairs)
 
     def shape(self, name: str) -> list[int]:
-        if name in self._mxfp4:
-            *prefix, n, groups, _ = self._entry(self._mxfp4[name][0])[2]
+        if name in self._mxfp4_pairs:
+            *prefix, n, groups, _ = self._entry(self._mxfp4_pairs[name][0])[2]
             return [*prefix, 32 * groups, n]
         return self._entry(name)[2]
 
     def nbytes(self, name: str) -> int:
         """Bytes stored for the tensor (both parts of an MXFP4 tensor, not an FP8 tensor's scales)."""
-        return sum(self._entry(part)[4] for part in self._mxfp4.get(name, (name,)))
+        return sum(self._entry(part)[4] for part in self._mxfp4_pairs.get(name, (name,)))
 
     def _entry(self, name: str):
         try:
@@ -148,7 +153,7 @@ class Checkpoint:
         Raises:
             EdgeMoeError: a missing or truncated tensor, an index out of range, scales that do not fit.
         """
-        if name in self._mxfp4:
+        if name in self._mxfp4_pairs:
             blocks, scales = self.read_mxfp4(name, index)
             return np.swapaxes(dequantize_mxfp4(blocks, scales), -1, -2)
         array, dtype = self._read_raw(name, index)
@@ -162,12 +167,12 @@ class Checkpoint:
 
     def read_mxfp4(self, name: str, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The raw MXFP4 codes of `name` (or of its slice `index`): blocks [..., N, G, 16], scales [..., N, G]."""
-        if name not in self._mxfp4:
+        if name not in self._mxfp4_pairs:
             raise EdgeMoeError(f"{self.dir}: tensor {name} is not MXFP4-encoded")
-        return tuple(self._read_raw(part, index)[0] for part in self._mxfp4[name])
+        return tuple(self._read_raw(part, index)[0] for part in self._mxfp4_pairs[name])
 
     def is_mxfp4(self, name: str) -> bool:
-        return name in self._mxfp4
+        return name in self._mxfp4_pairs
 
     def _dequantize_fp8(self, name: str, bits: np.ndarray, index: int | None) -> np.ndarray:
         scale_name = name + FP8_SCALE_SUFFIX

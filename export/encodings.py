@@ -109,3 +109,30 @@ def mxfp4_to_matmulnbits(blocks: np.ndarray, scales: np.ndarray, bits: int = 4) 
     packed = np.where(coarse[..., None], _COARSE_BYTES[blocks], _FINE_BYTES[blocks])
     step = np.where(coarse, 2 * step, step)
     return QuantizedMatrix(packed, step, None, 4, MXFP4_GROUP, 32 * g), float(1.0 - rounded.mean())
+
+
+def quantize_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [..., N, K] (K a multiple of 32) -> MXFP4 (blocks [..., N, K/32, 16], scales [..., N, K/32]).
+
+    The OCP recipe: a block's exponent is floor(log2(absmax)) - 2 (e2m1's largest exponent), so its absmax lands
+    in [4, 8) and rounds to 4 or 6; every value rounds to the nearest e2m1 value (ties to the smaller magnitude)."""
+    *prefix, n, k = w.shape
+    if k % MXFP4_GROUP:
+        raise ValueError(f"MXFP4 needs the input dimension in whole blocks of 32, got {k}")
+    groups = w.reshape(*prefix, n, k // MXFP4_GROUP, MXFP4_GROUP).astype(np.float32)
+    absmax = np.abs(groups).max(axis=-1)
+    exponent = np.where(absmax > 0, np.floor(np.log2(np.where(absmax > 0, absmax, 1.0))) - 2, -127)
+    exponent = np.clip(exponent, -127, 127)
+    scaled = groups / np.exp2(exponent)[..., None]
+    magnitudes = E2M1_VALUES[:8]
+    codes = np.abs(np.abs(scaled)[..., None] - magnitudes).argmin(axis=-1).astype(np.uint8)
+    codes |= np.where(scaled < 0, 8, 0).astype(np.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (exponent + 127).astype(np.uint8)
+
+
+def take_rows(q: QuantizedMatrix, rows) -> QuantizedMatrix:
+    """Output rows of a quantized matrix (rows are independent in MatMulNBits' layout): GPT-OSS interleaves gate
+    and up rows, our experts stack them, and this reorders them without decoding."""
+    zero = None if q.zero_points is None else q.zero_points[rows]
+    return QuantizedMatrix(q.packed[rows], q.scales[rows], zero, q.bits, q.block_size, q.k)

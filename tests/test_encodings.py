@@ -113,3 +113,89 @@ def test_fp8_bad_block_size_is_a_one_line_error(tmp_path):
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
     with pytest.raises(EdgeMoeError, match="weight_block_size"):
         Checkpoint(tmp_path / "fp8").read("model.layers.0.self_attn.q_proj.weight")
+
+
+# MXFP4 --------------------------------------------------------------------------------------------------------
+
+mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+
+
+def write_mxfp4_tensor(directory, name, blocks, scales):
+    from safetensors.numpy import save_file
+
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    save_file({f"{name}_blocks": blocks, f"{name}_scales": scales}, directory / "model.safetensors")
+    return Checkpoint(directory)
+
+
+def test_mxfp4_reads_as_transformers_dequantizes_it(tmp_path):
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (3, 10, 4, 16), dtype=np.uint8)   # 3 experts, 10 outputs, 128 inputs
+    scales = rng.integers(110, 135, (3, 10, 4), dtype=np.uint8)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    checkpoint = write_mxfp4_tensor(tmp_path / "ckpt", name, blocks, scales)
+    expected = mxfp4.convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                                dtype=torch.float32).numpy()        # [E, in, out]
+    assert checkpoint.names() == [name] and checkpoint.shape(name) == [3, 128, 10] == list(expected.shape)
+    np.testing.assert_array_equal(checkpoint.read(name), expected)
+    np.testing.assert_array_equal(checkpoint.read(name, index=2), expected[2])
+    with pytest.raises(EdgeMoeError, match="no slice 3"):
+        checkpoint.read(name, index=3)
+
+
+def test_mxfp4_maps_to_matmulnbits_without_float():
+    """8 bits hold every e2m1 value; 4 bits hold a block exactly on the fine grid, else round only +-0.5 and +-1.5
+    (by half a step of the coarse grid). Checked against transformers' dequantization of the same codes."""
+    from edge_moe.quant import dequantize
+    from edge_moe_export.encodings import mxfp4_to_matmulnbits
+
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, (40, 6, 16), dtype=np.uint8)
+    blocks[:20] &= 0x55  # codes 0, 1, 4, 5 (0, 0.5, 2, 3): these rows fit the fine grid
+    scales = rng.integers(115, 130, (40, 6), dtype=np.uint8)
+    reference = mxfp4.convert_moe_packed_tensors(torch.from_numpy(blocks[None]), torch.from_numpy(scales[None]),
+                                                 dtype=torch.float32).numpy()[0].T  # [out, in]
+    q8, exact8 = mxfp4_to_matmulnbits(blocks, scales, bits=8)
+    np.testing.assert_array_equal(dequantize(q8), reference)
+    assert exact8 == 1.0
+    q4, exact4 = mxfp4_to_matmulnbits(blocks, scales, bits=4)
+    error = dequantize(q4) - reference
+    np.testing.assert_array_equal(error[:20], 0)
+    step = np.repeat(np.exp2(scales.astype(np.float32) - 127), 32, axis=1)
+    rounded = np.isin(np.abs(reference / step), [0.5, 1.5])
+    coarse_rows = (np.arange(40) >= 20)[:, None]
+    np.testing.assert_array_equal(np.abs(error), np.where(rounded & coarse_rows, 0.5 * step, 0))
+    exact_blocks = (np.abs(error).reshape(40, 6, 32).max(axis=-1) == 0).mean()
+    assert exact4 == pytest.approx(exact_blocks)
+
+
+def test_mxfp4_encoder_rounds_to_the_nearest_e2m1_value():
+    from edge_moe_export.encodings import E2M1_VALUES, dequantize_mxfp4, quantize_mxfp4
+
+    w = np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32)
+    blocks, scales = quantize_mxfp4(w)
+    decoded = dequantize_mxfp4(blocks, scales)
+    scale = np.repeat(np.exp2(scales.astype(np.float32) - 127), 32, axis=1)
+    grid = np.unique(np.abs(E2M1_VALUES))
+    nearest = np.abs(np.abs(np.clip(w / scale, -6, 6))[..., None] - grid).min(axis=-1) * scale
+    np.testing.assert_allclose(np.abs(decoded - w), nearest + np.maximum(np.abs(w) - 6 * scale, 0), rtol=1e-6)
+    absmax = np.abs(w).reshape(8, 2, 32).max(axis=-1)
+    assert np.all((absmax / scale[:, ::32] >= 4) & (absmax / scale[:, ::32] < 8))
+
+
+def test_reported_expert_bytes_are_what_the_formats_store():
+    """The report's byte counts against the arrays each route really produces, on a small expert."""
+    from edge_moe_export.encodings import mxfp4_to_matmulnbits, quantize_mxfp4
+    from edge_moe_export.encodings_report import expert_bytes
+
+    hidden, ffn = 64, 96
+    gate_up, down = np.ones((2 * ffn, hidden), np.float32), np.ones((hidden, ffn), np.float32)
+    encoded = [quantize_mxfp4(gate_up), quantize_mxfp4(down)]
+    stored = {4: 0, 8: 0}
+    for bits in stored:
+        for blocks, scales in encoded:
+            q, _ = mxfp4_to_matmulnbits(blocks, scales, bits)
+            stored[bits] += sum(a.nbytes for a in q.tensors("w").values())
+    sizes = list(expert_bytes(hidden, ffn).values())
+    assert sizes[:3] == [sum(b.nbytes + s.nbytes for b, s in encoded), stored[4], stored[8]]
