@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -203,6 +204,10 @@ class Checkpoint:
                 raise EdgeMoeError(f"{path}: short read of tensor {name}; the shard is truncated")
         return raw.view(_DTYPES[dtype]).reshape(shape), dtype
 
-    def tokenizer_path(self) -> Path | None:
+    def write_tokenizer(self, destination: Path) -> bool:
+        """Copies the checkpoint's tokenizer.json to destination; False where it has none."""
         path = self.dir / "tokenizer.json"
-        return path if path.exists() else None
+        if not path.exists():
+            return False
+        shutil.copyfile(path, destination)
+        return True

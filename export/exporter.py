@@ -7,7 +7,6 @@ Peak memory is about one checkpoint tensor in float32 plus its converted copy: e
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +64,8 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
     """Exports a checkpoint directory to a package directory.
 
     Args:
-        hf_dir: directory with config.json, safetensors shards and (optionally) tokenizer.json.
+        hf_dir: directory with config.json, safetensors shards and (optionally) tokenizer.json; or a .gguf file
+            (export/gguf_checkpoint.py), whose experts keep the file's precision unless `bits` says otherwise.
         out_dir: the package directory to create; it appears only when the export is complete.
         dtype: float32 or float16 for the weights (the backbone's, and the experts' unless `bits` says otherwise).
         overwrite: replace an existing non-empty out_dir.
@@ -80,13 +80,15 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
     """
     if dtype not in DTYPES:
         raise EdgeMoeError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    checkpoint = open_checkpoint(hf_dir)
+    if bits is None and hasattr(checkpoint, "source_bits"):
+        bits = checkpoint.source_bits()
     choose = expert_formats(bits, dtype, block_size, zero_points)
     if bits == "mixed":
         from .calibrate import choose_bits
 
         chosen = choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size, zero_points, progress)
         choose = lambda layer, index, h, f: _shape(chosen[(layer, index)], dtype, h, f, block_size, zero_points)  # noqa: E731
-    checkpoint = Checkpoint(hf_dir)
     family = family_for(checkpoint.config)
     arch = family.arch
     for key in family.expert_keys(arch.moe_layers[0], 0) if arch.moe_layers else ():
@@ -97,9 +99,7 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         with tqdm(total=steps, desc=f"export {family.model_type}", unit="graph", disable=not progress) as bar:
             backbone = _export_backbone(staged.path, checkpoint, family, dtype, bar)
             experts = _export_experts(staged.path, checkpoint, family, choose, bar)
-        tokenizer = checkpoint.tokenizer_path()
-        if tokenizer:
-            shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
+        tokenizer = checkpoint.write_tokenizer(staged.path / "tokenizer.json")
         staged.write_json("manifest.json", {
             "format_version": FORMAT_VERSION, "edge_moe_version": edge_moe.__version__,
             "family": family.model_type, "dtype": dtype, "config": dataclasses.asdict(arch),
@@ -113,6 +113,15 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
     except BaseException:
         staged.abort()
         raise
+
+
+def open_checkpoint(path):
+    """A Hugging Face checkpoint directory, or a GGUF file, read through the same interface."""
+    if Path(path).suffix.lower() == ".gguf":
+        from .gguf_checkpoint import GgufCheckpoint
+
+        return GgufCheckpoint(path)
+    return Checkpoint(path)
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:

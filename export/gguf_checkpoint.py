@@ -1,0 +1,204 @@
+"""Reads a GGUF file (llama.cpp's format) as if it were a Hugging Face checkpoint, so that every family exports it.
+
+    GGUF (what convert_hf_to_gguf.py writes)             Hugging Face (what the families ask for)
+    general.architecture qwen3moe | olmoe | llama+experts  model_type qwen3_moe | olmoe | mixtral
+    {arch}.block_count, .embedding_length, ...             config.json fields
+    blk.{i}.ffn_gate_exps [E, F, H] (numpy order)          ...experts.{e}.gate_proj.weight [F, H]: slice e
+    blk.{i}.attn_q / attn_k (llama: rows permuted for       self_attn.q_proj / k_proj: rows un-permuted
+      ggml's interleaved RoPE)
+    tokenizer.ggml.*                                       tokenizer.json (export/gguf_tokenizer.py)
+
+Tensors are read through the reader's memory map: a slice of a stacked expert tensor touches only that expert's
+pages. Quantized tensors (Q8_0, Q4_0, Q4_K, ...) are dequantized with the gguf package's numpy code; the exporter
+then stores experts at the bits the file used (`source_bits`) unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edge_moe.errors import EdgeMoeError
+
+# GGUF architecture -> Hugging Face model_type, and the prefix / projection names of that family's experts.
+ARCHITECTURES = {"qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral"}
+_EXPERTS = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
+_DEFAULT_EXPERTS = ("mlp", ("gate_proj", "up_proj", "down_proj"))
+# llama.cpp renormalizes the top-k weights of these architectures unless the file says otherwise.
+_NORM_TOPK = {"qwen3moe": True, "olmoe": False, "llama": True}
+_PER_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+              "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+              **{f"attn_{g}.{kind}": f"self_attn.{h}_proj.{kind}" for g, h in
+                 (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for kind in ("weight", "bias")}}
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+# The expert precision a GGUF type maps to: the same bits, or the next our kernels take (5/6-bit -> 8).
+_SOURCE_BITS = {"F32": None, "F16": 16, "BF16": 16, "Q8_0": 8, "Q6_K": 8, "Q5_0": 8, "Q5_1": 8, "Q5_K": 8,
+                "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q3_K": 4, "Q2_K": 4}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise EdgeMoeError("reading GGUF needs the gguf package; install it with `pip install edge-moe[gguf]`") \
+            from None
+    return gguf
+
+
+class GgufCheckpoint:
+    """The tensors of a .gguf file under Hugging Face names, loaded on demand as float32 numpy arrays."""
+
+    def __init__(self, path: str | os.PathLike):
+        gguf = _gguf()
+        self.path = Path(path)
+        try:
+            self._reader = gguf.GGUFReader(self.path)
+        except FileNotFoundError:
+            raise EdgeMoeError(f"{self.path}: no such file") from None
+        except (ValueError, OSError, IndexError, KeyError) as exc:
+            raise EdgeMoeError(f"{self.path}: not a readable GGUF file ({exc})") from None
+        self.arch = self._field("general.architecture")
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.config = self._config()
+        self._names = self._hf_names()
+
+    # Metadata -------------------------------------------------------------------------------------------
+
+    def _field(self, key: str, default=None, required: bool = True):
+        field = self._reader.get_field(key)
+        if field is None:
+            if required and default is None:
+                raise EdgeMoeError(f"{self.path}: metadata {key} is missing; the file is incomplete")
+            return default
+        value = field.contents()
+        return value
+
+    def _config(self) -> dict:
+        arch, f = self.arch, self._field
+        experts = f(f"{arch}.expert_count", 0)
+        if arch not in ARCHITECTURES or not experts:
+            raise EdgeMoeError(f"{self.path}: GGUF architecture {arch!r}{'' if experts else ' without experts'} is "
+                               f"not supported; supported: {', '.join(ARCHITECTURES)} (with experts)")
+        if "blk.0.ffn_gate_exps.weight" not in self._tensors:
+            raise EdgeMoeError(f"{self.path}: experts are not stacked (blk.N.ffn_*_exps); reconvert the model "
+                               "with a current llama.cpp convert_hf_to_gguf.py")
+        heads = int(f(f"{arch}.attention.head_count"))
+        embed = self._tensors["token_embd.weight"]
+        model_type = ARCHITECTURES[arch]
+        ffn = int(self._tensors["blk.0.ffn_gate_exps.weight"].shape[1])  # ggml order: [H, F, E]
+        config = {
+            "model_type": model_type, "hidden_size": int(f(f"{arch}.embedding_length")),
+            "num_hidden_layers": int(f(f"{arch}.block_count")), "num_attention_heads": heads,
+            "num_key_value_heads": int(f(f"{arch}.attention.head_count_kv", heads)),
+            "vocab_size": int(embed.shape[1]),
+            "rms_norm_eps": float(f(f"{arch}.attention.layer_norm_rms_epsilon")),
+            "rope_theta": float(f(f"{arch}.rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(f(f"{arch}.context_length", 4096)),
+            "tie_word_embeddings": "output.weight" not in self._tensors,
+            "num_experts_per_tok": int(f(f"{arch}.expert_used_count")),
+            "norm_topk_prob": bool(f(f"{arch}.expert_weights_norm", _NORM_TOPK[arch])),
+            "moe_intermediate_size": ffn, "intermediate_size": ffn,
+            "attention_bias": "blk.0.attn_q.bias" in self._tensors,
+            "bos_token_id": f("tokenizer.ggml.bos_token_id", required=False),
+            "eos_token_id": f("tokenizer.ggml.eos_token_id", required=False),
+        }
+        config["num_local_experts" if model_type == "mixtral" else "num_experts"] = int(experts)
+        head_dim = f(f"{arch}.attention.key_length", required=False)
+        if head_dim is not None:
+            config["head_dim"] = int(head_dim)
+        if f(f"{arch}.rope.scaling.type", required=False) not in (None, "none"):
+            raise EdgeMoeError(f"{self.path}: rope scaling {f(f'{arch}.rope.scaling.type')!r} is not supported yet; "
+                               "supported: none")
+        return config
+
+    # Names ----------------------------------------------------------------------------------------------
+
+    def _hf_names(self) -> dict[str, tuple[str, int | None]]:
+        """Hugging Face name -> (GGUF tensor name, expert index or None)."""
+        prefix, projections = _EXPERTS.get(self.config["model_type"], _DEFAULT_EXPERTS)
+        names = {hf: (g, None) for g, hf in _GLOBAL.items() if g in self._tensors}
+        for layer in range(self.config["num_hidden_layers"]):
+            base = f"model.layers.{layer}"
+            for g, hf in _PER_LAYER.items():
+                if f"blk.{layer}.{g}" in self._tensors:
+                    names[f"{base}.{hf}"] = (f"blk.{layer}.{g}", None)
+            if f"blk.{layer}.ffn_gate_inp.weight" in self._tensors:
+                names[f"{base}.{prefix}.gate.weight"] = (f"blk.{layer}.ffn_gate_inp.weight", None)
+            for kind, projection in zip(("gate", "up", "down"), projections):
+                stacked = f"blk.{layer}.ffn_{kind}_exps.weight"
+                if stacked in self._tensors:
+                    for e in range(int(self._tensors[stacked].shape[-1])):
+                        names[f"{base}.{prefix}.experts.{e}.{projection}.weight"] = (stacked, e)
+        return names
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def _source(self, name: str):
+        try:
+            gguf_name, index = self._names[name]
+        except KeyError:
+            raise EdgeMoeError(f"{self.path}: no GGUF tensor holds {name}; the file lacks it or uses names "
+                               "this reader does not know") from None
+        return self._tensors[gguf_name], index
+
+    def shape(self, name: str) -> list[int]:
+        tensor, index = self._source(name)
+        dims = [int(d) for d in reversed(tensor.shape)]
+        return dims[1:] if index is not None else dims
+
+    def tensor_type(self, name: str) -> str:
+        """The GGUF type the tensor is stored in (F16, Q8_0, Q4_K, ...)."""
+        return self._source(name)[0].tensor_type.name
+
+    def source_bits(self):
+        """The expert precision the file used (None: float32): what export stores experts in by default."""
+        kinds = {self.tensor_type(name) for name in self._names if ".experts." in name}
+        bits = {_SOURCE_BITS.get(kind, 8) for kind in kinds}
+        return min(bits, key=lambda b: 32 if b is None else b) if bits else None
+
+    # Tensors --------------------------------------------------------------------------------------------
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32 [out, in] (Hugging Face layout), dequantized.
+
+        Raises:
+            EdgeMoeError: the tensor is missing or its type cannot be dequantized.
+        """
+        gguf = _gguf()
+        tensor, index = self._source(name)
+        data = tensor.data if index is None else tensor.data[index]
+        shape = [int(d) for d in reversed(tensor.shape)][0 if index is None else 1:]
+        try:
+            array = gguf.quants.dequantize(np.asarray(data), tensor.tensor_type)
+        except NotImplementedError:
+            raise EdgeMoeError(f"{self.path}: tensor {tensor.name} is {tensor.tensor_type.name}, which the gguf "
+                               "package cannot dequantize; requantize the file to Q8_0, Q4_K or F16") from None
+        array = np.asarray(array, np.float32).reshape(shape)
+        if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = self.config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            array = unpermute_rope_rows(array, heads)
+        return array
+
+    def write_tokenizer(self, destination: Path) -> bool:
+        """Writes tokenizer.json built from the GGUF metadata; False where the file has no tokenizer."""
+        from .gguf_tokenizer import tokenizer_json
+
+        text = tokenizer_json(self._reader, self.path)
+        if text is None:
+            return False
+        destination.write_text(text)
+        return True
+
+
+def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes convert_hf_to_gguf's permute of llama q/k rows: per head, rows (pairs, 2) -> (2, pairs), i.e. ggml's
+    interleaved RoPE layout back to Hugging Face's rotate-half layout."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

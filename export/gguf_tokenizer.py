@@ -1,0 +1,69 @@
+"""tokenizer.json from a GGUF file's tokenizer.ggml.* metadata, built with the `tokenizers` library.
+
+    tokenizer.ggml.model  gpt2 (byte-level BPE: Qwen, Llama 3, OLMoE)    -> BPE(tokens, merges) + byte-level
+    tokenizer.ggml.pre    qwen2 | llama-bpe | olmo | gpt2 | default     -> the pre-tokenizer's split regex
+    tokenizer.ggml.token_type 3 (control) / 4 (user defined)             -> special / added tokens
+
+SentencePiece files (tokenizer.ggml.model llama: Mixtral, Llama 2) are not converted yet: the package is written
+without a tokenizer and the user is told so (it then takes token ids).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from edge_moe.errors import EdgeMoeError
+
+# The split regexes of the byte-level BPE tokenizers llama.cpp names (as their tokenizer.json files give them).
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+PRE_TOKENIZER_REGEX = {
+    "qwen2": _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama-bpe": _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                                 r"\s+(?!\S)|\s+",
+}
+GPT2_STYLE = ("gpt2", "default", "olmo")  # the GPT-2 regex that tokenizers' ByteLevel applies itself
+CONTROL, USER_DEFINED = 3, 4
+
+
+def _contents(reader, key: str):
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+def tokenizer_json(reader, path: Path) -> str | None:
+    """The tokenizer.json text for this GGUF file, or None where it has no tokenizer we convert.
+
+    Raises:
+        EdgeMoeError: a byte-level BPE tokenizer with a pre-tokenizer this module does not know.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = _contents(reader, "tokenizer.ggml.model")
+    if kind is None:
+        return None
+    if kind != "gpt2":
+        print(f"edge-moe: {path}: tokenizer.ggml.model {kind!r} is not converted yet (only gpt2, byte-level BPE); "
+              "the package has no tokenizer and takes token ids", file=sys.stderr)
+        return None
+    pre = _contents(reader, "tokenizer.ggml.pre") or "default"
+    if pre not in PRE_TOKENIZER_REGEX and pre not in GPT2_STYLE:
+        raise EdgeMoeError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
+                           f"{', '.join([*PRE_TOKENIZER_REGEX, *GPT2_STYLE])}")
+    tokens = _contents(reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _contents(reader, "tokenizer.ggml.merges") or []]
+    types = _contents(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                     ignore_merges=pre == "llama-bpe"))
+    if pre in PRE_TOKENIZER_REGEX:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
+    added = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
+    tokenizer.add_special_tokens(special)
+    tokenizer.add_tokens(added)
+    return tokenizer.to_str()
