@@ -136,3 +136,31 @@ def take_rows(q: QuantizedMatrix, rows) -> QuantizedMatrix:
     and up rows, our experts stack them, and this reorders them without decoding."""
     zero = None if q.zero_points is None else q.zero_points[rows]
     return QuantizedMatrix(q.packed[rows], q.scales[rows], zero, q.bits, q.block_size, q.k)
+
+
+def concat_rows(first: QuantizedMatrix, second: QuantizedMatrix) -> QuantizedMatrix:
+    """Two quantized matrices over the same inputs stacked by output rows (gate over up), still encoded."""
+    zero = None if first.zero_points is None else np.concatenate([first.zero_points, second.zero_points])
+    return QuantizedMatrix(np.concatenate([first.packed, second.packed]),
+                           np.concatenate([first.scales, second.scales]), zero, first.bits, first.block_size, first.k)
+
+
+def q8_0_to_matmulnbits(raw: np.ndarray) -> QuantizedMatrix:
+    """GGUF Q8_0 rows [N, nb * 34] (per 32 weights: float16 d, 32 int8 q; w = d q) -> 8-bit MatMulNBits, exactly:
+    code = q + 128 (our zero point), scale = d."""
+    blocks = raw.reshape(raw.shape[0], -1, 34)
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return QuantizedMatrix(codes, scales, None, 8, 32, 32 * blocks.shape[1])
+
+
+def q4_0_to_matmulnbits(raw: np.ndarray) -> QuantizedMatrix:
+    """GGUF Q4_0 rows [N, nb * 18] (per 32 weights: float16 d, 16 bytes holding q of weights 0-15 in the low nibbles
+    and 16-31 in the high ones; w = (q - 8) d) -> 4-bit MatMulNBits (zero point 8), exactly: the same codes, nibbles
+    reordered to weight pairs, scale = d (negative where the block's largest magnitude is positive, which
+    MatMulNBits computes like any other scale)."""
+    blocks = raw.reshape(raw.shape[0], -1, 18)
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 2:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [N, nb, 32] in weight order
+    return QuantizedMatrix(codes[..., 0::2] | (codes[..., 1::2] << 4), scales, None, 4, 32, 32 * blocks.shape[1])

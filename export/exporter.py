@@ -20,6 +20,7 @@ from edge_moe.manifest import FORMAT_VERSION
 from edge_moe.onnx_build import GraphBuilder
 
 from .checkpoint import Checkpoint
+from .encodings import concat_rows
 from .families import family_for
 from .quantize import BLOCK_SIZES, quantize
 from .writer import BlobWriter, ExpertWriter, StagedDirectory
@@ -190,6 +191,18 @@ def expert_tensors(shape: ExpertShape, gate: np.ndarray, up: np.ndarray, down: n
             "down_proj": down.T.astype(shape.dtype)}
 
 
+def _encoded_expert(checkpoint, shape: ExpertShape, keys) -> dict[str, np.ndarray] | None:
+    """The expert's tensors taken over from the checkpoint's own codes (GGUF Q8_0 / Q4_0), or None where they do not
+    map exactly to this shape and the weights go through float."""
+    if not (shape.quantized and shape.block_size == 32 and not shape.zero_points
+            and hasattr(checkpoint, "read_quantized")):
+        return None
+    gate, up, down = (checkpoint.read_quantized(key, shape.bits) for key in keys)
+    if gate is None or up is None or down is None:
+        return None
+    return {**concat_rows(gate, up).tensors("gate_up_proj"), **down.tensors("down_proj")}
+
+
 def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
     (root / "experts").mkdir()
     arch, records = family.arch, []
@@ -197,13 +210,13 @@ def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
         blob_name = f"layer_{layer:03d}.bin"
         blob = BlobWriter(root / "experts" / blob_name)
         for index in range(arch.num_experts):
-            gate, up, down = (checkpoint.read(key) for key in family.expert_keys(layer, index))
-            ffn = down.shape[1]
+            keys = family.expert_keys(layer, index)
+            ffn = checkpoint.shape(keys[2])[1]
             shape = choose(layer, index, arch.hidden_size, ffn)
             writer = ExpertWriter(blob)
-            for name, array in expert_tensors(shape, gate, up, down).items():
+            for name, array in (_encoded_expert(checkpoint, shape, keys) or
+                                expert_tensors(shape, *(checkpoint.read(key) for key in keys))).items():
                 writer.write(name, array, str(array.dtype))
-            del gate, up, down
             offset, length, checksum = writer.finish()
             external = {t["name"]: (blob_name, offset + t["offset"], t["nbytes"]) for t in writer.tensors}
             graph = f"experts/L{layer:03d}_E{index:03d}.onnx"

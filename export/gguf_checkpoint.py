@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_moe.errors import EdgeMoeError
+from edge_moe.quant import QuantizedMatrix
+
+from .encodings import q4_0_to_matmulnbits, q8_0_to_matmulnbits
 
 # GGUF architecture -> Hugging Face model_type, and the prefix / projection names of that family's experts.
 ARCHITECTURES = {"qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral"}
@@ -37,6 +40,9 @@ _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight
 # The expert precision a GGUF type maps to: the same bits, or the next our kernels take (5/6-bit -> 8).
 _SOURCE_BITS = {"F32": None, "F16": 16, "BF16": 16, "Q8_0": 8, "Q6_K": 8, "Q5_0": 8, "Q5_1": 8, "Q5_K": 8,
                 "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q3_K": 4, "Q2_K": 4}
+
+
+_REPACK = {("Q8_0", 8): q8_0_to_matmulnbits, ("Q4_0", 4): q4_0_to_matmulnbits}
 
 
 def _gguf():
@@ -185,6 +191,15 @@ class GgufCheckpoint:
             heads = self.config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             array = unpermute_rope_rows(array, heads)
         return array
+
+    def read_quantized(self, name: str, bits: int) -> QuantizedMatrix | None:
+        """The tensor as MatMulNBits codes (block 32, no zero points) taken over from the file without going through
+        float, where its type maps exactly (Q8_0 -> 8 bits, Q4_0 -> 4 bits); None otherwise (then `read` it)."""
+        tensor, index = self._source(name)
+        repack = _REPACK.get((tensor.tensor_type.name, bits))
+        if repack is None or (self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))):
+            return None
+        return repack(np.asarray(tensor.data if index is None else tensor.data[index]))
 
     def write_tokenizer(self, destination: Path) -> bool:
         """Writes tokenizer.json built from the GGUF metadata; False where the file has no tokenizer."""

@@ -121,22 +121,45 @@ def test_float16_gguf_equals_the_float16_export(tmp_path):
                                rtol=0)
 
 
-@pytest.mark.parametrize("family,qtype,bits,bound", [("qwen3_moe", Q.Q8_0, 8, 1e-4), ("qwen3_moe", Q.Q4_0, 4, 2e-2),
-                                                     ("mixtral", Q.Q4_0, 4, 2e-2)])
-def test_quantized_gguf_experts_become_our_quantized_experts(family, qtype, bits, bound, tmp_path):
-    """Q8_0 / Q4_0 experts are dequantized and requantized at the same bits; the KL against transformers on the
-    float weights is measured and printed next to that of our own quantizer on the same checkpoint."""
+def with_gguf_experts(reference, path):
+    """The transformers model with every expert weight replaced by gguf's own dequantization of the file's."""
+    import torch
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    with torch.no_grad():
+        for layer, block in enumerate(reference.model.layers):
+            def weights(kind):
+                t = tensors[f"blk.{layer}.ffn_{kind}_exps.weight"]
+                return torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).copy())
+            block.mlp.experts.gate_up_proj.copy_(torch.cat([weights("gate"), weights("up")], dim=1))
+            block.mlp.experts.down_proj.copy_(weights("down"))
+    return reference
+
+
+@pytest.mark.parametrize("family,qtype,bits,zero_points", [
+    ("qwen3_moe", Q.Q8_0, 8, False), ("qwen3_moe", Q.Q4_0, 4, False), ("mixtral", Q.Q4_0, 4, False),
+    ("qwen3_moe", Q.Q4_0, 4, True)])
+def test_quantized_gguf_experts_become_our_quantized_experts(family, qtype, bits, zero_points, tmp_path):
+    """Q8_0 / Q4_0 experts are taken over code for code (block 32, no zero points): the export computes what the GGUF
+    file means, transformers on gguf's dequantization of it. With zero points they go through float and are
+    requantized. KL against transformers on the float weights is printed for each route and for our own quantizer."""
     reference = build_checkpoint(tmp_path / "hf", tiny_config(family, **SHAPES[family]), seed=13)
+    exact = reference_logits(reference, IDS)
     path = write_gguf(tmp_path / "hf", tmp_path / "model.gguf", expert_type=qtype)
-    package = export_checkpoint(path, tmp_path / "pkg", progress=False)
+    package = export_checkpoint(path, tmp_path / "pkg", zero_points=zero_points, progress=False)
     manifest = json.loads((package / "manifest.json").read_text())
     assert {e["bits"] for e in manifest["experts"]} == {bits}
-    exact = reference_logits(reference, IDS)
-    kl = kl_divergence(exact, edge_moe.load(package).logits(IDS))
-    ours = export_checkpoint(tmp_path / "hf", tmp_path / "pkg_hf", bits=bits, progress=False)
-    kl_ours = kl_divergence(exact, edge_moe.load(ours).logits(IDS))
-    print(f"{family} {qtype.name} experts -> {bits}-bit: KL {kl:.2e} nats (our {bits}-bit from float: {kl_ours:.2e})")
-    assert 0 < kl < bound
+    ours = edge_moe.load(package).logits(IDS)
+    file_means = reference_logits(with_gguf_experts(reference, path), IDS)
+    if not zero_points:
+        np.testing.assert_allclose(ours, file_means, atol=1e-4, rtol=0)
+    kl = kl_divergence(exact, ours)
+    own = export_checkpoint(tmp_path / "hf", tmp_path / "pkg_hf", bits=bits, zero_points=zero_points, progress=False)
+    kl_own = kl_divergence(exact, edge_moe.load(own).logits(IDS))
+    route = "requantized with zero points" if zero_points else "codes taken over"
+    print(f"\n{family} {qtype.name} experts -> {bits}-bit ({route}): KL {kl:.2e} nats against float weights "
+          f"(the GGUF itself {kl_divergence(exact, file_means):.2e}; our {bits}-bit from float {kl_own:.2e})")
+    assert 0 < kl < (1e-4 if bits == 8 else 3e-3)
 
 
 def test_not_a_gguf_file_is_a_one_line_error(tmp_path):
@@ -158,3 +181,91 @@ def test_dense_architecture_is_refused_with_the_supported_list(tmp_path):
     writer.close()
     with pytest.raises(EdgeMoeError, match="'qwen2' without experts is not supported; supported: qwen3moe"):
         export_checkpoint(tmp_path / "dense.gguf", tmp_path / "pkg", progress=False)
+
+
+def trained_tokenizer(pre):
+    """A small byte-level BPE trained here (no download) with the split regex llama.cpp calls `pre`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from edge_moe_export.gguf_tokenizer import PRE_TOKENIZER_REGEX
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEX[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = ["The experts of a mixture stream from flash; the hot ones stay resident. 12345 tokens, 2048 experts!",
+              "Ein Würfel kostet 3,50 € — don't we'll they've I'm   spaces\n\nnew lines\ttabs."] * 20
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer
+
+
+def gguf_tokenizer_metadata(tokenizer, pre):
+    """What convert_hf_to_gguf's _set_vocab_gpt2 writes: tokens by id, their types, merges, special ids."""
+    state = json.loads(tokenizer.to_str())
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    special = {t["content"] for t in state["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+
+    def add(writer):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(vocab["<|im_start|>"])
+        writer.add_eos_token_id(vocab["<|endoftext|>"])
+    return add, len(tokens)
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe"])
+def test_tokenizer_comes_from_gguf_metadata(pre, tmp_path):
+    from tokenizers import Tokenizer
+
+    original = trained_tokenizer(pre)
+    metadata, vocab = gguf_tokenizer_metadata(original, pre)
+    build_checkpoint(tmp_path / "hf", tiny_config("qwen3_moe", **{**SHAPES["qwen3_moe"], "vocab": vocab}), seed=2)
+    path = write_gguf(tmp_path / "hf", tmp_path / "model.gguf", tokenizer=metadata)
+    package = export_checkpoint(path, tmp_path / "pkg", progress=False)
+    imported = Tokenizer.from_file(str(package / "tokenizer.json"))
+    for text in ["The hot experts stay resident.", "Würfel 3,50 € 1234567 don't\n\n  x\ttabs",
+                 "<|im_start|>user flash<|endoftext|>", "unseen words: quixotic zebra 9"]:
+        assert imported.encode(text).ids == original.encode(text).ids, text
+        assert imported.decode(imported.encode(text).ids, skip_special_tokens=False) == text
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["source_config"]["eos_token_id"] == original.token_to_id("<|endoftext|>")
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path):
+    metadata, vocab = gguf_tokenizer_metadata(trained_tokenizer("qwen2"), "deepseek-v3")
+    build_checkpoint(tmp_path / "hf", tiny_config("qwen3_moe", **{**SHAPES["qwen3_moe"], "vocab": vocab}), seed=2)
+    path = write_gguf(tmp_path / "hf", tmp_path / "model.gguf", tokenizer=metadata)
+    with pytest.raises(EdgeMoeError, match="tokenizer.ggml.pre 'deepseek-v3' is not supported; supported: qwen2"):
+        export_checkpoint(path, tmp_path / "pkg", progress=False)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0])
+def test_taken_over_codes_run_in_matmulnbits_as_gguf_dequantizes_them(qtype):
+    """Large experts run in onnxruntime's MatMulNBits (tiny ones are dequantized in numpy): Q4_0's scales are negative
+    in about half the blocks, so check the kernel itself on the repacked codes against gguf's dequantization."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from edge_moe_export.encodings import q4_0_to_matmulnbits, q8_0_to_matmulnbits
+
+    rng = np.random.default_rng(3)
+    n, k = 96, 256
+    raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    q = (q8_0_to_matmulnbits if qtype == Q.Q8_0 else q4_0_to_matmulnbits)(raw)
+    assert (q.scales < 0).any() == (qtype == Q.Q4_0)
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
+                            bits=q.bits, block_size=32, accuracy_level=0)
+    graph = helper.make_graph(
+        [node], "expert", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+        initializer=[numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales.reshape(-1), "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ gguf.quants.dequantize(raw, qtype).T, atol=1e-4, rtol=1e-5)
