@@ -8,8 +8,8 @@
       ggml's interleaved RoPE)
     tokenizer.ggml.*                                       tokenizer.json (export/gguf_tokenizer.py)
 
-Tensors are read through the reader's memory map: a slice of a stacked expert tensor touches only that expert's
-pages. Quantized tensors (Q8_0, Q4_0, Q4_K, ...) are dequantized with the gguf package's numpy code; the exporter
+The gguf package parses the header; each tensor (or one expert's slice of a stacked tensor) is then read with one
+pread, so memory holds one tensor at a time as for safetensors. Quantized tensors (Q8_0, Q4_0, Q4_K, ...) are dequantized with the gguf package's numpy code; the exporter
 then stores experts at the bits the file used (`source_bits`) unless told otherwise.
 """
 
@@ -179,10 +179,10 @@ class GgufCheckpoint:
         """
         gguf = _gguf()
         tensor, index = self._source(name)
-        data = tensor.data if index is None else tensor.data[index]
+        data = self._read_raw(tensor, index)
         shape = [int(d) for d in reversed(tensor.shape)][0 if index is None else 1:]
         try:
-            array = gguf.quants.dequantize(np.asarray(data), tensor.tensor_type)
+            array = gguf.quants.dequantize(data, tensor.tensor_type)
         except NotImplementedError:
             raise EdgeMoeError(f"{self.path}: tensor {tensor.name} is {tensor.tensor_type.name}, which the gguf "
                                "package cannot dequantize; requantize the file to Q8_0, Q4_K or F16") from None
@@ -199,7 +199,21 @@ class GgufCheckpoint:
         repack = _REPACK.get((tensor.tensor_type.name, bits))
         if repack is None or (self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))):
             return None
-        return repack(np.asarray(tensor.data if index is None else tensor.data[index]))
+        return repack(self._read_raw(tensor, index))
+
+    def _read_raw(self, tensor, index: int | None) -> np.ndarray:
+        """The stored bytes of a tensor (or of its slice along the outermost dimension) with one pread, in the
+        reader's dtype and shape: the reader's memory map would keep every page read resident (RSS ~ file size)."""
+        shape, length, offset = tensor.data.shape, tensor.n_bytes, tensor.data_offset
+        if index is not None:
+            shape, length = shape[1:], length // shape[0]
+            offset += index * length
+        raw = np.empty(length, np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(offset)
+            if f.readinto(memoryview(raw)) != length:
+                raise EdgeMoeError(f"{self.path}: short read of tensor {tensor.name}; the file is truncated")
+        return raw.view(tensor.data.dtype).reshape(shape)
 
     def write_tokenizer(self, destination: Path) -> bool:
         """Writes tokenizer.json built from the GGUF metadata; False where the file has no tokenizer."""
