@@ -266,3 +266,17 @@ def test_q4_k_experts_go_through_float_with_a_measured_kl(zero_points, tmp_path,
           f"weights (the GGUF itself {kl_file:.2e}; ours against the GGUF {kl_requantized:.2e})")
     # Requantizing costs about what the file's own quantization cost (each is within half a step of its grid)
     assert 0 < kl_requantized < 2 * kl_file and kl < 3 * kl_file
+
+
+def test_cli_exports_a_gguf_file_and_refuses_a_truncated_one(tmp_path):
+    from test_cli import assert_user_error, cli
+
+    build_checkpoint(tmp_path / "hf", tiny_config("olmoe", **SHAPES["olmoe"]), seed=15)
+    path = write_gguf(tmp_path / "hf", tmp_path / "model.gguf", expert_type=Q.Q8_0)
+    result = cli("export", path, tmp_path / "pkg", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and (tmp_path / "pkg" / "manifest.json").exists()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[:-5000])
+    assert_user_error(cli("export", truncated, tmp_path / "pkg2", "--quiet"), str(truncated), "GGUF")
+    assert not (tmp_path / "pkg2").exists()
