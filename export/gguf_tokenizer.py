@@ -2,10 +2,13 @@
 
     tokenizer.ggml.model  gpt2 (byte-level BPE: Qwen, Llama 3, OLMoE)    -> BPE(tokens, merges) + byte-level
     tokenizer.ggml.pre    qwen2 | llama-bpe | olmo | gpt2 | default     -> the pre-tokenizer's split regex
+    tokenizer.ggml.model  llama (SentencePiece BPE: Mixtral, Llama 2)   -> BPE with merges ranked by the merged
+                          tokens, scores, add_space_prefix                piece's score, byte fallback, "▁" spaces
     tokenizer.ggml.token_type 3 (control) / 4 (user defined)             -> special / added tokens
 
-SentencePiece files (tokenizer.ggml.model llama: Mixtral, Llama 2) are not converted yet: the package is written
-without a tokenizer and the user is told so (it then takes token ids).
+SentencePiece BPE merges, at each step, the adjacent pair whose concatenation is the vocabulary piece of highest
+score (llama.cpp's llm_tokenizer_spm does the same); a BPE whose merges are ranked by that score encodes alike
+(transformers builds its Llama fast tokenizer the same way). SentencePiece unigram files are not converted.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ PRE_TOKENIZER_REGEX = {
                                  r"\s+(?!\S)|\s+",
 }
 GPT2_STYLE = ("gpt2", "default", "olmo")  # the GPT-2 regex that tokenizers' ByteLevel applies itself
-CONTROL, USER_DEFINED = 3, 4
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # gguf.TokenType
 
 
 def _contents(reader, key: str):
@@ -37,14 +40,16 @@ def tokenizer_json(reader, path: Path) -> str | None:
     Raises:
         EdgeMoeError: a byte-level BPE tokenizer with a pre-tokenizer this module does not know.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     kind = _contents(reader, "tokenizer.ggml.model")
     if kind is None:
         return None
+    if kind == "llama":
+        return _sentencepiece_bpe(reader).to_str()
     if kind != "gpt2":
-        print(f"edge-moe: {path}: tokenizer.ggml.model {kind!r} is not converted yet (only gpt2, byte-level BPE); "
-              "the package has no tokenizer and takes token ids", file=sys.stderr)
+        print(f"edge-moe: {path}: tokenizer.ggml.model {kind!r} is not converted yet (gpt2: byte-level BPE, llama: "
+              "SentencePiece BPE); the package has no tokenizer and takes token ids", file=sys.stderr)
         return None
     pre = _contents(reader, "tokenizer.ggml.pre") or "default"
     if pre not in PRE_TOKENIZER_REGEX and pre not in GPT2_STYLE:
@@ -62,8 +67,41 @@ def tokenizer_json(reader, path: Path) -> str | None:
     else:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
-    added = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
-    tokenizer.add_special_tokens(special)
-    tokenizer.add_tokens(added)
+    _add_special(tokenizer, tokens, types)
     return tokenizer.to_str()
+
+
+def _add_special(tokenizer, tokens: list[str], types: list[int]) -> None:
+    from tokenizers import AddedToken
+
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, k in zip(tokens, types) if k == CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, k in zip(tokens, types) if k == USER_DEFINED])
+
+
+def _sentencepiece_bpe(reader):
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    tokens = _contents(reader, "tokenizer.ggml.tokens")
+    scores = _contents(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = _contents(reader, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    prefix = _contents(reader, "tokenizer.ggml.add_space_prefix")
+    prefix = True if prefix is None else bool(prefix)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for i in sorted(range(len(tokens)), key=lambda i: -scores[i]):
+        if types[i] != NORMAL:
+            continue
+        piece = tokens[i]
+        pairs = [(piece[:j], piece[j:]) for j in range(1, len(piece)) if piece[:j] in vocab and piece[j:] in vocab]
+        merges.extend(sorted(pairs, key=lambda pair: (vocab[pair[0]], vocab[pair[1]])))
+    unknown = next((t for t, k in zip(tokens, types) if k == UNKNOWN), None)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unknown, fuse_unk=True,
+                                     byte_fallback=True))
+    spaces = [normalizers.Replace(" ", "\u2581")]
+    tokenizer.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if prefix else []) + spaces)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                          + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    _add_special(tokenizer, tokens, types)
+    return tokenizer

@@ -280,3 +280,48 @@ def test_cli_exports_a_gguf_file_and_refuses_a_truncated_one(tmp_path):
     truncated.write_bytes(path.read_bytes()[:-5000])
     assert_user_error(cli("export", truncated, tmp_path / "pkg2", "--quiet"), str(truncated), "GGUF")
     assert not (tmp_path / "pkg2").exists()
+
+
+def test_sentencepiece_tokenizer_comes_from_gguf_metadata(tmp_path):
+    """A SentencePiece BPE model trained here with Llama's settings (byte fallback, no normalization, a dummy prefix),
+    written as convert_hf_to_gguf's _set_vocab_sentencepiece writes it; the imported tokenizer must encode and
+    decode as sentencepiece itself does."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    from tokenizers import Tokenizer
+
+    corpus = ["The experts of a mixture stream from flash; the hot ones stay resident. 12345 tokens, 2048 experts!",
+              "Ein Würfel kostet 3,50 € — don't we'll they've I'm   spaces\n\nnew lines\ttabs."] * 50
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=420,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=True, split_digits=True, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+    def token_type(i):
+        if sp.is_unknown(i):
+            return gguf.TokenType.UNKNOWN
+        if sp.is_control(i):
+            return gguf.TokenType.CONTROL
+        return gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL
+
+    def metadata(writer):
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+        writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+        writer.add_token_types([token_type(i) for i in range(sp.get_piece_size())])
+        writer.add_add_space_prefix(True)
+        writer.add_bos_token_id(sp.bos_id())
+        writer.add_eos_token_id(sp.eos_id())
+
+    shape = {**SHAPES["mixtral"], "vocab": sp.get_piece_size()}
+    build_checkpoint(tmp_path / "hf", tiny_config("mixtral", **shape), seed=2)
+    path = write_gguf(tmp_path / "hf", tmp_path / "model.gguf", tokenizer=metadata)
+    package = export_checkpoint(path, tmp_path / "pkg", progress=False)
+    imported = Tokenizer.from_file(str(package / "tokenizer.json"))
+    for text in ["The hot experts stay resident.", "Würfel 3,50 € 1234567 don't\n\n  x\ttabs", "quixotic zebra ✓ 9",
+                 "  leading spaces", "flash;the"]:
+        assert imported.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+        assert imported.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
