@@ -5,7 +5,8 @@ directly: an 8-byte header length, a JSON header, then raw little-endian tensor 
 one pread into a fresh array; nothing else of the shard is held.
 
 Encodings people download are decoded here, tensor by tensor, so that families never see them (export/encodings.py):
-- FP8 with block scales (DeepSeek-V3): `W` float8_e4m3fn and `W_scale_inv` -> `W` in float32.
+- FP8 with block scales (DeepSeek-V3, Qwen3-FP8): `W` float8_e4m3fn and `W_scale_inv` (float32, or e8m0 powers of
+  two) -> `W` in float32.
 - MXFP4 (GPT-OSS experts): `X_blocks` and `X_scales` -> a tensor `X` in the layout transformers dequantizes to,
   [E, in, out]; `read(X, index=e)` decodes one expert only, `read_mxfp4(X, e)` gives its codes untouched.
 """
@@ -22,10 +23,11 @@ import numpy as np
 
 from edge_moe.errors import EdgeMoeError
 
-from .encodings import decode_e4m3fn, dequantize_fp8_blocks, dequantize_mxfp4
+from .encodings import decode_e4m3fn, decode_e8m0, dequantize_fp8_blocks, dequantize_mxfp4
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64,
-           "I32": np.int32, "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_, "F8_E4M3": np.uint8}
+           "I32": np.int32, "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_, "F8_E4M3": np.uint8,
+           "F8_E8M0": np.uint8}
 FP8_SCALE_SUFFIX = "_scale_inv"
 
 
@@ -160,6 +162,8 @@ class Checkpoint:
         array, dtype = self._read_raw(name, index)
         if dtype == "F8_E4M3":
             return self._dequantize_fp8(name, array, index)
+        if dtype == "F8_E8M0":  # power-of-two scales (DeepSeek-V3.1-style UE8M0 weight_scale_inv)
+            return decode_e8m0(array)
         if dtype == "BF16":
             return bfloat16_to_float32(array)
         if array.dtype.kind == "f" and array.dtype != np.float32:

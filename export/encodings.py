@@ -43,6 +43,14 @@ def decode_e4m3fn(bits: np.ndarray) -> np.ndarray:
     return E4M3FN_VALUES[bits]
 
 
+def decode_e8m0(bits: np.ndarray) -> np.ndarray:
+    """uint8 e8m0 scales (exponent only, bias 127; 255 is NaN) -> float32 powers of two."""
+    # ldexp, not exp2: numpy's float32 exp2 is off by an ulp near 2 ** 127
+    values = np.ldexp(np.float32(1.0), np.minimum(bits, 254).astype(np.int32) - 127).astype(np.float32)
+    values[bits == 255] = np.nan
+    return values
+
+
 def dequantize_fp8_blocks(bits: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """[N, K] float8_e4m3fn codes with per-block scales [ceil(N/bn), ceil(K/bk)] -> float32 [N, K].
 
@@ -64,7 +72,7 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     values = np.empty(blocks.shape[:-1] + (2 * blocks.shape[-1],), np.float32)
     values[..., 0::2] = E2M1_VALUES[blocks & 0x0F]
     values[..., 1::2] = E2M1_VALUES[blocks >> 4]
-    values *= np.exp2(scales.astype(np.float32) - 127.0)[..., None]
+    values *= decode_e8m0(scales)[..., None]
     return values.reshape(blocks.shape[:-2] + (-1,))
 
 
@@ -95,7 +103,7 @@ def mxfp4_to_matmulnbits(blocks: np.ndarray, scales: np.ndarray, bits: int = 4) 
         (the quantized matrix, the fraction of blocks held exactly).
     """
     n, g, _ = blocks.shape
-    step = np.exp2(scales.astype(np.float32) - 128.0)  # 0.5 x 2 ** (s - 127)
+    step = 0.5 * decode_e8m0(scales)
     if bits == 8:
         codes = np.empty((n, g, 32), np.uint8)
         codes[..., 0::2] = 128 + 2 * E2M1_VALUES[blocks & 0x0F]

@@ -31,7 +31,8 @@ def expert_bytes(hidden: int, ffn: int) -> dict[str, int]:
     return {"MXFP4 as shipped (e2m1 + e8m0 per 32)": weights // 2 + blocks,
             "ours 4-bit, block 32, float32 scales": weights // 2 + 4 * blocks,
             "ours 8-bit, block 32, float32 scales": weights + 4 * blocks,
-            "ours float16": 2 * weights}
+            "ours float16": 2 * weights,
+            "ours 4-bit with zero points (requantized)": weights // 2 + 4 * blocks + -(-blocks // 2)}
 
 
 def route_errors(rows: int, cols: int, seed: int = 0) -> dict[str, float]:
