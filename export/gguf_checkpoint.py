@@ -4,6 +4,7 @@
     general.architecture qwen3moe | olmoe | llama+experts  model_type qwen3_moe | olmoe | mixtral
     {arch}.block_count, .embedding_length, ...             config.json fields
     blk.{i}.ffn_gate_exps [E, F, H] (numpy order)          ...experts.{e}.gate_proj.weight [F, H]: slice e
+      or blk.{i}.ffn_gate.{e} [F, H] (early Mixtral files)
     blk.{i}.attn_q / attn_k (llama: rows permuted for       self_attn.q_proj / k_proj: rows un-permuted
       ggml's interleaved RoPE)
     tokenizer.ggml.*                                       tokenizer.json (export/gguf_tokenizer.py)
@@ -88,13 +89,15 @@ class GgufCheckpoint:
         if arch not in ARCHITECTURES or not experts:
             raise EdgeMoeError(f"{self.path}: GGUF architecture {arch!r}{'' if experts else ' without experts'} is "
                                f"not supported; supported: {', '.join(ARCHITECTURES)} (with experts)")
-        if "blk.0.ffn_gate_exps.weight" not in self._tensors:
-            raise EdgeMoeError(f"{self.path}: experts are not stacked (blk.N.ffn_*_exps); reconvert the model "
-                               "with a current llama.cpp convert_hf_to_gguf.py")
+        first = next((n for n in ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate.0.weight") if n in self._tensors),
+                     None)
+        if first is None:
+            raise EdgeMoeError(f"{self.path}: layer 0 has no expert tensors (blk.0.ffn_gate_exps or "
+                               "blk.0.ffn_gate.0); the file is not a mixture of experts this reader knows")
         heads = int(f(f"{arch}.attention.head_count"))
         embed = self._tensors["token_embd.weight"]
         model_type = ARCHITECTURES[arch]
-        ffn = int(self._tensors["blk.0.ffn_gate_exps.weight"].shape[1])  # ggml order: [H, F, E]
+        ffn = int(self._tensors[first].shape[1])  # ggml order: [H, F(, E)]
         config = {
             "model_type": model_type, "hidden_size": int(f(f"{arch}.embedding_length")),
             "num_hidden_layers": int(f(f"{arch}.block_count")), "num_attention_heads": heads,
@@ -135,9 +138,12 @@ class GgufCheckpoint:
                 names[f"{base}.{prefix}.gate.weight"] = (f"blk.{layer}.ffn_gate_inp.weight", None)
             for kind, projection in zip(("gate", "up", "down"), projections):
                 stacked = f"blk.{layer}.ffn_{kind}_exps.weight"
-                if stacked in self._tensors:
-                    for e in range(int(self._tensors[stacked].shape[-1])):
+                for e in range(self.config.get("num_experts") or self.config["num_local_experts"]):
+                    single = f"blk.{layer}.ffn_{kind}.{e}.weight"
+                    if stacked in self._tensors:
                         names[f"{base}.{prefix}.experts.{e}.{projection}.weight"] = (stacked, e)
+                    elif single in self._tensors:
+                        names[f"{base}.{prefix}.experts.{e}.{projection}.weight"] = (single, None)
         return names
 
     def __contains__(self, name: str) -> bool:

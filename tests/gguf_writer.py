@@ -26,9 +26,10 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_dir, path, *, expert_type=Q.F32, weight_type=Q.F32, tokenizer=None):
+def write_gguf(hf_dir, path, *, expert_type=Q.F32, weight_type=Q.F32, tokenizer=None, stacked=True):
     """Writes hf_dir's checkpoint as convert_hf_to_gguf.py would: metadata keys, stacked experts, permuted llama q/k,
-    norms and the router in float32, other matrices in weight_type, experts in expert_type."""
+    norms and the router in float32, other matrices in weight_type, experts in expert_type. stacked=False writes
+    one tensor per expert, blk.N.ffn_gate.E.weight, as llama.cpp's converters did for Mixtral until early 2024."""
     config = json.loads((hf_dir / "config.json").read_text())
     family = config["model_type"]
     state = Checkpoint(hf_dir)
@@ -54,11 +55,12 @@ def write_gguf(hf_dir, path, *, expert_type=Q.F32, weight_type=Q.F32, tokenizer=
         tokenizer(writer)
     names = gguf.get_tensor_name_map(ARCH[family], layers)
 
-    def add(hf_name, array, qtype):
+    def add(hf_name, array, qtype, expert=None):
         if array.ndim == 1 or hf_name.endswith("gate.weight"):
             qtype = Q.F32  # llama.cpp keeps norms and the router in float32
         data = gguf.quants.quantize(array.astype(np.float32), qtype)
-        writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight", ".bias")), data, raw_dtype=qtype)
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        writer.add_tensor(name if expert is None else name.replace("_exps.", f".{expert}."), data, raw_dtype=qtype)
 
     prefix, projections = EXPERT_PROJECTIONS[family]
     for name in state.names():
@@ -70,9 +72,14 @@ def write_gguf(hf_dir, path, *, expert_type=Q.F32, weight_type=Q.F32, tokenizer=
         add(name, array, weight_type)
     for layer in range(layers):
         for projection in projections:
-            stacked = np.stack([state.read(f"model.layers.{layer}.{prefix}.experts.{e}.{projection}.weight")
-                                for e in range(experts)])
-            add(f"model.layers.{layer}.{prefix}.experts.{projection}.weight", stacked, expert_type)
+            weights = [state.read(f"model.layers.{layer}.{prefix}.experts.{e}.{projection}.weight")
+                       for e in range(experts)]
+            merged = f"model.layers.{layer}.{prefix}.experts.{projection}.weight"
+            if stacked:
+                add(merged, np.stack(weights), expert_type)
+            else:
+                for e, w in enumerate(weights):
+                    add(merged, w, expert_type, expert=e)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

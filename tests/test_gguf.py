@@ -49,9 +49,13 @@ def test_float32_gguf_exports_to_transformers_logits(family, tmp_path):
     np.testing.assert_allclose(ours, from_safetensors.logits(IDS), atol=1e-5, rtol=0)
 
 
-def test_float16_gguf_equals_the_float16_export(tmp_path):
+@pytest.mark.parametrize("stacked", [True, False])
+def test_float16_gguf_equals_the_float16_export(stacked, tmp_path):
+    """Mixtral as current converters write it (stacked experts) and as early ones did (a tensor per expert)."""
     build_checkpoint(tmp_path / "hf", tiny_config("mixtral", **SHAPES["mixtral"]), seed=12)
-    path = write_gguf(tmp_path / "hf", tmp_path / "model.gguf", expert_type=Q.F16, weight_type=Q.F16)
+    path = write_gguf(tmp_path / "hf", tmp_path / "model.gguf", expert_type=Q.F16, weight_type=Q.F16,
+                      stacked=stacked)
+    assert ("blk.0.ffn_down.3.weight" in {t.name for t in gguf.GGUFReader(path).tensors}) != stacked
     package = export_checkpoint(path, tmp_path / "pkg", dtype="float16", progress=False)
     manifest = json.loads((package / "manifest.json").read_text())
     assert {e["dtype"] for e in manifest["experts"]} == {"float16"}
