@@ -1,7 +1,8 @@
 """Reads a GGUF file (llama.cpp's format) as if it were a Hugging Face checkpoint, so that every family exports it.
 
     GGUF (what convert_hf_to_gguf.py writes)             Hugging Face (what the families ask for)
-    general.architecture qwen3moe | olmoe | llama+experts  model_type qwen3_moe | olmoe | mixtral
+    general.architecture qwen3moe | qwen2moe | olmoe |     model_type qwen3_moe | qwen2_moe | olmoe | mixtral
+      llama with experts
     {arch}.block_count, .embedding_length, ...             config.json fields
     blk.{i}.ffn_gate_exps [E, F, H] (numpy order)          ...experts.{e}.gate_proj.weight [F, H]: slice e
       or blk.{i}.ffn_gate.{e} [F, H] (early Mixtral files)
@@ -27,13 +28,15 @@ from edge_moe.quant import QuantizedMatrix
 from .encodings import q4_0_to_matmulnbits, q8_0_to_matmulnbits
 
 # GGUF architecture -> Hugging Face model_type, and the prefix / projection names of that family's experts.
-ARCHITECTURES = {"qwen3moe": "qwen3_moe", "olmoe": "olmoe", "llama": "mixtral"}
+ARCHITECTURES = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "olmoe": "olmoe", "llama": "mixtral"}
 _EXPERTS = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
 _DEFAULT_EXPERTS = ("mlp", ("gate_proj", "up_proj", "down_proj"))
 # llama.cpp renormalizes the top-k weights of these architectures unless the file says otherwise.
-_NORM_TOPK = {"qwen3moe": True, "olmoe": False, "llama": True}
+_NORM_TOPK = {"qwen3moe": True, "qwen2moe": False, "olmoe": False, "llama": True}
 _PER_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
               "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+              "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+              **{f"ffn_{g}_shexp.weight": f"mlp.shared_expert.{g}_proj.weight" for g in ("gate", "up", "down")},
               **{f"attn_{g}.{kind}": f"self_attn.{h}_proj.{kind}" for g, h in
                  (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for kind in ("weight", "bias")}}
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -110,7 +113,7 @@ class GgufCheckpoint:
             "num_experts_per_tok": int(f(f"{arch}.expert_used_count")),
             "norm_topk_prob": bool(f(f"{arch}.expert_weights_norm", _NORM_TOPK[arch])),
             "moe_intermediate_size": ffn, "intermediate_size": ffn,
-            "attention_bias": "blk.0.attn_q.bias" in self._tensors,
+            "attention_bias": "blk.0.attn_q.bias" in self._tensors, "qkv_bias": "blk.0.attn_q.bias" in self._tensors,
             "bos_token_id": f("tokenizer.ggml.bos_token_id", required=False),
             "eos_token_id": f("tokenizer.ggml.eos_token_id", required=False),
         }
@@ -193,6 +196,8 @@ class GgufCheckpoint:
             raise EdgeMoeError(f"{self.path}: tensor {tensor.name} is {tensor.tensor_type.name}, which the gguf "
                                "package cannot dequantize; requantize the file to Q8_0, Q4_K or F16") from None
         array = np.asarray(array, np.float32).reshape(shape)
+        if name.endswith("shared_expert_gate.weight") and array.ndim == 1:  # llama.cpp takes it as [H]; HF [1, H]
+            array = array[None, :]
         if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             array = unpermute_rope_rows(array, heads)

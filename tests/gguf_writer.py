@@ -14,9 +14,11 @@ import numpy as np
 
 from edge_moe_export.checkpoint import Checkpoint
 
-ARCH = {"qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "olmoe": gguf.MODEL_ARCH.OLMOE, "mixtral": gguf.MODEL_ARCH.LLAMA}
+ARCH = {"qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE, "olmoe": gguf.MODEL_ARCH.OLMOE,
+        "mixtral": gguf.MODEL_ARCH.LLAMA}
 EXPERT_PROJECTIONS = {"mixtral": ("block_sparse_moe", ("w1", "w2", "w3")),
                       "qwen3_moe": ("mlp", ("gate_proj", "down_proj", "up_proj")),
+                      "qwen2_moe": ("mlp", ("gate_proj", "down_proj", "up_proj")),
                       "olmoe": ("mlp", ("gate_proj", "down_proj", "up_proj"))}
 Q = gguf.GGMLQuantizationType
 
@@ -48,6 +50,8 @@ def write_gguf(hf_dir, path, *, expert_type=Q.F32, weight_type=Q.F32, tokenizer=
     writer.add_expert_used_count(config["num_experts_per_tok"])
     if "moe_intermediate_size" in config:
         writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if "shared_expert_intermediate_size" in config:
+        writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     if config.get("head_dim"):
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])

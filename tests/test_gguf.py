@@ -35,6 +35,7 @@ SHAPES = {  # K a multiple of 32 so that Q8_0 / Q4_0 blocks fit
     "qwen3_moe": dict(hidden=64, ffn=64, heads=4, kv_heads=2, experts=6, top_k=2, norm_topk_prob=True),
     "mixtral": dict(hidden=64, ffn=64, heads=4, kv_heads=2, experts=4, top_k=2),
     "olmoe": dict(hidden=64, ffn=64, heads=4, kv_heads=4, experts=6, top_k=3),
+    "qwen2_moe": dict(hidden=64, ffn=64, heads=4, kv_heads=2, experts=5, top_k=2),  # shared expert, q/k/v biases
 }
 
 
