@@ -34,26 +34,27 @@ def test_e8m0_table_equals_torch_for_every_code():
 
 def test_fp8_with_power_of_two_scales_stored_as_e8m0(tmp_path):
     """UE8M0 scales (DeepSeek-V3.1-style): weight_scale_inv as float8_e8m0fnu, read through the same path."""
-    w = torch.randn(200, 136) * 0.05
-    q, scale = fp8_block_quantize(w, (128, 128))
-    scale = torch.exp2(torch.ceil(torch.log2(scale))).to(torch.float8_e8m0fnu)  # round scales up to powers of two
-    q = (fp8._dequantize_fp8_weight(q, scale.float(), [128, 128], torch.float32) /
-         scale.float().repeat_interleave(128, 0).repeat_interleave(128, 1)[:200, :136]).to(torch.float8_e4m3fn)
+    q, scale = fp8_block_quantize(torch.randn(200, 136) * 0.05, (128, 128), power_of_two=True)
+    scale = scale.to(torch.float8_e8m0fnu)  # exact: every scale is a power of two
     (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"quantization_config": {"weight_block_size": [128, 128]}}))
+    config = {"quantization_config": {"weight_block_size": [128, 128]}}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     safetensors_torch.save_file({"w.weight": q, "w.weight_scale_inv": scale}, tmp_path / "ckpt" / "model.safetensors")
     expected = fp8._dequantize_fp8_weight(q, scale, [128, 128], torch.float32).numpy()
     np.testing.assert_array_equal(Checkpoint(tmp_path / "ckpt").read("w.weight"), expected)
 
 
-def fp8_block_quantize(w, block):
+def fp8_block_quantize(w, block, power_of_two=False):
     """float32 [N, K] -> (float8_e4m3fn [N, K], scale_inv float32 [ceil(N/bn), ceil(K/bk)]): DeepSeek-V3's recipe,
-    each block scaled so that its absmax lands on 448, torch doing the rounding."""
+    each block scaled so that its absmax lands on 448 (or below, the scale rounded up to a power of two), torch doing
+    the rounding."""
     (n, k), (bn, bk) = w.shape, block
     nb, kb = -(-n // bn), -(-k // bk)
     padded = torch.zeros(nb * bn, kb * bk)
     padded[:n, :k] = w
     scale = padded.reshape(nb, bn, kb, bk).abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0
+    if power_of_two:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (padded.reshape(nb, bn, kb, bk) / scale[:, None, :, None]).reshape(nb * bn, kb * bk)[:n, :k]
     return q.to(torch.float8_e4m3fn), scale
 

@@ -209,7 +209,8 @@ def test_taken_over_codes_run_in_matmulnbits_as_gguf_dequantizes_them(qtype):
         [node], "expert", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
         initializer=[numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales.reshape(-1), "scales")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     x = rng.standard_normal((2, k)).astype(np.float32)
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ gguf.quants.dequantize(raw, qtype).T, atol=1e-4, rtol=1e-5)
@@ -326,7 +327,7 @@ def test_sentencepiece_tokenizer_comes_from_gguf_metadata(tmp_path):
     path = write_gguf(tmp_path / "hf", tmp_path / "model.gguf", tokenizer=metadata)
     package = export_checkpoint(path, tmp_path / "pkg", progress=False)
     imported = Tokenizer.from_file(str(package / "tokenizer.json"))
-    for text in ["The hot experts stay resident.", "Würfel 3,50 € 1234567 don't\n\n  x\ttabs", "quixotic zebra ✓ 9",
-                 "  leading spaces", "flash;the"]:
+    for text in ["The hot experts stay resident.", "Würfel 3,50 € 1234567 don't\n\n  x\ttabs",
+                 "quixotic zebra ✓ 9", "  leading spaces", "flash;the"]:
         assert imported.encode(text, add_special_tokens=False).ids == sp.encode(text), text
         assert imported.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
