@@ -47,6 +47,7 @@ _SOURCE_BITS = {"F32": None, "F16": 16, "BF16": 16, "Q8_0": 8, "Q6_K": 8, "Q5_0"
                 "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q3_K": 4, "Q2_K": 4}
 
 
+_REQUIRED = object()
 _REPACK = {("Q8_0", 8): q8_0_to_matmulnbits, ("Q4_0", 4): q4_0_to_matmulnbits}
 
 
@@ -78,14 +79,14 @@ class GgufCheckpoint:
 
     # Metadata -------------------------------------------------------------------------------------------
 
-    def _field(self, key: str, default=None, required: bool = True):
+    def _field(self, key: str, default=_REQUIRED):
+        """A metadata value; `default` where the key is absent, an error where it is required."""
         field = self._reader.get_field(key)
-        if field is None:
-            if required and default is None:
-                raise EdgeMoeError(f"{self.path}: metadata {key} is missing; the file is incomplete")
-            return default
-        value = field.contents()
-        return value
+        if field is not None:
+            return field.contents()
+        if default is _REQUIRED:
+            raise EdgeMoeError(f"{self.path}: metadata {key} is missing; the file is incomplete")
+        return default
 
     def _config(self) -> dict:
         arch, f = self.arch, self._field
@@ -98,6 +99,8 @@ class GgufCheckpoint:
         if first is None:
             raise EdgeMoeError(f"{self.path}: layer 0 has no expert tensors (blk.0.ffn_gate_exps or "
                                "blk.0.ffn_gate.0); the file is not a mixture of experts this reader knows")
+        if "token_embd.weight" not in self._tensors:
+            raise EdgeMoeError(f"{self.path}: tensor token_embd.weight is missing; the file is incomplete")
         heads = int(f(f"{arch}.attention.head_count"))
         embed = self._tensors["token_embd.weight"]
         model_type = ARCHITECTURES[arch]
@@ -115,16 +118,16 @@ class GgufCheckpoint:
             "norm_topk_prob": bool(f(f"{arch}.expert_weights_norm", _NORM_TOPK[arch])),
             "moe_intermediate_size": ffn, "intermediate_size": ffn,
             "attention_bias": "blk.0.attn_q.bias" in self._tensors, "qkv_bias": "blk.0.attn_q.bias" in self._tensors,
-            "bos_token_id": f("tokenizer.ggml.bos_token_id", required=False),
-            "eos_token_id": f("tokenizer.ggml.eos_token_id", required=False),
+            "bos_token_id": f("tokenizer.ggml.bos_token_id", None),
+            "eos_token_id": f("tokenizer.ggml.eos_token_id", None),
         }
         config["num_local_experts" if model_type == "mixtral" else "num_experts"] = int(experts)
-        head_dim = f(f"{arch}.attention.key_length", required=False)
+        head_dim = f(f"{arch}.attention.key_length", None)
         if head_dim is not None:
             config["head_dim"] = int(head_dim)
-        if f(f"{arch}.rope.scaling.type", required=False) not in (None, "none"):
-            raise EdgeMoeError(f"{self.path}: rope scaling {f(f'{arch}.rope.scaling.type')!r} is not supported yet; "
-                               "supported: none")
+        scaling = f(f"{arch}.rope.scaling.type", None)
+        if scaling not in (None, "none"):
+            raise EdgeMoeError(f"{self.path}: rope scaling {scaling!r} is not supported yet; supported: none")
         return config
 
     # Names ----------------------------------------------------------------------------------------------

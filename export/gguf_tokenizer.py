@@ -46,7 +46,9 @@ def tokenizer_json(reader, path: Path) -> str | None:
     if kind is None:
         return None
     if kind == "llama":
-        return _sentencepiece_bpe(reader).to_str()
+        tokenizer = _sentencepiece_bpe(reader)
+        _add_bos_eos(tokenizer, reader, default_bos=True)
+        return tokenizer.to_str()
     if kind != "gpt2":
         print(f"edge-moe: {path}: tokenizer.ggml.model {kind!r} is not converted yet (gpt2: byte-level BPE, llama: "
               "SentencePiece BPE); the package has no tokenizer and takes token ids", file=sys.stderr)
@@ -68,7 +70,27 @@ def tokenizer_json(reader, path: Path) -> str | None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     _add_special(tokenizer, tokens, types)
+    _add_bos_eos(tokenizer, reader, default_bos=False)
     return tokenizer.to_str()
+
+
+def _add_bos_eos(tokenizer, reader, default_bos: bool) -> None:
+    """BOS / EOS around every encoded text where the file asks for them (tokenizer.ggml.add_bos_token; when it says
+    nothing, llama.cpp adds BOS for SentencePiece vocabularies and not for byte-level BPE ones)."""
+    from tokenizers import processors
+
+    tokens = _contents(reader, "tokenizer.ggml.tokens")
+
+    def added(key: str, default: bool) -> list[tuple[str, int]]:
+        flag, index = (_contents(reader, f"tokenizer.ggml.{name}") for name in (f"add_{key}_token", f"{key}_token_id"))
+        wanted = default if flag is None else bool(flag)
+        return [(tokens[index], int(index))] if wanted and index is not None and 0 <= index < len(tokens) else []
+
+    bos, eos = added("bos", default_bos), added("eos", False)
+    if bos or eos:
+        b, e = [t for t, _ in bos], [t for t, _ in eos]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=[*b, "$A", *e], pair=[*b, "$A", *e, *b, "$B", *e], special_tokens=list(dict(bos + eos).items()))
 
 
 def _add_special(tokenizer, tokens: list[str], types: list[int]) -> None:

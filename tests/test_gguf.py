@@ -176,7 +176,7 @@ def test_tokenizer_comes_from_gguf_metadata(pre, tmp_path):
     imported = Tokenizer.from_file(str(package / "tokenizer.json"))
     for text in ["The hot experts stay resident.", "Würfel 3,50 € 1234567 don't\n\n  x\ttabs",
                  "<|im_start|>user flash<|endoftext|>", "unseen words: quixotic zebra 9"]:
-        assert imported.encode(text).ids == original.encode(text).ids, text
+        assert imported.encode(text).ids == original.encode(text).ids, text  # no BOS added for BPE by default
         assert imported.decode(imported.encode(text).ids, skip_special_tokens=False) == text
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["source_config"]["eos_token_id"] == original.token_to_id("<|endoftext|>")
@@ -330,4 +330,5 @@ def test_sentencepiece_tokenizer_comes_from_gguf_metadata(tmp_path):
     for text in ["The hot experts stay resident.", "Würfel 3,50 € 1234567 don't\n\n  x\ttabs",
                  "quixotic zebra ✓ 9", "  leading spaces", "flash;the"]:
         assert imported.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+        assert imported.encode(text).ids == [sp.bos_id(), *sp.encode(text)], text  # llama.cpp's default for SPM
         assert imported.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
