@@ -42,9 +42,16 @@ _PER_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "
                  (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for kind in ("weight", "bias")}}
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
-# The expert precision a GGUF type maps to: the same bits, or the next our kernels take (5/6-bit -> 8).
-_SOURCE_BITS = {"F32": None, "F16": 16, "BF16": 16, "Q8_0": 8, "Q6_K": 8, "Q5_0": 8, "Q5_1": 8, "Q5_K": 8,
-                "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q3_K": 4, "Q2_K": 4}
+
+
+def _bits_of(gguf_type: str):
+    """The expert precision a GGUF type maps to: float32 (None), float16, or the next bitwidth our kernels take at or
+    above the type's (5/6-bit -> 8; 4-bit and below, i-quants included, -> 4: 2-bit experts cost too much accuracy)."""
+    if gguf_type == "F32":
+        return None
+    if gguf_type in ("F16", "BF16"):
+        return 16
+    return 8 if gguf_type.startswith(("Q5", "Q6", "Q8")) else 4
 
 
 _REQUIRED = object()
@@ -177,9 +184,10 @@ class GgufCheckpoint:
         return self._source(name)[0].tensor_type.name
 
     def source_bits(self):
-        """The expert precision the file used (None: float32): what export stores experts in by default."""
+        """The lowest precision among the expert tensors (None: float32; Q4_K_M files mix Q4_K and Q6_K: 4 bits):
+        what export stores experts in unless --bits says otherwise."""
         kinds = {self.tensor_type(name) for name in self._names if ".experts." in name}
-        bits = {_SOURCE_BITS.get(kind, 8) for kind in kinds}
+        bits = {_bits_of(kind) for kind in kinds}
         return min(bits, key=lambda b: 32 if b is None else b) if bits else None
 
     # Tensors --------------------------------------------------------------------------------------------
