@@ -10,7 +10,7 @@
       ggml's interleaved RoPE)
     tokenizer.ggml.*                                       tokenizer.json (export/gguf_tokenizer.py)
 
-The gguf package parses the header; each tensor (or one expert's slice of a stacked tensor) is then read with one
+Split files (NAME-00001-of-0000N.gguf) are read as one. The gguf package parses the headers; each tensor (or one expert's slice of a stacked tensor) is then read with one
 pread, so memory holds one tensor at a time as for safetensors. Quantized tensors (Q8_0, Q4_0, Q4_K, ...) are
 dequantized with the gguf package's numpy code, except where the exporter can take the codes over as they are
 (`read_quantized`: Q8_0, Q4_0); experts keep the bits the file used (`source_bits`) unless told otherwise.
@@ -19,6 +19,7 @@ dequantized with the gguf package's numpy code, except where the exporter can ta
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,15 @@ _REQUIRED = object()
 _REPACK = {("Q8_0", 8): q8_0_to_matmulnbits, ("Q4_0", 4): q4_0_to_matmulnbits}
 
 
+def _open(path: Path):
+    try:
+        return _gguf().GGUFReader(path)
+    except FileNotFoundError:
+        raise EdgeMoeError(f"{path}: no such file") from None
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise EdgeMoeError(f"{path}: not a readable GGUF file ({exc})") from None
+
+
 def _gguf():
     try:
         import gguf
@@ -71,18 +81,29 @@ class GgufCheckpoint:
     """The tensors of a .gguf file under Hugging Face names, loaded on demand as float32 numpy arrays."""
 
     def __init__(self, path: str | os.PathLike):
-        gguf = _gguf()
         self.path = Path(path)
-        try:
-            self._reader = gguf.GGUFReader(self.path)
-        except FileNotFoundError:
-            raise EdgeMoeError(f"{self.path}: no such file") from None
-        except (ValueError, OSError, IndexError, KeyError) as exc:
-            raise EdgeMoeError(f"{self.path}: not a readable GGUF file ({exc})") from None
+        self._reader = _open(self.path)
+        shards = self._shards()
+        if shards[0] != self.path:
+            self._reader = _open(shards[0])  # metadata lives in the first shard only
         self.arch = self._field("general.architecture")
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._tensors, self._file_of = {}, {}
+        for shard in shards:
+            for tensor in (self._reader if shard == shards[0] else _open(shard)).tensors:
+                self._tensors[tensor.name], self._file_of[tensor.name] = tensor, shard
         self.config = self._config()
         self._names = self._hf_names()
+
+    def _shards(self) -> list[Path]:
+        """The files of a split GGUF (NAME-00001-of-0000N.gguf, as gguf-split and the converter write them)."""
+        count = int(self._field("split.count", 1))
+        if count <= 1:
+            return [self.path]
+        match = re.fullmatch(r"(.*)-\d{5}-of-(\d{5})\.gguf", self.path.name)
+        if match is None or int(match.group(2)) != count:
+            raise EdgeMoeError(f"{self.path}: a shard of a {count}-file split GGUF whose name does not follow "
+                               "NAME-00001-of-0000N.gguf; rename the shards as gguf-split wrote them")
+        return [self.path.with_name(f"{match.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
     # Metadata -------------------------------------------------------------------------------------------
 
@@ -232,10 +253,11 @@ class GgufCheckpoint:
             shape, length = shape[1:], length // shape[0]
             offset += index * length
         raw = np.empty(length, np.uint8)
-        with open(self.path, "rb", buffering=0) as f:
+        path = self._file_of[tensor.name]
+        with open(path, "rb", buffering=0) as f:
             f.seek(offset)
             if f.readinto(memoryview(raw)) != length:
-                raise EdgeMoeError(f"{self.path}: short read of tensor {tensor.name}; the file is truncated")
+                raise EdgeMoeError(f"{path}: short read of tensor {tensor.name}; the file is truncated")
         return raw.view(tensor.data.dtype).reshape(shape)
 
     def write_tokenizer(self, destination: Path) -> bool:

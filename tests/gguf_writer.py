@@ -28,15 +28,17 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_dir, path, *, expert_type=Q.F32, weight_type=Q.F32, tokenizer=None, stacked=True):
+def write_gguf(hf_dir, path, *, expert_type=Q.F32, weight_type=Q.F32, tokenizer=None, stacked=True, split_tensors=0):
     """Writes hf_dir's checkpoint as convert_hf_to_gguf.py would: metadata keys, stacked experts, permuted llama q/k,
     norms and the router in float32, other matrices in weight_type, experts in expert_type. stacked=False writes
-    one tensor per expert, blk.N.ffn_gate.E.weight, as llama.cpp's converters did for Mixtral until early 2024."""
+    one tensor per expert, blk.N.ffn_gate.E.weight, as llama.cpp's converters did for Mixtral until early 2024.
+    split_tensors > 0 splits the file every that many tensors (NAME-00001-of-0000N.gguf; returns the first)."""
     config = json.loads((hf_dir / "config.json").read_text())
     family = config["model_type"]
     state = Checkpoint(hf_dir)
     layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[ARCH[family]], use_temp_file=True)
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[ARCH[family]], use_temp_file=not split_tensors,
+                             split_max_tensors=split_tensors)
     writer.add_block_count(layers)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -88,7 +90,8 @@ def write_gguf(hf_dir, path, *, expert_type=Q.F32, weight_type=Q.F32, tokenizer=
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
+    shards = sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))
+    return shards[0] if split_tensors and shards else path
 
 
 def main():

@@ -106,6 +106,22 @@ def test_quantized_gguf_experts_become_our_quantized_experts(family, qtype, bits
     assert 0 < kl < (1e-4 if bits == 8 else 3e-3)
 
 
+def test_split_gguf_reads_as_one_file(tmp_path):
+    """Large GGUFs ship split (NAME-00001-of-0000N.gguf, metadata in the first): the export of the split file equals
+    that of the single file; a missing shard is a one-line error."""
+    build_checkpoint(tmp_path / "hf", tiny_config("olmoe", **SHAPES["olmoe"]), seed=16)
+    single = write_gguf(tmp_path / "hf", tmp_path / "single.gguf", expert_type=Q.Q8_0)
+    first = write_gguf(tmp_path / "hf", tmp_path / "model.gguf", expert_type=Q.Q8_0, split_tensors=7)
+    shards = sorted(tmp_path.glob("model-*-of-*.gguf"))
+    assert first == shards[0] and len(shards) > 2
+    expected = edge_moe.load(export_checkpoint(single, tmp_path / "pkg1", progress=False)).logits(IDS)
+    ours = edge_moe.load(export_checkpoint(first, tmp_path / "pkg2", progress=False)).logits(IDS)
+    np.testing.assert_array_equal(ours, expected)
+    shards[-1].unlink()
+    with pytest.raises(EdgeMoeError, match=f"{shards[-1].name}: no such file"):
+        export_checkpoint(first, tmp_path / "pkg3", progress=False)
+
+
 def test_not_a_gguf_file_is_a_one_line_error(tmp_path):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"not gguf at all")
