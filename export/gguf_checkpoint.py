@@ -10,8 +10,9 @@
       ggml's interleaved RoPE)
     tokenizer.ggml.*                                       tokenizer.json (export/gguf_tokenizer.py)
 
-Split files (NAME-00001-of-0000N.gguf) are read as one. The gguf package parses the headers; each tensor (or one expert's slice of a stacked tensor) is then read with one
-pread, so memory holds one tensor at a time as for safetensors. Quantized tensors (Q8_0, Q4_0, Q4_K, ...) are
+Split files (NAME-00001-of-0000N.gguf) are read as one. The gguf package parses the headers; each tensor (or one
+expert's slice of a stacked tensor) is then read with one pread, so memory holds one tensor at a time as for
+safetensors. Quantized tensors (Q8_0, Q4_0, Q4_K, ...) are
 dequantized with the gguf package's numpy code, except where the exporter can take the codes over as they are
 (`read_quantized`: Q8_0, Q4_0); experts keep the bits the file used (`source_bits`) unless told otherwise.
 """
