@@ -61,7 +61,7 @@ class BackboneWeights:
 
 def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: bool = False,
                       progress: bool = True, bits=None, block_size: int = 32, zero_points: bool = False,
-                      expert_bytes=None, calibration=None) -> Path:
+                      expert_bytes=None, calibration=None, source_bits: bool = True) -> Path:
     """Exports a checkpoint directory to a package directory.
 
     Args:
@@ -74,6 +74,8 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         bits: None (experts in `dtype`), 16 (float16), 8, 4 or 2 (MatMulNBits), or "mixed" (per expert, from
             calibration on the text `calibration` to fit `expert_bytes` in total; export/calibrate.py).
         block_size, zero_points: the quantization blocks (8-, 4- and 2-bit experts).
+        source_bits: with bits None, keep a GGUF file's expert precision (False: experts in `dtype`, as the
+            calibration of --bits mixed needs them).
     Returns:
         The package path.
     Raises:
@@ -82,7 +84,7 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
     if dtype not in DTYPES:
         raise EdgeMoeError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     checkpoint = open_checkpoint(hf_dir)
-    if bits is None and hasattr(checkpoint, "source_bits"):
+    if bits is None and source_bits and hasattr(checkpoint, "source_bits"):
         bits = checkpoint.source_bits()
     choose = expert_formats(bits, dtype, block_size, zero_points)
     if bits == "mixed":

@@ -198,6 +198,25 @@ def test_tokenizer_comes_from_gguf_metadata(pre, tmp_path):
     assert manifest["source_config"]["eos_token_id"] == original.token_to_id("<|endoftext|>")
 
 
+def test_mixed_bits_from_a_quantized_gguf(tmp_path):
+    """--bits mixed from a Q8_0 GGUF (calibrated on the file's weights in float, the tokenizer from its metadata):
+    the experts fit the target between all-4-bit and the file's 8 bits, with several bitwidths."""
+    from edge_moe.manifest import Manifest
+
+    metadata, vocab = gguf_tokenizer_metadata(trained_tokenizer("qwen2"), "qwen2")
+    shape = {**SHAPES["qwen3_moe"], "vocab": vocab}
+    build_checkpoint(tmp_path / "hf", tiny_config("qwen3_moe", **shape), seed=3)
+    path = write_gguf(tmp_path / "hf", tmp_path / "model.gguf", expert_type=Q.Q8_0, tokenizer=metadata)
+    text = tmp_path / "calibration.txt"
+    text.write_text("The hot experts stay resident while the others stream from flash. " * 20)
+    four = Manifest.load(export_checkpoint(path, tmp_path / "q4", bits=4, progress=False)).expert_bytes
+    eight = Manifest.load(export_checkpoint(path, tmp_path / "q8", progress=False)).expert_bytes
+    mixed = Manifest.load(export_checkpoint(path, tmp_path / "mixed", bits="mixed", expert_bytes=(four + eight) // 2,
+                                            calibration=text, progress=False))
+    assert four < mixed.expert_bytes <= (four + eight) // 2
+    assert len({record.dtype for record in mixed.experts.values()}) >= 2  # really mixed
+
+
 def test_unknown_pre_tokenizer_is_refused(tmp_path):
     metadata, vocab = gguf_tokenizer_metadata(trained_tokenizer("qwen2"), "deepseek-v3")
     build_checkpoint(tmp_path / "hf", tiny_config("qwen3_moe", **{**SHAPES["qwen3_moe"], "vocab": vocab}), seed=2)
