@@ -221,3 +221,11 @@ def test_reported_expert_bytes_are_what_the_formats_store():
             stored[bits] += sum(a.nbytes for a in q.tensors("w").values())
     sizes = list(expert_bytes(hidden, ffn).values())
     assert sizes[:3] == [sum(b.nbytes + s.nbytes for b, s in encoded), stored[4], stored[8]]
+
+
+def test_mxfp4_blocks_without_matching_scales_are_a_one_line_error(tmp_path):
+    name = "model.layers.0.mlp.experts.down_proj"
+    checkpoint = write_mxfp4_tensor(tmp_path / "ckpt", name, np.zeros((2, 4, 3, 16), np.uint8),
+                                    np.zeros((2, 4, 2), np.uint8))
+    with pytest.raises(EdgeMoeError, match=f"{name}_blocks .* are not MXFP4 blocks of 32 with their scales"):
+        checkpoint.names()
