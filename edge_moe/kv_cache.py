@@ -92,9 +92,12 @@ class GqaKVCache:
         if total > self.capacity:
             self._allocate(max(total, 2 * self.capacity))
         self._seqlens[0], self._total[()] = total - 1, total
-        if hidden.shape[0] == 1:  # decode: everything stays bound between tokens; only the numbers change
-            io, hidden_buffer, outputs = self._decode.get(layer) or self._bind_decode(layer, session, hidden)
-            hidden_buffer[...] = hidden
+        # Decode on the CPU: everything stays bound between tokens and only the numbers in the bound arrays change.
+        # Not on an accelerator: a CUDA session's IOBinding copies host inputs when they are bound, so the sequence
+        # length would stay the first token's (measured: logits drift from the CPU's token after token).
+        if hidden.shape[0] == 1 and self.device == "cpu":
+            io, hidden_value, outputs = self._decode.get(layer) or self._bind_decode(layer, session, hidden)
+            hidden_value.update_inplace(hidden)
             session.run_bound(io, 0)
             return [out.copy() for out in outputs]
         io = session.io_binding()
@@ -115,14 +118,14 @@ class GqaKVCache:
 
     def _bind_decode(self, layer: int, session, hidden: np.ndarray):
         io = session.io_binding()
-        hidden_buffer = np.zeros_like(hidden)
-        io.bind_ortvalue_input("hidden_states", ort.OrtValue.ortvalue_from_numpy(hidden_buffer))
+        hidden_value = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(hidden))
+        io.bind_ortvalue_input("hidden_states", hidden_value)
         outputs = []
         for name, width in zip(session.output_names[:-2], session.output_widths[:-2]):
             outputs.append(np.zeros((1, width), np.float32))
             io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(outputs[-1]))
         self._bind_kv(io, layer)
-        self._decode[layer] = (io, hidden_buffer, outputs)
+        self._decode[layer] = (io, hidden_value, outputs)
         return self._decode[layer]
 
     def advance(self, tokens: int) -> None:

@@ -6,7 +6,7 @@ set -e
 eval "$(bash /tmp/ortparts/ort-gpu-install)"
 mkdir -p /tmp/pp /tmp/g
 [ -e /tmp/pp/edge_moe_export ] || ln -s "$PWD/export" /tmp/pp/edge_moe_export
-export PYTHONPATH=/tmp/pp:$PWD
+export PYTHONPATH=/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "$1" = setup ]; then
   [ -d /tmp/g/hf ] || python3 -m edge_moe.cli synth /tmp/g/hf --preset qwen3-30b-a3b-shapes --layers 6 --quiet
   [ -d /tmp/g/f16 ] || python3 -m edge_moe.cli export /tmp/g/hf /tmp/g/f16 --dtype float16 --quiet
