@@ -134,6 +134,27 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--gpu-policy", default="lfu", help="accelerator tier residency policy: lru, lfu, adaptive")
 
 
+def add_sampling_arguments(p) -> None:
+    """Sampling and stopping, shared by generate, chat and serve (edge_moe.sampling.SamplingOptions)."""
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else the softmax temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under min-p x the likeliest (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen (prompt and output; 1: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's presence penalty, -2..2")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's frequency penalty, -2..2")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+
+
+def sampling_options(args) -> dict:
+    """The keyword arguments of Model.stream_generate that add_sampling_arguments defined."""
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop)
+
+
 def load_options(args) -> dict:
     return dict(threads=args.threads, budget=args.budget, policy=args.policy, prefetch=args.prefetch,
                 device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy)
@@ -183,12 +204,12 @@ def cmd_generate(args) -> int:
 
 def generate(args, model, report: list[str]) -> None:
     prompt = args.prompt if args.prompt is not None else _ids(args.prompt_ids)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, **sampling_options(args))
     if args.json:
-        result = model.generate(prompt, **options)
+        result = model.generate(prompt, logprobs=args.logprobs, **options)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_ids": result.prompt_ids,
                           "finish_reason": result.finish_reason, "stats": result.stats,
+                          **({"logprobs": result.logprobs} if result.logprobs is not None else {}),
                           **({"emulation": report} if report else {})}))
         return
     for response in model.stream_generate(prompt, **options):
@@ -243,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
     p.add_argument("-n", "--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    add_sampling_arguments(p)
+    p.add_argument("--logprobs", type=int, metavar="N",
+                   help="with --json: each token's log-probability and its N likeliest alternatives")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, stats")
     p.set_defaults(run=cmd_generate)
 
@@ -277,6 +298,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("edge-moe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `edge-moe generate ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ from .cache import ExpertCache, store_for
 from .devices import resolve_device
 from .errors import EdgeMoeError
 from .experts import AllResidentExperts, ExpertKernels
-from .generate import GenerationResponse, GenerationResult, make_sampler, stream_tokens
+from .generate import GenerationResponse, GenerationResult, PromptCache, stream_tokens
 from .manifest import Manifest
 from .model import Backbone, Forward
 from .policies import make_policy
 from .prefetch import NextLayerPredictor
+from .sampling import Sampler, SamplingOptions
 from .sessions import OrtClock, configure_threads
 from .telemetry import peak_rss_bytes, rss_bytes
 from .tokenizer import StreamingDecoder, Tokenizer
@@ -132,49 +133,83 @@ class Model:
         return self.forward.logits(self.forward.hidden(np.asarray(ids, dtype=np.int64), cache))
 
     def stream_generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                        seed: int | None = None):
+                        seed: int | None = None, *, top_k: int = 0, min_p: float = 0.0,
+                        repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                        frequency_penalty: float = 0.0, stop=None, logprobs: int | None = None,
+                        prompt_cache: PromptCache | None = None):
         """Yields a GenerationResponse per generated token.
 
         Args:
             prompt: text, or a list of token ids.
             max_new_tokens: at most this many tokens (>= 1); generation also stops at an end-of-sequence token.
             temperature: 0 for greedy decoding, else the softmax temperature.
-            top_p: nucleus sampling mass in (0, 1].
+            top_p, top_k, min_p: nucleus mass in (0, 1]; keep the k likeliest (0: all); drop tokens under
+                min_p times the likeliest one's probability (0: off).
+            repetition_penalty, presence_penalty, frequency_penalty: see `edge_moe.sampling.SamplingOptions`.
             seed: makes sampling reproducible.
+            stop: a string or a list of strings; generation ends before the first one appears in the output text,
+                which does not include it (finish_reason "stop").
+            logprobs: report the model's log-probability of each token and of its N likeliest alternatives.
+            prompt_cache: `model.prompt_cache()`; consecutive calls with it prefill only what follows the longest
+                prefix they share with what it holds (a chat's next turn).
         Raises:
             EdgeMoeError: empty prompt, ids outside the vocabulary, bad sampling values, context too long.
         """
+        ids, sampler, stop = self._request(prompt, max_new_tokens, temperature, top_p, seed, top_k, min_p,
+                                           repetition_penalty, presence_penalty, frequency_penalty, stop, logprobs)
+        eos = set(self.config.get("eos_token_ids") or [])
+        yield from stream_tokens(self.forward, ids, int(max_new_tokens), sampler, eos,
+                                 StreamingDecoder(self.tokenizer), stop=stop,
+                                 logprobs=None if logprobs is None else int(logprobs), cache=prompt_cache)
+
+    def _request(self, prompt, max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
+                 presence_penalty, frequency_penalty, stop, logprobs):
+        """Checks a generation request before any work; returns (prompt ids, sampler, stop strings)."""
         ids = self.encode(prompt)
         if int(max_new_tokens) < 1:
             raise EdgeMoeError(f"max_new_tokens (-n) is {max_new_tokens}; it must be at least 1")
         self._check_context(len(ids) + int(max_new_tokens))
-        sample = make_sampler(float(temperature), float(top_p), seed)
-        eos = set(self.config.get("eos_token_ids") or [])
-        yield from stream_tokens(self.forward, ids, int(max_new_tokens), sample, eos, StreamingDecoder(self.tokenizer))
+        options = SamplingOptions(float(temperature), float(top_p), int(top_k), float(min_p),
+                                  float(repetition_penalty), float(presence_penalty), float(frequency_penalty),
+                                  None if seed is None else int(seed))
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if stop and self.tokenizer is None:
+            raise EdgeMoeError(f"{self.manifest.root}: stop strings need the package's tokenizer.json; re-export "
+                               "the model with its tokenizer or drop stop")
+        if logprobs is not None and not 0 <= int(logprobs) <= 20:
+            raise EdgeMoeError(f"logprobs {logprobs} is out of range; ask for 0 to 20 alternatives")
+        return ids, Sampler(options), stop
+
+    def prompt_cache(self) -> PromptCache:
+        """A KV cache to pass to consecutive `stream_generate` calls of one conversation (see there)."""
+        return PromptCache(self.forward)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None) -> GenerationResult:
-        """Runs `stream_generate` to the end; returns text, token ids and stats."""
+                 seed: int | None = None, **options) -> GenerationResult:
+        """Runs `stream_generate` to the end (same arguments); returns text, token ids and stats."""
         ids = self.encode(prompt)
         ort_before, calls_before = self.clock.seconds, self.clock.calls
         start = time.perf_counter()
         responses: list[GenerationResponse] = list(self.stream_generate(ids, max_new_tokens, temperature, top_p,
-                                                                        seed))
+                                                                        seed, **options))
         total = time.perf_counter() - start
         tokens = [r.token for r in responses]
         last = responses[-1]
         decode_seconds = max(total - last.prefill_seconds, 1e-12)
         stats = {
-            "prompt_tokens": len(ids), "generated_tokens": len(tokens),
+            "prompt_tokens": len(ids), "generated_tokens": len(tokens), "cached_prompt_tokens": last.cached_tokens,
             "prefill_seconds": last.prefill_seconds, "decode_seconds": decode_seconds,
-            "prefill_tokens_per_second": len(ids) / max(last.prefill_seconds, 1e-12),
+            "prefill_tokens_per_second": (len(ids) - last.cached_tokens) / max(last.prefill_seconds, 1e-12),
             "decode_tokens_per_second": (len(tokens) - 1) / decode_seconds if len(tokens) > 1 else 0.0,
             "ort_seconds": self.clock.seconds - ort_before, "ort_calls": self.clock.calls - calls_before,
             "total_seconds": total, "threads": self.threads,
             "rss_baseline_bytes": self.rss_baseline_bytes, "peak_rss_bytes": peak_rss_bytes(),
             **self.expert_stats(),
         }
-        return GenerationResult(self.decode(tokens), tokens, ids, last.finish_reason or "length", stats)
+        # with stop strings the text is what was streamed (cut before the stop); else the whole decode
+        text = "".join(r.text for r in responses) if options.get("stop") else self.decode(tokens)
+        logprobs = [(r.logprob, r.top_logprobs) for r in responses] if options.get("logprobs") is not None else None
+        return GenerationResult(text, tokens, ids, last.finish_reason or "length", stats, logprobs)
 
     def _check_context(self, tokens: int) -> None:
         limit = int(self.config.get("max_position_embeddings") or 1 << 30)
