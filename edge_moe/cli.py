@@ -37,6 +37,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in --help where it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def cmd_inspect(args) -> int:
     from .manifest import Manifest
 
@@ -120,7 +129,8 @@ def write_trace(path: str, trace: list) -> None:
 
 def add_runtime_arguments(p) -> None:
     """Options of `edge_moe.load` shared by generate and the benchmarks."""
-    p.add_argument("--model", help="package directory (default: the model that ships with edge_moe)")
+    p.add_argument("--model", help="package directory, or 'default' (the default: the model that ships with "
+                                   "edge_moe)")
     p.add_argument("--budget", help="memory for experts: bytes (512MB, 2GiB) or a share of the expert bytes "
                                     "(25%%); default: every expert resident")
     p.add_argument("--policy", default="adaptive", help="residency policy under a budget: lru, lfu, adaptive")
@@ -155,6 +165,16 @@ def sampling_options(args) -> dict:
                 frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop)
 
 
+def check_runtime_arguments(args) -> None:
+    """Refuses bad runtime options before loading anything (add_runtime_arguments)."""
+    if args.threads is not None and args.threads < 1:
+        raise EdgeMoeError(f"--threads {args.threads}: use at least 1 (default: the physical cores)")
+    if args.prefetch < 0:
+        raise EdgeMoeError(f"--prefetch {args.prefetch}: use 0 (off) or the number of layers to look ahead")
+    if args.gpu_budget is not None and args.device == "cpu":
+        raise EdgeMoeError(f"--gpu-budget {args.gpu_budget} needs an accelerator; add --device cuda (or auto)")
+
+
 def load_options(args) -> dict:
     return dict(threads=args.threads, budget=args.budget, policy=args.policy, prefetch=args.prefetch,
                 device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy)
@@ -184,10 +204,19 @@ def emulation(args, model_path):
 def cmd_generate(args) -> int:
     from . import load
 
-    if args.prompt is None and args.prompt_ids is None:
-        raise EdgeMoeError("give --prompt TEXT or --prompt-ids 1,2,3")
+    from .files import check_writable_path
+    from .sampling import SamplingOptions
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise EdgeMoeError("give either --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
     if args.max_new_tokens < 1:
         raise EdgeMoeError(f"-n {args.max_new_tokens}: generate at least 1 token")
+    check_runtime_arguments(args)
+    SamplingOptions(**{k: v for k, v in sampling_options(args).items() if k != "stop"})  # checks ranges now
+    if args.logprobs is not None and not args.json:
+        raise EdgeMoeError("--logprobs is reported in the JSON output; add --json")
+    if args.trace:
+        check_writable_path(args.trace, "--trace")
     if args.emulate and args.model is None:
         from .default_model import default_model_path
 
@@ -223,8 +252,13 @@ def generate(args, model, report: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="edge-moe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edge-moe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add_parser(*a, formatter_class=HelpFormatter, **kw)  # defaults in every help
 
     p = sub.add_parser("export", help="export a Hugging Face MoE checkpoint to an edge_moe package")
     p.add_argument("hf_dir")
@@ -241,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("inspect", help="summarize a package (--routing: routing statistics on a text)")
-    p.add_argument("model")
+    p.add_argument("model", help="package directory, or 'default' (the model that ships with edge_moe)")
     p.add_argument("--routing", action="store_true", help="expert popularity and reuse measured on --text")
     p.add_argument("--text", help="text file for --routing")
     p.add_argument("--window", type=int, help="tokens per prefill window (default: the model's context)")
@@ -261,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text")
     add_runtime_arguments(p)
     p.add_argument("--trace", metavar="FILE", help="write JSON lines {step, layer, experts, hit} per MoE layer")
-    p.add_argument("--prompt")
+    p.add_argument("--prompt", help="the text to continue")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     add_sampling_arguments(p)
     p.add_argument("--logprobs", type=int, metavar="N",
                    help="with --json: each token's log-probability and its N likeliest alternatives")
@@ -289,8 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "model", None) == "default":  # a name for the shipped model wherever a package is asked
+            from .default_model import resolve_model
+
+            args.model = str(resolve_model(args.model))
         return args.run(args)
     except EdgeMoeError as exc:
         print(f"edge-moe: error: {exc}", file=sys.stderr)

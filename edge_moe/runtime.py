@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .baselines import MmapExperts, NoCacheExperts
-from .budget import parse_budget
+from .budget import full_budget, parse_budget
 from .accelerator import build_tier
 from .cache import ExpertCache, store_for
 from .devices import resolve_device
@@ -43,7 +44,8 @@ class Model:
         self.rss_baseline_bytes = rss_bytes()
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
-        self.budget = None if budget is None else parse_budget(budget, manifest)
+        self.budget = None if budget is None else self._budget_bytes(budget)
+        self.closed = False
         predictor = None
         if baseline == "mmap":
             self.experts = MmapExperts(manifest, trace=self.trace)
@@ -58,6 +60,7 @@ class Model:
             self.experts = ExpertCache(manifest, self.store, make_policy(policy), self.budget, trace=self.trace)
             predictor = NextLayerPredictor(manifest, depth=prefetch) if prefetch > 0 else None
         self.predictor = predictor
+        self._predictors = {prefetch: predictor} if predictor else {}  # by depth: set_prefetch keeps what they learnt
         self.kernels = ExpertKernels(self.clock)
         # With an accelerator, Forward gets experts and kernels through its tier (accelerator.py), which keeps
         # self.experts as the RAM tier behind it.
@@ -71,10 +74,69 @@ class Model:
             self.forward.route_observers.append(self.accelerator.observe_routes)
 
     def pin(self, keys) -> None:
-        """Keeps these (layer, index) experts resident for good (a budgeted model only)."""
+        """Keeps these (layer, index) experts resident for good (a budgeted model only). All or nothing: when one
+        cannot be pinned, none of them is.
+
+        Raises:
+            EdgeMoeError: an unknown expert, or the pinned set leaves no room for a layer's top-k experts.
+        """
         if self.budget is None:
             return  # all experts are resident anyway
         self.experts.pin(keys)
+
+    def unpin(self, keys=None) -> None:
+        """Lets these pinned experts (None: all) be evicted again."""
+        if self.budget is not None:
+            self.experts.unpin(self.experts.pinned.copy() if keys is None else keys)
+
+    # Live controls: safe between tokens, or from another thread while one generation runs -----------------------
+
+    def set_budget(self, budget) -> int:
+        """Changes the expert budget now (bytes, '512MB', '25%'); shrinking evicts down to it. Returns the bytes.
+
+        Raises:
+            EdgeMoeError: a malformed budget, one below the minimum, or a model loaded without a budget.
+        """
+        if self.budget is None or not hasattr(self.experts, "set_budget"):
+            raise EdgeMoeError("this model keeps every expert resident (loaded without budget=); load it with a "
+                               "budget, e.g. edge_moe.load(path, budget='100%'), to change the budget live")
+        nbytes = self._budget_bytes(budget)
+        self.experts.set_budget(nbytes)
+        self.budget = nbytes
+        return nbytes
+
+    def set_prefetch(self, depth: int) -> None:
+        """Predicts and reads this many layers ahead from the next token on (0: off)."""
+        depth = int(depth)
+        if depth < 0:
+            raise EdgeMoeError(f"prefetch {depth} is negative; use 0 (off) or the number of layers ahead")
+        if depth and self.budget is not None and depth not in self._predictors:
+            self._predictors[depth] = NextLayerPredictor(self.manifest, depth=depth)
+        self.predictor = self.forward.predictor = self._predictors.get(depth) if depth else None
+
+    def set_throttle(self, throttle) -> None:
+        """Emulates a slower flash from the next read on (edge_moe.emulate.TokenBucket; None: this machine's)."""
+        self.store.set_throttle(throttle)
+
+    def close(self) -> None:
+        """Stops the flash readers and closes the package's files; the model cannot generate afterwards."""
+        if not self.closed:
+            self.closed = True
+            self.store.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _budget_bytes(self, budget) -> int:
+        """Parsed and checked; above what every expert needs it clamps to that, with a one-line notice."""
+        nbytes, full = parse_budget(budget, self.manifest), full_budget(self.manifest)
+        if nbytes > full:
+            print(f"edge-moe: budget {budget} is more than all experts need; using {full / 2**20:,.1f} MiB "
+                  "(every expert fits)", file=sys.stderr)
+        return min(nbytes, full)
 
     def expert_stats(self) -> dict:
         """Cache, flash and prefetch counters so far."""
@@ -165,6 +227,8 @@ class Model:
     def _request(self, prompt, max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
                  presence_penalty, frequency_penalty, stop, logprobs):
         """Checks a generation request before any work; returns (prompt ids, sampler, stop strings)."""
+        if self.closed:
+            raise EdgeMoeError("the model was closed; load it again to generate")
         ids = self.encode(prompt)
         if int(max_new_tokens) < 1:
             raise EdgeMoeError(f"max_new_tokens (-n) is {max_new_tokens}; it must be at least 1")
@@ -222,8 +286,8 @@ def load(path: str | Path | None = None, **options) -> Model:
     """Opens a model package.
 
     Args:
-        path: a directory written by `edge-moe export`; None opens the default model that ships with edge_moe
-            (exported into the per-user cache on first use).
+        path: a directory written by `edge-moe export`; None or "default" opens the default model that ships with
+            edge_moe (exported into the per-user cache on first use).
         threads: onnxruntime threads (default: physical cores); the first load in a process sets the pool.
         budget: None keeps every expert resident; else bytes, '512MB', '2GiB' or '25%' of the expert bytes
             bound what expert residency may use (weights, read buffers); experts stream from flash.
@@ -245,8 +309,6 @@ def load(path: str | Path | None = None, **options) -> Model:
     Raises:
         EdgeMoeError: the package is missing, corrupt or of an unsupported format version; a bad budget or policy.
     """
-    if path is None:
-        from .default_model import default_model_path
+    from .default_model import resolve_model
 
-        path = default_model_path(progress=options.get("progress", True))
-    return Model(Manifest.load(path), **options)
+    return Model(Manifest.load(resolve_model(path, progress=options.get("progress", True))), **options)

@@ -11,7 +11,8 @@ from .report import print_table, write_json
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="package directory")
+    p.add_argument("--model", required=True, help="package directory, or 'default' (the model that ships with "
+                                                   "edge_moe)")
     p.add_argument("--reference", metavar="HF_DIR", help="also time transformers' eager PyTorch on this checkpoint")
     p.add_argument("--tokens", type=int, default=64, help="tokens to decode per run")
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -33,6 +34,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     results = {}
+    if args.budgets:  # a bad budget or policy is refused before the first (minutes-long) run
+        from ..manifest import Manifest
+        from .cache import _configs
+
+        _configs(args, Manifest.load(args.model))
     if not args.skip_decode:
         results["decode"] = decode_table(args)
     if args.budgets:
