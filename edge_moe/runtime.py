@@ -13,6 +13,7 @@ from .baselines import MmapExperts, NoCacheExperts
 from .budget import full_budget, parse_budget
 from .accelerator import build_tier
 from .cache import ExpertCache, store_for
+from .chat import ChatTemplate
 from .devices import resolve_device
 from .errors import EdgeMoeError
 from .experts import AllResidentExperts, ExpertKernels
@@ -46,6 +47,7 @@ class Model:
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
         self.budget = None if budget is None else self._budget_bytes(budget)
         self.closed = False
+        self._chat_template = None
         predictor = None
         if baseline == "mmap":
             self.experts = MmapExperts(manifest, trace=self.trace)
@@ -181,6 +183,24 @@ class Model:
             raise EdgeMoeError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1}); use ids the "
                                "model's tokenizer produces")
         return ids
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The package's chat template (tokenizer_config.json), or a plain one where it has none."""
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.from_package(self.manifest.root)
+        return self._chat_template
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **variables) -> str:
+        """messages [{"role", "content"}] -> prompt text, as transformers' apply_chat_template(tokenize=False)."""
+        return self.chat_template.render(messages, add_generation_prompt, **variables)
+
+    def encode_chat(self, messages, **variables) -> list[int]:
+        """The rendered conversation as token ids (the template spells out its special tokens: none are added)."""
+        if self.tokenizer is None:
+            raise EdgeMoeError(f"{self.manifest.root}: the package has no tokenizer.json; chat needs one")
+        return self.encode(self.tokenizer.encode(self.apply_chat_template(messages, **variables),
+                                                 add_special_tokens=False))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer else ""

@@ -100,6 +100,8 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         tokenizer = checkpoint.tokenizer_path()
         if tokenizer:
             shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
+        if (checkpoint.dir / "tokenizer_config.json").is_file():  # its chat_template (edge_moe.chat)
+            shutil.copyfile(checkpoint.dir / "tokenizer_config.json", staged.path / "tokenizer_config.json")
         staged.write_json("manifest.json", {
             "format_version": FORMAT_VERSION, "edge_moe_version": edge_moe.__version__,
             "family": family.model_type, "dtype": dtype, "config": dataclasses.asdict(arch),
