@@ -306,12 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edge_moe_export import synthetic
 
-    from . import chat_command, planner, profiler
+    from . import chat_command, planner, profiler, serve
     from .bench import command as bench
 
     # Commands that live in their own module, each with add_arguments(parser) and run(args).
     for name, module, help_text in (
         ("chat", chat_command, "talk to the model through its chat template (history, streaming, /reset)"),
+        ("serve", serve, "an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, streaming)"),
         ("synth", synthetic, "write a random-weight Hugging Face MoE checkpoint (numpy, streaming)"),
         ("bench", bench, "benchmarks: decode speed and floors, the expert cache (prints tables, --json writes one)"),
         ("profile", profiler, "measure this machine (disk, memory, expert compute) and write a device profile"),

@@ -1,0 +1,151 @@
+"""`edge-moe serve` / `edge_moe.serve`: an OpenAI-compatible HTTP server (/v1/models, /v1/completions,
+/v1/chat/completions, server-sent events) on Starlette + uvicorn (the optional extra `[serve]`).
+
+Requests run in worker threads; each has its own KV cache and sampler, and the model's forward pass takes one step
+at a time, so concurrent requests interleave token by token and each gets the tokens it would get alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .errors import EdgeMoeError
+from .openai_api import RequestError, chunks, parse, response
+
+
+def _starlette():
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise EdgeMoeError("the server needs Starlette and uvicorn: pip install 'edge-moe[serve]'") from None
+
+
+def create_app(model, model_name: str = "default", api_key: str | None = None):
+    """A Starlette application serving `model` under `model_name`; with `api_key`, requests must send
+    `Authorization: Bearer <api_key>`."""
+    _starlette()
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    turn_stop = model.chat_template.turn_stop() if model.tokenizer is not None else None
+    created = int(time.time())
+
+    def error(exc: EdgeMoeError) -> JSONResponse:
+        exc = exc if isinstance(exc, RequestError) else RequestError(str(exc))
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    def authorized(request) -> bool:
+        return api_key is None or request.headers.get("authorization", "") == f"Bearer {api_key}"
+
+    async def models(request):
+        if not authorized(request):
+            return error(RequestError("invalid API key", status=401, code="invalid_api_key"))
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "edge_moe"}]})
+
+    def endpoint(kind: str):
+        async def handle(request):
+            if not authorized(request):
+                return error(RequestError("invalid API key", status=401, code="invalid_api_key"))
+            try:
+                body = json.loads(await request.body())
+            except ValueError as exc:
+                return error(RequestError(f"the body is not JSON ({exc})"))
+            try:
+                parsed = await run_in_threadpool(parse, body, kind, model, model_name, turn_stop)
+                stream = model.stream_generate(parsed.prompt_ids, **parsed.options)
+                # the first token is made before answering, so a request the model refuses gets a 4xx, not a
+                # stream that breaks off
+                first = await run_in_threadpool(next, stream)
+            except EdgeMoeError as exc:
+                return error(exc)
+            if not parsed.stream:
+                rest = await run_in_threadpool(list, stream)
+                return JSONResponse(response(parsed, model, model_name, [first, *rest]))
+
+            def events():
+                for chunk in chunks(parsed, model, model_name, _chain(first, stream)):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")  # iterated in a worker thread
+
+        return handle
+
+    async def not_found(request, exc):
+        return error(RequestError(f"no route {request.method} {request.url.path}; see /v1/models", status=404))
+
+    routes = [Route("/v1/models", models), Route("/v1/completions", endpoint("completion"), methods=["POST"]),
+              Route("/v1/chat/completions", endpoint("chat"), methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          model_name: str | None = None, **load_options) -> None:
+    """Serves a model until interrupted.
+
+    Args:
+        model: a loaded Model, a package path, or None / "default" for the shipped model.
+        host: the address to listen on (127.0.0.1: this machine only). port: the TCP port.
+        api_key: when set, requests must send `Authorization: Bearer <api_key>`.
+        model_name: the id clients ask for (default: "default" for the shipped model, else the package's name).
+        load_options: edge_moe.load options (budget, policy, prefetch, threads, device, ...) when `model` is a path.
+    Raises:
+        EdgeMoeError: Starlette/uvicorn missing, the model cannot load, the port is taken.
+    """
+    _starlette()
+    import uvicorn
+
+    from . import __version__, load
+    from .runtime import Model
+
+    if not isinstance(model, Model):
+        model = load(model, **load_options)
+    shipped = model.manifest.root.name.startswith(f"default-{__version__}-")  # default_model's directory
+    model_name = model_name or ("default" if shipped else model.manifest.root.name)
+    app = create_app(model, model_name, api_key)
+    print(f"edge-moe: serving {model_name!r} on http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", file=sys.stderr)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except OSError as exc:  # e.g. the port is taken (uvicorn may also exit through SystemExit, below)
+        raise EdgeMoeError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+    except SystemExit:
+        raise EdgeMoeError(f"cannot listen on {host}:{port}; is the port taken? choose another --port") from None
+    finally:
+        model.close()
+
+
+def add_arguments(p) -> None:
+    from .cli import add_runtime_arguments
+
+    add_runtime_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $EDGE_MOE_API_KEY if set)")
+    p.add_argument("--model-name", help="the model id clients use (default: 'default' or the package's name)")
+
+
+def run(args) -> int:
+    import os
+
+    from .cli import check_runtime_arguments, load_options
+
+    check_runtime_arguments(args)
+    if not 0 < args.port < 65536:
+        raise EdgeMoeError(f"--port {args.port}: use 1..65535")
+    _starlette()
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("EDGE_MOE_API_KEY"),
+          model_name=args.model_name, progress=True, **load_options(args))
+    return 0
