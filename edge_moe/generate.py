@@ -69,30 +69,60 @@ class PromptCache:
         return common
 
 
-def stream_tokens(forward, prompt_ids: list[int], max_new_tokens: int, sampler, eos_ids, decoder, *, stop=(),
-                  logprobs: int | None = None, cache: PromptCache | None = None):
-    """The loop: prefill the prompt (after what `cache` holds), then one token at a time through the KV cache."""
-    start = time.perf_counter()
-    cache = cache if cache is not None else PromptCache(forward)
-    cached = cache.reuse(prompt_ids)
-    h = forward.hidden(np.asarray(prompt_ids[cached:], dtype=np.int64), cache.kv)
-    cache.ids.extend(prompt_ids[cached:])
-    logits = forward.logits(h[-1:])[0]
-    prefill_seconds = time.perf_counter() - start
-    stops, output = StopStrings(stop), []
-    for index in range(max_new_tokens):
-        token = sampler(logits, prompt_ids, output)
-        chosen, top = token_logprobs(logits, token, logprobs) if logprobs is not None else (None, None)
-        output.append(token)
-        text = stops.feed(decoder.add(token))
-        finish = "stop" if token in eos_ids or stops.stopped else ("length" if index == max_new_tokens - 1 else None)
+class Sequence:
+    """One generation between tokens: its prompt, KV cache, sampler, stop strings and text so far. The solo loop
+    (`stream_tokens`) and the batched one (batching.py) drive it the same way: `prefill`, then `emit(logits)`
+    per token and, until a response finishes, run `next_input` through the model."""
+
+    def __init__(self, forward, prompt_ids: list[int], max_new_tokens: int, sampler, eos_ids, decoder, *, stop=(),
+                 logprobs: int | None = None, cache: PromptCache | None = None):
+        self.prompt_ids, self.max_new_tokens, self.sampler, self.eos_ids = prompt_ids, max_new_tokens, sampler, eos_ids
+        self.decoder, self.logprobs = decoder, logprobs
+        self.cache = cache if cache is not None else PromptCache(forward)
+        self.stops, self.output = StopStrings(stop), []
+        self.start = time.perf_counter()
+        self.prefill_seconds, self.cached = 0.0, 0
+
+    def prefill(self, forward) -> np.ndarray:
+        """Runs the prompt after what the cache holds; returns the logits [V] of its last token."""
+        self.cached = self.cache.reuse(self.prompt_ids)
+        h = forward.hidden(np.asarray(self.prompt_ids[self.cached:], dtype=np.int64), self.cache.kv)
+        self.cache.ids.extend(self.prompt_ids[self.cached:])
+        logits = forward.logits(h[-1:])[0]
+        self.prefill_seconds = time.perf_counter() - self.start
+        return logits
+
+    def emit(self, logits: np.ndarray) -> GenerationResponse:
+        """Samples the next token from `logits`; the response's finish_reason says whether the sequence ended."""
+        index = len(self.output)
+        token = self.sampler(logits, self.prompt_ids, self.output)
+        chosen, top = token_logprobs(logits, token, self.logprobs) if self.logprobs is not None else (None, None)
+        self.output.append(token)
+        text = self.stops.feed(self.decoder.add(token))
+        finish = ("stop" if token in self.eos_ids or self.stops.stopped
+                  else ("length" if index == self.max_new_tokens - 1 else None))
         if finish:
-            text += stops.flush()
+            text += self.stops.flush()
         now = time.perf_counter()
-        decode_tps = index / (now - start - prefill_seconds) if index else 0.0
-        yield GenerationResponse(text, token, index, len(prompt_ids), prefill_seconds, now - start, decode_tps,
-                                 finish, chosen, top, cached)
-        if finish:
+        decode_tps = index / (now - self.start - self.prefill_seconds) if index else 0.0
+        return GenerationResponse(text, token, index, len(self.prompt_ids), self.prefill_seconds, now - self.start,
+                                  decode_tps, finish, chosen, top, self.cached)
+
+    def next_input(self) -> np.ndarray:
+        """The last sampled token as the next step's input ids [1]; call `advanced` once it went through."""
+        return np.asarray(self.output[-1:], dtype=np.int64)
+
+    def advanced(self) -> None:
+        self.cache.ids.append(self.output[-1])
+
+
+def stream_tokens(forward, sequence: Sequence):
+    """The solo loop: prefill the prompt (after what its cache holds), then one token at a time."""
+    logits = sequence.prefill(forward)
+    while True:
+        response = sequence.emit(logits)
+        yield response
+        if response.finish_reason:
             return
-        logits = forward.logits(forward.hidden(np.asarray([token], dtype=np.int64), cache.kv))[0]
-        cache.ids.append(token)
+        logits = forward.logits(forward.hidden(sequence.next_input(), sequence.cache.kv))[0]
+        sequence.advanced()

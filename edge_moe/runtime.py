@@ -17,7 +17,7 @@ from .chat import ChatTemplate
 from .devices import resolve_device
 from .errors import EdgeMoeError
 from .experts import AllResidentExperts, ExpertKernels
-from .generate import GenerationResponse, GenerationResult, PromptCache, stream_tokens
+from .generate import GenerationResponse, GenerationResult, PromptCache, Sequence, stream_tokens
 from .manifest import Manifest
 from .model import Backbone, Forward
 from .policies import make_policy
@@ -48,6 +48,7 @@ class Model:
         self.budget = None if budget is None else self._budget_bytes(budget)
         self.closed = False
         self._chat_template = None
+        self.batcher = None  # enable_batching
         predictor = None
         if baseline == "mmap":
             self.experts = MmapExperts(manifest, trace=self.trace)
@@ -120,10 +121,21 @@ class Model:
         """Emulates a slower flash from the next read on (edge_moe.emulate.TokenBucket; None: this machine's)."""
         self.store.set_throttle(throttle)
 
+    def enable_batching(self, max_batch: int = 16) -> None:
+        """From now on, generations running at the same time (threads, server requests) decode together, up to
+        `max_batch` per step: each routed expert is fetched once per step for all of them (edge_moe.batching).
+        Each generation's tokens stay those it gets alone."""
+        from .batching import ContinuousBatcher
+
+        if self.batcher is None:
+            self.batcher = ContinuousBatcher(self.forward, max_batch)
+
     def close(self) -> None:
         """Stops the flash readers and closes the package's files; the model cannot generate afterwards."""
         if not self.closed:
             self.closed = True
+            if self.batcher is not None:
+                self.batcher.close()
             self.store.close()
 
     def __enter__(self) -> "Model":
@@ -240,9 +252,10 @@ class Model:
         ids, sampler, stop = self._request(prompt, max_new_tokens, temperature, top_p, seed, top_k, min_p,
                                            repetition_penalty, presence_penalty, frequency_penalty, stop, logprobs)
         eos = set(self.config.get("eos_token_ids") or [])
-        yield from stream_tokens(self.forward, ids, int(max_new_tokens), sampler, eos,
-                                 StreamingDecoder(self.tokenizer), stop=stop,
-                                 logprobs=None if logprobs is None else int(logprobs), cache=prompt_cache)
+        sequence = Sequence(self.forward, ids, int(max_new_tokens), sampler, eos, StreamingDecoder(self.tokenizer),
+                            stop=stop, logprobs=None if logprobs is None else int(logprobs), cache=prompt_cache)
+        yield from (self.batcher.submit(sequence) if self.batcher is not None else stream_tokens(self.forward,
+                                                                                                 sequence))
 
     def _request(self, prompt, max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
                  presence_penalty, frequency_penalty, stop, logprobs):

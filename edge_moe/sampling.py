@@ -131,10 +131,11 @@ class StopStrings:
         if not self.stops:
             return piece
         text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        # the occurrence that ends first (ties: the longer) is the one a stream sees first, however it is cut
+        hits = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in self.stops) if i >= 0]
         if hits:
             self.stopped, self.pending = True, ""
-            return text[:min(hits)]
+            return text[:min(hits)[1]]
         hold = max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
                     if text.endswith(s[:n])), default=0)
         self.pending = text[len(text) - hold:] if hold else ""

@@ -1,8 +1,9 @@
 """`edge-moe serve` / `edge_moe.serve`: an OpenAI-compatible HTTP server (/v1/models, /v1/completions,
 /v1/chat/completions, server-sent events) on Starlette + uvicorn (the optional extra `[serve]`).
 
-Requests run in worker threads; each has its own KV cache and sampler, and the model's forward pass takes one step
-at a time, so concurrent requests interleave token by token and each gets the tokens it would get alone.
+Requests run in worker threads, each with its own KV cache and sampler. With batching (the default of `serve`)
+the requests in flight decode together, one step for all (edge_moe.batching); without it the forward pass takes
+one request's step at a time. Either way each request gets the tokens it would get alone.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _chain(first, rest):
 
 
 def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, **load_options) -> None:
+          model_name: str | None = None, max_batch: int = 16, **load_options) -> None:
     """Serves a model until interrupted.
 
     Args:
@@ -99,6 +100,8 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         host: the address to listen on (127.0.0.1: this machine only). port: the TCP port.
         api_key: when set, requests must send `Authorization: Bearer <api_key>`.
         model_name: the id clients ask for (default: "default" for the shipped model, else the package's name).
+        max_batch: requests decoded together per step (continuous batching, edge_moe.batching); 0: one at a time,
+            interleaved token by token.
         load_options: edge_moe.load options (budget, policy, prefetch, threads, device, ...) when `model` is a path.
     Raises:
         EdgeMoeError: Starlette/uvicorn missing, the model cannot load, the port is taken.
@@ -113,6 +116,8 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         model = load(model, **load_options)
     shipped = model.manifest.root.name.startswith(f"default-{__version__}-")  # default_model's directory
     model_name = model_name or ("default" if shipped else model.manifest.root.name)
+    if max_batch:
+        model.enable_batching(max_batch)
     app = create_app(model, model_name, api_key)
     print(f"edge-moe: serving {model_name!r} on http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", file=sys.stderr)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
@@ -134,6 +139,8 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $EDGE_MOE_API_KEY if set)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests decoded together per step, sharing each expert read (0: no batching)")
     p.add_argument("--model-name", help="the model id clients use (default: 'default' or the package's name)")
 
 
@@ -145,7 +152,9 @@ def run(args) -> int:
     check_runtime_arguments(args)
     if not 0 < args.port < 65536:
         raise EdgeMoeError(f"--port {args.port}: use 1..65535")
+    if args.max_batch < 0:
+        raise EdgeMoeError(f"--max-batch {args.max_batch}: use 0 (no batching) or more")
     _starlette()
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("EDGE_MOE_API_KEY"),
-          model_name=args.model_name, progress=True, **load_options(args))
+          model_name=args.model_name, max_batch=args.max_batch, progress=True, **load_options(args))
     return 0

@@ -47,12 +47,16 @@ def start(app):
 
 
 @pytest.fixture(scope="module")
-def client(model):
+def client(shipped_package):
+    """A server whose model decodes concurrent requests together (the reference `model` runs each alone)."""
     from edge_moe.serve import create_app
 
-    url, stop = start(create_app(model, "default"))
+    served = edge_moe.load(shipped_package)
+    served.enable_batching(max_batch=4)
+    url, stop = start(create_app(served, "default"))
     yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
     stop()
+    served.close()
 
 
 MESSAGES = [{"role": "user", "content": "Write a function that reads a file."}]
@@ -101,12 +105,13 @@ def test_completions_stop_penalties_seed_and_logprobs(client, model):
     assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
 
 
-def test_four_concurrent_requests_each_equal_alone(client, model):
-    prompts = ["import os\n", "def main():", "class Foo:", "The json module"]
-    alone = [model.generate(p, 10).text for p in prompts]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(lambda p: client.completions.create(
-            model="default", prompt=p, max_tokens=10, temperature=0).choices[0].text, prompts))
+def test_concurrent_requests_each_equal_alone(client, model):
+    prompts = ["import os\n", "def main():", "class Foo:", "The json module", "x = [", "# A"]
+    alone = [model.generate(p, 10 + i).text for i, p in enumerate(prompts)]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda i: client.completions.create(
+            model="default", prompt=prompts[i], max_tokens=10 + i, temperature=0).choices[0].text,
+            range(len(prompts))))
     assert together == alone
 
 
