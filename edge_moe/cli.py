@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 
-from .devices import DEVICE_CHOICES
 from .errors import EdgeMoeError
 
 
@@ -129,6 +129,8 @@ def write_trace(path: str, trace: list) -> None:
 
 def add_runtime_arguments(p) -> None:
     """Options of `edge_moe.load` shared by generate and the benchmarks."""
+    from .devices import DEVICE_CHOICES
+
     p.add_argument("--model", help="package directory, or 'default' (the default: the model that ships with "
                                    "edge_moe)")
     p.add_argument("--budget", help="memory for experts: bytes (512MB, 2GiB) or a share of the expert bytes "
@@ -256,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="edge-moe", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edge-moe {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **kw: add_parser(*a, formatter_class=HelpFormatter, **kw)  # defaults in every help
+    # every command's help shows its defaults
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
 
     p = sub.add_parser("export", help="export a Hugging Face MoE checkpoint to an edge_moe package")
     p.add_argument("hf_dir")
@@ -324,9 +326,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def sigint_deferred():
+    """Holds Ctrl-C back while native libraries initialize (interrupted there, they fail with a traceback or an
+    ImportError); a Ctrl-C that came meanwhile arrives as KeyboardInterrupt when the block ends."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        with sigint_deferred():
+            parser = build_parser()
+            from . import runtime  # noqa: F401 - onnxruntime and numpy, before any command runs
+        args = parser.parse_args(argv)
         if getattr(args, "model", None) == "default":  # a name for the shipped model wherever a package is asked
             from .default_model import resolve_model
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 
 import numpy as np
@@ -163,3 +164,24 @@ def test_demo_screenshot_with_a_bad_model_fails(tmp_path):
                             env=env)
     assert result.returncode == 2
     assert "cannot open model" in result.stderr
+
+
+def test_ctrl_c_while_native_libraries_load_waits_for_the_block_end():
+    import signal
+    import threading
+
+    from edge_moe.cli import sigint_deferred
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_deferred():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # held back until the block ends
+            time.sleep(0.05)
+            reached_end = True
+    assert reached_end
+
+
+def test_cli_module_loads_without_the_runtime():
+    code = "import sys, edge_moe.cli; print('onnxruntime' in sys.modules, 'edge_moe.runtime' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "False"]  # main() imports them with Ctrl-C deferred
