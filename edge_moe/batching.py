@@ -30,20 +30,15 @@ def batched_step(forward, sequences) -> list[np.ndarray]:
         forward.experts.begin_step()
         hs = [backbone.embed.run({"input_ids": s.next_input()})[0] for s in sequences]  # [1, H] each
         for layer, session in enumerate(backbone.layers):
-            outs = []
-            for s, h in zip(sequences, hs):
-                past_k, past_v = s.cache.kv.past(layer)
-                outs.append(session.run({"hidden_states": h, "past_key": past_k, "past_value": past_v}))
+            # each sequence's attention on its own KV cache, which keeps this step's keys and values
+            outs = [s.cache.kv.run(layer, session, h) for s, h in zip(sequences, hs)]
             if layer in forward.moe_layers:
                 residual = np.concatenate([o[0] for o in outs])  # [B, H]
                 moe = forward.moe(layer, np.concatenate([o[1] for o in outs]),
                                   np.concatenate([o[2] for o in outs]), residual)
                 hs = [o[0] + moe[b:b + 1] for b, o in enumerate(outs)]
-                kv = [(o[3], o[4]) for o in outs]
             else:
-                hs, kv = [o[0] for o in outs], [(o[1], o[2]) for o in outs]
-            for s, (key, value) in zip(sequences, kv):
-                s.cache.kv.write(layer, key, value)
+                hs = [o[0] for o in outs]
         for s in sequences:
             s.cache.kv.advance(1)
     return [forward.logits(h)[0] for h in hs]

@@ -14,13 +14,17 @@ PROMPTS = [[5, 6, 7, 8], [9, 3], [11, 12, 13, 14, 15, 16], [2, 40, 41], [7], [30
 LENGTHS = [9, 14, 5, 11, 7, 12]  # different lengths: sequences leave the batch at different steps
 
 
-@pytest.fixture(scope="module", params=sorted(EXPERT_KEY))
+@pytest.fixture(scope="module", params=sorted(EXPERT_KEY) + ["qwen3_moe-gqa"])
 def package(request, tmp_path_factory):
+    """Every family with plain-ONNX attention; a head size of 16 gets the GroupQueryAttention kernel."""
     from edge_moe_export.exporter import export_checkpoint
 
+    family, _, kernel = request.param.partition("-")
     root = tmp_path_factory.mktemp(request.param)
-    build_checkpoint(root / "hf", tiny_config(request.param, experts=8))
-    return export_checkpoint(root / "hf", root / "pkg", progress=False)
+    build_checkpoint(root / "hf", tiny_config(family, experts=8, **({"hidden": 64} if kernel else {})))
+    package = export_checkpoint(root / "hf", root / "pkg", progress=False)
+    assert edge_moe.load(package).config.get("attention_kernel", "generic") == (kernel or "generic")
+    return package
 
 
 def run_together(model, prompts, lengths):

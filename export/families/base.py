@@ -45,6 +45,9 @@ class Arch:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     router_scoring: str = "softmax"
+    # "gqa": layer graphs attend with com.microsoft.GroupQueryAttention over a KV buffer the runtime preallocates
+    # and the graph updates in place; "generic": plain ONNX ops over a [P, kvH, D] past (model.py reads this).
+    attention_kernel: str = "generic"
 
 
 def _required(config: dict, *names: str):
@@ -70,10 +73,16 @@ class MoEFamily:
     expert_prefix = "mlp"            # model.layers.{i}.<prefix>.experts.{e}...
     expert_projections = ("gate_proj", "up_proj", "down_proj")
     qkv_bias = False
+    # Families whose attention is standard GQA with Hugging Face RoPE run it as one fused kernel (emit_gqa_attention);
+    # a family with another attention (MLA, sinks) sets this False and overrides emit_attention.
+    fused_attention = True
 
     def __init__(self, config: dict):
         self.config = config
         self.arch = self.make_arch(config)
+        # onnxruntime's GroupQueryAttention takes head sizes that are multiples of 16 (every released model's are)
+        fused = self.fused_attention and self.arch.head_dim % 16 == 0
+        self.arch.attention_kernel = "gqa" if fused else "generic"
 
     # Configuration ------------------------------------------------------------------------------------
 
@@ -121,6 +130,13 @@ class MoEFamily:
     def router_key(self, layer: int) -> str:
         return self.layer_key(layer, f"{self.expert_prefix}.gate.weight")
 
+    def quantizable_backbone_weight(self, key: str) -> bool:
+        """Matrices `--backbone-bits` may store block-quantized: attention projections and an untied lm_head (the
+        embedding is a gather of one row a token, routers decide which experts run and stay exact)."""
+        if key == "lm_head.weight":
+            return not self.arch.tie_word_embeddings
+        return any(key.endswith(f"self_attn.{p}.weight") for p in ATTENTION_HOOKS)
+
     # Graph emission ------------------------------------------------------------------------------------
 
     def emit_embed(self, g: GraphBuilder, weight) -> None:
@@ -141,11 +157,16 @@ class MoEFamily:
         a = self.arch
         w = lambda name: weight(self.layer_key(layer, name))  # noqa: E731
         hidden = g.input("hidden_states", "float32", ["T", a.hidden_size])
-        past_k = g.input("past_key", "float32", ["P", a.num_key_value_heads, a.head_dim])
-        past_v = g.input("past_value", "float32", ["P", a.num_key_value_heads, a.head_dim])
         g.scope = f"/model/layers.{layer}/attn"
         x = g.rms_norm(hidden, w("input_layernorm.weight"), a.rms_norm_eps)
-        attn, new_k, new_v = self.emit_attention(g, layer, x, past_k, past_v, w)
+        if a.attention_kernel == "gqa":
+            attn, new_k, new_v = self.emit_gqa_attention(g, layer, x, w)
+            kv_shape = [1, a.num_key_value_heads, "M", a.head_dim]
+        else:
+            past_k = g.input("past_key", "float32", ["P", a.num_key_value_heads, a.head_dim])
+            past_v = g.input("past_value", "float32", ["P", a.num_key_value_heads, a.head_dim])
+            attn, new_k, new_v = self.emit_attention(g, layer, x, past_k, past_v, w)
+            kv_shape = ["T", a.num_key_value_heads, a.head_dim]
         h = g.op("Add", hidden, attn)
         g.scope = f"/model/layers.{layer}/moe"
         moe_input = g.rms_norm(h, w("post_attention_layernorm.weight"), a.rms_norm_eps)
@@ -158,8 +179,46 @@ class MoEFamily:
         else:
             residual = g.op("Add", h, self.emit_dense_mlp(g, layer, moe_input, w))
             g.output(residual, "residual", "float32", ["T", a.hidden_size])
-        g.output(new_k, "key", "float32", ["T", a.num_key_value_heads, a.head_dim])
-        g.output(new_v, "value", "float32", ["T", a.num_key_value_heads, a.head_dim])
+        g.output(new_k, "key", "float32", kv_shape)
+        g.output(new_v, "value", "float32", kv_shape)
+
+    def emit_gqa_attention(self, g: GraphBuilder, layer: int, x: str, w):
+        """Attention as one com.microsoft.GroupQueryAttention node (RoPE inside, KV updated in place):
+
+            x [T,H] --q/k/v--> (qkv post, head norms) --> GQA(q, k, v, past [1,kvH,M,D], seqlens_k, total, cos, sin)
+              --> out [T, nH*D] --o_proj-->;   key/value outputs are the same [1,kvH,M,D] buffers, bound in place
+
+        A dozen nodes instead of ~70 and no copy of the cache per call (model.py: GqaKVCache). Inputs the runtime
+        feeds: past_key/past_value (capacity M >= total), seqlens_k [1] = total - 1, total_sequence_length, and
+        cos_cache/sin_cache [>= total, D/2] (the RoPE tables, shared by every layer).
+        """
+        a = self.arch
+        heads, kv_heads, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        past_k = g.input("past_key", "float32", [1, kv_heads, "M", d])
+        past_v = g.input("past_value", "float32", [1, kv_heads, "M", d])
+        seqlens = g.input("seqlens_k", "int32", [1])
+        total = g.input("total_sequence_length", "int32", [])
+        cos = g.input("cos_cache", "float32", ["C", d // 2])
+        sin = g.input("sin_cache", "float32", ["C", d // 2])
+        bias = (lambda p: w(f"self_attn.{p}.bias")) if self.qkv_bias else (lambda p: None)
+        q = g.linear(x, w("self_attn.q_proj.weight"), bias("q_proj"))
+        k = g.linear(x, w("self_attn.k_proj.weight"), bias("k_proj"))
+        v = g.linear(x, w("self_attn.v_proj.weight"), bias("v_proj"))
+        q, k, v = self.emit_qkv_post(g, layer, q, k, v, w)
+        if type(self).emit_head_norms is not MoEFamily.emit_head_norms:
+            q3 = g.op("Reshape", q, g.const([0, heads, d], "int64"))
+            k3 = g.op("Reshape", k, g.const([0, kv_heads, d], "int64"))
+            q3, k3 = self.emit_head_norms(g, layer, q3, k3, w)
+            q = g.op("Reshape", q3, g.const([0, heads * d], "int64"))
+            k = g.op("Reshape", k3, g.const([0, kv_heads * d], "int64"))
+        batch = g.const([0], "int64")
+        window = a.sliding_windows[layer]
+        out, present_k, present_v = g.op(
+            "GroupQueryAttention", *(g.op("Unsqueeze", t, batch) for t in (q, k, v)), past_k, past_v, seqlens,
+            total, cos, sin, outputs=3, domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+            do_rotary=1, rotary_interleaved=0, scale=d ** -0.5, local_window_size=window if window else -1)
+        out = g.op("Squeeze", out, batch)  # [T, nH*D]
+        return g.linear(out, w("self_attn.o_proj.weight")), present_k, present_v
 
     def emit_attention(self, g: GraphBuilder, layer: int, x: str, past_k: str, past_v: str, w):
         a = self.arch
