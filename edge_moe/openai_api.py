@@ -85,6 +85,8 @@ def parse(body, kind: str, model, model_name: str, turn_stop: str | None) -> Req
         if body.get("echo"):
             raise RequestError("'echo' is not supported", "echo")
         ids = model.encode(_prompt(body.get("prompt")))
+    if limit is not None and limit < 1:
+        raise RequestError(f"max_tokens {limit} must be at least 1", "max_tokens")
     limit = limit or max(1, int(model.config.get("max_position_embeddings") or 2048) - len(ids))
     stream_options = body.get("stream_options") or {}
     return Request(kind, ids, dict(options, max_new_tokens=limit, stop=stop, logprobs=logprobs),

@@ -132,6 +132,20 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         model.close()
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuses, before the model loads, an address this process cannot listen on. Raises EdgeMoeError."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        raise EdgeMoeError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or --host") \
+            from None
+
+
 def add_arguments(p) -> None:
     from .cli import add_runtime_arguments
 
@@ -155,6 +169,7 @@ def run(args) -> int:
     if args.max_batch < 0:
         raise EdgeMoeError(f"--max-batch {args.max_batch}: use 0 (no batching) or more")
     _starlette()
+    check_address(args.host, args.port)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("EDGE_MOE_API_KEY"),
           model_name=args.model_name, max_batch=args.max_batch, progress=True, **load_options(args))
     return 0

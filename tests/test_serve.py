@@ -121,8 +121,9 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(client):
     assert bad.status_code == 400 and "not JSON" in bad.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="default", prompt="x", temperature=-1)
-    with pytest.raises(openai.BadRequestError, match="max_tokens"):
-        client.completions.create(model="default", prompt="x", max_tokens="many")
+    for max_tokens in ("many", 0):
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            client.completions.create(model="default", prompt="x", max_tokens=max_tokens)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError, match="messages"):
@@ -167,6 +168,15 @@ def test_serve_command_as_a_subprocess(shipped_package, model):
 
 
 def test_serve_refuses_bad_arguments_before_loading():
-    result = subprocess.run([sys.executable, "-m", "edge_moe.cli", "serve", "--model", "/no/such", "--port", "0"],
-                            capture_output=True, text=True, timeout=60)
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "edge_moe.cli", "serve", "--model", "/no/such", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    result = serve("--port", "0")
     assert result.returncode == 2 and "--port 0" in result.stderr and "Traceback" not in result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = serve("--port", str(taken.getsockname()[1]))
+    # one line naming the address, and no model was loaded (the package does not even exist)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot listen" in result.stderr
