@@ -50,34 +50,37 @@ class _Entry:
 
 
 class ContinuousBatcher:
-    """One thread that decodes every submitted sequence together (at most `max_batch` per step; more wait)."""
+    """Decodes every submitted sequence together, at most `max_batch` per step (more wait and join later).
+
+    No thread of its own: a consumer that needs its next token and finds none runs the next step for every
+    sequence in flight (others wait for that step and find theirs made). A lone stream so computes its own tokens
+    with no hand-over between threads, which costs up to the interpreter's 5 ms switch interval per token.
+    """
 
     def __init__(self, forward, max_batch: int = 16):
         if max_batch < 1:
             raise EdgeMoeError(f"max_batch {max_batch}: use at least 1")
         self.forward, self.max_batch = forward, max_batch
         self.steps = self.sequence_steps = self.largest_batch = 0  # batching statistics
-        self._pending: list[_Entry] = []
-        self._wake = threading.Condition()
+        self._lists = threading.Lock()  # guards _pending, _active and _closed
+        self._stepping = threading.Lock()  # held by the consumer running a step
+        self._pending: list[_Entry] = []  # submitted, not prefilled yet
+        self._active: list[_Entry] = []  # prefilled, their last token not through the model yet
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="edge-moe-batcher", daemon=True)
-        self._thread.start()
 
     def submit(self, sequence):
         """Queues a generation.Sequence now; returns a generator of its GenerationResponses."""
         entry = _Entry(sequence)
-        with self._wake:
+        with self._lists:
             if self._closed:
                 raise EdgeMoeError("the model was closed; load it again to generate")
             self._pending.append(entry)
-            self._wake.notify()
         return self._responses(entry)
 
-    @staticmethod
-    def _responses(entry: _Entry):
+    def _responses(self, entry: _Entry):
         try:
             while True:
-                item = entry.responses.get()
+                item = self._next(entry)
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -86,44 +89,53 @@ class ContinuousBatcher:
         finally:
             entry.cancelled = True  # a consumer that stops early (a client gone) leaves the batch next step
 
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        active: list[_Entry] = []
+    def _next(self, entry: _Entry):
         while True:
-            with self._wake:
-                while not self._pending and not active and not self._closed:
-                    self._wake.wait()
-                if self._closed:
-                    for entry in active + self._pending:
-                        entry.responses.put(EdgeMoeError("the model was closed while generating"))
-                    return
-                room = self.max_batch - len(active)
-                joining, self._pending = self._pending[:room], self._pending[room:]
-            for entry in joining:  # a newcomer prefills alone, then joins the batch
-                self._emit(entry, lambda e=entry: e.sequence.prefill(self.forward), active)
-            active = [e for e in active if not e.cancelled]
-            if not active:
-                continue
             try:
-                logits = batched_step(self.forward, [e.sequence for e in active])
-            except BaseException as exc:  # noqa: BLE001 - every waiting consumer gets the error
-                for entry in active:
+                return entry.responses.get_nowait()
+            except queue.Empty:
+                pass
+            with self._stepping:
+                if entry.responses.empty():  # nobody made it while this consumer waited for the lock
+                    self.step()
+
+    def close(self) -> None:
+        """Generations still in flight end with an EdgeMoeError."""
+        with self._lists:
+            self._closed = True
+
+    def step(self) -> None:
+        """Admits waiting sequences (each prefills alone and makes its first token), then runs one batched step
+        for the sequences that were already in flight. Called with `_stepping` held."""
+        with self._lists:
+            if self._closed:
+                for entry in self._active + self._pending:
+                    entry.responses.put(EdgeMoeError("the model was closed while generating"))
+                self._active, self._pending = [], []
+                return
+            decoding = [e for e in self._active if not e.cancelled]
+            room = self.max_batch - len(decoding)
+            joining, self._pending = self._pending[:room], self._pending[room:]
+        joined: list[_Entry] = []
+        for entry in joining:
+            self._emit(entry, lambda e=entry: e.sequence.prefill(self.forward), joined)
+        still: list[_Entry] = []
+        if decoding:
+            try:
+                logits = batched_step(self.forward, [e.sequence for e in decoding])
+            except BaseException as exc:  # noqa: BLE001 - every sequence in the step gets the error
+                for entry in decoding:
                     entry.responses.put(exc)
-                active = []
-                continue
-            self.steps += 1
-            self.sequence_steps += len(active)
-            self.largest_batch = max(self.largest_batch, len(active))
-            still: list[_Entry] = []
-            for entry, row in zip(active, logits):
+                logits = []
+            else:
+                self.steps += 1
+                self.sequence_steps += len(decoding)
+                self.largest_batch = max(self.largest_batch, len(decoding))
+            for entry, row in zip(decoding, logits):
                 entry.sequence.advanced()
                 self._emit(entry, lambda r=row: r, still)
-            active = still
+        with self._lists:
+            self._active = still + joined
 
     @staticmethod
     def _emit(entry: _Entry, logits, keep: list) -> None:
