@@ -111,21 +111,30 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--prefetch", type=int, default=2, help="prefetch depth under a budget (0: off)")
     p.add_argument("--modes", default="solo,batched", help="solo (one step per stream, interleaved), batched")
-    p.add_argument("--rounds", type=int, default=3, help="chat TTFT: median of this many conversations")
+    p.add_argument("--rounds", type=int, default=3, help="medians of this many rounds (and chat conversations)")
     p.add_argument("--skip-server", action="store_true")
     args = p.parse_args(argv)
-    rows = []
+    models = {}
     for budget in args.budgets.split(","):
         for batched in [mode == "batched" for mode in args.modes.split(",")]:
-            model = edge_moe.load(args.model, budget=budget, threads=args.threads, prefetch=args.prefetch,
-                                  progress=False)
+            model = models[budget, batched] = edge_moe.load(args.model, budget=budget, threads=args.threads,
+                                                            prefetch=args.prefetch, progress=False)
             if batched:
                 model.enable_batching(max_batch=16)
             model.generate(prompt(model, 99), 8)
+    runs: dict[tuple, list[dict]] = {}
+    for _ in range(args.rounds):  # round after round, so a machine's drift spreads over every configuration
+        for (budget, batched), model in models.items():
             for streams in map(int, args.streams.split(",")):
-                rows.append({"budget": budget, **streams_row(model, streams, args.tokens, batched)})
-            model.close()
-    print_table(f"concurrent greedy streams, {args.tokens} tokens each (tok_s: all streams together)", rows)
+                runs.setdefault((budget, streams, batched), []).append(
+                    streams_row(model, streams, args.tokens, batched))
+    rows = [{"budget": budget, "streams": streams, "batched": batched,
+             **{k: float(np.median([r[k] for r in rs])) for k in ("tok_s", "MiB_read_per_token")}}
+            for (budget, streams, batched), rs in runs.items()]
+    for model in models.values():
+        model.close()
+    print_table(f"concurrent greedy streams, {args.tokens} tokens each, median of {args.rounds} rounds (tok_s: all "
+                "streams together)", rows)
     model = edge_moe.load(args.model, threads=args.threads, progress=False)
     if model.tokenizer is not None:
         print_table("chat: time to the first token of turn 2 (median)", [chat_ttft(model, args.rounds)])
