@@ -224,6 +224,8 @@ class Model:
 
     def logits(self, input_ids) -> np.ndarray:
         """A fresh prefill of `input_ids`; returns float32 logits [len(input_ids), vocab]."""
+        if self.closed:
+            raise EdgeMoeError("the model was closed; load it again to run it")
         ids = self.encode(list(input_ids))
         self._check_context(len(ids))
         cache = self.forward.new_cache()

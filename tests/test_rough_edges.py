@@ -49,6 +49,8 @@ def test_close_and_context_manager(tiny_package, reference_tokens):
     assert model.closed
     with pytest.raises(EdgeMoeError, match="closed"):
         model.generate([5, 6], max_new_tokens=2)
+    with pytest.raises(EdgeMoeError, match="closed"):
+        model.logits([5, 6])
     model.close()  # twice is fine
 
 
