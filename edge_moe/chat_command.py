@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from .cli import add_runtime_arguments, add_sampling_arguments, check_runtime_arguments, load_options, \
-    sampling_options
+from .cli import add_runtime_arguments, add_sampling_arguments, check_runtime_arguments, check_sampling_arguments, \
+    runtime_model, sampling_options
 from .errors import EdgeMoeError
 
 HELP = "commands: /reset (forget the conversation), /quit (or Ctrl-D)"
@@ -20,13 +20,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from . import load
-    from .sampling import SamplingOptions
-
     check_runtime_arguments(args)
+    check_sampling_arguments(args)
+    with runtime_model(args) as (model, _):
+        return converse(args, model)
+
+
+def converse(args, model) -> int:
     options = sampling_options(args)
-    SamplingOptions(**{k: v for k, v in options.items() if k != "stop"})  # refused before loading
-    model = load(args.model, **load_options(args))
     turn_stop = model.chat_template.turn_stop()
     options["stop"] = (args.stop or []) + ([turn_stop] if turn_stop else [])
     opening = [{"role": "system", "content": args.system}] if args.system else []

@@ -204,22 +204,12 @@ def emulation(args, model_path):
         yield options, report + [limit.describe()]
 
 
-def cmd_generate(args) -> int:
+@contextlib.contextmanager
+def runtime_model(args, **extra):
+    """Yields (the model that the runtime options ask for, --emulate's report lines), under the emulated
+    device's limits for the block; notices (emulation, budget auto) go to stderr."""
     from . import load
 
-    from .files import check_writable_path
-    from .sampling import SamplingOptions
-
-    if (args.prompt is None) == (args.prompt_ids is None):
-        raise EdgeMoeError("give either --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
-    if args.max_new_tokens < 1:
-        raise EdgeMoeError(f"-n {args.max_new_tokens}: generate at least 1 token")
-    check_runtime_arguments(args)
-    SamplingOptions(**{k: v for k, v in sampling_options(args).items() if k != "stop"})  # checks ranges now
-    if args.logprobs is not None and not args.json:
-        raise EdgeMoeError("--logprobs is reported in the JSON output; add --json")
-    if args.trace:
-        check_writable_path(args.trace, "--trace")
     if args.emulate and args.model is None:
         from .default_model import default_model_path
 
@@ -227,9 +217,33 @@ def cmd_generate(args) -> int:
     with emulation(args, args.model) as (emulated, report):
         for line in report:
             print(line, file=sys.stderr)
-        model = load(args.model, trace=bool(args.trace), **{**load_options(args), **emulated})
+        model = load(args.model, **{**load_options(args), **emulated, **extra})
         if model.budget_note:
             print(model.budget_note, file=sys.stderr)
+        yield model, report
+
+
+def check_sampling_arguments(args) -> None:
+    """Refuses sampling values out of range before loading anything (add_sampling_arguments)."""
+    from .sampling import SamplingOptions
+
+    SamplingOptions(**{k: v for k, v in sampling_options(args).items() if k != "stop"})
+
+
+def cmd_generate(args) -> int:
+    from .files import check_writable_path
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise EdgeMoeError("give either --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
+    if args.max_new_tokens < 1:
+        raise EdgeMoeError(f"-n {args.max_new_tokens}: generate at least 1 token")
+    check_runtime_arguments(args)
+    check_sampling_arguments(args)
+    if args.logprobs is not None and not args.json:
+        raise EdgeMoeError("--logprobs is reported in the JSON output; add --json")
+    if args.trace:
+        check_writable_path(args.trace, "--trace")
+    with runtime_model(args, trace=bool(args.trace)) as (model, report):
         generate(args, model, report)
     if args.trace:
         write_trace(args.trace, model.trace)

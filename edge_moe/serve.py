@@ -161,7 +161,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import os
 
-    from .cli import check_runtime_arguments, load_options
+    from .cli import check_runtime_arguments, runtime_model
 
     check_runtime_arguments(args)
     if not 0 < args.port < 65536:
@@ -170,6 +170,7 @@ def run(args) -> int:
         raise EdgeMoeError(f"--max-batch {args.max_batch}: use 0 (no batching) or more")
     _starlette()
     check_address(args.host, args.port)
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("EDGE_MOE_API_KEY"),
-          model_name=args.model_name, max_batch=args.max_batch, progress=True, **load_options(args))
+    with runtime_model(args, progress=True) as (model, _):
+        serve(model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("EDGE_MOE_API_KEY"),
+              model_name=args.model_name, max_batch=args.max_batch)
     return 0

@@ -180,3 +180,16 @@ def test_serve_refuses_bad_arguments_before_loading():
         result = serve("--port", str(taken.getsockname()[1]))
     # one line naming the address, and no model was loaded (the package does not even exist)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot listen" in result.stderr
+
+
+def test_serve_takes_every_runtime_option_of_generate():
+    from edge_moe.cli import build_parser
+
+    def options(command):
+        parser = build_parser()
+        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices[command]
+        return {o for a in sub._actions for o in a.option_strings}
+
+    runtime = {"--model", "--budget", "--policy", "--prefetch", "--threads", "--emulate", "--device", "--gpu-budget",
+               "--gpu-policy"}
+    assert runtime <= options("serve") and runtime <= options("generate") and runtime <= options("chat")
