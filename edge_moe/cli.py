@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True,
                                 parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
 
-    p = sub.add_parser("export", help="export a Hugging Face MoE checkpoint to an edge_moe package")
-    p.add_argument("hf_dir")
+    p = sub.add_parser("export", help="export a Hugging Face MoE checkpoint (or a GGUF file) to an edge_moe package")
+    p.add_argument("hf_dir", help="Hugging Face checkpoint directory, or a .gguf file (pip install edge-moe[gguf])")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--bits", choices=["16", "8", "4", "2", "mixed"],

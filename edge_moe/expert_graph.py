@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx
+from typing import TYPE_CHECKING
 
-from .onnx_build import GraphBuilder
+if TYPE_CHECKING:  # onnx costs ~12 MB of RSS: imported only where a graph is built
+    import onnx
 
 INPUT, OUTPUT = "hidden_states", "expert_output"
 
@@ -51,7 +52,7 @@ class ExpertShape:
         return {"gate_up_proj": [h, 2 * f], "down_proj": [f, h]}
 
 
-def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, int]] | None = None) -> onnx.ModelProto:
+def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, int]] | None = None) -> "onnx.ModelProto":
     """Builds the expert graph.
 
     Args:
@@ -67,6 +68,8 @@ def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, i
         from .quant_graph import build_quant_expert_graph
 
         return build_quant_expert_graph(shape, external)
+    from .onnx_build import GraphBuilder
+
     g = GraphBuilder(f"expert_{shape.kind}_{shape.hidden_size}x{shape.intermediate_size}_{shape.dtype}")
     g.scope = "/expert"
     x = g.input(INPUT, "float32", ["T", shape.hidden_size])

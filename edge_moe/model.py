@@ -24,7 +24,8 @@ from .sessions import OrtClock, TimedSession, open_session
 class Backbone:
     """The resident graphs, one session each."""
 
-    def __init__(self, manifest: Manifest, clock: OrtClock, providers=("CPUExecutionProvider",)):
+    def __init__(self, manifest: Manifest, clock: OrtClock, providers=("CPUExecutionProvider",), ort_device="cpu"):
+        self.ort_device = ort_device  # where the graphs run: the KV cache lives there
         def session(path):
             try:
                 return TimedSession(open_session(path, providers=providers), clock)
@@ -54,7 +55,7 @@ class Forward:
         self._step_lock = threading.Lock()
 
     def new_cache(self) -> KVCache:
-        return new_kv_cache(self.config)
+        return new_kv_cache(self.config, self.backbone.ort_device)
 
     def hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """ids [T] int64 after the cached tokens -> final hidden states [T, H]; extends the cache."""

@@ -41,7 +41,8 @@ class Model:
         self.clock = OrtClock()
         self.tokenizer = Tokenizer(manifest.tokenizer) if manifest.tokenizer else None
         self.device = resolve_device(device)
-        self.backbone = Backbone(manifest, self.clock, providers=self.device.providers)
+        self.backbone = Backbone(manifest, self.clock, providers=self.device.providers,
+                                 ort_device=self.device.ort_device)
         self.rss_baseline_bytes = rss_bytes()
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)

@@ -21,6 +21,7 @@ from edge_moe.manifest import FORMAT_VERSION
 from edge_moe.onnx_build import GraphBuilder
 
 from .checkpoint import Checkpoint
+from .encodings import concat_rows
 from .families import family_for
 from .quantize import BLOCK_SIZES, quantize
 from .writer import BlobWriter, ExpertWriter, StagedDirectory
@@ -86,11 +87,13 @@ class BackboneWeights:
 
 def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: bool = False,
                       progress: bool = True, bits=None, block_size: int = 32, zero_points: bool = False,
-                      expert_bytes=None, calibration=None, backbone_bits: int | None = None) -> Path:
+                      expert_bytes=None, calibration=None, backbone_bits: int | None = None,
+                      source_bits: bool = True) -> Path:
     """Exports a checkpoint directory to a package directory.
 
     Args:
-        hf_dir: directory with config.json, safetensors shards and (optionally) tokenizer.json.
+        hf_dir: directory with config.json, safetensors shards and (optionally) tokenizer.json; or a .gguf file
+            (export/gguf_checkpoint.py), whose experts keep the file's precision unless `bits` says otherwise.
         out_dir: the package directory to create; it appears only when the export is complete.
         dtype: float32 or float16 for the weights (the backbone's, and the experts' unless `bits` says otherwise).
         overwrite: replace an existing non-empty out_dir.
@@ -100,6 +103,8 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         block_size, zero_points: the quantization blocks (8-, 4- and 2-bit experts).
         backbone_bits: None (backbone in `dtype`), 8 or 4: attention projections and an untied lm_head stored
             block-quantized (MatMulNBits, symmetric, `block_size`); embeddings, norms and routers stay in `dtype`.
+        source_bits: with bits None, keep a GGUF file's expert precision (False: experts in `dtype`, as the
+            calibration of --bits mixed needs them).
     Returns:
         The package path.
     Raises:
@@ -107,6 +112,9 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
     """
     if dtype not in DTYPES:
         raise EdgeMoeError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    checkpoint = open_checkpoint(hf_dir)
+    if bits is None and source_bits and hasattr(checkpoint, "source_bits"):
+        bits = checkpoint.source_bits()
     choose = expert_formats(bits, dtype, block_size, zero_points)
     if backbone_bits not in (None, 8, 4):
         raise EdgeMoeError(f"--backbone-bits {backbone_bits!r} is not supported; choose 8 or 4 (or leave it out)")
@@ -115,7 +123,6 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
 
         chosen = choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size, zero_points, progress)
         choose = lambda layer, index, h, f: _shape(chosen[(layer, index)], dtype, h, f, block_size, zero_points)  # noqa: E731
-    checkpoint = Checkpoint(hf_dir)
     family = family_for(checkpoint.config)
     arch = family.arch
     for key in family.expert_keys(arch.moe_layers[0], 0) if arch.moe_layers else ():
@@ -126,11 +133,10 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         with tqdm(total=steps, desc=f"export {family.model_type}", unit="graph", disable=not progress) as bar:
             backbone = _export_backbone(staged.path, checkpoint, family, dtype, bar, backbone_bits, block_size)
             experts = _export_experts(staged.path, checkpoint, family, choose, bar)
-        tokenizer = checkpoint.tokenizer_path()
-        if tokenizer:
-            shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
-        if (checkpoint.dir / "tokenizer_config.json").is_file():  # its chat_template (edge_moe.chat)
-            shutil.copyfile(checkpoint.dir / "tokenizer_config.json", staged.path / "tokenizer_config.json")
+        tokenizer = checkpoint.write_tokenizer(staged.path / "tokenizer.json")
+        source_dir = getattr(checkpoint, "dir", None)  # a Hugging Face directory (a GGUF file has none)
+        if source_dir is not None and (source_dir / "tokenizer_config.json").is_file():  # its chat_template
+            shutil.copyfile(source_dir / "tokenizer_config.json", staged.path / "tokenizer_config.json")
         staged.write_json("manifest.json", {
             "format_version": FORMAT_VERSION, "edge_moe_version": edge_moe.__version__,
             "family": family.model_type, "dtype": dtype, "config": dataclasses.asdict(arch),
@@ -145,6 +151,15 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
     except BaseException:
         staged.abort()
         raise
+
+
+def open_checkpoint(path):
+    """A Hugging Face checkpoint directory, or a GGUF file, read through the same interface."""
+    if Path(path).suffix.lower() == ".gguf":
+        from .gguf_checkpoint import GgufCheckpoint
+
+        return GgufCheckpoint(path)
+    return Checkpoint(path)
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -213,6 +228,18 @@ def expert_tensors(shape: ExpertShape, gate: np.ndarray, up: np.ndarray, down: n
             "down_proj": down.T.astype(shape.dtype)}
 
 
+def _encoded_expert(checkpoint, shape: ExpertShape, keys) -> dict[str, np.ndarray] | None:
+    """The expert's tensors taken over from the checkpoint's own codes (GGUF Q8_0 / Q4_0), or None where they do not
+    map exactly to this shape and the weights go through float."""
+    if not (shape.quantized and shape.block_size == 32 and not shape.zero_points
+            and hasattr(checkpoint, "read_quantized")):
+        return None
+    gate, up, down = (checkpoint.read_quantized(key, shape.bits) for key in keys)
+    if gate is None or up is None or down is None:
+        return None
+    return {**concat_rows(gate, up).tensors("gate_up_proj"), **down.tensors("down_proj")}
+
+
 def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
     (root / "experts").mkdir()
     arch, records = family.arch, []
@@ -220,13 +247,13 @@ def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
         blob_name = f"layer_{layer:03d}.bin"
         blob = BlobWriter(root / "experts" / blob_name)
         for index in range(arch.num_experts):
-            gate, up, down = (checkpoint.read(key) for key in family.expert_keys(layer, index))
-            ffn = down.shape[1]
+            keys = family.expert_keys(layer, index)
+            ffn = checkpoint.shape(keys[2])[1]
             shape = choose(layer, index, arch.hidden_size, ffn)
             writer = ExpertWriter(blob)
-            for name, array in expert_tensors(shape, gate, up, down).items():
+            for name, array in (_encoded_expert(checkpoint, shape, keys) or
+                                expert_tensors(shape, *(checkpoint.read(key) for key in keys))).items():
                 writer.write(name, array, str(array.dtype))
-            del gate, up, down
             offset, length, checksum = writer.finish()
             external = {t["name"]: (blob_name, offset + t["offset"], t["nbytes"]) for t in writer.tensors}
             graph = f"experts/L{layer:03d}_E{index:03d}.onnx"
