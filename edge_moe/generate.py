@@ -3,6 +3,7 @@ what a previous call processed so the next call (a chat's next turn) prefills on
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -57,16 +58,44 @@ class PromptCache:
         self.kv = forward.new_cache()
         self.ids: list[int] = []
 
-    def reuse(self, prompt_ids: list[int]) -> int:
-        """Rewinds to the longest cached prefix of the prompt (leaving at least one token to prefill, whose
-        logits the first sample needs); returns how many prompt tokens need no prefill."""
+    def shared(self, prompt_ids: list[int]) -> int:
+        """How many leading prompt tokens it holds, leaving at least one to prefill (the first sample needs the
+        logits of the prompt's last token)."""
         common = 0
         for a, b in zip(self.ids, prompt_ids[:-1]):
             if a != b:
                 break
             common += 1
+        return common
+
+    def reuse(self, prompt_ids: list[int]) -> int:
+        """Rewinds to the longest cached prefix of the prompt; returns how many prompt tokens need no prefill."""
+        common = self.shared(prompt_ids)
         self.kv.offset, self.ids = common, self.ids[:common]  # rows after offset are overwritten by the next write
         return common
+
+
+class PromptCachePool:
+    """The prompt caches of a server's recent requests: a request takes the one that shares the longest prefix with
+    its prompt (a chat's next turn finds its conversation), and gives it back when done; `size` are kept."""
+
+    def __init__(self, forward, size: int = 4):
+        self.forward, self.size = forward, size
+        self._free: list[PromptCache] = []  # oldest first
+        self._lock = threading.Lock()
+
+    def take(self, prompt_ids: list[int]) -> PromptCache:
+        with self._lock:
+            best = max(self._free, key=lambda c: c.shared(prompt_ids), default=None)
+            if best is not None and best.shared(prompt_ids) > 0:
+                self._free.remove(best)
+                return best
+        return PromptCache(self.forward)
+
+    def give(self, cache: PromptCache) -> None:
+        with self._lock:
+            self._free.append(cache)
+            del self._free[:max(0, len(self._free) - self.size)]  # the oldest go
 
 
 class Sequence:

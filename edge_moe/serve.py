@@ -13,6 +13,7 @@ import sys
 import time
 
 from .errors import EdgeMoeError
+from .generate import PromptCachePool
 from .openai_api import RequestError, chunks, parse, response
 
 
@@ -24,9 +25,10 @@ def _starlette():
         raise EdgeMoeError("the server needs Starlette and uvicorn: pip install 'edge-moe[serve]'") from None
 
 
-def create_app(model, model_name: str = "default", api_key: str | None = None):
+def create_app(model, model_name: str = "default", api_key: str | None = None, prompt_caches: int = 4):
     """A Starlette application serving `model` under `model_name`; with `api_key`, requests must send
-    `Authorization: Bearer <api_key>`."""
+    `Authorization: Bearer <api_key>`. The KV caches of the last `prompt_caches` requests are kept, so a request
+    that continues one (a chat's next turn) prefills only its new tokens."""
     _starlette()
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -34,6 +36,7 @@ def create_app(model, model_name: str = "default", api_key: str | None = None):
     from starlette.routing import Route
 
     turn_stop = model.chat_template.turn_stop() if model.tokenizer is not None else None
+    caches = PromptCachePool(model.forward, prompt_caches)
     created = int(time.time())
 
     def error(exc: EdgeMoeError) -> JSONResponse:
@@ -59,20 +62,31 @@ def create_app(model, model_name: str = "default", api_key: str | None = None):
                 return error(RequestError(f"the body is not JSON ({exc})"))
             try:
                 parsed = await run_in_threadpool(parse, body, kind, model, model_name, turn_stop)
-                stream = model.stream_generate(parsed.prompt_ids, **parsed.options)
+            except EdgeMoeError as exc:
+                return error(exc)
+            cache = caches.take(parsed.prompt_ids)
+            try:
+                stream = model.stream_generate(parsed.prompt_ids, prompt_cache=cache, **parsed.options)
                 # the first token is made before answering, so a request the model refuses gets a 4xx, not a
                 # stream that breaks off
                 first = await run_in_threadpool(next, stream)
             except EdgeMoeError as exc:
+                caches.give(cache)
                 return error(exc)
             if not parsed.stream:
-                rest = await run_in_threadpool(list, stream)
+                try:
+                    rest = await run_in_threadpool(list, stream)
+                finally:
+                    caches.give(cache)
                 return JSONResponse(response(parsed, model, model_name, [first, *rest]))
 
             def events():
-                for chunk in chunks(parsed, model, model_name, _chain(first, stream)):
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                yield "data: [DONE]\n\n"
+                try:
+                    for chunk in chunks(parsed, model, model_name, _chain(first, stream)):
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:
+                    caches.give(cache)
 
             return StreamingResponse(events(), media_type="text/event-stream")  # iterated in a worker thread
 
@@ -92,7 +106,7 @@ def _chain(first, rest):
 
 
 def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, max_batch: int = 16, **load_options) -> None:
+          model_name: str | None = None, max_batch: int = 16, prompt_caches: int = 4, **load_options) -> None:
     """Serves a model until interrupted.
 
     Args:
@@ -102,6 +116,7 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         model_name: the id clients ask for (default: "default" for the shipped model, else the package's name).
         max_batch: requests decoded together per step (continuous batching, edge_moe.batching); 0: one at a time,
             interleaved token by token.
+        prompt_caches: KV caches of recent requests kept for requests that continue them (0: none).
         load_options: edge_moe.load options (budget, policy, prefetch, threads, device, ...) when `model` is a path.
     Raises:
         EdgeMoeError: Starlette/uvicorn missing, the model cannot load, the port is taken.
@@ -118,7 +133,7 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     model_name = model_name or ("default" if shipped else model.manifest.root.name)
     if max_batch:
         model.enable_batching(max_batch)
-    app = create_app(model, model_name, api_key)
+    app = create_app(model, model_name, api_key, prompt_caches)
     print(f"edge-moe: serving {model_name!r} on http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", file=sys.stderr)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
@@ -155,6 +170,8 @@ def add_arguments(p) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $EDGE_MOE_API_KEY if set)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests decoded together per step, sharing each expert read (0: no batching)")
+    p.add_argument("--prompt-caches", type=int, default=4,
+                   help="KV caches of recent requests kept, so a chat's next turn prefills only its new tokens")
     p.add_argument("--model-name", help="the model id clients use (default: 'default' or the package's name)")
 
 
@@ -166,11 +183,12 @@ def run(args) -> int:
     check_runtime_arguments(args)
     if not 0 < args.port < 65536:
         raise EdgeMoeError(f"--port {args.port}: use 1..65535")
-    if args.max_batch < 0:
-        raise EdgeMoeError(f"--max-batch {args.max_batch}: use 0 (no batching) or more")
+    if args.max_batch < 0 or args.prompt_caches < 0:
+        raise EdgeMoeError(f"--max-batch {args.max_batch} / --prompt-caches {args.prompt_caches}: use 0 (off) or "
+                           "more")
     _starlette()
     check_address(args.host, args.port)
     with runtime_model(args, progress=True) as (model, _):
         serve(model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("EDGE_MOE_API_KEY"),
-              model_name=args.model_name, max_batch=args.max_batch)
+              model_name=args.model_name, max_batch=args.max_batch, prompt_caches=args.prompt_caches)
     return 0

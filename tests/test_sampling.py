@@ -161,3 +161,21 @@ def test_bad_sampling_values_are_one_line_errors(tiny_package, option, value):
     model = edge_moe.load(tiny_package[0])
     with pytest.raises(EdgeMoeError, match=option):
         model.generate([1, 2], max_new_tokens=2, **{option: value})
+
+
+def test_prompt_cache_pool_hands_out_the_longest_shared_prefix(tiny_package):
+    from edge_moe.generate import PromptCachePool
+
+    model = edge_moe.load(tiny_package[0])
+    pool = PromptCachePool(model.forward, size=2)
+    caches = []
+    for prompt in ([5, 6, 7], [5, 9, 9, 9], [8, 8]):
+        cache = pool.take(prompt)
+        model.generate(prompt, max_new_tokens=2, prompt_cache=cache)
+        caches.append(cache)
+        pool.give(cache)
+    assert pool.take([1, 2]) is not caches[1] and pool.take([5, 9, 9, 9, 4]) is caches[1]
+    assert pool.take([5, 6, 7, 1]) is not caches[0]  # the oldest was dropped (size 2)
+    empty = PromptCachePool(model.forward, size=0)
+    empty.give(caches[2])
+    assert empty.take([8, 8, 1]) is not caches[2]
