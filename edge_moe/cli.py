@@ -327,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edge_moe_export import synthetic
 
-    from . import chat_command, planner, profiler, serve
+    from . import chat_command, planner, profiler, serve, verify
     from .bench import command as bench
+    from .bench import soak
 
     # Commands that live in their own module, each with add_arguments(parser) and run(args).
     for name, module, help_text in (
@@ -338,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", bench, "benchmarks: decode speed and floors, the expert cache (prints tables, --json writes one)"),
         ("profile", profiler, "measure this machine (disk, memory, expert compute) and write a device profile"),
         ("plan", planner, "predict speed and memory on a device profile; recommend budget, policy, ..."),
+        ("soak", soak, "a long generation under a budget (10k tokens at 25%% by default) with RSS sampled"),
+        ("verify", verify, "check every byte of a package against its checksums and list what is wrong"),
     ):
         p = sub.add_parser(name, help=help_text)
         module.add_arguments(p)

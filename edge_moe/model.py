@@ -36,6 +36,27 @@ class Backbone:
         self.embed = session(manifest.embed)
         self.layers = [session(p) for p in manifest.layers]
         self.head = session(manifest.head)
+        moe = set(manifest.config["moe_layers"])
+        inputs = LAYER_INPUTS[manifest.config.get("attention_kernel", "generic")]
+        _check_signature(manifest.embed, self.embed, ["input_ids"], 1)
+        for layer, (path, s) in enumerate(zip(manifest.layers, self.layers)):
+            _check_signature(path, s, inputs, 5 if layer in moe else 3)
+        _check_signature(manifest.head, self.head, ["hidden_states"], 1)
+
+
+# a layer graph's inputs per config.attention_kernel (kv_cache.py feeds them)
+LAYER_INPUTS = {"generic": ["hidden_states", "past_key", "past_value"],
+                "gqa": ["hidden_states", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+                        "sin_cache"]}
+
+
+def _check_signature(path, session: TimedSession, inputs: list[str], outputs: int) -> None:
+    """Once at load: a graph of the wrong kind (a head where a layer belongs, a layer without its router) would
+    otherwise fail at the first generate with onnxruntime's own error."""
+    names = [i.name for i in session.session.get_inputs()]
+    if names != inputs or len(session.output_names) != outputs:
+        raise EdgeMoeError(f"{path}: takes {names[:6]} and gives {len(session.output_names)} outputs where the "
+                           f"model needs {inputs} and {outputs} outputs; re-export the model")
 
 
 class Forward:

@@ -7,16 +7,25 @@ update, so the prediction is usually right; precision and recall are measured as
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from .errors import EdgeMoeError
 from .manifest import Manifest
+from .package_files import open_regular
 from .routing import route
 
 
 def _read_tensor(manifest: Manifest, entry: dict) -> np.ndarray:
-    with open(manifest.backbone_blob, "rb") as f:
-        f.seek(entry["offset"])
-        raw = f.read(entry["nbytes"])
+    """A router or norm from the backbone blob (verified at load; manifest_checks bounds offset and size)."""
+    fd = open_regular(manifest.backbone_blob, "backbone.blob")
+    try:
+        raw = os.pread(fd, entry["nbytes"], entry["offset"])
+    finally:
+        os.close(fd)
+    if len(raw) != entry["nbytes"]:
+        raise EdgeMoeError(f"{manifest.backbone_blob}: short read of a router; the file changed after load")
     return np.frombuffer(raw, dtype=entry["dtype"]).reshape(entry["shape"]).astype(np.float32)
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # onnx is imported only where a graph is built (RSS)
     import onnx
 
 ACCURACY_LEVEL = 4
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits takes
 MS_DOMAIN = "com.microsoft"
 
 

@@ -10,6 +10,7 @@ Log-probabilities are the model's own (log-softmax of the raw logits), as OpenAI
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,8 +51,9 @@ class SamplingOptions:
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "use a non-negative integer"),
         )
         for name, ok, fix in checks:
-            if not ok:
-                raise EdgeMoeError(f"{name} {getattr(self, name)} is out of range; {fix}")
+            value = getattr(self, name)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):  # nan passes no range; inf some
+                raise EdgeMoeError(f"{name} {value} is out of range; {fix}")
 
 
 def penalized(logits: np.ndarray, options: SamplingOptions, prompt: list[int], output: list[int]) -> np.ndarray:

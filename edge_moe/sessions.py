@@ -16,6 +16,8 @@ import time
 import onnxruntime as ort
 import psutil
 
+from .errors import EdgeMoeError
+
 _lock = threading.Lock()
 _threads: int | None = None
 
@@ -28,6 +30,11 @@ def default_threads() -> int:
 def configure_threads(threads: int | None) -> int:
     """The intra-op thread count of sessions opened from now on (default: physical cores); returns it."""
     global _threads
+    if threads is not None:
+        cpus = os.cpu_count() or 1
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+            raise EdgeMoeError(f"--threads {threads!r}: this machine has {cpus} CPUs; choose 1..{cpus} "
+                               "(more threads than CPUs only make them wait for each other)")
     with _lock:
         if threads is not None or _threads is None:
             _threads = int(threads or default_threads())

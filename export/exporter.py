@@ -17,7 +17,7 @@ from tqdm import tqdm
 import edge_moe
 from edge_moe.errors import EdgeMoeError
 from edge_moe.expert_graph import ExpertShape, build_expert_graph
-from edge_moe.manifest import FORMAT_VERSION
+from edge_moe.manifest import ExpertRecord, Manifest, expert_seed
 from edge_moe.onnx_build import GraphBuilder
 
 from .checkpoint import Checkpoint
@@ -137,16 +137,18 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         source_dir = getattr(checkpoint, "dir", None)  # a Hugging Face directory (a GGUF file has none)
         if source_dir is not None and (source_dir / "tokenizer_config.json").is_file():  # its chat_template
             shutil.copyfile(source_dir / "tokenizer_config.json", staged.path / "tokenizer_config.json")
-        staged.write_json("manifest.json", {
-            "format_version": FORMAT_VERSION, "edge_moe_version": edge_moe.__version__,
-            "family": family.model_type, "dtype": dtype, "config": dataclasses.asdict(arch),
-            "source_config": checkpoint.config, "tokenizer": "tokenizer.json" if tokenizer else None,
-            "backbone": backbone, "experts": experts,
-            **({"quantization": {"bits": bits, "block_size": block_size, "zero_points": zero_points,
-                                 "expert_bytes_target": expert_bytes, "calibration": calibration and
-                                 Path(calibration).name}} if bits is not None else {}),
-            **({"backbone_quantization": {"bits": backbone_bits, "block_size": block_size}} if backbone_bits else {}),
-        })
+        root = staged.path
+        Manifest(
+            root=root, family=family.model_type, dtype=dtype, config=dataclasses.asdict(arch),
+            source_config=checkpoint.config, tokenizer=root / "tokenizer.json" if tokenizer else None,
+            embed=root / backbone["embed"], layers=[root / p for p in backbone["layers"]], head=root / backbone["head"],
+            backbone_bytes=backbone["bytes"], backbone_blob=root / backbone["blob"], routers=backbone["routers"],
+            experts={record.key: record for record in experts}, edge_moe_version=edge_moe.__version__,
+            quantization={"bits": bits, "block_size": block_size, "zero_points": zero_points,
+                          "expert_bytes_target": expert_bytes,
+                          "calibration": calibration and Path(calibration).name} if bits is not None else None,
+            backbone_quantization={"bits": backbone_bits, "block_size": block_size} if backbone_bits else None,
+        ).save()
         return staged.commit()
     except BaseException:
         staged.abort()
@@ -240,7 +242,7 @@ def _encoded_expert(checkpoint, shape: ExpertShape, keys) -> dict[str, np.ndarra
     return {**concat_rows(gate, up).tensors("gate_up_proj"), **down.tensors("down_proj")}
 
 
-def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
+def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[ExpertRecord]:
     (root / "experts").mkdir()
     arch, records = family.arch, []
     for layer in arch.moe_layers:
@@ -250,20 +252,18 @@ def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
             keys = family.expert_keys(layer, index)
             ffn = checkpoint.shape(keys[2])[1]
             shape = choose(layer, index, arch.hidden_size, ffn)
-            writer = ExpertWriter(blob)
+            writer = ExpertWriter(blob, expert_seed((layer, index)))
             for name, array in (_encoded_expert(checkpoint, shape, keys) or
                                 expert_tensors(shape, *(checkpoint.read(key) for key in keys))).items():
                 writer.write(name, array, str(array.dtype))
             offset, length, checksum = writer.finish()
-            external = {t["name"]: (blob_name, offset + t["offset"], t["nbytes"]) for t in writer.tensors}
+            external = {t.name: (blob_name, offset + t.offset, t.nbytes) for t in writer.tensors}
             graph = f"experts/L{layer:03d}_E{index:03d}.onnx"
             _save(build_expert_graph(shape, external), root / graph)
-            quantized = {"block_size": shape.block_size, "zero_points": shape.zero_points} if shape.quantized else {}
-            records.append({"layer": layer, "index": index, "graph": graph, "blob": f"experts/{blob_name}",
-                            "offset": offset, "length": length, "dtype": shape.dtype, "bits": shape.bits,
-                            **quantized, "checksum": checksum,
-                            "kind": shape.kind, "hidden_size": shape.hidden_size, "intermediate_size": ffn,
-                            "tensors": writer.tensors})
+            records.append(ExpertRecord(
+                layer, index, root / graph, root / "experts" / blob_name, offset, length, shape.dtype, checksum,
+                shape.kind, shape.hidden_size, ffn, tuple(writer.tensors),
+                shape.block_size, shape.zero_points))
             bar.update()
         blob.close()
     return records
