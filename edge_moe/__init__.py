@@ -15,7 +15,18 @@ __version__ = "0.1.0"
 _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from .errors import EdgeMoeError  # noqa: E402
-from .generate import GenerationResponse, GenerationResult  # noqa: E402
-from .runtime import Model, load  # noqa: E402
+
+# The runtime (onnxruntime, numpy) loads on first use, so `edge-moe --help` is quick and the CLI can take Ctrl-C
+# during start-up without a traceback (cli.main imports it with SIGINT deferred).
+_LAZY = {"load": "runtime", "Model": "runtime", "GenerationResponse": "generate", "GenerationResult": "generate"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'edge_moe' has no attribute {name!r}")
+
 
 __all__ = ["load", "Model", "GenerationResponse", "GenerationResult", "EdgeMoeError", "__version__"]

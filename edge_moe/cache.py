@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from .budget import record_footprint
+from .budget import minimum_budget, record_footprint
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
 from .manifest import Manifest, expert_seed
@@ -60,6 +60,7 @@ class ExpertCache(ExpertSource):
         _return_freed_memory()
         self.manifest, self.store, self.policy, self.budget = manifest, store, policy, int(budget)
         self._sizes = {key: record_footprint(record) for key, record in manifest.experts.items()}
+        self.minimum = minimum_budget(manifest)  # what one layer's top-k experts need; pins must leave it free
         self.resident: dict[tuple, ResidentExpert] = {}
         self.inflight: dict[tuple, Future] = {}
         self.pinned: set[tuple] = set()
@@ -173,22 +174,34 @@ class ExpertCache(ExpertSource):
     # Pinning --------------------------------------------------------------------------------------------
 
     def pin(self, keys) -> None:
-        """Loads the experts now and never evicts them.
+        """Loads the experts now and never evicts them. All or nothing: on any error none of `keys` stays pinned.
 
         Raises:
-            EdgeMoeError: the pinned set would not leave room for a layer's top-k experts.
+            EdgeMoeError: an unknown expert, or the pinned set would not leave room for a layer's top-k experts.
         """
+        keys = [tuple(k) for k in keys]
         with self._lock:
-            for key in map(tuple, keys):
-                if key not in self.manifest.experts:
-                    raise EdgeMoeError(f"cannot pin expert {key}: no such (layer, index) in the model")
-                self.pinned.add(key)
-                if key not in self.resident:
-                    if key not in self.inflight:
-                        self._reserve(self.size(key))
-                        self._start_read(key)
-                    self.inflight[key].result()
-                    self._admit(key)
+            unknown = [k for k in keys if k not in self.manifest.experts]
+            if unknown:
+                raise EdgeMoeError(f"cannot pin expert {unknown[0]}: no such (layer, index) in the model")
+            added = [k for k in dict.fromkeys(keys) if k not in self.pinned]
+            pinned_bytes = sum(self.size(k) for k in self.pinned.union(added))
+            if pinned_bytes + self.minimum > self.budget:
+                raise EdgeMoeError(f"pinning {len(added)} more experts would hold {pinned_bytes:,} bytes of a "
+                                   f"{self.budget:,}-byte budget that needs {self.minimum:,} free for a layer's "
+                                   "top-k experts; pin fewer or raise the budget")
+            self.pinned.update(added)
+            try:
+                for key in added:
+                    if key not in self.resident:
+                        if key not in self.inflight:
+                            self._reserve(self.size(key))
+                            self._start_read(key)
+                        self.inflight[key].result()
+                        self._admit(key)
+            except BaseException:
+                self.pinned.difference_update(added)  # they stay resident, evictable like any other
+                raise
 
     def unpin(self, keys) -> None:
         with self._lock:

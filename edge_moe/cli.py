@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 
-from .devices import DEVICE_CHOICES
 from .errors import EdgeMoeError
 
 
@@ -35,6 +35,15 @@ def cmd_export(args) -> int:
     print(f"wrote {out} ({size / 2**20:,.1f} MiB) in {time.perf_counter() - start:.1f} s; "
           f"peak RSS {peak_rss_bytes() / 2**20:,.1f} MiB")
     return 0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in --help where it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def cmd_inspect(args) -> int:
@@ -120,7 +129,10 @@ def write_trace(path: str, trace: list) -> None:
 
 def add_runtime_arguments(p) -> None:
     """Options of `edge_moe.load` shared by generate and the benchmarks."""
-    p.add_argument("--model", help="package directory (default: the model that ships with edge_moe)")
+    from .devices import DEVICE_CHOICES
+
+    p.add_argument("--model", help="package directory, or 'default' (the default: the model that ships with "
+                                   "edge_moe)")
     p.add_argument("--budget", help="memory for experts: bytes (512MB, 2GiB), a share of the expert bytes "
                                     "(25%%), or auto (what the memory cgroup or free RAM leaves after loading); "
                                     "default: every expert resident")
@@ -133,6 +145,37 @@ def add_runtime_arguments(p) -> None:
                    help="where the backbone and the accelerator expert tier run (auto: accelerator if it loads)")
     p.add_argument("--gpu-budget", help="expert bytes on the accelerator (4GiB, 25%%); default: all experts")
     p.add_argument("--gpu-policy", default="lfu", help="accelerator tier residency policy: lru, lfu, adaptive")
+
+
+def add_sampling_arguments(p) -> None:
+    """Sampling and stopping, shared by generate, chat and serve (edge_moe.sampling.SamplingOptions)."""
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else the softmax temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under min-p x the likeliest (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen (prompt and output; 1: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's presence penalty, -2..2")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's frequency penalty, -2..2")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+
+
+def sampling_options(args) -> dict:
+    """The keyword arguments of Model.stream_generate that add_sampling_arguments defined."""
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop)
+
+
+def check_runtime_arguments(args) -> None:
+    """Refuses bad runtime options before loading anything (add_runtime_arguments)."""
+    if args.threads is not None and args.threads < 1:
+        raise EdgeMoeError(f"--threads {args.threads}: use at least 1 (default: the physical cores)")
+    if args.prefetch < 0:
+        raise EdgeMoeError(f"--prefetch {args.prefetch}: use 0 (off) or the number of layers to look ahead")
+    if args.gpu_budget is not None and args.device == "cpu":
+        raise EdgeMoeError(f"--gpu-budget {args.gpu_budget} needs an accelerator; add --device cuda (or auto)")
 
 
 def load_options(args) -> dict:
@@ -161,13 +204,12 @@ def emulation(args, model_path):
         yield options, report + [limit.describe()]
 
 
-def cmd_generate(args) -> int:
+@contextlib.contextmanager
+def runtime_model(args, **extra):
+    """Yields (the model that the runtime options ask for, --emulate's report lines), under the emulated
+    device's limits for the block; notices (emulation, budget auto) go to stderr."""
     from . import load
 
-    if args.prompt is None and args.prompt_ids is None:
-        raise EdgeMoeError("give --prompt TEXT or --prompt-ids 1,2,3")
-    if args.max_new_tokens < 1:
-        raise EdgeMoeError(f"-n {args.max_new_tokens}: generate at least 1 token")
     if args.emulate and args.model is None:
         from .default_model import default_model_path
 
@@ -175,9 +217,33 @@ def cmd_generate(args) -> int:
     with emulation(args, args.model) as (emulated, report):
         for line in report:
             print(line, file=sys.stderr)
-        model = load(args.model, trace=bool(args.trace), **{**load_options(args), **emulated})
+        model = load(args.model, **{**load_options(args), **emulated, **extra})
         if model.budget_note:
             print(model.budget_note, file=sys.stderr)
+        yield model, report
+
+
+def check_sampling_arguments(args) -> None:
+    """Refuses sampling values out of range before loading anything (add_sampling_arguments)."""
+    from .sampling import SamplingOptions
+
+    SamplingOptions(**{k: v for k, v in sampling_options(args).items() if k != "stop"})
+
+
+def cmd_generate(args) -> int:
+    from .files import check_writable_path
+
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise EdgeMoeError("give either --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
+    if args.max_new_tokens < 1:
+        raise EdgeMoeError(f"-n {args.max_new_tokens}: generate at least 1 token")
+    check_runtime_arguments(args)
+    check_sampling_arguments(args)
+    if args.logprobs is not None and not args.json:
+        raise EdgeMoeError("--logprobs is reported in the JSON output; add --json")
+    if args.trace:
+        check_writable_path(args.trace, "--trace")
+    with runtime_model(args, trace=bool(args.trace)) as (model, report):
         generate(args, model, report)
     if args.trace:
         write_trace(args.trace, model.trace)
@@ -186,12 +252,12 @@ def cmd_generate(args) -> int:
 
 def generate(args, model, report: list[str]) -> None:
     prompt = args.prompt if args.prompt is not None else _ids(args.prompt_ids)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, **sampling_options(args))
     if args.json:
-        result = model.generate(prompt, **options)
+        result = model.generate(prompt, logprobs=args.logprobs, **options)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_ids": result.prompt_ids,
                           "finish_reason": result.finish_reason, "stats": result.stats,
+                          **({"logprobs": result.logprobs} if result.logprobs is not None else {}),
                           **({"emulation": report} if report else {})}))
         return
     for response in model.stream_generate(prompt, **options):
@@ -205,8 +271,13 @@ def generate(args, model, report: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="edge-moe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"edge-moe {__version__}")
+    # every command's help shows its defaults
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
 
     p = sub.add_parser("export", help="export a Hugging Face MoE checkpoint (or a GGUF file) to an edge_moe package")
     p.add_argument("hf_dir", help="Hugging Face checkpoint directory, or a .gguf file (pip install edge-moe[gguf])")
@@ -225,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("inspect", help="summarize a package (--routing: routing statistics on a text)")
-    p.add_argument("model")
+    p.add_argument("model", help="package directory, or 'default' (the model that ships with edge_moe)")
     p.add_argument("--routing", action="store_true", help="expert popularity and reuse measured on --text")
     p.add_argument("--text", help="text file for --routing")
     p.add_argument("--window", type=int, help="tokens per prefill window (default: the model's context)")
@@ -245,23 +316,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text")
     add_runtime_arguments(p)
     p.add_argument("--trace", metavar="FILE", help="write JSON lines {step, layer, experts, hit} per MoE layer")
-    p.add_argument("--prompt")
+    p.add_argument("--prompt", help="the text to continue")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    add_sampling_arguments(p)
+    p.add_argument("--logprobs", type=int, metavar="N",
+                   help="with --json: each token's log-probability and its N likeliest alternatives")
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, stats")
     p.set_defaults(run=cmd_generate)
 
     from edge_moe_export import synthetic
 
-    from . import planner, profiler, verify
+    from . import chat_command, planner, profiler, serve, verify
     from .bench import command as bench
     from .bench import soak
 
     # Commands that live in their own module, each with add_arguments(parser) and run(args).
     for name, module, help_text in (
+        ("chat", chat_command, "talk to the model through its chat template (history, streaming, /reset)"),
+        ("serve", serve, "an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, streaming)"),
         ("synth", synthetic, "write a random-weight Hugging Face MoE checkpoint (numpy, streaming)"),
         ("bench", bench, "benchmarks: decode speed and floors, the expert cache (prints tables, --json writes one)"),
         ("profile", profiler, "measure this machine (disk, memory, expert compute) and write a device profile"),
@@ -275,9 +348,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+@contextlib.contextmanager
+def sigint_deferred():
+    """Holds Ctrl-C back while native libraries initialize (interrupted there, they fail with a traceback or an
+    ImportError); a Ctrl-C that came meanwhile arrives as KeyboardInterrupt when the block ends."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def main(argv=None) -> int:
+    try:
+        with sigint_deferred():
+            parser = build_parser()
+            from . import runtime  # noqa: F401 - onnxruntime and numpy, before any command runs
+        args = parser.parse_args(argv)
+        if getattr(args, "model", None) == "default":  # a name for the shipped model wherever a package is asked
+            from .default_model import resolve_model
+
+            args.model = str(resolve_model(args.model))
         return args.run(args)
     except EdgeMoeError as exc:
         print(f"edge-moe: error: {exc}", file=sys.stderr)
@@ -285,6 +381,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("edge-moe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `edge-moe generate ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -119,3 +119,14 @@ def default_model_path(progress: bool = True) -> Path:
     if progress:
         print(f"edge-moe: first use: exporting the default model to {root / name}", file=sys.stderr)
     return export_checkpoint(checkpoint, root / name, overwrite=True, progress=progress)
+
+
+DEFAULT_NAME = "default"
+
+
+def resolve_model(path, progress: bool = True) -> Path:
+    """A package path from what a user gave: None or "default" is the default model (unless a directory named
+    "default" exists here), anything else the directory itself."""
+    if path is None or (str(path) == DEFAULT_NAME and not Path(DEFAULT_NAME).is_dir()):
+        return default_model_path(progress=progress)
+    return Path(path)

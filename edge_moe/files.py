@@ -11,11 +11,20 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import EdgeMoeError
+
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes `data` to `path` atomically and durably (see the module docstring); returns the path."""
+    """Writes `data` to `path` atomically and durably (see the module docstring); returns the path.
+
+    Raises:
+        EdgeMoeError: the directory is missing or not writable, or the disk is full (the message names the path).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise EdgeMoeError(f"{path}: cannot write it ({exc.strerror}); choose a writable path") from None
     try:
         try:  # mkstemp makes 0600; keep the mode of the file replaced, else the usual 0644
             mode = os.stat(path).st_mode & 0o777
@@ -27,8 +36,10 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise EdgeMoeError(f"{path}: cannot write it ({exc.strerror}); choose a writable path") from None
         raise
     fsync_directory(path.parent)
     return path
@@ -37,6 +48,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """`write_bytes_atomic` of the UTF-8 text."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def check_writable_path(path: str | os.PathLike, option: str) -> None:
+    """Refuses an output file whose directory is missing, before the work that produces it. Raises EdgeMoeError."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise EdgeMoeError(f"{option} {path}: directory {parent} does not exist; create it or write elsewhere")
 
 
 def fsync_directory(directory: str | os.PathLike) -> None:

@@ -18,6 +18,7 @@ Cost of one decode step (L = MoE layers, S = bytes per expert, k = experts per t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,8 @@ HASH_BANDWIDTH = 10e9  # xxh3 bytes/s without a measurement
 LAYER_GLUE_S, GLUE_REF_GFLOPS_PER_CORE = 0.7e-3, 46.6
 
 
-def record_routing(model_dir, prompt_tokens: int = 16, tokens: int = 128, seed: int = 1, out=None) -> Path:
+def record_routing(model_dir, prompt_tokens: int = 16, tokens: int = 128, seed: int = 1, out=None,
+                   progress: bool = False) -> Path:
     """Runs the model once (all experts fit) and writes its routing statistics for the planner.
 
     Returns:
@@ -50,7 +52,11 @@ def record_routing(model_dir, prompt_tokens: int = 16, tokens: int = 128, seed: 
 
     model = edge_moe.load(model_dir, budget="100%", trace=True, prefetch=1)
     prompt = np.random.default_rng(seed).integers(0, model.config["vocab_size"], prompt_tokens).tolist()
-    model.generate(prompt, max_new_tokens=tokens)
+    from tqdm import tqdm
+
+    for _ in tqdm(model.stream_generate(prompt, max_new_tokens=tokens), total=tokens, unit="tok",
+                  desc="record routing", disable=not progress):
+        pass
     steps: dict[int, list] = {}
     for t in model.trace:
         steps.setdefault(t["step"], []).append([t["layer"], t["experts"]])
@@ -227,7 +233,8 @@ def plan(manifest: Manifest, stats: dict, profile: DeviceProfile, tokens: int | 
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="package directory")
+    p.add_argument("--model", required=True, help="package directory, or 'default' (the model that ships with "
+                                                   "edge_moe)")
     p.add_argument("--profile", help="shipped profile name or profile file (see profiles/README.md)")
     p.add_argument("--record", action="store_true", help="run the model once to write routing_stats.json, then exit")
     p.add_argument("--routing", metavar="FILE", help="routing statistics (default: MODEL/routing_stats.json)")
@@ -257,6 +264,10 @@ def run(args) -> int:
     profile = load_profile(args.profile)
     if args.host:
         profile = emulated_profile(profile, load_profile(args.host))
+    if not args.routing and not (Path(args.model) / STATS_FILE).is_file():
+        print(f"edge-moe: first plan for {manifest.root.name}: recording its routing once "
+              f"({STATS_FILE}, reused afterwards)", file=sys.stderr)
+        record_routing(args.model, progress=True)
     result = plan(manifest, load_routing(args.model, args.routing), profile, tokens=args.tokens)
     p = result["prediction"]
     print(f"plan for {manifest.root.name} on {profile.name} ({profile.description})")

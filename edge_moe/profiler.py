@@ -210,12 +210,14 @@ def measure(model_dir: str | None = None, disk_dir: str | None = None) -> dict:
 def add_arguments(p) -> None:
     p.add_argument("--model", help="package directory: measure its disk, its expert shapes and its resident decode")
     p.add_argument("--dir", help="without --model: directory on the disk to measure (a 256 MiB scratch file)")
-    p.add_argument("--out", help="write the profile here (TOML); default: print it")
+    p.add_argument("--out", help="write the profile here (.toml or .json, by extension); default: print it as TOML")
 
 
 def run(args) -> int:
-    from .profiles import dumps
+    from .profiles import check_profile_path, dumps
 
+    if args.out:
+        check_profile_path(args.out)  # before a minute of measuring
     start = time.perf_counter()
     data = measure(args.model, args.dir)
     if args.out:

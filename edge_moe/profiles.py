@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EdgeMoeError
-from .files import write_text_atomic
+from .files import check_writable_path, write_text_atomic
 
 FORMAT_VERSION = 1
 # installed: edge_moe/device_profiles; in a source checkout (or an editable install): the repository's profiles/
@@ -174,7 +174,7 @@ def load_profile(name_or_path) -> DeviceProfile:
                                f"{', '.join(list_profiles())}")
         path = shipped
     try:
-        if path.suffix == ".json":
+        if path.suffix.lower() == ".json":
             import json
 
             data = json.loads(path.read_text())
@@ -216,7 +216,24 @@ def dumps(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROFILE_FORMATS = (".toml", ".json")
+
+
+def check_profile_path(path) -> None:
+    """Refuses, before any measuring, a file name whose extension names no profile format or whose directory is
+    missing. Raises EdgeMoeError."""
+    path = Path(path)
+    if path.suffix.lower() not in PROFILE_FORMATS:
+        raise EdgeMoeError(f"{path}: a profile file ends in .toml or .json (its format follows the extension)")
+    check_writable_path(path, "profile")
+
+
 def write_profile(data: dict, path) -> None:
-    """Validates and writes a profile atomically (files.write_text_atomic). Raises EdgeMoeError."""
+    """Validates and writes a profile atomically (files.write_text_atomic) as TOML or JSON by the file's
+    extension, the format `load_profile` reads it back with. Raises EdgeMoeError."""
+    import json
+
+    check_profile_path(path)
     validate(data, str(path))
-    write_text_atomic(path, dumps(data))
+    text = json.dumps(data, indent=2) + "\n" if Path(path).suffix.lower() == ".json" else dumps(data)
+    write_text_atomic(path, text)

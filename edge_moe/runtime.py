@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -12,14 +13,16 @@ from .baselines import MmapExperts, NoCacheExperts
 from .budget import auto_budget, check_memory, full_budget, parse_budget
 from .accelerator import build_tier
 from .cache import ExpertCache, store_for
+from .chat import ChatTemplate
 from .devices import resolve_device
 from .errors import EdgeMoeError
 from .experts import AllResidentExperts, ExpertKernels
-from .generate import GenerationResponse, GenerationResult, make_sampler, stream_tokens
+from .generate import GenerationResponse, GenerationResult, PromptCache, Sequence, stream_tokens
 from .manifest import Manifest
 from .model import Backbone, Forward
 from .policies import make_policy
 from .prefetch import NextLayerPredictor
+from .sampling import Sampler, SamplingOptions
 from .sessions import OrtClock, configure_threads
 from .telemetry import peak_rss_bytes, rss_bytes
 from .tokenizer import StreamingDecoder, Tokenizer
@@ -46,7 +49,10 @@ class Model:
         self.budget_note = None
         if isinstance(budget, str) and budget.strip().lower() == "auto":  # after the backbone: its memory counts
             budget, self.budget_note = auto_budget(manifest)
-        self.budget = None if budget is None else parse_budget(budget, manifest)
+        self.budget = None if budget is None else self._budget_bytes(budget)
+        self.closed = False
+        self._chat_template = None
+        self.batcher = None  # enable_batching
         predictor = None
         if baseline == "mmap":
             self.experts = MmapExperts(manifest, trace=self.trace)
@@ -63,6 +69,7 @@ class Model:
             self.experts = ExpertCache(manifest, self.store, make_policy(policy), self.budget, trace=self.trace)
             predictor = NextLayerPredictor(manifest, depth=prefetch) if prefetch > 0 else None
         self.predictor = predictor
+        self._predictors = {prefetch: predictor} if predictor else {}  # by depth: set_prefetch keeps what they learnt
         self.kernels = ExpertKernels(self.clock)
         # With an accelerator, Forward gets experts and kernels through its tier (accelerator.py), which keeps
         # self.experts as the RAM tier behind it.
@@ -76,10 +83,80 @@ class Model:
             self.forward.route_observers.append(self.accelerator.observe_routes)
 
     def pin(self, keys) -> None:
-        """Keeps these (layer, index) experts resident for good (a budgeted model only)."""
+        """Keeps these (layer, index) experts resident for good (a budgeted model only). All or nothing: when one
+        cannot be pinned, none of them is.
+
+        Raises:
+            EdgeMoeError: an unknown expert, or the pinned set leaves no room for a layer's top-k experts.
+        """
         if self.budget is None:
             return  # all experts are resident anyway
         self.experts.pin(keys)
+
+    def unpin(self, keys=None) -> None:
+        """Lets these pinned experts (None: all) be evicted again."""
+        if self.budget is not None:
+            self.experts.unpin(self.experts.pinned.copy() if keys is None else keys)
+
+    # Live controls: safe between tokens, or from another thread while one generation runs -----------------------
+
+    def set_budget(self, budget) -> int:
+        """Changes the expert budget now (bytes, '512MB', '25%'); shrinking evicts down to it. Returns the bytes.
+
+        Raises:
+            EdgeMoeError: a malformed budget, one below the minimum, or a model loaded without a budget.
+        """
+        if self.budget is None or not hasattr(self.experts, "set_budget"):
+            raise EdgeMoeError("this model keeps every expert resident (loaded without budget=); load it with a "
+                               "budget, e.g. edge_moe.load(path, budget='100%'), to change the budget live")
+        nbytes = self._budget_bytes(budget)
+        self.experts.set_budget(nbytes)
+        self.budget = nbytes
+        return nbytes
+
+    def set_prefetch(self, depth: int) -> None:
+        """Predicts and reads this many layers ahead from the next token on (0: off)."""
+        depth = int(depth)
+        if depth < 0:
+            raise EdgeMoeError(f"prefetch {depth} is negative; use 0 (off) or the number of layers ahead")
+        if depth and self.budget is not None and depth not in self._predictors:
+            self._predictors[depth] = NextLayerPredictor(self.manifest, depth=depth)
+        self.predictor = self.forward.predictor = self._predictors.get(depth) if depth else None
+
+    def set_throttle(self, throttle) -> None:
+        """Emulates a slower flash from the next read on (edge_moe.emulate.TokenBucket; None: this machine's)."""
+        self.store.set_throttle(throttle)
+
+    def enable_batching(self, max_batch: int = 16) -> None:
+        """From now on, generations running at the same time (threads, server requests) decode together, up to
+        `max_batch` per step: each routed expert is fetched once per step for all of them (edge_moe.batching).
+        Each generation's tokens stay those it gets alone."""
+        from .batching import ContinuousBatcher
+
+        if self.batcher is None:
+            self.batcher = ContinuousBatcher(self.forward, max_batch)
+
+    def close(self) -> None:
+        """Stops the flash readers and closes the package's files; the model cannot generate afterwards."""
+        if not self.closed:
+            self.closed = True
+            if self.batcher is not None:
+                self.batcher.close()
+            self.store.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _budget_bytes(self, budget) -> int:
+        """Parsed and checked; above what every expert needs it clamps to that, with a one-line notice."""
+        nbytes, full = parse_budget(budget, self.manifest), full_budget(self.manifest)
+        if nbytes > full:
+            print(f"edge-moe: budget {budget} is more than all experts need; using {full / 2**20:,.1f} MiB "
+                  "(every expert fits)", file=sys.stderr)
+        return min(nbytes, full)
 
     def expert_stats(self) -> dict:
         """Cache, flash and prefetch counters so far."""
@@ -130,6 +207,24 @@ class Model:
                                "model's tokenizer produces")
         return ids
 
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The package's chat template (tokenizer_config.json), or a plain one where it has none."""
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.from_package(self.manifest.root)
+        return self._chat_template
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **variables) -> str:
+        """messages [{"role", "content"}] -> prompt text, as transformers' apply_chat_template(tokenize=False)."""
+        return self.chat_template.render(messages, add_generation_prompt, **variables)
+
+    def encode_chat(self, messages, **variables) -> list[int]:
+        """The rendered conversation as token ids (the template spells out its special tokens: none are added)."""
+        if self.tokenizer is None:
+            raise EdgeMoeError(f"{self.manifest.root}: the package has no tokenizer.json; chat needs one")
+        return self.encode(self.tokenizer.encode(self.apply_chat_template(messages, **variables),
+                                                 add_special_tokens=False))
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer else ""
 
@@ -137,55 +232,94 @@ class Model:
 
     def logits(self, input_ids) -> np.ndarray:
         """A fresh prefill of `input_ids`; returns float32 logits [len(input_ids), vocab]."""
+        if self.closed:
+            raise EdgeMoeError("the model was closed; load it again to run it")
         ids = self.encode(list(input_ids))
         self._check_context(len(ids))
         cache = self.forward.new_cache()
         return self.forward.logits(self.forward.hidden(np.asarray(ids, dtype=np.int64), cache))
 
     def stream_generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                        seed: int | None = None):
+                        seed: int | None = None, *, top_k: int = 0, min_p: float = 0.0,
+                        repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                        frequency_penalty: float = 0.0, stop=None, logprobs: int | None = None,
+                        prompt_cache: PromptCache | None = None):
         """Yields a GenerationResponse per generated token.
 
         Args:
             prompt: text, or a list of token ids.
             max_new_tokens: at most this many tokens (>= 1); generation also stops at an end-of-sequence token.
             temperature: 0 for greedy decoding, else the softmax temperature.
-            top_p: nucleus sampling mass in (0, 1].
+            top_p, top_k, min_p: nucleus mass in (0, 1]; keep the k likeliest (0: all); drop tokens under
+                min_p times the likeliest one's probability (0: off).
+            repetition_penalty, presence_penalty, frequency_penalty: see `edge_moe.sampling.SamplingOptions`.
             seed: makes sampling reproducible.
+            stop: a string or a list of strings; generation ends before the first one appears in the output text,
+                which does not include it (finish_reason "stop").
+            logprobs: report the model's log-probability of each token and of its N likeliest alternatives.
+            prompt_cache: `model.prompt_cache()`; consecutive calls with it prefill only what follows the longest
+                prefix they share with what it holds (a chat's next turn).
         Raises:
             EdgeMoeError: empty prompt, ids outside the vocabulary, bad sampling values, context too long.
         """
+        ids, sampler, stop = self._request(prompt, max_new_tokens, temperature, top_p, seed, top_k, min_p,
+                                           repetition_penalty, presence_penalty, frequency_penalty, stop, logprobs)
+        eos = set(self.config.get("eos_token_ids") or [])
+        sequence = Sequence(self.forward, ids, int(max_new_tokens), sampler, eos, StreamingDecoder(self.tokenizer),
+                            stop=stop, logprobs=None if logprobs is None else int(logprobs), cache=prompt_cache)
+        yield from (self.batcher.submit(sequence) if self.batcher is not None else stream_tokens(self.forward,
+                                                                                                 sequence))
+
+    def _request(self, prompt, max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
+                 presence_penalty, frequency_penalty, stop, logprobs):
+        """Checks a generation request before any work; returns (prompt ids, sampler, stop strings)."""
+        if self.closed:
+            raise EdgeMoeError("the model was closed; load it again to generate")
         ids = self.encode(prompt)
         if int(max_new_tokens) < 1:
             raise EdgeMoeError(f"max_new_tokens (-n) is {max_new_tokens}; it must be at least 1")
         self._check_context(len(ids) + int(max_new_tokens))
-        sample = make_sampler(float(temperature), float(top_p), seed)
-        eos = set(self.config.get("eos_token_ids") or [])
-        yield from stream_tokens(self.forward, ids, int(max_new_tokens), sample, eos, StreamingDecoder(self.tokenizer))
+        options = SamplingOptions(float(temperature), float(top_p), int(top_k), float(min_p),
+                                  float(repetition_penalty), float(presence_penalty), float(frequency_penalty),
+                                  None if seed is None else int(seed))
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if stop and self.tokenizer is None:
+            raise EdgeMoeError(f"{self.manifest.root}: stop strings need the package's tokenizer.json; re-export "
+                               "the model with its tokenizer or drop stop")
+        if logprobs is not None and not 0 <= int(logprobs) <= 20:
+            raise EdgeMoeError(f"logprobs {logprobs} is out of range; ask for 0 to 20 alternatives")
+        return ids, Sampler(options), stop
+
+    def prompt_cache(self) -> PromptCache:
+        """A KV cache to pass to consecutive `stream_generate` calls of one conversation (see there)."""
+        return PromptCache(self.forward)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None) -> GenerationResult:
-        """Runs `stream_generate` to the end; returns text, token ids and stats."""
+                 seed: int | None = None, **options) -> GenerationResult:
+        """Runs `stream_generate` to the end (same arguments); returns text, token ids and stats."""
         ids = self.encode(prompt)
         ort_before, calls_before = self.clock.seconds, self.clock.calls
         start = time.perf_counter()
         responses: list[GenerationResponse] = list(self.stream_generate(ids, max_new_tokens, temperature, top_p,
-                                                                        seed))
+                                                                        seed, **options))
         total = time.perf_counter() - start
         tokens = [r.token for r in responses]
         last = responses[-1]
         decode_seconds = max(total - last.prefill_seconds, 1e-12)
         stats = {
-            "prompt_tokens": len(ids), "generated_tokens": len(tokens),
+            "prompt_tokens": len(ids), "generated_tokens": len(tokens), "cached_prompt_tokens": last.cached_tokens,
             "prefill_seconds": last.prefill_seconds, "decode_seconds": decode_seconds,
-            "prefill_tokens_per_second": len(ids) / max(last.prefill_seconds, 1e-12),
+            "prefill_tokens_per_second": (len(ids) - last.cached_tokens) / max(last.prefill_seconds, 1e-12),
             "decode_tokens_per_second": (len(tokens) - 1) / decode_seconds if len(tokens) > 1 else 0.0,
             "ort_seconds": self.clock.seconds - ort_before, "ort_calls": self.clock.calls - calls_before,
             "total_seconds": total, "threads": self.threads,
             "rss_baseline_bytes": self.rss_baseline_bytes, "peak_rss_bytes": peak_rss_bytes(),
             **self.expert_stats(),
         }
-        return GenerationResult(self.decode(tokens), tokens, ids, last.finish_reason or "length", stats)
+        # with stop strings the text is what was streamed (cut before the stop); else the whole decode
+        text = "".join(r.text for r in responses) if options.get("stop") else self.decode(tokens)
+        logprobs = [(r.logprob, r.top_logprobs) for r in responses] if options.get("logprobs") is not None else None
+        return GenerationResult(text, tokens, ids, last.finish_reason or "length", stats, logprobs)
 
     def _check_context(self, tokens: int) -> None:
         limit = int(self.config.get("max_position_embeddings") or 1 << 30)
@@ -198,8 +332,8 @@ def load(path: str | Path | None = None, **options) -> Model:
     """Opens a model package.
 
     Args:
-        path: a directory written by `edge-moe export`; None opens the default model that ships with edge_moe
-            (exported into the per-user cache on first use).
+        path: a directory written by `edge-moe export`; None or "default" opens the default model that ships with
+            edge_moe (exported into the per-user cache on first use).
         threads: onnxruntime threads (default: physical cores); the first load in a process sets the pool.
         budget: None keeps every expert resident; else bytes, '512MB', '2GiB' or '25%' of the expert bytes
             bound what expert residency may use (weights, read buffers); experts stream from flash. 'auto': what
@@ -223,8 +357,6 @@ def load(path: str | Path | None = None, **options) -> Model:
     Raises:
         EdgeMoeError: the package is missing, corrupt or of an unsupported format version; a bad budget or policy.
     """
-    if path is None:
-        from .default_model import default_model_path
+    from .default_model import resolve_model
 
-        path = default_model_path(progress=options.get("progress", True))
-    return Model(Manifest.load(path), **options)
+    return Model(Manifest.load(resolve_model(path, progress=options.get("progress", True))), **options)

@@ -266,6 +266,11 @@ class ExpertStore:
             except BaseException as e:  # noqa: BLE001 - the future hands it to the caller
                 job.future.set_exception(e)
 
+    def set_throttle(self, throttle) -> None:
+        """Emulates a slower device from the next read on (emulate.TokenBucket), or None for the real one."""
+        with self._lock:
+            self._throttle = throttle
+
     def close(self) -> None:
         """Wait for queued and running reads, then close every file descriptor. Safe to call twice."""
         with self._lock:

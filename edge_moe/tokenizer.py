@@ -19,8 +19,9 @@ class Tokenizer:
         except Exception as exc:  # the library raises a bare Exception on malformed files
             raise EdgeMoeError(f"{path}: cannot read the tokenizer ({exc}); re-export the model") from None
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """add_special_tokens=False for text that spells its special tokens out (a rendered chat template)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

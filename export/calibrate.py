@@ -64,8 +64,10 @@ def _weights_at(bits: int, gate_up: np.ndarray, down: np.ndarray, block_size: in
     return tuple(dequantize(quantize(w, bits, block_size, not zero_points)) for w in (gate_up, down))
 
 
-def record_routing(package: Path, text_path, window: int | None = None):
+def record_routing(package: Path, text_path, window: int | None = None, progress: bool = False):
     """Runs the float32 package on the text; returns ({key: routed tokens}, {key: inputs [<=SAMPLES, H]})."""
+    from tqdm import tqdm
+
     import edge_moe
     from edge_moe.evaluate import read_text_ids, windows
 
@@ -86,8 +88,10 @@ def record_routing(package: Path, text_path, window: int | None = None):
 
     kernels.run = recording_run
     limit = int(model.config.get("max_position_embeddings") or 512)
-    for chunk in windows(ids, min(window or limit, limit)):
-        model.logits(chunk)
+    with tqdm(total=len(ids) - 1, desc="calibrate: routing", unit="tok", disable=not progress) as bar:
+        for chunk in windows(ids, min(window or limit, limit)):
+            model.logits(chunk)
+            bar.update(len(chunk) - 1)  # windows overlap by one token
     weights = {key: model.forward.experts.experts[key].weights for key in model.forward.experts.experts}
     return counts, {k: np.concatenate(v) for k, v in inputs.items()}, weights
 
@@ -107,12 +111,15 @@ def choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size: int, zer
     aside = Path(f"{out_dir}.calibrate-{os.getpid()}")
     try:
         package = export_checkpoint(hf_dir, aside, overwrite=True, progress=progress, source_bits=False)
-        counts, inputs, weights = record_routing(package, calibration)
+        counts, inputs, weights = record_routing(package, calibration, progress=progress)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
     shapes = {}
     cost: dict[tuple, dict[int, float]] = {}
-    for key, w in weights.items():
+    from tqdm import tqdm
+
+    for key, w in tqdm(weights.items(), total=len(weights), desc="calibrate: error per bitwidth", unit="expert",
+                       disable=not progress):
         h, two_f = w["gate_up_proj"].shape
         shapes[key] = {b: ExpertShape("swiglu", h, two_f // 2, "float16" if b == 16 else f"q{b}", block_size,
                                       zero_points) for b in CANDIDATES}

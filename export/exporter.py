@@ -7,6 +7,7 @@ Peak memory is about one checkpoint tensor in float32 plus its converted copy: e
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,9 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
             backbone = _export_backbone(staged.path, checkpoint, family, dtype, bar, backbone_bits, block_size)
             experts = _export_experts(staged.path, checkpoint, family, choose, bar)
         tokenizer = checkpoint.write_tokenizer(staged.path / "tokenizer.json")
+        source_dir = getattr(checkpoint, "dir", None)  # a Hugging Face directory (a GGUF file has none)
+        if source_dir is not None and (source_dir / "tokenizer_config.json").is_file():  # its chat_template
+            shutil.copyfile(source_dir / "tokenizer_config.json", staged.path / "tokenizer_config.json")
         root = staged.path
         Manifest(
             root=root, family=family.model_type, dtype=dtype, config=dataclasses.asdict(arch),

@@ -75,3 +75,14 @@ def tiny_package(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     build_checkpoint(root / "hf", tiny_config("qwen3_moe"))
     return export_checkpoint(root / "hf", root / "pkg", progress=False), root / "hf"
+
+
+@pytest.fixture(scope="session")
+def shipped_package(tmp_path_factory):
+    """The default model exported once for the session into a private cache (it has a real tokenizer)."""
+    import os
+
+    from edge_moe import default_model
+
+    os.environ.setdefault("EDGE_MOE_CACHE", str(tmp_path_factory.mktemp("default-cache")))
+    return default_model.default_model_path(progress=False)

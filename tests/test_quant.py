@@ -122,7 +122,7 @@ def default_checkpoint():
 CALIBRATION = Path(__file__).resolve().parents[1] / "edge_moe" / "model.py"  # Python text, like the model's
 
 
-def test_mixed_export_fits_target_loads_and_generates(tmp_path, default_checkpoint):
+def test_mixed_export_fits_target_loads_and_generates(tmp_path, default_checkpoint, capsys):
     import edge_moe
     from edge_moe.manifest import Manifest
     from edge_moe_export.exporter import export_checkpoint
@@ -131,7 +131,9 @@ def test_mixed_export_fits_target_loads_and_generates(tmp_path, default_checkpoi
     eight = Manifest.load(export_checkpoint(default_checkpoint, tmp_path / "q8", bits=8, progress=False))
     target = (four.expert_bytes + eight.expert_bytes) // 2
     path = export_checkpoint(default_checkpoint, tmp_path / "mixed", bits="mixed", expert_bytes=target,
-                             calibration=CALIBRATION, progress=False)
+                             calibration=CALIBRATION, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrate: routing" in err and "calibrate: error per bitwidth" in err  # not silent while calibrating
     mixed = Manifest.load(path)
     assert mixed.expert_bytes <= target
     assert len({r.dtype for r in mixed.experts.values()}) >= 2  # really mixed

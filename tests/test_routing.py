@@ -35,13 +35,13 @@ def test_group_by_expert_covers_every_assignment_once():
 
 
 def test_sampler_follows_the_distribution_and_nucleus():
-    from edge_moe.generate import make_sampler
+    from edge_moe.sampling import Sampler, SamplingOptions
 
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    full = make_sampler(1.0, 1.0, seed=0)
-    counts = np.bincount([full(logits) for _ in range(4000)], minlength=4) / 4000
+    full = Sampler(SamplingOptions(temperature=1.0, seed=0))
+    counts = np.bincount([full(logits, [], []) for _ in range(4000)], minlength=4) / 4000
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
-    nucleus = make_sampler(1.0, 0.7, seed=0)  # smallest prefix with mass >= 0.7: tokens 0 and 1
-    picks = {nucleus(logits) for _ in range(500)}
+    nucleus = Sampler(SamplingOptions(temperature=1.0, top_p=0.7, seed=0))  # smallest prefix with mass >= 0.7
+    picks = {nucleus(logits, [], []) for _ in range(500)}
     assert picks == {0, 1}
-    assert make_sampler(0.0, 1.0, None)(logits) == 0
+    assert Sampler(SamplingOptions())(logits, [], []) == 0

@@ -31,6 +31,16 @@ def qt_problem() -> str | None:
     return None
 
 
+def display_problem() -> str | None:
+    """Why Qt would abort for want of a screen (it exits 134 with an xcb message), or None."""
+    if sys.platform != "linux" or os.environ.get("QT_QPA_PLATFORM"):
+        return None
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    return ("no display (DISPLAY and WAYLAND_DISPLAY are unset); run it in a desktop session, or headless with "
+            "QT_QPA_PLATFORM=offscreen and --screenshot PNG")
+
+
 def _seconds_since_process_start() -> float:
     import psutil
     return time.time() - psutil.Process().create_time()
@@ -44,7 +54,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("edge-moe-demo needs PySide6: pip install 'edge-moe[demo]'", file=sys.stderr)
         return 2
-    problem = qt_problem()
+    problem = qt_problem() or display_problem()
     if problem:
         print(f"edge-moe-demo: {problem}", file=sys.stderr)
         return 2
@@ -72,6 +82,9 @@ def main(argv=None) -> int:
     elif args.start_time and os.environ.get("QT_QPA_PLATFORM") == "offscreen":
         return 0  # a timing run without a screen has nothing left to show
     code = app.exec()
+    if args.screenshot and window.session is None:
+        print(f"edge-moe-demo: error: {window.message.text().splitlines()[0]}", file=sys.stderr)
+        code = 2  # the screenshot shows the error; the exit status says it too
     # The window goes before the QApplication: left to the interpreter's final GC, PySide6 may free them in the
     # wrong order and abort ("deallocating None").
     window.deleteLater()

@@ -38,14 +38,6 @@ def names() -> list[str]:
     return list(found[0].list_profiles()) if found else []
 
 
-def _set_throttle(store, bucket) -> None:
-    setter = getattr(store, "set_throttle", None)
-    if setter is not None:
-        setter(bucket)
-    else:  # the store reads `_throttle` per read; called between tokens, when no read of ours is starting
-        store._throttle = bucket
-
-
 def apply(session, name: str | None) -> str:
     """Emulates profile `name` (None: this machine) on the session's model; returns a status line.
 
@@ -58,12 +50,12 @@ def apply(session, name: str | None) -> str:
     profiles, emulate = found
     model = session.model
     if name is None:
-        session.run_between_tokens(lambda: _set_throttle(model.store, None))
+        session.run_between_tokens(lambda: model.set_throttle(None))
         return "emulation off: this machine's flash; the budget stays where it is"
     profile = profiles.load_profile(name)
     budget = emulate.profile_budget(profile, model.manifest)
     bucket = emulate.TokenBucket(profile.flash_seq_read, profile.read_latency)
     session.set_budget(budget)
-    session.run_between_tokens(lambda: _set_throttle(model.store, bucket))
+    session.run_between_tokens(lambda: model.set_throttle(bucket))
     return (f"emulating {profile.name}: budget {budget / 2**20:,.1f} MiB, flash {profile.flash_seq_read / 1e6:.0f} "
             f"MB/s + {profile.read_latency * 1e3:.2f} ms per read (threads and CPU speed stay this machine's)")

@@ -3,8 +3,8 @@ logic can be tested and reused without a screen.
 
 Thread rules: the generation (worker) thread runs `stream_generate` and calls `frame()` between tokens; the UI
 thread calls the setters. Budget and policy go straight to the cache (its methods take the cache's lock).
-Prefetch on/off swaps `Forward.predictor`, which the forward pass reads more than once per layer, so that swap
-is queued and applied by the worker between tokens (`drain()`), or at once when nothing is generating.
+Prefetch on/off (Model.set_prefetch) swaps the predictor, which the forward pass reads more than once per layer,
+so that swap is queued and applied by the worker between tokens (`drain()`), or at once when nothing is generating.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 
 import edge_moe
-from edge_moe.budget import full_budget, minimum_budget, parse_budget
+from edge_moe.budget import full_budget, minimum_budget
 from edge_moe.errors import EdgeMoeError
 from edge_moe.policies import POLICIES, make_policy
-from edge_moe.prefetch import NextLayerPredictor
 
 # Cell states of the expert map, in the order of their colours in expert_map.py.
 FLASH, READING, RAM, PINNED, ACCELERATOR = range(5)
@@ -71,8 +70,6 @@ class Session:
         self.layers, self.experts = int(c["num_layers"]), int(c["num_experts"])
         self.min_budget, self.full_budget = minimum_budget(manifest), full_budget(manifest)
         self.policy_name = policy
-        # Kept even while prefetch is off so switching it back on costs nothing and keeps its precision counts.
-        self._predictor = self.model.predictor or NextLayerPredictor(manifest, depth=1)
         self.prefetch = True
         self._pending: deque = deque()
         self._pending_lock = threading.Lock()
@@ -90,10 +87,7 @@ class Session:
 
     def set_budget(self, value) -> int:
         """Applies a budget now (bytes or text); returns the bytes. Raises EdgeMoeError below the minimum."""
-        nbytes = parse_budget(value, self.model.manifest)
-        self.model.experts.set_budget(nbytes)
-        self.model.budget = nbytes  # expert_stats reports the model's budget
-        return nbytes
+        return self.model.set_budget(value)
 
     def set_policy(self, name: str) -> None:
         self.model.experts.set_policy(make_policy(name))
@@ -101,11 +95,8 @@ class Session:
 
     def set_prefetch(self, on: bool) -> None:
         self.prefetch = bool(on)
-        predictor = self._predictor if on else None
-
-        def swap():
-            self.model.forward.predictor = self.model.predictor = predictor
-        self.run_between_tokens(swap)
+        # Model keeps the depth-1 predictor while prefetch is off, so switching back keeps what it learnt
+        self.run_between_tokens(lambda: self.model.set_prefetch(1 if on else 0))
 
     def run_between_tokens(self, action) -> None:
         """Runs `action` in the worker between tokens, or now when nothing is generating."""

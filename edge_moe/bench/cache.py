@@ -17,6 +17,7 @@ from ..budget import full_budget, parse_budget, record_footprint
 from ..errors import EdgeMoeError
 from ..manifest import Manifest
 from ..opt import KnownFrequencyLFU, belady, simulate
+from ..policies import POLICIES
 from ..store import ExpertStore
 
 
@@ -68,11 +69,15 @@ def _raw_bandwidth_probe(manifest: Manifest, emulate: str | None):
 def _configs(args, manifest: Manifest) -> list[tuple[str, int | None, dict]]:
     configs = [("all-resident", None, {}), ("no-cache", None, {"baseline": "no-cache"}),
                ("mmap", None, {"baseline": "mmap"})]
+    policies = args.policies.split(",")
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise EdgeMoeError(f"--policies: {unknown[0]!r} is not a policy; choose from {', '.join(POLICIES)}")
     for text in args.budgets.split(","):
         budget = parse_budget(text.strip(), manifest)
         configs.append((f"lru no-prefetch @{text}", budget, {"budget": budget, "policy": "lru", "prefetch": 0}))
         configs += [(f"{p} @{text}", budget, {"budget": budget, "policy": p, "prefetch": args.prefetch})
-                    for p in args.policies.split(",")]
+                    for p in policies]
     return configs
 
 

@@ -11,7 +11,8 @@ from .report import print_table, write_json
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="package directory (with --peer: comma-separated packages)")
+    p.add_argument("--model", required=True, help="package directory, or 'default' (the model that ships with "
+                                                   "edge_moe); with --peer: comma-separated packages")
     p.add_argument("--peer", choices=["llama.cpp"], help="side by side with another engine (bench/peer.py)")
     p.add_argument("--reference", metavar="HF_DIR", help="also time transformers' eager PyTorch on this checkpoint")
     p.add_argument("--tokens", type=int, default=64, help="tokens to decode per run")
@@ -44,6 +45,11 @@ def run(args) -> int:
         if args.json:
             write_json(args.json, results)
         return 0
+    if args.budgets:  # a bad budget or policy is refused before the first (minutes-long) run
+        from ..manifest import Manifest
+        from .cache import _configs
+
+        _configs(args, Manifest.load(args.model))
     if not args.skip_decode:
         results["decode"] = decode_table(args)
     if args.budgets:
