@@ -1,4 +1,7 @@
-"""The KV cache of one generation: per layer a growable [capacity, kvH, D] buffer.
+"""The KV cache of one generation: per layer a growable [capacity, kvH, D] buffer for keys and one for values.
+
+What a layer caches is the family's attention spec (edge_moe.family_spec.AttentionSpec): K and V per KV head for
+GQA; for MLA the compressed latent [1, kv_lora_rank] as "key" and the shared roped key [1, rope_dim] as "value".
 
 The layer graph takes `past_key` [P, kvH, D]; slicing the first axis of a C-contiguous buffer gives a contiguous
 view, so onnxruntime reads the cache in place and only this call's new rows are copied in.
@@ -10,11 +13,12 @@ import numpy as np
 
 
 class KVCache:
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int = 256):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int = 256,
+                 value_shape: tuple[int, int] | None = None):
         self.offset = 0  # tokens cached
-        self._shape = (kv_heads, head_dim)
-        self.keys = [np.zeros((capacity, *self._shape), np.float32) for _ in range(num_layers)]
-        self.values = [np.zeros((capacity, *self._shape), np.float32) for _ in range(num_layers)]
+        self._shapes = ((kv_heads, head_dim), tuple(value_shape or (kv_heads, head_dim)))
+        self.keys = [np.zeros((capacity, *self._shapes[0]), np.float32) for _ in range(num_layers)]
+        self.values = [np.zeros((capacity, *self._shapes[1]), np.float32) for _ in range(num_layers)]
 
     def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         return self.keys[layer][:self.offset], self.values[layer][:self.offset]
@@ -24,8 +28,8 @@ class KVCache:
         end = self.offset + key.shape[0]
         if end > self.keys[layer].shape[0]:
             capacity = max(end, 2 * self.keys[layer].shape[0])
-            for store in (self.keys, self.values):
-                grown = np.zeros((capacity, *self._shape), np.float32)
+            for store, shape in zip((self.keys, self.values), self._shapes):
+                grown = np.zeros((capacity, *shape), np.float32)
                 grown[:self.offset] = store[layer][:self.offset]
                 store[layer] = grown
         self.keys[layer][self.offset:end] = key

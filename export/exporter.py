@@ -6,7 +6,6 @@ Peak memory is about one checkpoint tensor in float32 plus its converted copy: e
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -41,14 +40,14 @@ class BackboneWeights:
 
         def weight(key: str) -> str:
             if key not in used:
-                dtype, shape, offset, length = self._write(key)
+                dtype, shape, offset, length = self.write(key)
                 name = g.external(key, dtype, shape, self.blob.path.name, offset, length)
                 used[key] = g.as_float32(name, dtype)
             return used[key]
 
         return weight
 
-    def _write(self, key: str):
+    def write(self, key: str):
         if key not in self.written:
             array = self.checkpoint.read(key)
             # Norm weights and biases stay float32: they are tiny and float16 would cost accuracy for nothing.
@@ -102,7 +101,7 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
             shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
         staged.write_json("manifest.json", {
             "format_version": FORMAT_VERSION, "edge_moe_version": edge_moe.__version__,
-            "family": family.model_type, "dtype": dtype, "config": dataclasses.asdict(arch),
+            "family": family.model_type, "dtype": dtype, "config": arch.to_config(),
             "source_config": checkpoint.config, "tokenizer": "tokenizer.json" if tokenizer else None,
             "backbone": backbone, "experts": experts,
             **({"quantization": {"bits": bits, "block_size": block_size, "zero_points": zero_points,
@@ -135,12 +134,17 @@ def _export_backbone(root: Path, checkpoint, family, dtype, bar) -> dict:
         files["layers"].append(f"backbone/layer_{layer:03d}.onnx")
         _save(g.model(), root / files["layers"][-1])
         bar.update()
+    for layer in family.arch.moe_layers:  # read by the runtime's router, by no graph
+        if family.selection_bias_key(layer):
+            weights.write(family.selection_bias_key(layer))
     blob.close()
     # Where each MoE layer's router and post-attention norm lie, for speculative next-layer routing at run time.
     routers = {}
     for layer in family.arch.moe_layers:
         entries = {"weight": family.router_key(layer),
                    "norm": family.layer_key(layer, "post_attention_layernorm.weight")}
+        if family.selection_bias_key(layer):
+            entries["selection_bias"] = family.selection_bias_key(layer)
         routers[str(layer)] = {role: dict(zip(("dtype", "shape", "offset", "nbytes"), weights.written[key]))
                                for role, key in entries.items()}
     return {**files, "blob": "backbone/weights.bin", "bytes": blob.size, "routers": routers}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_moe.errors import EdgeMoeError
+from edge_moe.family_spec import AttentionSpec, RouterSpec
 from edge_moe.onnx_build import GraphBuilder
 
 ATTENTION_HOOKS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -44,7 +45,13 @@ class Arch:
     sliding_windows: list[int | None]
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    router_scoring: str = "softmax"
+    router: RouterSpec | None = None        # what the runtime routes by (manifest config.router)
+    attention: AttentionSpec | None = None  # what the KV cache holds (manifest config.attention)
+
+    def to_config(self) -> dict:
+        """The manifest's `config`: these fields, with the router and attention in their typed format."""
+        plain = {f: getattr(self, f) for f in self.__dataclass_fields__ if f not in ("router", "attention")}
+        return {**plain, "router": self.router.to_dict(), "attention": self.attention.to_dict()}
 
 
 def _required(config: dict, *names: str):
@@ -74,6 +81,11 @@ class MoEFamily:
     def __init__(self, config: dict):
         self.config = config
         self.arch = self.make_arch(config)
+        try:
+            self.arch.router = self.make_router(config, self.arch)
+            self.arch.attention = self.make_attention(config, self.arch)
+        except EdgeMoeError as exc:  # the spec names the field; say where it came from
+            raise EdgeMoeError(f"config.json: {exc}") from None
 
     # Configuration ------------------------------------------------------------------------------------
 
@@ -97,6 +109,19 @@ class MoEFamily:
             bos_token_id=c.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )
+
+    def make_router(self, c: dict, arch: Arch) -> RouterSpec:
+        """The family's router; the default is softmax top-k, renormalized where norm_topk_prob says so."""
+        return RouterSpec(num_experts=arch.num_experts, top_k=arch.top_k, normalize=arch.norm_topk_prob)
+
+    def make_attention(self, c: dict, arch: Arch) -> AttentionSpec:
+        """What the layer graphs cache per token (their key/value outputs); GQA by default."""
+        kv, d = arch.num_key_value_heads, arch.head_dim
+        return AttentionSpec("gqa", kv, d, kv, d)
+
+    def selection_bias_key(self, layer: int) -> str | None:
+        """The checkpoint tensor added to router scores for selection only, where the family has one."""
+        return None
 
     def moe_layers(self, c: dict, layers: int) -> list[int]:
         """Layers with routed experts; Qwen-style configs can make some layers dense."""
