@@ -105,9 +105,17 @@ class Checkpoint:
         except KeyError:
             raise EdgeMoeError(f"{self.dir}: tensor {name} is missing from the checkpoint") from None
 
-    def read(self, name: str) -> np.ndarray:
-        """Returns the tensor as a float32 array (integers as they are)."""
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """Returns the tensor as a float32 array (integers as they are); with `index`, only tensor[index] (one
+        expert of a fused [E, ...] tensor, read alone: the other experts' bytes are not touched)."""
         path, dtype, shape, offset, length = self._entry(name)
+        if index is not None:
+            if not shape or not 0 <= index < shape[0]:
+                raise EdgeMoeError(f"{self.dir}: tensor {name} of shape {shape} has no row {index}; the checkpoint "
+                                   "does not match its config.json")
+            length //= shape[0]
+            offset += index * length
+            shape = shape[1:]
         raw = np.empty(length, dtype=np.uint8)
         with open(path, "rb", buffering=0) as f:
             f.seek(offset)

@@ -192,7 +192,7 @@ def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
         blob_name = f"layer_{layer:03d}.bin"
         blob = BlobWriter(root / "experts" / blob_name)
         for index in range(arch.num_experts):
-            gate, up, down = (checkpoint.read(key) for key in family.expert_keys(layer, index))
+            gate, up, down = family.read_expert(checkpoint, layer, index)
             ffn = down.shape[1]
             shape = choose(layer, index, arch.hidden_size, ffn)
             writer = ExpertWriter(blob)

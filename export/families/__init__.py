@@ -9,7 +9,7 @@ import importlib
 
 from edge_moe.errors import EdgeMoeError
 
-FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("granitemoe", "granitemoeshared", "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe")
 
 
 def family_for(config: dict):

@@ -77,6 +77,8 @@ class MoEFamily:
     expert_prefix = "mlp"            # model.layers.{i}.<prefix>.experts.{e}...
     expert_projections = ("gate_proj", "up_proj", "down_proj")
     qkv_bias = False
+    o_bias = False                   # a bias on the attention output projection (Phi-3.5-MoE)
+    lm_head_bias = False
 
     def __init__(self, config: dict):
         self.config = config
@@ -143,6 +145,10 @@ class MoEFamily:
         base = self.layer_key(layer, f"{self.expert_prefix}.experts.{expert}")
         return tuple(f"{base}.{proj}.weight" for proj in self.expert_projections)
 
+    def read_expert(self, checkpoint, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(gate [F, H], up [F, H], down [H, F]) of one routed expert, Hugging Face [out, in] layout."""
+        return tuple(checkpoint.read(key) for key in self.expert_keys(layer, expert))
+
     def router_key(self, layer: int) -> str:
         return self.layer_key(layer, f"{self.expert_prefix}.gate.weight")
 
@@ -152,28 +158,33 @@ class MoEFamily:
         a = self.arch
         ids = g.input("input_ids", "int64", ["T"])
         table = weight("model.embed_tokens.weight")
-        g.output(g.op("Gather", table, ids, axis=0), "hidden_states", "float32", ["T", a.hidden_size])
+        hidden = g.op("Gather", table, ids, axis=0)
+        if self.embedding_scale() != 1.0:
+            hidden = g.op("Mul", hidden, g.const(self.embedding_scale()))
+        g.output(hidden, "hidden_states", "float32", ["T", a.hidden_size])
 
     def emit_head(self, g: GraphBuilder, weight) -> None:
         a = self.arch
         x = g.input("hidden_states", "float32", ["T", a.hidden_size])
-        x = g.rms_norm(x, weight("model.norm.weight"), a.rms_norm_eps)
+        x = self.emit_norm(g, x, "model.norm", weight)
         lm_head = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
-        logits = g.linear(x, weight(lm_head))
+        logits = g.linear(x, weight(lm_head), weight("lm_head.bias") if self.lm_head_bias else None)
+        if self.logit_scale() != 1.0:
+            logits = g.op("Mul", logits, g.const(self.logit_scale()))
         g.output(logits, "logits", "float32", ["T", a.vocab_size])
 
     def emit_layer(self, g: GraphBuilder, layer: int, weight) -> None:
         a = self.arch
         w = lambda name: weight(self.layer_key(layer, name))  # noqa: E731
         hidden = g.input("hidden_states", "float32", ["T", a.hidden_size])
-        past_k = g.input("past_key", "float32", ["P", a.num_key_value_heads, a.head_dim])
-        past_v = g.input("past_value", "float32", ["P", a.num_key_value_heads, a.head_dim])
+        past_k = g.input("past_key", "float32", ["P", a.attention.key_heads, a.attention.key_dim])
+        past_v = g.input("past_value", "float32", ["P", a.attention.value_heads, a.attention.value_dim])
         g.scope = f"/model/layers.{layer}/attn"
-        x = g.rms_norm(hidden, w("input_layernorm.weight"), a.rms_norm_eps)
+        x = self.emit_norm(g, hidden, self.layer_key(layer, "input_layernorm"), weight)
         attn, new_k, new_v = self.emit_attention(g, layer, x, past_k, past_v, w)
-        h = g.op("Add", hidden, attn)
+        h = g.op("Add", hidden, self.scale_residual(g, attn))
         g.scope = f"/model/layers.{layer}/moe"
-        moe_input = g.rms_norm(h, w("post_attention_layernorm.weight"), a.rms_norm_eps)
+        moe_input = self.emit_norm(g, h, self.layer_key(layer, "post_attention_layernorm"), weight)
         if layer in a.moe_layers:
             residual = self.emit_shared_expert(g, layer, h, moe_input, w)
             logits = g.linear(moe_input, weight(self.router_key(layer)))
@@ -181,10 +192,11 @@ class MoEFamily:
             g.output(moe_input, "moe_input", "float32", ["T", a.hidden_size])
             g.output(logits, "router_logits", "float32", ["T", a.num_experts])
         else:
-            residual = g.op("Add", h, self.emit_dense_mlp(g, layer, moe_input, w))
+            residual = g.op("Add", h, self.scale_residual(g, self.emit_dense_mlp(g, layer, moe_input, w)))
             g.output(residual, "residual", "float32", ["T", a.hidden_size])
-        g.output(new_k, "key", "float32", ["T", a.num_key_value_heads, a.head_dim])
-        g.output(new_v, "value", "float32", ["T", a.num_key_value_heads, a.head_dim])
+        kv = a.attention
+        g.output(new_k, "key", "float32", ["T", kv.key_heads, kv.key_dim])
+        g.output(new_v, "value", "float32", ["T", kv.value_heads, kv.value_dim])
 
     def emit_attention(self, g: GraphBuilder, layer: int, x: str, past_k: str, past_v: str, w):
         a = self.arch
@@ -208,7 +220,7 @@ class MoEFamily:
         # q [T,nH,D] -> [kvH, G, T, D]; keys -> [kvH, 1, D, S]: MatMul broadcasts G, no repeat of the cache.
         q4 = g.op("Reshape", g.op("Transpose", q, perm=[1, 0, 2]), g.const([kv_heads, heads // kv_heads, -1, d],
                                                                             "int64"))
-        q4 = g.op("Mul", q4, g.const(d ** -0.5))
+        q4 = g.op("Mul", q4, g.const(self.attention_scale()))
         k4 = g.op("Unsqueeze", g.op("Transpose", keys, perm=[1, 2, 0]), g.const([1], "int64"))
         v4 = g.op("Unsqueeze", g.op("Transpose", values, perm=[1, 0, 2]), g.const([1], "int64"))
         scores = g.op("MatMul", q4, k4)               # [kvH, G, T, S]
@@ -218,7 +230,7 @@ class MoEFamily:
         out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v4)  # [kvH, G, T, D]
         out = g.op("Transpose", g.op("Reshape", out, g.const([heads, -1, d], "int64")), perm=[1, 0, 2])
         out = g.op("Reshape", out, g.const([-1, heads * d], "int64"))
-        return g.linear(out, w("self_attn.o_proj.weight")), k, v
+        return g.linear(out, w("self_attn.o_proj.weight"), w("self_attn.o_proj.bias") if self.o_bias else None), k, v
 
     def emit_mask(self, g: GraphBuilder, layer: int, q_pos: str, k_pos: str) -> str:
         """allowed [T, S]: causal, and within the sliding window where the layer has one."""
@@ -246,6 +258,25 @@ class MoEFamily:
         return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
     # Hooks that families override ---------------------------------------------------------------------
+
+    def emit_norm(self, g: GraphBuilder, x: str, name: str, weight) -> str:
+        """The norm whose weights are `{name}.weight` (RMSNorm; Phi-3.5-MoE's LayerNorm has a bias too)."""
+        return g.rms_norm(x, weight(f"{name}.weight"), self.arch.rms_norm_eps)
+
+    def attention_scale(self) -> float:
+        """Multiplies q K^T before the softmax (Granite: attention_multiplier)."""
+        return self.arch.head_dim ** -0.5
+
+    def scale_residual(self, g: GraphBuilder, update: str) -> str:
+        """A block's output before it joins the residual stream (Granite: times residual_multiplier; the routed
+        experts' share is scaled by the router's scaling_factor instead)."""
+        return update
+
+    def embedding_scale(self) -> float:
+        return 1.0
+
+    def logit_scale(self) -> float:
+        return 1.0
 
     def emit_qkv_post(self, g: GraphBuilder, layer: int, q: str, k: str, v: str, w):
         """After the projections, on [T, heads*D] (OLMoE normalizes and clips here)."""
