@@ -30,6 +30,20 @@ CASES = {
                                                     embedding_multiplier=2.0, residual_multiplier=0.4,
                                                     attention_multiplier=0.2, logits_scaling=2.5)),
     "graniteshared-none": ("granitemoeshared", dict(shared_intermediate_size=0, kv_heads=1)),
+    "deepseek2-qlora-groups-dense": ("deepseek_v2", dict(
+        layers=3, kv_heads=4, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+        v_head_dim=12, n_shared_experts=1, experts=8, top_k=3, topk_method="group_limited_greedy", n_group=4,
+        topk_group=2, routed_scaling_factor=1.5)),
+    "deepseek2-noqlora-greedy": ("deepseek_v2", dict(
+        q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8, n_shared_experts=2,
+        first_k_dense_replace=0, topk_method="greedy", heads=3, kv_heads=3, hidden=36)),
+    "deepseek3-qlora-groups-bias": ("deepseek_v3", dict(
+        layers=3, kv_heads=4, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+        v_head_dim=8, n_shared_experts=1, experts=8, top_k=3, n_group=4, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=2.5)),
+    "deepseek3-noqlora-rotate-half": ("deepseek_v3", dict(
+        q_lora_rank=None, kv_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=8, n_shared_experts=1,
+        first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=False, rope_interleave=False)),
     "phimoe-top2": ("phimoe", dict(router_jitter_noise=0.01)),
     "phimoe-bias-sliding": ("phimoe", dict(attention_bias=True, lm_head_bias=True, sliding_window=5, kv_heads=1,
                                            router_jitter_noise=0.2)),

@@ -20,6 +20,8 @@ from edge_moe.errors import EdgeMoeError
 from edge_moe.family_spec import AttentionSpec, RouterSpec
 from edge_moe.onnx_build import GraphBuilder
 
+from .rope import inverse_frequencies, rope_parameters
+
 ATTENTION_HOOKS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -61,14 +63,6 @@ def _required(config: dict, *names: str):
     raise EdgeMoeError(f"config.json: field {names[0]!r} is missing; the checkpoint's config is incomplete")
 
 
-def _rope_theta(config: dict) -> float:
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", None):
-        raise EdgeMoeError(f"config.json: rope_type {kind!r} is not supported yet; supported: default")
-    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-
-
 class MoEFamily:
     """Base of every family. `emit_*` methods build graphs; `weight(key)` streams a checkpoint tensor into the
     backbone blob and returns the name of its float32 value in the graph being built."""
@@ -99,7 +93,7 @@ class MoEFamily:
         return Arch(
             hidden_size=hidden, num_layers=layers, vocab_size=int(_required(c, "vocab_size")),
             num_attention_heads=heads, num_key_value_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or hidden // heads), rope_theta=_rope_theta(c),
+            head_dim=int(c.get("head_dim") or hidden // heads), rope_theta=float(rope_parameters(c)["rope_theta"]),
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
@@ -210,9 +204,7 @@ class MoEFamily:
         k = g.op("Reshape", k, g.const([0, kv_heads, d], "int64"))
         v = g.op("Reshape", v, g.const([0, kv_heads, d], "int64"))
         q, k = self.emit_head_norms(g, layer, q, k, w)
-        past_len = g.op("Gather", g.op("Shape", past_k), g.const(0, "int64"), axis=0)
-        new_len = g.op("Gather", g.op("Shape", x), g.const(0, "int64"), axis=0)
-        q_pos = g.op("Range", past_len, g.op("Add", past_len, new_len), g.const(1, "int64"))  # [T]
+        q_pos, k_pos = self.emit_positions(g, past_k, x)
         cos, sin = self.emit_rope_tables(g, q_pos)
         q, k = self.apply_rope(g, q, cos, sin), self.apply_rope(g, k, cos, sin)
         keys = g.op("Concat", past_k, k, axis=0)    # [S, kvH, D]
@@ -224,13 +216,19 @@ class MoEFamily:
         k4 = g.op("Unsqueeze", g.op("Transpose", keys, perm=[1, 2, 0]), g.const([1], "int64"))
         v4 = g.op("Unsqueeze", g.op("Transpose", values, perm=[1, 0, 2]), g.const([1], "int64"))
         scores = g.op("MatMul", q4, k4)               # [kvH, G, T, S]
-        k_pos = g.op("Range", g.const(0, "int64"), g.op("Add", past_len, new_len), g.const(1, "int64"))  # [S]
         allowed = self.emit_mask(g, layer, q_pos, k_pos)
         scores = g.op("Where", allowed, scores, g.const(-np.inf))
         out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v4)  # [kvH, G, T, D]
         out = g.op("Transpose", g.op("Reshape", out, g.const([heads, -1, d], "int64")), perm=[1, 0, 2])
         out = g.op("Reshape", out, g.const([-1, heads * d], "int64"))
         return g.linear(out, w("self_attn.o_proj.weight"), w("self_attn.o_proj.bias") if self.o_bias else None), k, v
+
+    def emit_positions(self, g: GraphBuilder, past: str, x: str) -> tuple[str, str]:
+        """(q_pos [T], k_pos [S]): this call's token positions after the P cached ones, and all S = P + T."""
+        past_len = g.op("Gather", g.op("Shape", past), g.const(0, "int64"), axis=0)
+        end = g.op("Add", past_len, g.op("Gather", g.op("Shape", x), g.const(0, "int64"), axis=0))
+        one = g.const(1, "int64")
+        return g.op("Range", past_len, end, one), g.op("Range", g.const(0, "int64"), end, one)
 
     def emit_mask(self, g: GraphBuilder, layer: int, q_pos: str, k_pos: str) -> str:
         """allowed [T, S]: causal, and within the sliding window where the layer has one."""
@@ -244,12 +242,15 @@ class MoEFamily:
         return allowed
 
     def emit_rope_tables(self, g: GraphBuilder, positions: str):
-        d = self.arch.head_dim
-        inv_freq = 1.0 / (self.arch.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+        """(cos, sin) [T, 1, D] of the rotary dimension D = head_dim, times YaRN's attention factor if any."""
+        inv_freq, factor = inverse_frequencies(self.config, self.arch.head_dim)
         freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=1), g.const([1], "int64")),
-                     g.const(inv_freq.astype(np.float32)[None, :]))          # [T, D/2]
+                     g.const(inv_freq[None, :]))                              # [T, D/2]
         angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1], "int64"))  # [T, 1, D]
-        return g.op("Cos", angles), g.op("Sin", angles)
+        cos, sin = g.op("Cos", angles), g.op("Sin", angles)
+        if factor != 1.0:
+            cos, sin = g.op("Mul", cos, g.const(factor)), g.op("Mul", sin, g.const(factor))
+        return cos, sin
 
     def apply_rope(self, g: GraphBuilder, x: str, cos: str, sin: str) -> str:
         """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1) (Hugging Face's non-interleaved RoPE)."""
