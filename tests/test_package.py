@@ -47,7 +47,27 @@ def test_manifest_lists_every_expert(tiny_package):
 
 def test_unknown_model_type_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(EdgeMoeError, match="mixtral, olmoe, qwen2_moe, qwen3_moe"):
+    with pytest.raises(EdgeMoeError, match="supported: deepseek_v2, deepseek_v3, granitemoe, granitemoeshared, "
+                                           "mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe$"):
+        export_checkpoint(tmp_path, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "longrope", "rope_theta": 1e4}, {"type": "dynamic", "factor": 2.0}])
+def test_unsupported_rope_scaling_names_the_supported(tmp_path, rope):
+    config = tiny_config("deepseek_v2", kv_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                         v_head_dim=4).to_dict()
+    config.pop("rope_parameters", None)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": rope}))
+    with pytest.raises(EdgeMoeError, match=r"^config.json: rope_type '(longrope|dynamic)' is not supported yet; "
+                                           r"supported: default, yarn$"):
+        export_checkpoint(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_bad_router_settings_name_the_field(tmp_path):
+    config = tiny_config("deepseek_v3", kv_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                         v_head_dim=4, experts=6, n_group=4, topk_group=2).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdgeMoeError, match=r"^config.json: n_group=4 must divide num_experts=6$"):
         export_checkpoint(tmp_path, tmp_path / "out", progress=False)
 
 

@@ -53,3 +53,6 @@ def test_real_shape_matches_transformers(case, tmp_path):
     np.testing.assert_allclose(model.logits(ids), reference_logits(reference, ids), atol=1e-4, rtol=0)
     result = model.generate(ids, max_new_tokens=8)
     assert result.token_ids == reference_greedy(reference, ids, 8)[:len(result.token_ids)]
+    if family.startswith("deepseek"):  # MLA caches the latent and the shared roped key, not per-head K/V
+        cache = model.forward.new_cache()
+        assert cache.keys[0].shape[1:] == (1, 512) and cache.values[0].shape[1:] == (1, 64)
