@@ -38,8 +38,8 @@ class DeviceExpert:
 
 def device_expert_graph(shape: ExpertShape, compute_dtype: str | None) -> onnx.ModelProto:
     """The expert graph with weights as inputs, computing in `compute_dtype` (None: the CPU path's graph)."""
-    if compute_dtype is None or compute_dtype != shape.dtype:
-        return build_expert_graph(shape)  # float32 weights: the CPU graph is already the right one
+    if compute_dtype is None or compute_dtype != shape.dtype or shape.kind != "swiglu":
+        return build_expert_graph(shape)  # the CPU graph (float32 compute) is the right one
     g = GraphBuilder(f"expert_{shape.kind}_{shape.hidden_size}x{shape.intermediate_size}_{shape.dtype}_device")
     g.scope = "/expert"
     x = g.op("Cast", g.input(INPUT, "float32", ["T", shape.hidden_size]), to=TensorProto.FLOAT16)

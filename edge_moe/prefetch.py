@@ -23,6 +23,9 @@ class NextLayerPredictor:
         self.moe_layers = sorted(c["moe_layers"])
         self.routers = {layer: (read_backbone_tensor(manifest, e["weight"]), read_backbone_tensor(manifest, e["norm"]))
                         for layer, e in manifest.routers.items()}
+        # GPT-OSS's router has a bias: logits then depend on the RMS scale, so the decode shortcut is off
+        self.logit_bias = {layer: read_backbone_tensor(manifest, e["bias"])
+                           for layer, e in manifest.routers.items() if "bias" in e}
         self.tp = self.predicted = self.actual = 0
         self._pending: dict[int, set[int]] = {}
         # decode: every router with its norm folded in, stacked [layers, E, H], so that predicting many layers ahead
@@ -39,7 +42,8 @@ class NextLayerPredictor:
         later = self._later.get(layer)
         if later is None:
             later = self._later[layer] = [l for l in self.moe_layers if l > layer][:self.depth]
-        if hidden.shape[0] == 1 and self._stack is not None and later and self.router.spec.ranks_by_logits:
+        if (hidden.shape[0] == 1 and self._stack is not None and later and self.router.spec.ranks_by_logits
+                and not self.logit_bias):
             # a token's RMS scale is one positive number for every target layer: it cannot change the ranking
             return self._predict_token(later, hidden[0])
         predictions = {}
@@ -49,8 +53,10 @@ class NextLayerPredictor:
             if target not in self.routers:
                 continue
             weight, norm = self.routers[target]
-            indices, weights = self.router.ranked(target, (unit * norm) @ weight.T,
-                                                  min(self.top_k + self.extra, weight.shape[0]))
+            logits = (unit * norm) @ weight.T
+            if target in self.logit_bias:
+                logits = logits + self.logit_bias[target]
+            indices, weights = self.router.ranked(target, logits, min(self.top_k + self.extra, weight.shape[0]))
             if indices.shape[0] == 1:  # decode: ranked() already ranks the token's experts best first
                 chosen = indices[0].tolist()
             else:  # over several tokens (prefill) rank experts by their summed routing weight

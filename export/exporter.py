@@ -6,6 +6,7 @@ Peak memory is about one checkpoint tensor in float32 plus its converted copy: e
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         choose = lambda layer, index, h, f: _shape(chosen[(layer, index)], dtype, h, f, block_size, zero_points)  # noqa: E731
     checkpoint = Checkpoint(hf_dir)
     family = family_for(checkpoint.config)
+    if family.expert_kind != "swiglu" and bits not in (None, 16):
+        raise EdgeMoeError(f"--bits {bits}: {family.model_type}'s {family.expert_kind} experts export in float32 "
+                           "or float16 only for now; leave --bits out or use --bits 16")
     arch = family.arch
     for key in family.expert_keys(arch.moe_layers[0], 0) if arch.moe_layers else ():
         checkpoint.shape(key)  # fail early, before writing anything, on a checkpoint of another layout
@@ -145,6 +149,8 @@ def _export_backbone(root: Path, checkpoint, family, dtype, bar) -> dict:
                    "norm": family.layer_key(layer, "post_attention_layernorm.weight")}
         if family.selection_bias_key(layer):
             entries["selection_bias"] = family.selection_bias_key(layer)
+        if family.router_bias_key(layer):
+            entries["bias"] = family.router_bias_key(layer)
         routers[str(layer)] = {role: dict(zip(("dtype", "shape", "offset", "nbytes"), weights.written[key]))
                                for role, key in entries.items()}
     return {**files, "blob": "backbone/weights.bin", "bytes": blob.size, "routers": routers}
@@ -192,13 +198,19 @@ def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
         blob_name = f"layer_{layer:03d}.bin"
         blob = BlobWriter(root / "experts" / blob_name)
         for index in range(arch.num_experts):
-            gate, up, down = family.read_expert(checkpoint, layer, index)
-            ffn = down.shape[1]
-            shape = choose(layer, index, arch.hidden_size, ffn)
+            parts = family.read_expert(checkpoint, layer, index)
+            if family.expert_kind == "swiglu":   # (gate, up, down) in Hugging Face's [out, in] layout
+                ffn = parts[2].shape[1]
+                shape = choose(layer, index, arch.hidden_size, ffn)
+                tensors = expert_tensors(shape, *parts)
+            else:                                # the kind's own tensors, already in the graph's layout
+                ffn = parts["down_proj"].shape[0]
+                shape = dataclasses.replace(choose(layer, index, arch.hidden_size, ffn), kind=family.expert_kind)
+                tensors = {name: array.astype(shape.dtype) for name, array in parts.items()}
             writer = ExpertWriter(blob)
-            for name, array in expert_tensors(shape, gate, up, down).items():
+            for name, array in tensors.items():
                 writer.write(name, array, str(array.dtype))
-            del gate, up, down
+            del parts, tensors
             offset, length, checksum = writer.finish()
             external = {t["name"]: (blob_name, offset + t["offset"], t["nbytes"]) for t in writer.tensors}
             graph = f"experts/L{layer:03d}_E{index:03d}.onnx"

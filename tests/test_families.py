@@ -44,6 +44,10 @@ CASES = {
     "deepseek3-noqlora-rotate-half": ("deepseek_v3", dict(
         q_lora_rank=None, kv_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=8, n_shared_experts=1,
         first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=False, rope_interleave=False)),
+    "gptoss-sinks-sliding-yarn": ("gpt_oss", dict(sliding_window=4, head_dim=16, layers=3)),
+    "gptoss-mha-top1-rope-default": ("gpt_oss", dict(
+        kv_heads=4, head_dim=12, top_k=1, swiglu_limit=0.05, layer_types=["full_attention", "sliding_attention"],
+        sliding_window=6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "phimoe-top2": ("phimoe", dict(router_jitter_noise=0.01)),
     "phimoe-bias-sliding": ("phimoe", dict(attention_bias=True, lm_head_bias=True, sliding_window=5, kv_heads=1,
                                            router_jitter_noise=0.2)),

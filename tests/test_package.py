@@ -47,7 +47,7 @@ def test_manifest_lists_every_expert(tiny_package):
 
 def test_unknown_model_type_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(EdgeMoeError, match="supported: deepseek_v2, deepseek_v3, granitemoe, granitemoeshared, "
+    with pytest.raises(EdgeMoeError, match="supported: deepseek_v2, deepseek_v3, gpt_oss, granitemoe, granitemoeshared, "
                                            "mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe$"):
         export_checkpoint(tmp_path, tmp_path / "out", progress=False)
 

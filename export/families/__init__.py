@@ -9,8 +9,8 @@ import importlib
 
 from edge_moe.errors import EdgeMoeError
 
-FAMILIES = ("deepseek_v2", "deepseek_v3", "granitemoe", "granitemoeshared", "mixtral", "olmoe", "phimoe",
-            "qwen2_moe", "qwen3_moe")
+FAMILIES = ("deepseek_v2", "deepseek_v3", "gpt_oss", "granitemoe", "granitemoeshared", "mixtral", "olmoe",
+            "phimoe", "qwen2_moe", "qwen3_moe")
 
 
 def family_for(config: dict):

@@ -72,6 +72,7 @@ class MoEFamily:
     expert_projections = ("gate_proj", "up_proj", "down_proj")
     qkv_bias = False
     o_bias = False                   # a bias on the attention output projection (Phi-3.5-MoE)
+    expert_kind = "swiglu"           # edge_moe.expert_graph.KINDS
     lm_head_bias = False
 
     def __init__(self, config: dict):
@@ -114,6 +115,10 @@ class MoEFamily:
         """What the layer graphs cache per token (their key/value outputs); GQA by default."""
         kv, d = arch.num_key_value_heads, arch.head_dim
         return AttentionSpec("gqa", kv, d, kv, d)
+
+    def router_bias_key(self, layer: int) -> str | None:
+        """A bias of the router's linear layer (GPT-OSS), part of the logits."""
+        return None
 
     def selection_bias_key(self, layer: int) -> str | None:
         """The checkpoint tensor added to router scores for selection only, where the family has one."""
@@ -181,7 +186,8 @@ class MoEFamily:
         moe_input = self.emit_norm(g, h, self.layer_key(layer, "post_attention_layernorm"), weight)
         if layer in a.moe_layers:
             residual = self.emit_shared_expert(g, layer, h, moe_input, w)
-            logits = g.linear(moe_input, weight(self.router_key(layer)))
+            bias_key = self.router_bias_key(layer)
+            logits = g.linear(moe_input, weight(self.router_key(layer)), weight(bias_key) if bias_key else None)
             g.output(residual, "residual", "float32", ["T", a.hidden_size])
             g.output(moe_input, "moe_input", "float32", ["T", a.hidden_size])
             g.output(logits, "router_logits", "float32", ["T", a.num_experts])
@@ -218,7 +224,7 @@ class MoEFamily:
         scores = g.op("MatMul", q4, k4)               # [kvH, G, T, S]
         allowed = self.emit_mask(g, layer, q_pos, k_pos)
         scores = g.op("Where", allowed, scores, g.const(-np.inf))
-        out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v4)  # [kvH, G, T, D]
+        out = g.op("MatMul", self.emit_attention_softmax(g, layer, scores, w), v4)  # [kvH, G, T, D]
         out = g.op("Transpose", g.op("Reshape", out, g.const([heads, -1, d], "int64")), perm=[1, 0, 2])
         out = g.op("Reshape", out, g.const([-1, heads * d], "int64"))
         return g.linear(out, w("self_attn.o_proj.weight"), w("self_attn.o_proj.bias") if self.o_bias else None), k, v
@@ -278,6 +284,10 @@ class MoEFamily:
 
     def logit_scale(self) -> float:
         return 1.0
+
+    def emit_attention_softmax(self, g: GraphBuilder, layer: int, scores: str, w) -> str:
+        """Attention probabilities from scores [kvH, G, T, S] (GPT-OSS adds a learned sink per head)."""
+        return g.op("Softmax", scores, axis=-1)
 
     def emit_qkv_post(self, g: GraphBuilder, layer: int, q: str, k: str, v: str, w):
         """After the projections, on [T, heads*D] (OLMoE normalizes and clips here)."""
