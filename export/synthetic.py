@@ -74,7 +74,7 @@ PRESETS: dict[str, dict] = {
     "qwen3-30b-a3b-shapes": dict(family="qwen3_moe", hidden_size=2048, num_layers=4, num_experts=128, top_k=8,
                                  moe_intermediate_size=768, vocab_size=151936, num_attention_heads=32,
                                  num_key_value_heads=4, head_dim=128, dtype="bfloat16"),
-    # DeepSeek-V2-Lite shapes (MLA 512/64, YaRN, 2 shared experts, layer 0 dense), 4 of its 27 layers: 3.90 GB in
+    # DeepSeek-V2-Lite shapes (MLA 512/64, YaRN, 2 shared experts, layer 0 dense), 4 of its 27 layers: 4.51 GB in
     # bf16 (17.3 MB experts, 1.1 GB per MoE layer, 0.84 GB embeddings + lm_head).
     "deepseek-v2-lite-shapes": dict(family="deepseek_v2", hidden_size=2048, num_layers=4, num_experts=64, top_k=6,
                                     moe_intermediate_size=1408, vocab_size=102400, num_attention_heads=16,
