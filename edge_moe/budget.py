@@ -68,3 +68,30 @@ def parse_budget(value, manifest: Manifest) -> int:
                            f"({minimum / 2**20:.1f} MiB: the largest layer's top-{manifest.config['top_k']} "
                            "experts); raise the budget")
     return nbytes
+
+
+def kv_bytes_per_token(config: dict) -> int:
+    """float32 keys and values of every layer for one token."""
+    return int(config["num_layers"]) * 2 * int(config["num_key_value_heads"]) * int(config["head_dim"]) * 4
+
+
+def auto_budget(manifest: Manifest) -> tuple[int, str]:
+    """`budget="auto"`: what the process may still use (cgroup limit, else available RAM; memory_limits.py) less
+    the KV cache and slack, at most every expert; call after the backbone is loaded so its memory is counted.
+
+    Returns:
+        (bytes, a one-line note that says how the figure was reached).
+    Raises:
+        EdgeMoeError: the memory left is below the minimum budget (the message names both).
+    """
+    from .memory_limits import auto_budget_bytes
+
+    context = int(manifest.config.get("max_position_embeddings") or 4096)
+    nbytes, note = auto_budget_bytes(kv_bytes_per_token(manifest.config), context)
+    minimum, full = minimum_budget(manifest), full_budget(manifest)
+    if nbytes < minimum:
+        raise EdgeMoeError(f"{note}; that is below the minimum of {minimum / 2**20:.1f} MiB (the largest layer's "
+                           f"top-{manifest.config['top_k']} experts): free memory or raise the limit")
+    if nbytes >= full:
+        return full, f"{note}; every expert fits ({full / 2**20:,.1f} MiB)"
+    return nbytes, note

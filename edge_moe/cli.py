@@ -30,7 +30,7 @@ def cmd_export(args) -> int:
     out = export_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                             progress=not args.quiet, bits=bits, block_size=args.block_size,
                             zero_points=args.zero_points, expert_bytes=args.expert_bytes,
-                            calibration=args.calibration)
+                            calibration=args.calibration, backbone_bits=args.backbone_bits)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({size / 2**20:,.1f} MiB) in {time.perf_counter() - start:.1f} s; "
           f"peak RSS {peak_rss_bytes() / 2**20:,.1f} MiB")
@@ -121,8 +121,9 @@ def write_trace(path: str, trace: list) -> None:
 def add_runtime_arguments(p) -> None:
     """Options of `edge_moe.load` shared by generate and the benchmarks."""
     p.add_argument("--model", help="package directory (default: the model that ships with edge_moe)")
-    p.add_argument("--budget", help="memory for experts: bytes (512MB, 2GiB) or a share of the expert bytes "
-                                    "(25%%); default: every expert resident")
+    p.add_argument("--budget", help="memory for experts: bytes (512MB, 2GiB), a share of the expert bytes "
+                                    "(25%%), or auto (what the memory cgroup or free RAM leaves after loading); "
+                                    "default: every expert resident")
     p.add_argument("--policy", default="adaptive", help="residency policy under a budget: lru, lfu, adaptive")
     p.add_argument("--prefetch", type=int, default=2, help="layers ahead to prefetch speculatively (0: off)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
@@ -175,6 +176,8 @@ def cmd_generate(args) -> int:
         for line in report:
             print(line, file=sys.stderr)
         model = load(args.model, trace=bool(args.trace), **{**load_options(args), **emulated})
+        if model.budget_note:
+            print(model.budget_note, file=sys.stderr)
         generate(args, model, report)
     if args.trace:
         write_trace(args.trace, model.trace)
@@ -215,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-points", action="store_true", help="asymmetric quantization blocks (zero points)")
     p.add_argument("--expert-bytes", metavar="SIZE", help="--bits mixed: total expert size to fit (300MB, 1GiB)")
     p.add_argument("--calibration", metavar="FILE", help="--bits mixed: text whose routing and errors decide")
+    p.add_argument("--backbone-bits", type=int, choices=[8, 4],
+                   help="store attention projections and lm_head block-quantized (faster decode, small error)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_export)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .budget import full_budget, minimum_budget
+from .memory_limits import cgroup_dirs
 from .errors import EdgeMoeError
 from .profiles import DeviceProfile, load_profile
 
@@ -145,25 +146,6 @@ class MemoryLimit:
         return f"  process memory not applied ({self.reason})"
 
 
-def _cgroup_dirs() -> list[tuple[str, Path]]:
-    """(version, directory of this process's memory cgroup) candidates, v2 first."""
-    found = []
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        hid, controllers, path = line.split(":", 2)
-        if hid == "0":
-            for mount in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-                controllers_file = mount / path.lstrip("/") / "cgroup.controllers"
-                if controllers_file.is_file() and "memory" in controllers_file.read_text().split():
-                    found.append(("v2", mount / path.lstrip("/")))
-        elif "memory" in controllers.split(","):
-            found.append(("v1", Path("/sys/fs/cgroup/memory") / path.lstrip("/")))
-    return found
-
-
 def _try_cgroup(version: str, parent: Path, nbytes: int) -> Path:
     child = parent / f"edge_moe_{os.getpid()}"
     child.mkdir(exist_ok=True)
@@ -196,7 +178,7 @@ def memory_limit(nbytes: int, enabled: bool = True):
         limit.reason = "disabled by the caller"
         yield limit
         return
-    candidates = _cgroup_dirs()
+    candidates = cgroup_dirs()
     if not candidates:
         limit.reason = "no memory cgroup (v1 or v2) is mounted for this process"
     child = parent = None

@@ -1,15 +1,22 @@
-"""The KV cache of one generation: per layer a growable [capacity, kvH, D] buffer for keys and one for values.
+"""KV caches of one generation, one class per attention kernel of the layer graphs (manifest config
+`attention_kernel`); each runs a layer graph on new hidden states and keeps that layer's keys and values.
 
-What a layer caches is the family's attention spec (edge_moe.family_spec.AttentionSpec): K and V per KV head for
-GQA; for MLA the compressed latent [1, kv_lora_rank] as "key" and the shared roped key [1, rope_dim] as "value".
-
-The layer graph takes `past_key` [P, kvH, D]; slicing the first axis of a C-contiguous buffer gives a contiguous
-view, so onnxruntime reads the cache in place and only this call's new rows are copied in.
+    # T = tokens in this call, P = cached tokens, M = capacity, kvH = KV heads, D = head dim
+- KVCache ("generic" graphs): per layer a growable [M, kvH, D] buffer; the graph takes past [P, kvH, D] (a
+  contiguous view, read in place) and returns this call's [T, kvH, D] rows, which are copied in. What a layer
+  caches is the family's attention spec (edge_moe.family_spec.AttentionSpec): K and V per KV head for GQA; for MLA
+  the compressed latent [1, kv_lora_rank] as "key" and the shared roped key [1, rope_dim] as "value".
+- GqaKVCache ("gqa" graphs, com.microsoft.GroupQueryAttention): per layer one [1, kvH, M, D] buffer bound as both
+  past and present through IOBinding, so the graph writes the new rows in place and nothing is copied per token;
+  the RoPE tables (cos/sin [M, D/2]) are computed here once per capacity and shared by every layer.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
+
+from .family_spec import attention_spec
 
 
 class KVCache:
@@ -20,8 +27,12 @@ class KVCache:
         self.keys = [np.zeros((capacity, *self._shapes[0]), np.float32) for _ in range(num_layers)]
         self.values = [np.zeros((capacity, *self._shapes[1]), np.float32) for _ in range(num_layers)]
 
-    def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.keys[layer][:self.offset], self.values[layer][:self.offset]
+    def run(self, layer: int, session, hidden: np.ndarray) -> list:
+        """Runs the layer graph on hidden [T, H]; returns its outputs before key and value."""
+        outputs = session.run({"hidden_states": hidden, "past_key": self.keys[layer][:self.offset],
+                               "past_value": self.values[layer][:self.offset]})
+        self.write(layer, outputs[-2], outputs[-1])
+        return outputs[:-2]
 
     def write(self, layer: int, key: np.ndarray, value: np.ndarray) -> None:
         """Stores this call's [T, kvH, D] entries after the cached ones (committed by `advance`)."""
@@ -41,3 +52,92 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+
+class GqaKVCache:
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, rope_theta: float, capacity: int = 256):
+        self.offset = 0
+        self.num_layers, self.kv_heads, self.head_dim, self.rope_theta = num_layers, kv_heads, head_dim, rope_theta
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        # seqlens_k and total_sequence_length live in these arrays; bound OrtValues read them in place
+        self._seqlens, self._total = np.zeros(1, np.int32), np.zeros((), np.int32)
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        keys = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+        values = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+        for old, new in ((self.keys, keys), (self.values, values)):
+            for a, b in zip(old, new):
+                b[:, :, :self.offset] = a[:, :, :self.offset]
+        self.keys, self.values, self.capacity = keys, values, capacity
+        self.cos, self.sin = rope_tables(self.head_dim, self.rope_theta, capacity)
+        # OrtValues over numpy memory (no copy): the KV buffers are bound as past and present, so the graph
+        # writes the new rows in place
+        value = ort.OrtValue.ortvalue_from_numpy
+        self._shared = {"seqlens_k": value(self._seqlens), "total_sequence_length": value(self._total),
+                        "cos_cache": value(self.cos), "sin_cache": value(self.sin)}
+        self._kv = [(value(k), value(v)) for k, v in zip(keys, values)]
+        self._decode: dict[int, tuple] = {}  # layer -> (binding, hidden buffer, output buffers), built on first use
+
+    def run(self, layer: int, session, hidden: np.ndarray) -> list:
+        total = self.offset + hidden.shape[0]
+        if total > self.capacity:
+            self._allocate(max(total, 2 * self.capacity))
+        self._seqlens[0], self._total[()] = total - 1, total
+        if hidden.shape[0] == 1:  # decode: everything stays bound between tokens; only the numbers change
+            io, hidden_buffer, outputs = self._decode.get(layer) or self._bind_decode(layer, session, hidden)
+            hidden_buffer[...] = hidden
+            session.run_bound(io, 0)
+            return [out.copy() for out in outputs]
+        io = session.io_binding()
+        io.bind_cpu_input("hidden_states", hidden)
+        for name in session.output_names[:-2]:
+            io.bind_output(name)
+        self._bind_kv(io, layer)  # after the outputs the caller reads: get_outputs() keeps binding order
+        return session.run_bound(io, len(session.output_names) - 2)
+
+    def _bind_kv(self, io, layer: int) -> None:
+        for name, ort_value in self._shared.items():
+            io.bind_ortvalue_input(name, ort_value)
+        key, value = self._kv[layer]
+        io.bind_ortvalue_input("past_key", key)
+        io.bind_ortvalue_input("past_value", value)
+        io.bind_ortvalue_output("key", key)
+        io.bind_ortvalue_output("value", value)
+
+    def _bind_decode(self, layer: int, session, hidden: np.ndarray):
+        io = session.io_binding()
+        hidden_buffer = np.zeros_like(hidden)
+        io.bind_ortvalue_input("hidden_states", ort.OrtValue.ortvalue_from_numpy(hidden_buffer))
+        outputs = []
+        for name, width in zip(session.output_names[:-2], session.output_widths[:-2]):
+            outputs.append(np.zeros((1, width), np.float32))
+            io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(outputs[-1]))
+        self._bind_kv(io, layer)
+        self._decode[layer] = (io, hidden_buffer, outputs)
+        return self._decode[layer]
+
+    def advance(self, tokens: int) -> None:
+        self.offset += tokens
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+
+def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [positions, D/2] in float32, computed as transformers does (float32 inverse frequencies)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    return np.ascontiguousarray(np.cos(angles), np.float32), np.ascontiguousarray(np.sin(angles), np.float32)
+
+
+def new_kv_cache(config: dict):
+    """The cache for the package's layer graphs."""
+    layers, kv_heads, head_dim = config["num_layers"], config["num_key_value_heads"], config["head_dim"]
+    if config.get("attention_kernel", "generic") == "gqa":
+        return GqaKVCache(layers, kv_heads, head_dim, float(config["rope_theta"]))
+    a = attention_spec(config)
+    return KVCache(layers, a.key_heads, a.key_dim, value_shape=(a.value_heads, a.value_dim))

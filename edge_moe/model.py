@@ -15,8 +15,7 @@ import numpy as np
 
 from .errors import EdgeMoeError
 from .experts import ExpertKernels
-from .family_spec import attention_spec
-from .kv_cache import KVCache
+from .kv_cache import KVCache, new_kv_cache
 from .manifest import Manifest
 from .routing import Router, group_by_expert
 from .sessions import OrtClock, TimedSession, open_session
@@ -55,8 +54,7 @@ class Forward:
         self._step_lock = threading.Lock()
 
     def new_cache(self) -> KVCache:
-        a = attention_spec(self.config)
-        return KVCache(self.config["num_layers"], a.key_heads, a.key_dim, value_shape=(a.value_heads, a.value_dim))
+        return new_kv_cache(self.config)
 
     def hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """ids [T] int64 after the cached tokens -> final hidden states [T, H]; extends the cache."""
@@ -67,14 +65,12 @@ class Forward:
         self.experts.begin_step()
         h = self.backbone.embed.run({"input_ids": ids})[0]
         for layer, session in enumerate(self.backbone.layers):
-            past_k, past_v = cache.past(layer)
-            outputs = session.run({"hidden_states": h, "past_key": past_k, "past_value": past_v})
+            outputs = cache.run(layer, session, h)
             if layer in self.moe_layers:
-                residual, moe_input, logits, key, value = outputs
+                residual, moe_input, logits = outputs
                 h = residual + self.moe(layer, moe_input, logits, residual)
             else:
-                h, key, value = outputs
-            cache.write(layer, key, value)
+                h = outputs[0]
         cache.advance(ids.shape[0])
         return h
 

@@ -18,6 +18,7 @@ ONNX_DTYPES = {
     "float16": TensorProto.FLOAT16,
     "bfloat16": TensorProto.BFLOAT16,
     "int64": TensorProto.INT64,
+    "int32": TensorProto.INT32,
     "uint8": TensorProto.UINT8,
 }
 
@@ -33,6 +34,9 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
         self.scope = ""
+        # weight name -> MatMulNBits attributes, for weights the exporter stored block-quantized (backbone bits):
+        # `linear` on such a name emits MatMulNBits over its `.qweight` / `.scales` initializers
+        self.quantized: dict[str, dict] = {}
 
     def input(self, name: str, dtype: str, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, ONNX_DTYPES[dtype], shape))
@@ -72,8 +76,9 @@ class GraphBuilder:
 
     def model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="edge_moe")
+        domains = sorted({n.domain for n in self.nodes if n.domain})  # contrib ops (com.microsoft) need version 1
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)] +
+                                  [helper.make_opsetid(d, 1) for d in domains], producer_name="edge_moe")
         model.ir_version = 8  # readable by onnxruntime >= 1.14
         return model
 
@@ -84,8 +89,14 @@ class GraphBuilder:
     # Building blocks shared by every family -------------------------------------------------------------
 
     def linear(self, x: str, weight: str, bias: str | None = None) -> str:
-        """x [T, in] @ weight[out, in]^T (+ bias): Hugging Face layout, no transpose at export."""
-        return self.op("Gemm", x, weight, *([bias] if bias else []), transB=1)
+        """x [T, in] @ weight[out, in]^T (+ bias): Hugging Face layout, no transpose at export; a block-quantized
+        weight (see `quantized`) runs as com.microsoft.MatMulNBits with int8 activations (accuracy_level 4)."""
+        attrs = self.quantized.get(weight)
+        if attrs is None:
+            return self.op("Gemm", x, weight, *([bias] if bias else []), transB=1)
+        y = self.op("MatMulNBits", x, f"{weight}.qweight", f"{weight}.scales", domain="com.microsoft",
+                    accuracy_level=4, **attrs)
+        return self.op("Add", y, bias) if bias else y
 
     def rms_norm(self, x: str, weight: str, eps: float) -> str:
         """x / sqrt(mean(x^2) + eps) * weight over the last axis, in float32 as transformers does."""

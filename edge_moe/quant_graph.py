@@ -16,7 +16,6 @@ onnxruntime prepacks them into its own copy at session creation and then no long
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
 from .onnx_build import GraphBuilder
 
@@ -76,6 +75,4 @@ def build_quant_expert_graph(shape, external: dict[str, tuple[str, int, int]]) -
     gate, up = g.op("Split", project(x, "gate_up_proj"), axis=-1, outputs=2)
     activated = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
     g.output(project(activated, "down_proj"), OUTPUT, "float32", ["T", shape.hidden_size])
-    model = g.model()
-    model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return model
+    return g.model()

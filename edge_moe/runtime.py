@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .baselines import MmapExperts, NoCacheExperts
-from .budget import parse_budget
+from .budget import auto_budget, parse_budget
 from .accelerator import build_tier
 from .cache import ExpertCache, store_for
 from .devices import resolve_device
@@ -42,6 +42,9 @@ class Model:
         self.rss_baseline_bytes = rss_bytes()
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
+        self.budget_note = None
+        if isinstance(budget, str) and budget.strip().lower() == "auto":  # after the backbone: its memory counts
+            budget, self.budget_note = auto_budget(manifest)
         self.budget = None if budget is None else parse_budget(budget, manifest)
         predictor = None
         if baseline == "mmap":
@@ -191,7 +194,9 @@ def load(path: str | Path | None = None, **options) -> Model:
             (exported into the per-user cache on first use).
         threads: onnxruntime threads (default: physical cores); the first load in a process sets the pool.
         budget: None keeps every expert resident; else bytes, '512MB', '2GiB' or '25%' of the expert bytes
-            bound what expert residency may use (weights, read buffers); experts stream from flash.
+            bound what expert residency may use (weights, read buffers); experts stream from flash. 'auto': what
+            the process may still use after loading the backbone (its memory cgroup's limit, page cache counted,
+            else available RAM) less the KV cache of 1,024 tokens and 32 MiB; `model.budget_note` says how.
         policy: residency policy under a budget: 'lru', 'lfu' or 'adaptive' (default).
         prefetch: layers ahead to predict and read speculatively (0: off).
         io_threads: flash reader threads. direct_io: bypass the page cache with O_DIRECT where possible.

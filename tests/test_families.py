@@ -14,8 +14,13 @@ CASES = {
     "mixtral-top2-gqa2": ("mixtral", {}),
     "mixtral-top1-mha-odd": ("mixtral", dict(hidden=36, heads=3, kv_heads=3, top_k=1, ffn=52)),
     "mixtral-sliding4": ("mixtral", dict(sliding_window=4)),
+    # head sizes that are multiples of 16 export GroupQueryAttention layer graphs (the others: plain ONNX attention)
+    "mixtral-sliding5-gqa-kernel": ("mixtral", dict(hidden=64, heads=4, kv_heads=2, sliding_window=5)),
     "qwen3-top4-gqa4": ("qwen3_moe", dict(hidden=64, heads=8, kv_heads=2, experts=8, top_k=4, norm_topk_prob=True)),
     "qwen3-headdim-tied": ("qwen3_moe", dict(head_dim=20, top_k=3, tie_word_embeddings=True)),
+    "qwen3-gqa-kernel": ("qwen3_moe", dict(hidden=64, heads=4, kv_heads=2, top_k=2, head_dim=16)),
+    "olmoe-gqa-kernel-clip": ("olmoe", dict(hidden=64, heads=4, kv_heads=4, clip_qkv=0.7)),
+    "qwen2-gqa-kernel-shared": ("qwen2_moe", dict(hidden=64, heads=4, kv_heads=1, top_k=2)),
     "qwen3-dense-layer": ("qwen3_moe", dict(layers=3, mlp_only_layers=[1])),
     "qwen2-shared": ("qwen2_moe", dict(hidden=40, heads=5, kv_heads=1, top_k=2)),
     "qwen2-sparse-step-norm": ("qwen2_moe", dict(layers=4, decoder_sparse_step=2, norm_topk_prob=True,

@@ -54,6 +54,9 @@ class Arch:
         """The manifest's `config`: these fields, with the router and attention in their typed format."""
         plain = {f: getattr(self, f) for f in self.__dataclass_fields__ if f not in ("router", "attention")}
         return {**plain, "router": self.router.to_dict(), "attention": self.attention.to_dict()}
+    # "gqa": layer graphs attend with com.microsoft.GroupQueryAttention over a KV buffer the runtime preallocates
+    # and the graph updates in place; "generic": plain ONNX ops over a [P, kvH, D] past (model.py reads this).
+    attention_kernel: str = "generic"
 
 
 def _required(config: dict, *names: str):
@@ -74,6 +77,9 @@ class MoEFamily:
     o_bias = False                   # a bias on the attention output projection (Phi-3.5-MoE)
     expert_kind = "swiglu"           # edge_moe.expert_graph.KINDS
     lm_head_bias = False
+    # Families whose attention is standard GQA with Hugging Face RoPE run it as one fused kernel (emit_gqa_attention);
+    # a family with another attention (MLA, sinks) sets this False and overrides emit_attention.
+    fused_attention = True
 
     def __init__(self, config: dict):
         self.config = config
@@ -83,6 +89,11 @@ class MoEFamily:
             self.arch.attention = self.make_attention(config, self.arch)
         except EdgeMoeError as exc:  # the spec names the field; say where it came from
             raise EdgeMoeError(f"config.json: {exc}") from None
+        # onnxruntime's GroupQueryAttention takes head sizes that are multiples of 16 (every released model's are)
+        # and computes plain RoPE from the tables the runtime passes (kv_cache.rope_tables)
+        fused = (self.fused_attention and self.arch.head_dim % 16 == 0
+                 and rope_parameters(config)["rope_type"] == "default")
+        self.arch.attention_kernel = "gqa" if fused else "generic"
 
     # Configuration ------------------------------------------------------------------------------------
 
@@ -151,6 +162,13 @@ class MoEFamily:
     def router_key(self, layer: int) -> str:
         return self.layer_key(layer, f"{self.expert_prefix}.gate.weight")
 
+    def quantizable_backbone_weight(self, key: str) -> bool:
+        """Matrices `--backbone-bits` may store block-quantized: attention projections and an untied lm_head (the
+        embedding is a gather of one row a token, routers decide which experts run and stay exact)."""
+        if key == "lm_head.weight":
+            return not self.arch.tie_word_embeddings
+        return any(key.endswith(f"self_attn.{p}.weight") for p in ATTENTION_HOOKS)
+
     # Graph emission ------------------------------------------------------------------------------------
 
     def emit_embed(self, g: GraphBuilder, weight) -> None:
@@ -176,11 +194,17 @@ class MoEFamily:
         a = self.arch
         w = lambda name: weight(self.layer_key(layer, name))  # noqa: E731
         hidden = g.input("hidden_states", "float32", ["T", a.hidden_size])
-        past_k = g.input("past_key", "float32", ["P", a.attention.key_heads, a.attention.key_dim])
-        past_v = g.input("past_value", "float32", ["P", a.attention.value_heads, a.attention.value_dim])
         g.scope = f"/model/layers.{layer}/attn"
         x = self.emit_norm(g, hidden, self.layer_key(layer, "input_layernorm"), weight)
-        attn, new_k, new_v = self.emit_attention(g, layer, x, past_k, past_v, w)
+        if a.attention_kernel == "gqa":
+            attn, new_k, new_v = self.emit_gqa_attention(g, layer, x, w)
+            kv_shapes = [[1, a.num_key_value_heads, "M", a.head_dim]] * 2
+        else:
+            kv = a.attention
+            past_k = g.input("past_key", "float32", ["P", kv.key_heads, kv.key_dim])
+            past_v = g.input("past_value", "float32", ["P", kv.value_heads, kv.value_dim])
+            attn, new_k, new_v = self.emit_attention(g, layer, x, past_k, past_v, w)
+            kv_shapes = [["T", kv.key_heads, kv.key_dim], ["T", kv.value_heads, kv.value_dim]]
         h = g.op("Add", hidden, self.scale_residual(g, attn))
         g.scope = f"/model/layers.{layer}/moe"
         moe_input = self.emit_norm(g, h, self.layer_key(layer, "post_attention_layernorm"), weight)
@@ -194,9 +218,48 @@ class MoEFamily:
         else:
             residual = g.op("Add", h, self.scale_residual(g, self.emit_dense_mlp(g, layer, moe_input, w)))
             g.output(residual, "residual", "float32", ["T", a.hidden_size])
-        kv = a.attention
-        g.output(new_k, "key", "float32", ["T", kv.key_heads, kv.key_dim])
-        g.output(new_v, "value", "float32", ["T", kv.value_heads, kv.value_dim])
+        g.output(new_k, "key", "float32", kv_shapes[0])
+        g.output(new_v, "value", "float32", kv_shapes[1])
+
+    def emit_gqa_attention(self, g: GraphBuilder, layer: int, x: str, w):
+        """Attention as one com.microsoft.GroupQueryAttention node (RoPE inside, KV updated in place):
+
+            x [T,H] --q/k/v--> (qkv post, head norms) --> GQA(q, k, v, past [1,kvH,M,D], seqlens_k, total, cos, sin)
+              --> out [T, nH*D] --o_proj-->;   key/value outputs are the same [1,kvH,M,D] buffers, bound in place
+
+        A dozen nodes instead of ~70 and no copy of the cache per call (model.py: GqaKVCache). Inputs the runtime
+        feeds: past_key/past_value (capacity M >= total), seqlens_k [1] = total - 1, total_sequence_length, and
+        cos_cache/sin_cache [>= total, D/2] (the RoPE tables, shared by every layer).
+        """
+        a = self.arch
+        heads, kv_heads, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        past_k = g.input("past_key", "float32", [1, kv_heads, "M", d])
+        past_v = g.input("past_value", "float32", [1, kv_heads, "M", d])
+        seqlens = g.input("seqlens_k", "int32", [1])
+        total = g.input("total_sequence_length", "int32", [])
+        cos = g.input("cos_cache", "float32", ["C", d // 2])
+        sin = g.input("sin_cache", "float32", ["C", d // 2])
+        bias = (lambda p: w(f"self_attn.{p}.bias")) if self.qkv_bias else (lambda p: None)
+        q = g.linear(x, w("self_attn.q_proj.weight"), bias("q_proj"))
+        k = g.linear(x, w("self_attn.k_proj.weight"), bias("k_proj"))
+        v = g.linear(x, w("self_attn.v_proj.weight"), bias("v_proj"))
+        q, k, v = self.emit_qkv_post(g, layer, q, k, v, w)
+        if type(self).emit_head_norms is not MoEFamily.emit_head_norms:
+            q3 = g.op("Reshape", q, g.const([0, heads, d], "int64"))
+            k3 = g.op("Reshape", k, g.const([0, kv_heads, d], "int64"))
+            q3, k3 = self.emit_head_norms(g, layer, q3, k3, w)
+            q = g.op("Reshape", q3, g.const([0, heads * d], "int64"))
+            k = g.op("Reshape", k3, g.const([0, kv_heads * d], "int64"))
+        batch = g.const([0], "int64")
+        window = a.sliding_windows[layer]
+        out, present_k, present_v = g.op(
+            "GroupQueryAttention", *(g.op("Unsqueeze", t, batch) for t in (q, k, v)), past_k, past_v, seqlens,
+            total, cos, sin, outputs=3, domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+            do_rotary=1, rotary_interleaved=0, scale=self.attention_scale(),
+            local_window_size=window if window else -1)
+        out = g.op("Squeeze", out, batch)  # [T, nH*D]
+        o_bias = w("self_attn.o_proj.bias") if self.o_bias else None
+        return g.linear(out, w("self_attn.o_proj.weight"), o_bias), present_k, present_v
 
     def emit_attention(self, g: GraphBuilder, layer: int, x: str, past_k: str, past_v: str, w):
         a = self.arch

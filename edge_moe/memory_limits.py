@@ -1,0 +1,101 @@
+"""How much memory this process may still take: its memory cgroup's limit (v2 or v1, page cache counted, as the
+kernel counts it) or else the RAM the OS reports available; and `--budget auto`, the expert budget that fits.
+
+    headroom = min(cgroup limit - (cgroup usage - inactive file pages), available RAM)
+    auto budget = headroom - (KV cache of min(context, 1024) tokens + 32 MiB of activations and allocator slack)
+
+Inactive file pages are the cache the kernel reclaims first under the limit, so they do not count as used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+AUTO_KV_TOKENS = 1024
+AUTO_SLACK_BYTES = 32 * 2**20
+_NO_LIMIT = 1 << 60  # cgroup v1 writes ~2^63 for "no limit"
+
+
+@dataclass
+class Headroom:
+    nbytes: int
+    source: str  # "cgroup v2 /sys/fs/cgroup/...": where the figure came from
+
+
+def cgroup_dirs() -> list[tuple[str, Path]]:
+    """(version, directory of this process's memory cgroup) candidates, v2 first."""
+    found = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        hid, controllers, path = line.split(":", 2)
+        if hid == "0":
+            for mount in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+                controllers_file = mount / path.lstrip("/") / "cgroup.controllers"
+                if controllers_file.is_file() and "memory" in controllers_file.read_text().split():
+                    found.append(("v2", mount / path.lstrip("/")))
+        elif "memory" in controllers.split(","):
+            found.append(("v1", Path("/sys/fs/cgroup/memory") / path.lstrip("/")))
+    return found
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" or not text.isdigit() else int(text)
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_headroom(version: str, directory: Path) -> int | None:
+    """The smallest headroom of the group and its ancestors that set a limit, or None without one."""
+    names = (("memory.max", "memory.current", "inactive_file") if version == "v2" else
+             ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+    best = None
+    for group in [directory, *directory.parents]:
+        if not (group / names[0]).exists():
+            break
+        limit = _read_int(group / names[0])
+        if limit is None or limit >= _NO_LIMIT:
+            continue
+        used = (_read_int(group / names[1]) or 0) - _stat(group / "memory.stat", names[2])
+        room = max(0, limit - used)
+        best = room if best is None else min(best, room)
+    return best
+
+
+def memory_headroom() -> Headroom:
+    """What this process may still allocate before its cgroup limit or the machine's available RAM."""
+    available = psutil.virtual_memory().available
+    for version, directory in cgroup_dirs():
+        room = _cgroup_headroom(version, directory)
+        if room is not None and room < available:
+            return Headroom(room, f"cgroup {version} limit at {directory}")
+    return Headroom(available, "available RAM")
+
+
+def auto_budget_bytes(kv_bytes_per_token: int, context: int, headroom: Headroom | None = None) -> tuple[int, str]:
+    """The expert budget that fits the headroom after the KV cache and slack; returns (bytes, one-line note)."""
+    headroom = headroom or memory_headroom()
+    tokens = min(int(context), AUTO_KV_TOKENS)
+    reserve = kv_bytes_per_token * tokens + AUTO_SLACK_BYTES
+    budget = headroom.nbytes - reserve
+    note = (f"budget auto: {max(budget, 0) / 2**20:,.1f} MiB for experts = {headroom.nbytes / 2**20:,.1f} MiB free "
+            f"({headroom.source}) - KV cache of {tokens} tokens and {AUTO_SLACK_BYTES >> 20} MiB of slack")
+    return budget, note
