@@ -128,3 +128,16 @@ def test_sampler_follows_the_distribution_and_nucleus():
     picks = {nucleus(logits) for _ in range(500)}
     assert picks == {0, 1}
     assert make_sampler(0.0, 1.0, None)(logits) == 0
+
+
+def test_weight_on_input_scales_what_the_expert_sees():
+    """Llama 4 style: y = expert(w * x) rather than w * expert(x); the two differ for a nonlinear expert."""
+    from types import SimpleNamespace
+
+    from edge_moe.model import Forward
+
+    kernels = SimpleNamespace(run=lambda expert, x: np.tanh(x) * 3.0)
+    x, w = np.array([[0.5, -2.0, 1.5]], np.float32), np.float32(0.25)
+    for weight_on, expected in (("output", np.tanh(x) * 3.0 * w), ("input", np.tanh(x * w) * 3.0)):
+        stub = SimpleNamespace(kernels=kernels, router=SimpleNamespace(spec=RouterSpec(4, 2, weight_on=weight_on)))
+        np.testing.assert_allclose(Forward._weighted(stub, None, x, w), expected, rtol=1e-6)

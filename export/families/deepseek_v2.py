@@ -20,6 +20,7 @@ _LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use RMSNorm's default,
 
 class Family(MoEFamily):
     model_type = "deepseek_v2"
+    fused_attention = False  # MLA: its own attention graph
 
     def make_arch(self, c):
         c = {**c, "num_experts": c.get("n_routed_experts")}

@@ -18,6 +18,7 @@ from .base import MoEFamily
 class Family(MoEFamily):
     model_type = "gpt_oss"
     expert_kind = "swiglu_oss"
+    fused_attention = False  # sinks: its own softmax
 
     def __init__(self, config: dict):
         self.qkv_bias = self.o_bias = bool(config.get("attention_bias", True))
