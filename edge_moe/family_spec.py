@@ -50,7 +50,7 @@ def _build(cls, data):
               "float": isinstance(value, (int, float)) and not isinstance(value, bool),
               "str": isinstance(value, str)}[kind]
         if not ok:
-            _fail(name, value, f"is not a {kind}")
+            _fail(name, value, f"is not of type {kind}")
         values[name] = float(value) if kind == "float" else value
     return cls(**values)  # __post_init__ validates
 

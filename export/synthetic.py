@@ -1,7 +1,8 @@
 """Synthetic random-weight Hugging Face MoE checkpoints, written tensor by tensor with numpy (no torch).
 
 The output is what `AutoModelForCausalLM.from_config(cfg).save_pretrained(dir)` of transformers 5.24 writes for the
-family (`qwen3_moe`, `olmoe`, `mixtral`, `qwen2_moe`, `deepseek_v2`, `deepseek_v3`): the same config.json fields, tensor names and shapes, in
+family (`qwen3_moe`, `olmoe`, `mixtral`, `qwen2_moe`, `deepseek_v2`, `deepseek_v3`): the same config.json fields,
+tensor names and shapes, in
 `model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json` (always an index, even for one shard).
 Each tensor is generated just before it is written, so peak memory is one tensor (at most a 4 MB chunk of a large
 one) whatever the checkpoint size. `synthetic.json` records the parameters and the router's ground truth below.
@@ -211,13 +212,14 @@ def _resolve(family, hidden_size, num_layers, num_experts, top_k, moe_intermedia
 def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, num_layers=12, num_experts=32,
                                top_k=4, moe_intermediate_size=512, vocab_size=32000, num_attention_heads=8,
                                num_key_value_heads=4, head_dim=None, shared_expert_intermediate_size=None,
-                               family_config=None, dtype="float32", shard_bytes=512 * 2**20, seed=0, popularity_skew=1.0,
+                               family_config=None, dtype="float32", shard_bytes=512 * 2**20, seed=0,
+                               popularity_skew=1.0,
                                layer_correlation=0.6, progress=True, overwrite=False) -> Path:
     """Writes a random-weight Hugging Face checkpoint of the family, one tensor at a time.
 
     Args:
         out_dir: directory to create; written as `<out_dir>.partial-<pid>` and renamed into place at the end (export/writer.py).
-        family: config.json model_type: "qwen3_moe", "olmoe", "mixtral" or "qwen2_moe".
+        family: config.json model_type: "qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3".
         hidden_size ... num_key_value_heads: the architecture (moe_intermediate_size is each routed expert's
             intermediate size whatever field name the family's config uses for it).
         head_dim: attention head size; None means hidden_size / num_attention_heads.

@@ -36,19 +36,20 @@ CASES = {
                                                     attention_multiplier=0.2, logits_scaling=2.5)),
     "graniteshared-none": ("granitemoeshared", dict(shared_intermediate_size=0, kv_heads=1)),
     "deepseek2-qlora-groups-dense": ("deepseek_v2", dict(
-        layers=3, kv_heads=4, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-        v_head_dim=12, n_shared_experts=1, experts=8, top_k=3, topk_method="group_limited_greedy", n_group=4,
-        topk_group=2, routed_scaling_factor=1.5)),
+        layers=3, kv_heads=4, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=12, n_shared_experts=1, experts=8, top_k=3,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5)),
     "deepseek2-noqlora-greedy": ("deepseek_v2", dict(
-        q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8, n_shared_experts=2,
-        first_k_dense_replace=0, topk_method="greedy", heads=3, kv_heads=3, hidden=36)),
+        q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8,
+        n_shared_experts=2, first_k_dense_replace=0, topk_method="greedy", heads=3, kv_heads=3, hidden=36)),
     "deepseek3-qlora-groups-bias": ("deepseek_v3", dict(
-        layers=3, kv_heads=4, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-        v_head_dim=8, n_shared_experts=1, experts=8, top_k=3, n_group=4, topk_group=2, norm_topk_prob=True,
-        routed_scaling_factor=2.5)),
+        layers=3, kv_heads=4, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, n_shared_experts=1, experts=8, top_k=3, n_group=4, topk_group=2,
+        norm_topk_prob=True, routed_scaling_factor=2.5)),
     "deepseek3-noqlora-rotate-half": ("deepseek_v3", dict(
-        q_lora_rank=None, kv_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=8, n_shared_experts=1,
-        first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=False, rope_interleave=False)),
+        q_lora_rank=None, kv_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=8,
+        n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=False,
+        rope_interleave=False)),
     "gptoss-sinks-sliding-yarn": ("gpt_oss", dict(sliding_window=4, head_dim=16, layers=3)),
     "gptoss-mha-top1-rope-default": ("gpt_oss", dict(
         kv_heads=4, head_dim=12, top_k=1, swiglu_limit=0.05, layer_types=["full_attention", "sliding_attention"],

@@ -98,7 +98,7 @@ def test_router_spec_round_trips_and_rejects_bad_fields():
                       group_score="top2_sum", scaling_factor=2.5)
     assert RouterSpec.from_dict(spec.to_dict()) == spec
     for bad, words in [(dict(scoring="relu"), "supported: softmax, sigmoid, sparsemixer"),
-                       (dict(n_group=3), "n_group=3 must divide"), (dict(top_k="4"), "top_k='4' is not a int"),
+                       (dict(n_group=3), "n_group=3 must divide"), (dict(top_k="4"), "top_k='4' is not of type int"),
                        (dict(colour=1), "colour=1 is not a field"), (dict(top_k=2, topk_group=1), "topk_group")]:
         data = {**spec.to_dict(), **bad}
         if "topk_group" in words:
