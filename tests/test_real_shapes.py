@@ -32,6 +32,14 @@ CASES = {
         _MLA_2048, num_hidden_layers=1, first_k_dense_replace=0, intermediate_size=11264, n_group=1, topk_group=1,
         norm_topk_prob=True, routed_scaling_factor=2.446, max_position_embeddings=8192,
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0})),
+    # GPT-OSS-20B: hidden 2880, 64 heads of 64, 8 KV heads, experts of 2880, top-4 of 32 (4 here), sinks, YaRN
+    # (factor 32, truncate false), sliding window 128 on even layers (a 12-token prompt stays inside it)
+    "gpt-oss-20b": ("gpt_oss", dict(
+        hidden_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64, intermediate_size=2880,
+        num_local_experts=4, num_experts_per_tok=4, num_hidden_layers=1, sliding_window=128,
+        max_position_embeddings=131072,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096})),
     # Granite-3.1-3B-A800M: 40 experts (10 here) top-8 of 512, multipliers as published
     "granite-3.1-3b-a800m": ("granitemoe", dict(_GRANITE_3B, num_hidden_layers=2)),
     "granite-3.1-3b-dims-shared": ("granitemoeshared", dict(_GRANITE_3B, num_hidden_layers=1,
