@@ -81,12 +81,13 @@ def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, i
     x = g.input(INPUT, "float32", ["T", shape.hidden_size])
     weights = {}
     for name, dims in shape.tensor_shapes().items():
+        dtype = shape.dtype if dims else "float32"  # scalars (swiglu_oss's alpha, limit) stay exact
         if external is None:
-            weights[name] = g.input(name, shape.dtype, dims)
+            weights[name] = g.input(name, dtype, dims)
         else:
             location, offset, length = external[name]
-            weights[name] = g.external(name, shape.dtype, dims, location, offset, length)
-        weights[name] = g.as_float32(weights[name], shape.dtype)
+            weights[name] = g.external(name, dtype, dims, location, offset, length)
+        weights[name] = g.as_float32(weights[name], dtype)
     if shape.kind == "swiglu_oss":
         y = g.swiglu_oss(x, weights)
     else:

@@ -236,7 +236,8 @@ def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
             else:                                # the kind's own tensors, already in the graph's layout
                 ffn = parts["down_proj"].shape[0]
                 shape = dataclasses.replace(choose(layer, index, arch.hidden_size, ffn), kind=family.expert_kind)
-                tensors = {name: array.astype(shape.dtype) for name, array in parts.items()}
+                tensors = {name: array.astype(shape.dtype if array.ndim else np.float32)  # scalars stay exact
+                           for name, array in parts.items()}
             writer = ExpertWriter(blob)
             for name, array in tensors.items():
                 writer.write(name, array, str(array.dtype))

@@ -103,6 +103,25 @@ def test_float16_export_equals_fp16_rounded_weights(tmp_path):
     assert np.abs(ours - exact).max() < 2e-3
 
 
+@pytest.mark.parametrize("family, shape", [
+    ("deepseek_v3", CASES["deepseek3-qlora-groups-bias"][1]), ("gpt_oss", CASES["gptoss-sinks-sliding-yarn"][1]),
+    ("granitemoeshared", CASES["graniteshared-top3"][1]), ("phimoe", CASES["phimoe-bias-sliding"][1])])
+def test_float16_export_of_new_families(family, shape, tmp_path):
+    """As above for MLA, sinks and clamped experts, multipliers, LayerNorm and sparsemixer: equal to the reference
+    on fp16-rounded weights within 1e-4."""
+    import torch
+
+    reference = build_checkpoint(tmp_path / "hf", tiny_config(family, **shape), seed=5)
+    package = export_checkpoint(tmp_path / "hf", tmp_path / "pkg16", dtype="float16", progress=False)
+    ids = list(range(2, 18))
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.ndim >= 2:
+                param.copy_(param.half().float())
+    np.testing.assert_allclose(edge_moe.load(package).logits(ids), reference_logits(reference, ids), atol=1e-4,
+                               rtol=0)
+
+
 def test_sharded_bfloat16_checkpoint(tmp_path):
     """Sharded safetensors with an index, stored in bfloat16 (what real checkpoints ship)."""
     import torch
