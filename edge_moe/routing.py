@@ -37,7 +37,7 @@ class Router:
     def ranked(self, layer: int, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k experts (k may exceed top_k) the router prefers, by the family's selection scores (bias and
         groups included), best first, with their scores (0 outside the allowed groups): what a predictor ranks."""
-        scores = 1.0 / (1.0 + np.exp(-logits)) if self.spec.scoring == "sigmoid" else _softmax(logits)
+        scores = _scores(logits, self.spec)  # sparsemixer ranks as softmax does: by the logits
         choice = selection_scores(scores, self.spec, self.bias.get(layer))
         indices = _top_k(choice, k)
         return indices, np.take_along_axis(np.where(np.isfinite(choice), scores, 0.0), indices, axis=-1)
@@ -55,7 +55,7 @@ def route(logits: np.ndarray, spec: RouterSpec, bias: np.ndarray | None = None) 
     """
     if spec.scoring == "sparsemixer":
         return _sparsemixer(logits.astype(np.float32, copy=False), spec.jitter_eps)
-    scores = _softmax(logits) if spec.scoring == "softmax" else 1.0 / (1.0 + np.exp(-logits))
+    scores = _scores(logits, spec)
     choice = selection_scores(scores, spec, bias)
     indices = _top_k(choice, spec.top_k)
     weights = np.take_along_axis(scores, indices, axis=-1)
@@ -83,6 +83,11 @@ def selection_scores(scores: np.ndarray, spec: RouterSpec, bias: np.ndarray | No
     mask = np.ones((tokens, spec.n_group), bool)
     np.put_along_axis(mask, keep, False, axis=-1)
     return np.where(np.repeat(mask, size, axis=-1), -np.inf, choice).astype(np.float32)
+
+
+def _scores(logits: np.ndarray, spec: RouterSpec) -> np.ndarray:
+    """Per-expert scores: a sigmoid each (DeepSeek-V3), else the softmax over experts."""
+    return 1.0 / (1.0 + np.exp(-logits)) if spec.scoring == "sigmoid" else _softmax(logits)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
