@@ -95,3 +95,18 @@ def auto_budget(manifest: Manifest) -> tuple[int, str]:
     if nbytes >= full:
         return full, f"{note}; every expert fits ({full / 2**20:,.1f} MiB)"
     return nbytes, note
+
+
+def check_memory(nbytes: int, purpose: str, fix: str) -> None:
+    """Refuses, before allocating, what this process may not take (its cgroup limit or the available RAM,
+    memory_limits.py): a manifest's sizes are bounded by the bytes on disk, not by RAM.
+
+    Raises:
+        EdgeMoeError: naming the bytes needed and available, and `fix`.
+    """
+    from .memory_limits import memory_headroom
+
+    headroom = memory_headroom()
+    if nbytes > headroom.nbytes:
+        raise EdgeMoeError(f"{purpose} needs {nbytes / 2**30:.2f} GiB of memory and this process may take "
+                           f"{headroom.nbytes / 2**30:.2f} GiB ({headroom.source}); {fix}")

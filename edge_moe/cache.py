@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from .budget import record_footprint
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
-from .manifest import Manifest
+from .manifest import Manifest, expert_seed
 from .prefetch import PrefetchGate
 from .store import ExpertLocation, ExpertStore, aligned_empty
 
@@ -39,7 +39,7 @@ def _return_freed_memory() -> None:
 
 
 def store_for(manifest: Manifest, io_threads: int = 8, direct: bool = True, throttle=None) -> ExpertStore:
-    locations = [ExpertLocation(r.key, str(r.blob), r.offset, r.length, r.checksum)
+    locations = [ExpertLocation(r.key, str(r.blob), r.offset, r.length, r.checksum, expert_seed(r.key))
                  for r in manifest.experts.values()]
     return ExpertStore(locations, io_threads=io_threads, direct=direct, throttle=throttle)
 

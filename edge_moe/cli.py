@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export", help="export a Hugging Face MoE checkpoint to an edge_moe package")
-    p.add_argument("hf_dir")
+    p = sub.add_parser("export", help="export a Hugging Face MoE checkpoint (or a GGUF file) to an edge_moe package")
+    p.add_argument("hf_dir", help="Hugging Face checkpoint directory, or a .gguf file (pip install edge-moe[gguf])")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--bits", choices=["16", "8", "4", "2", "mixed"],
@@ -256,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edge_moe_export import synthetic
 
-    from . import planner, profiler
+    from . import planner, profiler, verify
     from .bench import command as bench
+    from .bench import soak
 
     # Commands that live in their own module, each with add_arguments(parser) and run(args).
     for name, module, help_text in (
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", bench, "benchmarks: decode speed and floors, the expert cache (prints tables, --json writes one)"),
         ("profile", profiler, "measure this machine (disk, memory, expert compute) and write a device profile"),
         ("plan", planner, "predict speed and memory on a device profile; recommend budget, policy, ..."),
+        ("soak", soak, "a long generation under a budget (10k tokens at 25%% by default) with RSS sampled"),
+        ("verify", verify, "check every byte of a package against its checksums and list what is wrong"),
     ):
         p = sub.add_parser(name, help=help_text)
         module.add_arguments(p)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
 
 from . import __version__
 from .errors import EdgeMoeError
+from .manifest import FORMAT_VERSION
 
 SHIPPED = Path(__file__).with_name("default_model")
 
@@ -58,21 +60,34 @@ def _writable(directory: Path) -> bool:
 
 
 def _remove_stale_partials(root: Path) -> None:
-    """Staging directories of exports that were killed: their pid no longer runs."""
+    """Staging folders of exports that were killed: only those with edge_moe's marker naming a dead pid."""
+    from .files import stale_pid
+
     for partial in root.glob("*.partial-*"):
-        pid = partial.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if stale_pid(partial) is not None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def private_directory(path: Path) -> Path:
+    """`path` as a directory only this user can write (created 0700; an existing one must be ours and private):
+    in a shared /tmp another user could otherwise plant a package that we would load.
+
+    Raises:
+        EdgeMoeError: the path exists and is a link, not a directory, another user's, or open to others.
+    """
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise EdgeMoeError(f"{path}: cannot create ({exc.strerror}); set EDGE_MOE_CACHE to a writable "
+                           "directory") from None
+    st = os.lstat(path)
+    uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise EdgeMoeError(f"{path}: exists but is not a private directory of this user (mode "
+                           f"{stat.S_IMODE(st.st_mode):o}, owner {st.st_uid}); remove it or set EDGE_MOE_CACHE")
+    return path
 
 
 def default_model_path(progress: bool = True) -> Path:
@@ -86,7 +101,7 @@ def default_model_path(progress: bool = True) -> Path:
     from edge_moe_export.exporter import export_checkpoint
 
     checkpoint = shipped_checkpoint()
-    name = f"default-{__version__}-{_digest(checkpoint)}"
+    name = f"default-{__version__}-v{FORMAT_VERSION}-{_digest(checkpoint)}"
     root = cache_root()
     if (root / name / "manifest.json").exists():
         return root / name
@@ -94,7 +109,7 @@ def default_model_path(progress: bool = True) -> Path:
         fallback = Path(tempfile.gettempdir()) / f"edge_moe-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
         print(f"edge-moe: {root} is not writable; using {fallback} for the default model "
               "(set EDGE_MOE_CACHE to choose)", file=sys.stderr)
-        root = fallback
+        root = private_directory(fallback)
         if (root / name / "manifest.json").exists():
             return root / name
         if not _writable(root):

@@ -16,13 +16,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto
 
 from .expert_graph import INPUT, OUTPUT, ExpertShape, build_expert_graph
 from .manifest import ExpertRecord
-from .onnx_build import GraphBuilder
 from .sessions import OrtClock, TimedSession, open_session
 
 
@@ -36,10 +33,14 @@ class DeviceExpert:
     shape: ExpertShape
 
 
-def device_expert_graph(shape: ExpertShape, compute_dtype: str | None) -> onnx.ModelProto:
+def device_expert_graph(shape: ExpertShape, compute_dtype: str | None):
     """The expert graph with weights as inputs, computing in `compute_dtype` (None: the CPU path's graph)."""
     if compute_dtype is None or compute_dtype != shape.dtype or shape.kind != "swiglu":
         return build_expert_graph(shape)  # the CPU graph (float32 compute) is the right one
+    from onnx import TensorProto
+
+    from .onnx_build import GraphBuilder
+
     g = GraphBuilder(f"expert_{shape.kind}_{shape.hidden_size}x{shape.intermediate_size}_{shape.dtype}_device")
     g.scope = "/expert"
     x = g.op("Cast", g.input(INPUT, "float32", ["T", shape.hidden_size]), to=TensorProto.FLOAT16)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx
+from typing import TYPE_CHECKING
 
-from .onnx_build import GraphBuilder
+if TYPE_CHECKING:  # onnx costs ~12 MB of RSS: imported only where a graph is built
+    import onnx
 
 INPUT, OUTPUT = "hidden_states", "expert_output"
 KINDS = ("swiglu", "swiglu_oss")
@@ -60,7 +61,13 @@ class ExpertShape:
         return {"gate_up_proj": [h, 2 * f], "down_proj": [f, h]}
 
 
-def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, int]] | None = None) -> onnx.ModelProto:
+    def stored_tensors(self) -> dict[str, tuple[str, list[int]]]:
+        """name -> (dtype, dims) of an unquantized expert's tensors; scalars (swiglu_oss's alpha, limit) stay
+        float32 whatever the weights' dtype."""
+        return {name: (self.dtype if dims else "float32", dims) for name, dims in self.tensor_shapes().items()}
+
+
+def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, int]] | None = None) -> "onnx.ModelProto":
     """Builds the expert graph.
 
     Args:
@@ -76,12 +83,13 @@ def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, i
         from .quant_graph import build_quant_expert_graph
 
         return build_quant_expert_graph(shape, external)
+    from .onnx_build import GraphBuilder
+
     g = GraphBuilder(f"expert_{shape.kind}_{shape.hidden_size}x{shape.intermediate_size}_{shape.dtype}")
     g.scope = "/expert"
     x = g.input(INPUT, "float32", ["T", shape.hidden_size])
     weights = {}
-    for name, dims in shape.tensor_shapes().items():
-        dtype = shape.dtype if dims else "float32"  # scalars (swiglu_oss's alpha, limit) stay exact
+    for name, (dtype, dims) in shape.stored_tensors().items():
         if external is None:
             weights[name] = g.input(name, dtype, dims)
         else:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import quant
-from .expert_graph import INPUT, ExpertShape, build_expert_graph
+from .expert_graph import INPUT, OUTPUT, ExpertShape, build_expert_graph
 from .manifest import ExpertRecord, Manifest
-from .sessions import OrtClock, TimedSession, open_session
+from .sessions import OrtClock, TimedSession, fast_run, open_session
 
 
 @dataclass
@@ -30,6 +30,11 @@ class ResidentExpert:
     nbytes: int
     shape: "ExpertShape"
     session: object = None  # its own onnxruntime session (quantized experts), else None: the shared kernel
+    run_fast: object = None  # session's run without the wrapper's checks (sessions.fast_run)
+
+    def __post_init__(self):
+        if self.session is not None:
+            self.run_fast = fast_run(self.session)
 
     @classmethod
     def from_bytes(cls, record: ExpertRecord, buffer: np.ndarray) -> "ResidentExpert":
@@ -54,6 +59,7 @@ def expert_shape(record: ExpertRecord) -> ExpertShape:
 
 
 _graphs: dict[ExpertShape, bytes] = {}
+_OUTPUTS = [OUTPUT]
 
 
 def _quant_session(record: ExpertRecord, shape: ExpertShape, weights: dict[str, np.ndarray]):
@@ -77,7 +83,7 @@ class ExpertKernels:
         """x [T, H] float32 -> [T, H] float32."""
         if expert.session is not None:
             start = time.perf_counter()
-            y = expert.session.run(None, {INPUT: x})[0]
+            y = expert.run_fast(_OUTPUTS, {INPUT: x})[0]
             self.clock.seconds += time.perf_counter() - start
             self.clock.calls += 1
             return y

@@ -44,10 +44,13 @@ class GenerationResult:
 
 def make_sampler(temperature: float, top_p: float, seed: int | None):
     """Returns sample(logits [V]) -> token id: greedy at temperature 0, else nucleus sampling."""
-    if temperature < 0:
-        raise EdgeMoeError(f"temperature {temperature} is negative; use 0 for greedy or a positive value")
-    if not 0.0 < top_p <= 1.0:
+    if not 0 <= temperature < float("inf"):  # also refuses nan, which compares false with everything
+        raise EdgeMoeError(f"temperature {temperature} is not a finite number >= 0; use 0 for greedy or a "
+                           "positive value")
+    if not 0.0 < top_p <= 1.0:  # nan fails this too
         raise EdgeMoeError(f"top_p {top_p} is outside (0, 1]; use 1.0 to disable nucleus sampling")
+    if seed is not None and not (isinstance(seed, int) and seed >= 0):
+        raise EdgeMoeError(f"seed {seed!r} must be a non-negative integer")
     if temperature == 0:
         return lambda logits: int(np.argmax(logits))
     rng = np.random.default_rng(seed)

@@ -55,9 +55,13 @@ class KVCache:
 
 
 class GqaKVCache:
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, rope_theta: float, capacity: int = 256):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, rope_theta: float, capacity: int = 256,
+                 device: str = "cpu"):
         self.offset = 0
         self.num_layers, self.kv_heads, self.head_dim, self.rope_theta = num_layers, kv_heads, head_dim, rope_theta
+        # with an accelerator the buffers and RoPE tables live on it, where the layer graphs run: binding host
+        # buffers would copy the whole cache over and back on every call
+        self.device = device
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         # seqlens_k and total_sequence_length live in these arrays; bound OrtValues read them in place
@@ -68,17 +72,24 @@ class GqaKVCache:
         shape = (1, self.kv_heads, capacity, self.head_dim)
         keys = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
         values = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
-        for old, new in ((self.keys, keys), (self.values, values)):
+        old_keys, old_values = self.keys, self.values
+        if self.device != "cpu" and self.offset:  # the graph wrote on the device: the host arrays are stale
+            old_keys, old_values = ([kv[i].numpy() for kv in self._kv] for i in (0, 1))
+        for old, new in ((old_keys, keys), (old_values, values)):
             for a, b in zip(old, new):
                 b[:, :, :self.offset] = a[:, :, :self.offset]
-        self.keys, self.values, self.capacity = keys, values, capacity
         self.cos, self.sin = rope_tables(self.head_dim, self.rope_theta, capacity)
-        # OrtValues over numpy memory (no copy): the KV buffers are bound as past and present, so the graph
-        # writes the new rows in place
         value = ort.OrtValue.ortvalue_from_numpy
-        self._shared = {"seqlens_k": value(self._seqlens), "total_sequence_length": value(self._total),
-                        "cos_cache": value(self.cos), "sin_cache": value(self.sin)}
-        self._kv = [(value(k), value(v)) for k, v in zip(keys, values)]
+        self._shared = {"seqlens_k": value(self._seqlens), "total_sequence_length": value(self._total)}
+        if self.device == "cpu":
+            # OrtValues over numpy memory (no copy): the KV buffers are bound as past and present, so the graph
+            # writes the new rows in place
+            self._kv = [(value(k), value(v)) for k, v in zip(keys, values)]
+            self._shared.update(cos_cache=value(self.cos), sin_cache=value(self.sin))
+        else:
+            self._kv = [(value(k, self.device, 0), value(v, self.device, 0)) for k, v in zip(keys, values)]
+            self._shared.update(cos_cache=value(self.cos, self.device, 0), sin_cache=value(self.sin, self.device, 0))
+        self.keys, self.values, self.capacity = keys, values, capacity
         self._decode: dict[int, tuple] = {}  # layer -> (binding, hidden buffer, output buffers), built on first use
 
     def run(self, layer: int, session, hidden: np.ndarray) -> list:
@@ -134,10 +145,10 @@ def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
     return np.ascontiguousarray(np.cos(angles), np.float32), np.ascontiguousarray(np.sin(angles), np.float32)
 
 
-def new_kv_cache(config: dict):
-    """The cache for the package's layer graphs."""
+def new_kv_cache(config: dict, device: str = "cpu"):
+    """The cache for the package's layer graphs; `device` is where they run (an OrtValue device name)."""
     layers, kv_heads, head_dim = config["num_layers"], config["num_key_value_heads"], config["head_dim"]
     if config.get("attention_kernel", "generic") == "gqa":
-        return GqaKVCache(layers, kv_heads, head_dim, float(config["rope_theta"]))
+        return GqaKVCache(layers, kv_heads, head_dim, float(config["rope_theta"]), device=device)
     a = attention_spec(config)
     return KVCache(layers, a.key_heads, a.key_dim, value_shape=(a.value_heads, a.value_dim))

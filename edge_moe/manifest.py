@@ -1,7 +1,11 @@
-"""Reads and validates a package's manifest.json (format in docs/package-format.md).
+"""The package format (docs/package-format.md) as types: the exporter writes a package through `Manifest.save`,
+the runtime reads one through `Manifest.load`, and both go through the same JSON mapping.
 
-Everything a later step would trip over is checked here, at load, with an error that names the file and the fix:
-missing or corrupt manifest, unknown format version, missing graphs, truncated blobs.
+A package is untrusted input. `load` reads manifest.json (size-capped, never through a link or a FIFO), checks
+the manifest's digest, maps every field with its type, confines every path to the package (package_files.py),
+runs the one validation pass (manifest_checks.py: ranges, bytes present, disjoint expert ranges, tensor tables)
+and verifies the backbone graphs, weights and tokenizer against their checksums once. Every failure is one
+EdgeMoeError naming the file and field. Experts are verified on every read by the store.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EdgeMoeError
+import xxhash
 
-FORMAT_VERSION = 1
-_EXPERT_DTYPES = ("float32", "float16", "q8", "q4", "q2")
-_REEXPORT = "re-export the model with `edge-moe export HF_DIR OUT_DIR`"
+from .errors import EdgeMoeError
+from .fields import Fields
+from .package_files import MANIFEST_MAX_BYTES, REEXPORT, Confined, confine, file_checksum, package_root, read_capped
+
+FORMAT_VERSION = 2
+EXPERT_DTYPES = ("float32", "float16", "q8", "q4", "q2")
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,15 @@ class TensorRecord:
     shape: tuple[int, ...]
     offset: int  # relative to the expert's offset
     nbytes: int
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset,
+                "nbytes": self.nbytes}
+
+    @classmethod
+    def from_json(cls, f: Fields) -> "TensorRecord":
+        return cls(f.str("name"), f.str("dtype"), tuple(f.ints("shape", 0, 1 << 40)), f.int("offset", 0),
+                   f.int("nbytes", 0))
 
 
 @dataclass(frozen=True)
@@ -47,13 +63,37 @@ class ExpertRecord:
     def key(self) -> tuple[int, int]:
         return (self.layer, self.index)
 
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in ("q2", "q4", "q8")
+
+    def to_json(self, root: Path) -> dict:
+        bits = {"float32": 32, "float16": 16, "q8": 8, "q4": 4, "q2": 2}[self.dtype]
+        quantized = {"block_size": self.block_size, "zero_points": self.zero_points} if self.quantized else {}
+        return {"layer": self.layer, "index": self.index, "graph": _relative(self.graph, root),
+                "blob": _relative(self.blob, root), "offset": self.offset, "length": self.length,
+                "dtype": self.dtype, "bits": bits, **quantized, "checksum": self.checksum, "kind": self.kind,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "tensors": [t.to_json() for t in self.tensors]}
+
+    @classmethod
+    def from_json(cls, f: Fields, file) -> "ExpertRecord":
+        """`file(relative, field)` -> the confined path (Manifest.from_json's)."""
+        dtype = f.choice("dtype", EXPERT_DTYPES, "or install a newer edge_moe")
+        quantized = dtype in ("q2", "q4", "q8")
+        return cls(f.int("layer", 0), f.int("index", 0), file(f.str("graph"), f.field("graph")),
+                   file(f.str("blob"), f.field("blob")), f.int("offset", 0), f.int("length", 1),
+                   dtype, f.checksum("checksum"), f.str("kind"), f.int("hidden_size", 1),
+                   f.int("intermediate_size", 1), tuple(TensorRecord.from_json(t) for t in f.objects("tensors")),
+                   f.int("block_size", 1) if quantized else 0, f.bool("zero_points") if quantized else False)
+
 
 @dataclass
 class Manifest:
     root: Path
     family: str
     dtype: str
-    config: dict
+    config: dict  # the architecture; manifest_checks.py validates the keys the runtime reads
     source_config: dict
     tokenizer: Path | None
     embed: Path
@@ -63,86 +103,177 @@ class Manifest:
     backbone_blob: Path | None = None
     routers: dict = field(default_factory=dict)  # layer -> {"weight"|"norm": {dtype, shape, offset, nbytes}}
     experts: dict[tuple[int, int], ExpertRecord] = field(default_factory=dict)
+    # path relative to root -> (bytes, "xxh3_64:..."): every file but the expert blobs (checksummed per expert)
+    files: dict[str, tuple[int, str]] = field(default_factory=dict)
+    edge_moe_version: str = ""
+    quantization: dict | None = None  # informational: how the experts were quantized
+    backbone_quantization: dict | None = None  # informational: export --backbone-bits
+    names: dict[Path, str] = field(default_factory=dict, repr=False)  # resolved path -> name in the manifest
 
     @property
     def expert_bytes(self) -> int:
         return sum(e.length for e in self.experts.values())
 
+    @property
+    def backbone_files(self) -> list[Path]:
+        """What the runtime reads whole at load: the backbone graphs, their weights and the tokenizer."""
+        files = [self.embed, *self.layers, self.head, self.backbone_blob]
+        return files + ([self.tokenizer] if self.tokenizer else [])
+
+    def relative(self, path: Path) -> str:
+        """The name under which the manifest lists `path` (a link inside the package keeps its own name)."""
+        return self.names.get(path) or _relative(path, self.root)
+
+    # JSON ----------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        """The manifest.json object, sealed with its digest."""
+        rel = self.relative
+        data = {
+            "format_version": FORMAT_VERSION, "edge_moe_version": self.edge_moe_version, "family": self.family,
+            "dtype": self.dtype, "config": self.config, "source_config": self.source_config,
+            "tokenizer": rel(self.tokenizer) if self.tokenizer else None,
+            "backbone": {"embed": rel(self.embed), "layers": [rel(p) for p in self.layers], "head": rel(self.head),
+                         "blob": rel(self.backbone_blob), "bytes": self.backbone_bytes,
+                         "routers": {str(layer): entry for layer, entry in self.routers.items()}},
+            "experts": [self.experts[key].to_json(self.root) for key in sorted(self.experts)],
+            "files": {name: {"bytes": size, "checksum": checksum} for name, (size, checksum) in sorted(self.files.items())},
+            **({"quantization": self.quantization} if self.quantization is not None else {}),
+            **({"backbone_quantization": self.backbone_quantization} if self.backbone_quantization else {}),
+        }
+        return seal(data)
+
+    def save(self) -> Path:
+        """Checksums every file the manifest names but the expert blobs, then writes root/manifest.json durably."""
+        from .files import write_text_atomic
+
+        names = [*self.backbone_files, *(e.graph for e in self.experts.values())]
+        self.files = {self.relative(p): file_checksum(p) for p in names}
+        return write_text_atomic(self.root / "manifest.json", json.dumps(self.to_json(), indent=1))
+
     @classmethod
-    def load(cls, root: str | Path) -> "Manifest":
-        """Reads and checks root/manifest.json.
+    def from_json(cls, data: dict, root: Path, path: Path) -> "Manifest":
+        names: dict[Path, str] = {}
+        confined = Confined(root)
+
+        def file(relative, field_name: str) -> Path:
+            real = confined.file(relative, field_name)
+            names[real] = relative
+            return real
+
+        top = Fields(data, str(path))
+        backbone = top.object("backbone")
+        manifest = cls(
+            root=root, family=top.str("family"), dtype=top.choice("dtype", ("float32", "float16")),
+            config=top.object("config").data, source_config=top.optional_object("source_config"),
+            tokenizer=file(top.data["tokenizer"], "tokenizer") if top.data.get("tokenizer") is not None else None,
+            embed=file(backbone.str("embed"), "backbone.embed"),
+            layers=[file(p, f"backbone.layers[{i}]") for i, p in enumerate(backbone.list("layers"))],
+            head=file(backbone.str("head"), "backbone.head"),
+            backbone_bytes=backbone.int("bytes", 0),
+            backbone_blob=file(backbone.str("blob"), "backbone.blob"),
+            routers={_layer_key(key, path): value.data
+                     for key, value in backbone.object("routers", required=False).items()},
+            edge_moe_version=str(top.data.get("edge_moe_version", "")),
+            quantization=top.optional_object("quantization") or None,
+            backbone_quantization=top.optional_object("backbone_quantization") or None,
+        )
+        manifest.names = names
+        for f in top.objects("experts"):
+            record = ExpertRecord.from_json(f, file)
+            if record.key in manifest.experts:
+                raise EdgeMoeError(f"{path}: expert {record.key} (layer, index) has two records; {REEXPORT}")
+            manifest.experts[record.key] = record
+        for name, entry in top.object("files").items():
+            file(name, f"files[{name[:80]!r}]")
+            manifest.files[name] = (entry.int("bytes", 0), entry.checksum("checksum"))
+        return manifest
+
+    @classmethod
+    def load(cls, root: str | Path, verify_backbone: bool = True) -> "Manifest":
+        """Reads, validates and checks root/manifest.json, and verifies the backbone's checksums.
 
         Raises:
             EdgeMoeError: naming the file or field at fault and the fix.
         """
-        root = Path(root)
+        from .manifest_checks import validate
+
+        root = package_root(root)
         path = root / "manifest.json"
-        if not root.is_dir():
-            raise EdgeMoeError(f"{root}: no such model directory; pass a package made by `edge-moe export`")
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise EdgeMoeError(f"{path}: missing; {root} is not an edge_moe package ({_REEXPORT})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EdgeMoeError(f"{path}: corrupt JSON ({exc}); {_REEXPORT}") from None
-        if not isinstance(data, dict):
-            raise EdgeMoeError(f"{path}: not a JSON object; {_REEXPORT}")
+        if not path.exists() and not path.is_symlink():
+            raise EdgeMoeError(f"{path}: missing; {root} is not an edge_moe package ({REEXPORT})")
+        data = parse_json(read_capped(confine(root, "manifest.json", "manifest.json"), MANIFEST_MAX_BYTES,
+                                      "manifest.json"), path)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise EdgeMoeError(f"{path}: format_version {version!r} is not supported (this edge_moe reads "
-                               f"{FORMAT_VERSION}); {_REEXPORT}, or install the edge_moe that wrote it")
-        try:
-            backbone = data["backbone"]
-            manifest = cls(
-                root=root, family=str(data["family"]), dtype=str(data["dtype"]), config=dict(data["config"]),
-                source_config=dict(data.get("source_config") or {}),
-                tokenizer=root / data["tokenizer"] if data.get("tokenizer") else None,
-                embed=root / backbone["embed"], layers=[root / p for p in backbone["layers"]],
-                head=root / backbone["head"], backbone_bytes=int(backbone["bytes"]),
-                backbone_blob=root / backbone["blob"],
-                routers={int(layer): entry for layer, entry in (backbone.get("routers") or {}).items()},
-            )
-            for e in data["experts"]:
-                tensors = tuple(TensorRecord(t["name"], t["dtype"], tuple(t["shape"]), int(t["offset"]),
-                                             int(t["nbytes"])) for t in e["tensors"])
-                record = ExpertRecord(int(e["layer"]), int(e["index"]), root / e["graph"], root / e["blob"],
-                                      int(e["offset"]), int(e["length"]), str(e["dtype"]), str(e["checksum"]),
-                                      str(e["kind"]), int(e["hidden_size"]), int(e["intermediate_size"]), tensors,
-                                      int(e.get("block_size", 0)), bool(e.get("zero_points", False)))
-                if record.dtype not in _EXPERT_DTYPES:
-                    raise EdgeMoeError(f"{path}: expert {record.key} has dtype {record.dtype!r}, not one of "
-                                       f"{', '.join(_EXPERT_DTYPES)}; {_REEXPORT}, or install a newer edge_moe")
-                if record.dtype in ("q2", "q4", "q8") and record.block_size <= 0:
-                    raise EdgeMoeError(f"{path}: expert {record.key} ({record.dtype}) has no block_size; {_REEXPORT}")
-                manifest.experts[record.key] = record
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EdgeMoeError(f"{path}: field {exc} is missing or malformed; {_REEXPORT}") from None
-        manifest._check(path)
+                               f"{FORMAT_VERSION}); {REEXPORT}, or install the edge_moe that wrote it")
+        expected = digest(data)
+        if data.get("digest") != expected:
+            raise EdgeMoeError(f"{path}: the manifest's digest {str(data.get('digest'))[:40]!r} does not match its "
+                               f"content ({expected}): the file was changed or damaged; {REEXPORT}")
+        manifest = cls.from_json(data, root, path)
+        validate(manifest, path)
+        if verify_backbone:
+            manifest.verify_files(manifest.backbone_files)
         return manifest
 
-    def _check(self, path: Path) -> None:
-        c = self.config
-        for name in ("hidden_size", "num_layers", "vocab_size", "num_experts", "top_k", "moe_layers"):
-            if name not in c:
-                raise EdgeMoeError(f"{path}: config.{name} is missing; {_REEXPORT}")
-        if len(self.layers) != c["num_layers"]:
-            raise EdgeMoeError(f"{path}: backbone.layers lists {len(self.layers)} graphs for "
-                               f"{c['num_layers']} layers; {_REEXPORT}")
-        expected = {(layer, e) for layer in c["moe_layers"] for e in range(c["num_experts"])}
-        missing = sorted(expected - set(self.experts))
-        if missing:
-            raise EdgeMoeError(f"{path}: no record for expert {missing[0]} (layer, index); {_REEXPORT}")
-        for graph in [self.embed, self.head, *self.layers]:
-            if not graph.exists():
-                raise EdgeMoeError(f"{graph}: missing from the package; {_REEXPORT}")
-        if self.tokenizer is not None and not self.tokenizer.exists():
-            raise EdgeMoeError(f"{self.tokenizer}: missing from the package; {_REEXPORT}")
-        ends: dict[Path, int] = {}
-        for e in self.experts.values():
-            ends[e.blob] = max(ends.get(e.blob, 0), e.offset + e.length)
-        for blob, end in ends.items():
-            size = blob.stat().st_size if blob.exists() else None
-            if size is None:
-                raise EdgeMoeError(f"{blob}: expert blob missing; {_REEXPORT}")
-            if size < end:
-                raise EdgeMoeError(f"{blob}: truncated ({size} bytes, experts need {end}); {_REEXPORT}")
+    def verify_files(self, paths) -> None:
+        """Each file's size and checksum against the manifest's `files` table.
+
+        Raises:
+            EdgeMoeError: a file is not in the table, or its bytes differ.
+        """
+        for p in paths:
+            name = self.relative(p)
+            if name not in self.files:
+                raise EdgeMoeError(f"{self.root / 'manifest.json'}: files has no checksum for {name!r}; {REEXPORT}")
+            size, checksum = self.files[name]
+            actual_size = p.stat().st_size
+            if actual_size != size:
+                raise EdgeMoeError(f"{p}: {actual_size:,} bytes where the manifest says {size:,}: the file is "
+                                   f"truncated or replaced; {REEXPORT}")
+            if file_checksum(p, name)[1] != checksum:
+                raise EdgeMoeError(f"{p}: checksum mismatch (manifest {checksum}): the file is damaged; {REEXPORT}")
+
+
+def expert_seed(key: tuple[int, int]) -> int:
+    """The XXH3 seed of an expert's checksum: its (layer, index), so the bytes are bound to the expert's identity."""
+    return (key[0] << 32) | key[1]
+
+
+def parse_json(raw: bytes, path: Path) -> dict:
+    """manifest.json's bytes -> its object; NaN, Infinity and nesting too deep to read are malformed JSON too."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise EdgeMoeError(f"{path}: corrupt JSON ({str(exc)[:200]}); {REEXPORT}") from None
+    if not isinstance(data, dict):
+        raise EdgeMoeError(f"{path}: not a JSON object; {REEXPORT}")
+    return data
+
+
+def digest(data: dict) -> str:
+    """XXH3-64 of the manifest without its `digest` field, in a canonical form (sorted keys, no spaces): it covers
+    the files table, and so, through their checksums, every byte of the package."""
+    rest = {k: v for k, v in data.items() if k != "digest"}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return f"xxh3_64:{xxhash.xxh3_64_hexdigest(canonical.encode())}"
+
+
+def seal(data: dict) -> dict:
+    """`data` with its digest field (re)computed: what export writes, and what tests use after editing a field."""
+    return {**{k: v for k, v in data.items() if k != "digest"}, "digest": digest(data)}
+
+
+def _relative(path: Path, root: Path) -> str:
+    return Path(path).relative_to(root).as_posix()
+
+
+def _layer_key(key: str, path: Path) -> int:
+    if not (isinstance(key, str) and key.isdigit() and key.isascii() and len(key) < 7):
+        raise EdgeMoeError(f"{path}: backbone.routers: key {key[:40]!r} is not a layer number; {REEXPORT}")
+    return int(key)

@@ -24,7 +24,8 @@ from .sessions import OrtClock, TimedSession, open_session
 class Backbone:
     """The resident graphs, one session each."""
 
-    def __init__(self, manifest: Manifest, clock: OrtClock, providers=("CPUExecutionProvider",)):
+    def __init__(self, manifest: Manifest, clock: OrtClock, providers=("CPUExecutionProvider",), ort_device="cpu"):
+        self.ort_device = ort_device  # where the graphs run: the KV cache lives there
         def session(path):
             try:
                 return TimedSession(open_session(path, providers=providers), clock)
@@ -35,6 +36,27 @@ class Backbone:
         self.embed = session(manifest.embed)
         self.layers = [session(p) for p in manifest.layers]
         self.head = session(manifest.head)
+        moe = set(manifest.config["moe_layers"])
+        inputs = LAYER_INPUTS[manifest.config.get("attention_kernel", "generic")]
+        _check_signature(manifest.embed, self.embed, ["input_ids"], 1)
+        for layer, (path, s) in enumerate(zip(manifest.layers, self.layers)):
+            _check_signature(path, s, inputs, 5 if layer in moe else 3)
+        _check_signature(manifest.head, self.head, ["hidden_states"], 1)
+
+
+# a layer graph's inputs per config.attention_kernel (kv_cache.py feeds them)
+LAYER_INPUTS = {"generic": ["hidden_states", "past_key", "past_value"],
+                "gqa": ["hidden_states", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+                        "sin_cache"]}
+
+
+def _check_signature(path, session: TimedSession, inputs: list[str], outputs: int) -> None:
+    """Once at load: a graph of the wrong kind (a head where a layer belongs, a layer without its router) would
+    otherwise fail at the first generate with onnxruntime's own error."""
+    names = [i.name for i in session.session.get_inputs()]
+    if names != inputs or len(session.output_names) != outputs:
+        raise EdgeMoeError(f"{path}: takes {names[:6]} and gives {len(session.output_names)} outputs where the "
+                           f"model needs {inputs} and {outputs} outputs; re-export the model")
 
 
 class Forward:
@@ -54,7 +76,7 @@ class Forward:
         self._step_lock = threading.Lock()
 
     def new_cache(self) -> KVCache:
-        return new_kv_cache(self.config)
+        return new_kv_cache(self.config, self.backbone.ort_device)
 
     def hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """ids [T] int64 after the cached tokens -> final hidden states [T, H]; extends the cache."""

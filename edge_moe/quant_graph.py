@@ -15,11 +15,13 @@ onnxruntime prepacks them into its own copy at session creation and then no long
 
 from __future__ import annotations
 
-import onnx
+from typing import TYPE_CHECKING
 
-from .onnx_build import GraphBuilder
+if TYPE_CHECKING:  # onnx is imported only where a graph is built (RSS)
+    import onnx
 
 ACCURACY_LEVEL = 4
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits takes
 MS_DOMAIN = "com.microsoft"
 
 
@@ -42,7 +44,7 @@ def quantized_tensor_shapes(shape) -> dict[str, tuple[str, list[int]]]:
     return out
 
 
-def build_quant_expert_graph(shape, external: dict[str, tuple[str, int, int]]) -> onnx.ModelProto:
+def build_quant_expert_graph(shape, external: dict[str, tuple[str, int, int]]) -> "onnx.ModelProto":
     """Builds the MatMulNBits expert graph.
 
     Args:
@@ -55,6 +57,7 @@ def build_quant_expert_graph(shape, external: dict[str, tuple[str, int, int]]) -
         ValueError: external is None (MatMulNBits weights cannot be graph inputs at a usable speed).
     """
     from .expert_graph import INPUT, OUTPUT
+    from .onnx_build import GraphBuilder
 
     if external is None:
         raise ValueError(f"{shape.dtype} experts need their weights as initializers; pass `external`")

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .errors import EdgeMoeError
 from .family_spec import RouterSpec, router_spec
+from .package_files import open_regular
 
 
 def read_backbone_tensor(manifest, entry: dict) -> np.ndarray:
-    """A tensor the manifest's `backbone.routers` locates in the backbone blob, as float32."""
-    with open(manifest.backbone_blob, "rb") as f:
-        f.seek(entry["offset"])
-        raw = f.read(entry["nbytes"])
+    """A tensor the manifest's `backbone.routers` locates in the backbone blob (router, norm, biases), as float32
+    (verified at load; manifest_checks bounds offset and size)."""
+    fd = open_regular(manifest.backbone_blob, "backbone.blob")
+    try:
+        raw = os.pread(fd, entry["nbytes"], entry["offset"])
+    finally:
+        os.close(fd)
+    if len(raw) != entry["nbytes"]:
+        raise EdgeMoeError(f"{manifest.backbone_blob}: short read of a router; the file changed after load")
     return np.frombuffer(raw, dtype=entry["dtype"]).reshape(entry["shape"]).astype(np.float32)
 
 

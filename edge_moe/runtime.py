@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .baselines import MmapExperts, NoCacheExperts
-from .budget import auto_budget, parse_budget
+from .budget import auto_budget, check_memory, full_budget, parse_budget
 from .accelerator import build_tier
 from .cache import ExpertCache, store_for
 from .devices import resolve_device
@@ -38,7 +38,8 @@ class Model:
         self.clock = OrtClock()
         self.tokenizer = Tokenizer(manifest.tokenizer) if manifest.tokenizer else None
         self.device = resolve_device(device)
-        self.backbone = Backbone(manifest, self.clock, providers=self.device.providers)
+        self.backbone = Backbone(manifest, self.clock, providers=self.device.providers,
+                                 ort_device=self.device.ort_device)
         self.rss_baseline_bytes = rss_bytes()
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
@@ -54,6 +55,8 @@ class Model:
         elif baseline is not None:
             raise EdgeMoeError(f"baseline {baseline!r} is unknown; choose mmap or no-cache")
         elif self.budget is None:
+            check_memory(full_budget(manifest), "keeping every expert resident", "pass --budget 25% (budget=...) "
+                         "to stream experts from flash")
             with tqdm(total=len(manifest.experts), desc="load experts", unit="expert", disable=not progress) as bar:
                 self.experts = AllResidentExperts(manifest, self.store, bar, trace=self.trace)
         else:
@@ -107,6 +110,11 @@ class Model:
         if isinstance(prompt, str):
             if not prompt:
                 raise EdgeMoeError("the prompt is empty; give some text or at least one token id")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a command line with bytes that are not UTF-8 (surrogate escapes)
+                raise EdgeMoeError(f"the prompt is not valid UTF-8 text (byte {exc.start}); pass UTF-8 text or "
+                                   "token ids (--prompt-ids)") from None
             if self.tokenizer is None:
                 raise EdgeMoeError(f"{self.manifest.root}: the package has no tokenizer.json; pass token ids "
                                    "(--prompt-ids) instead of text")

@@ -27,6 +27,7 @@ import numpy as np
 import xxhash
 
 from edge_moe.errors import EdgeMoeError
+from edge_moe.package_files import OPEN_FLAGS, check_regular_fd
 
 ALIGN = 4096  # O_DIRECT needs offset, length and buffer address aligned to the logical block size
 _CHECKSUM_RE = re.compile(r"^xxh3_64:([0-9a-f]{16})$")
@@ -43,6 +44,8 @@ class ExpertLocation:
         offset: byte offset of the expert in the blob (a multiple of 4096 in format version 1).
         length: number of bytes of the expert.
         checksum: "xxh3_64:<16 hex digits>" of those bytes.
+        seed: the XXH3 seed (packages of format 2: manifest.expert_seed(key), which binds the bytes to the expert
+            they belong to, so records that swap their indices or blobs fail the check).
     """
 
     key: tuple[int, int]
@@ -50,6 +53,7 @@ class ExpertLocation:
     offset: int
     length: int
     checksum: str
+    seed: int = 0
 
 
 @dataclass
@@ -186,7 +190,7 @@ class ExpertStore:
             t1 = self._busy(-1)
         data = buf[head : head + loc.length]
         if self._verify:
-            got = xxhash.xxh3_64_hexdigest(data)
+            got = xxhash.xxh3_64_hexdigest(data, seed=loc.seed)
             t2 = time.perf_counter()
             if "xxh3_64:" + got != loc.checksum:
                 raise EdgeMoeError(
@@ -289,8 +293,9 @@ class ExpertStore:
         with self._lock:
             fd = self._fds.get((path, direct))
             if fd is None:
-                fd = os.open(path, os.O_RDONLY | (_O_DIRECT if direct else 0))
-                self._fds[(path, direct)] = fd
+                # a blob swapped for a FIFO, device or link after load must neither block nor lead elsewhere
+                fd = os.open(path, OPEN_FLAGS | (_O_DIRECT if direct else 0))
+                self._fds[(path, direct)] = check_regular_fd(fd, path, "expert blob")
             return fd
 
     def _read_into(self, loc: ExpertLocation, buf: np.ndarray, start: int, need: int) -> bool:

@@ -11,8 +11,11 @@ class Tokenizer:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as HfTokenizer
 
+        from .package_files import TOKENIZER_MAX_BYTES, read_capped
+
+        raw = read_capped(path, TOKENIZER_MAX_BYTES, "tokenizer.json")  # never a FIFO, a device or a link
         try:
-            self._tok = HfTokenizer.from_file(str(path))
+            self._tok = HfTokenizer.from_str(raw.decode("utf-8"))
         except Exception as exc:  # the library raises a bare Exception on malformed files
             raise EdgeMoeError(f"{path}: cannot read the tokenizer ({exc}); re-export the model") from None
 

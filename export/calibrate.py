@@ -106,7 +106,7 @@ def choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size: int, zer
     target = parse_bytes(expert_bytes)
     aside = Path(f"{out_dir}.calibrate-{os.getpid()}")
     try:
-        package = export_checkpoint(hf_dir, aside, overwrite=True, progress=progress)
+        package = export_checkpoint(hf_dir, aside, overwrite=True, progress=progress, source_bits=False)
         counts, inputs, weights = record_routing(package, calibration)
     finally:
         shutil.rmtree(aside, ignore_errors=True)

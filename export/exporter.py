@@ -7,7 +7,6 @@ Peak memory is about one checkpoint tensor in float32 plus its converted copy: e
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,11 @@ from tqdm import tqdm
 import edge_moe
 from edge_moe.errors import EdgeMoeError
 from edge_moe.expert_graph import ExpertShape, build_expert_graph
-from edge_moe.manifest import FORMAT_VERSION
+from edge_moe.manifest import ExpertRecord, Manifest, expert_seed
 from edge_moe.onnx_build import GraphBuilder
 
 from .checkpoint import Checkpoint
+from .encodings import concat_rows
 from .families import family_for
 from .quantize import BLOCK_SIZES, quantize
 from .writer import BlobWriter, ExpertWriter, StagedDirectory
@@ -86,11 +86,13 @@ class BackboneWeights:
 
 def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: bool = False,
                       progress: bool = True, bits=None, block_size: int = 32, zero_points: bool = False,
-                      expert_bytes=None, calibration=None, backbone_bits: int | None = None) -> Path:
+                      expert_bytes=None, calibration=None, backbone_bits: int | None = None,
+                      source_bits: bool = True) -> Path:
     """Exports a checkpoint directory to a package directory.
 
     Args:
-        hf_dir: directory with config.json, safetensors shards and (optionally) tokenizer.json.
+        hf_dir: directory with config.json, safetensors shards and (optionally) tokenizer.json; or a .gguf file
+            (export/gguf_checkpoint.py), whose experts keep the file's precision unless `bits` says otherwise.
         out_dir: the package directory to create; it appears only when the export is complete.
         dtype: float32 or float16 for the weights (the backbone's, and the experts' unless `bits` says otherwise).
         overwrite: replace an existing non-empty out_dir.
@@ -100,6 +102,8 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         block_size, zero_points: the quantization blocks (8-, 4- and 2-bit experts).
         backbone_bits: None (backbone in `dtype`), 8 or 4: attention projections and an untied lm_head stored
             block-quantized (MatMulNBits, symmetric, `block_size`); embeddings, norms and routers stay in `dtype`.
+        source_bits: with bits None, keep a GGUF file's expert precision (False: experts in `dtype`, as the
+            calibration of --bits mixed needs them).
     Returns:
         The package path.
     Raises:
@@ -107,6 +111,9 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
     """
     if dtype not in DTYPES:
         raise EdgeMoeError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    checkpoint = open_checkpoint(hf_dir)
+    if bits is None and source_bits and hasattr(checkpoint, "source_bits"):
+        bits = checkpoint.source_bits()
     choose = expert_formats(bits, dtype, block_size, zero_points)
     if backbone_bits not in (None, 8, 4):
         raise EdgeMoeError(f"--backbone-bits {backbone_bits!r} is not supported; choose 8 or 4 (or leave it out)")
@@ -115,7 +122,6 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
 
         chosen = choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size, zero_points, progress)
         choose = lambda layer, index, h, f: _shape(chosen[(layer, index)], dtype, h, f, block_size, zero_points)  # noqa: E731
-    checkpoint = Checkpoint(hf_dir)
     family = family_for(checkpoint.config)
     if family.expert_kind != "swiglu" and bits not in (None, 16):
         raise EdgeMoeError(f"--bits {bits}: {family.model_type}'s {family.expert_kind} experts export in float32 "
@@ -129,23 +135,32 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         with tqdm(total=steps, desc=f"export {family.model_type}", unit="graph", disable=not progress) as bar:
             backbone = _export_backbone(staged.path, checkpoint, family, dtype, bar, backbone_bits, block_size)
             experts = _export_experts(staged.path, checkpoint, family, choose, bar)
-        tokenizer = checkpoint.tokenizer_path()
-        if tokenizer:
-            shutil.copyfile(tokenizer, staged.path / "tokenizer.json")
-        staged.write_json("manifest.json", {
-            "format_version": FORMAT_VERSION, "edge_moe_version": edge_moe.__version__,
-            "family": family.model_type, "dtype": dtype, "config": arch.to_config(),
-            "source_config": checkpoint.config, "tokenizer": "tokenizer.json" if tokenizer else None,
-            "backbone": backbone, "experts": experts,
-            **({"quantization": {"bits": bits, "block_size": block_size, "zero_points": zero_points,
-                                 "expert_bytes_target": expert_bytes, "calibration": calibration and
-                                 Path(calibration).name}} if bits is not None else {}),
-            **({"backbone_quantization": {"bits": backbone_bits, "block_size": block_size}} if backbone_bits else {}),
-        })
+        tokenizer = checkpoint.write_tokenizer(staged.path / "tokenizer.json")
+        root = staged.path
+        Manifest(
+            root=root, family=family.model_type, dtype=dtype, config=arch.to_config(),
+            source_config=checkpoint.config, tokenizer=root / "tokenizer.json" if tokenizer else None,
+            embed=root / backbone["embed"], layers=[root / p for p in backbone["layers"]], head=root / backbone["head"],
+            backbone_bytes=backbone["bytes"], backbone_blob=root / backbone["blob"], routers=backbone["routers"],
+            experts={record.key: record for record in experts}, edge_moe_version=edge_moe.__version__,
+            quantization={"bits": bits, "block_size": block_size, "zero_points": zero_points,
+                          "expert_bytes_target": expert_bytes,
+                          "calibration": calibration and Path(calibration).name} if bits is not None else None,
+            backbone_quantization={"bits": backbone_bits, "block_size": block_size} if backbone_bits else None,
+        ).save()
         return staged.commit()
     except BaseException:
         staged.abort()
         raise
+
+
+def open_checkpoint(path):
+    """A Hugging Face checkpoint directory, or a GGUF file, read through the same interface."""
+    if Path(path).suffix.lower() == ".gguf":
+        from .gguf_checkpoint import GgufCheckpoint
+
+        return GgufCheckpoint(path)
+    return Checkpoint(path)
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -221,37 +236,54 @@ def expert_tensors(shape: ExpertShape, gate: np.ndarray, up: np.ndarray, down: n
             "down_proj": down.T.astype(shape.dtype)}
 
 
-def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[dict]:
+def _encoded_expert(checkpoint, shape: ExpertShape, keys) -> dict[str, np.ndarray] | None:
+    """The expert's tensors taken over from the checkpoint's own codes (GGUF Q8_0 / Q4_0), or None where they do not
+    map exactly to this shape and the weights go through float."""
+    if not (shape.quantized and shape.block_size == 32 and not shape.zero_points
+            and hasattr(checkpoint, "read_quantized")):
+        return None
+    gate, up, down = (checkpoint.read_quantized(key, shape.bits) for key in keys)
+    if gate is None or up is None or down is None:
+        return None
+    return {**concat_rows(gate, up).tensors("gate_up_proj"), **down.tensors("down_proj")}
+
+
+def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[ExpertRecord]:
     (root / "experts").mkdir()
     arch, records = family.arch, []
     for layer in arch.moe_layers:
         blob_name = f"layer_{layer:03d}.bin"
         blob = BlobWriter(root / "experts" / blob_name)
         for index in range(arch.num_experts):
-            parts = family.read_expert(checkpoint, layer, index)
-            if family.expert_kind == "swiglu":   # (gate, up, down) in Hugging Face's [out, in] layout
-                ffn = parts[2].shape[1]
-                shape = choose(layer, index, arch.hidden_size, ffn)
-                tensors = expert_tensors(shape, *parts)
-            else:                                # the kind's own tensors, already in the graph's layout
-                ffn = parts["down_proj"].shape[0]
-                shape = dataclasses.replace(choose(layer, index, arch.hidden_size, ffn), kind=family.expert_kind)
-                tensors = {name: array.astype(shape.dtype if array.ndim else np.float32)  # scalars stay exact
-                           for name, array in parts.items()}
-            writer = ExpertWriter(blob)
+            keys = family.expert_keys(layer, index)
+            tensors = None
+            if family.expert_kind == "swiglu" and len(keys) == 3:  # per-expert tensors: codes may carry over as-is
+                shape = choose(layer, index, arch.hidden_size, checkpoint.shape(keys[2])[1])
+                tensors = _encoded_expert(checkpoint, shape, keys)
+            if tensors is None:
+                parts = family.read_expert(checkpoint, layer, index)
+                if family.expert_kind == "swiglu":   # (gate, up, down) in Hugging Face's [out, in] layout
+                    shape = choose(layer, index, arch.hidden_size, parts[2].shape[1])
+                    tensors = expert_tensors(shape, *parts)
+                else:                                # the kind's own tensors, already in the graph's layout
+                    shape = dataclasses.replace(choose(layer, index, arch.hidden_size, parts["down_proj"].shape[0]),
+                                                kind=family.expert_kind)
+                    tensors = {name: array.astype(shape.dtype if array.ndim else np.float32)  # scalars stay exact
+                               for name, array in parts.items()}
+                del parts
+            ffn = shape.intermediate_size
+            writer = ExpertWriter(blob, expert_seed((layer, index)))
             for name, array in tensors.items():
                 writer.write(name, array, str(array.dtype))
-            del parts, tensors
+            del tensors
             offset, length, checksum = writer.finish()
-            external = {t["name"]: (blob_name, offset + t["offset"], t["nbytes"]) for t in writer.tensors}
+            external = {t.name: (blob_name, offset + t.offset, t.nbytes) for t in writer.tensors}
             graph = f"experts/L{layer:03d}_E{index:03d}.onnx"
             _save(build_expert_graph(shape, external), root / graph)
-            quantized = {"block_size": shape.block_size, "zero_points": shape.zero_points} if shape.quantized else {}
-            records.append({"layer": layer, "index": index, "graph": graph, "blob": f"experts/{blob_name}",
-                            "offset": offset, "length": length, "dtype": shape.dtype, "bits": shape.bits,
-                            **quantized, "checksum": checksum,
-                            "kind": shape.kind, "hidden_size": shape.hidden_size, "intermediate_size": ffn,
-                            "tensors": writer.tensors})
+            records.append(ExpertRecord(
+                layer, index, root / graph, root / "experts" / blob_name, offset, length, shape.dtype, checksum,
+                shape.kind, shape.hidden_size, ffn, tuple(writer.tensors),
+                shape.block_size, shape.zero_points))
             bar.update()
         blob.close()
     return records

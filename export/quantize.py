@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 from edge_moe.quant import QuantizedMatrix, dequantize, unpack  # noqa: F401 (re-exported for tests)
+from edge_moe.quant_graph import BLOCK_SIZES  # noqa: F401 (the package format's list; re-exported)
 
 BITS = (2, 4, 8)
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 def _check(bits: int, block_size: int) -> None:

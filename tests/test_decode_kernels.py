@@ -64,3 +64,26 @@ def test_quantized_backbone_matches_transformers_on_dequantized_weights(checkpoi
         assert model.generate(ids, max_new_tokens=4).token_ids[:2] == reference_greedy(reference, ids, 2)
     else:
         assert np.abs(ours - rounded).max() < np.abs(rounded - exact).max()
+
+
+def test_peer_bench_refuses_a_missing_llama_bench_in_one_line(tiny_package, tmp_path):
+    import subprocess
+    import sys
+
+    package, hf = tiny_package
+    proc = subprocess.run([sys.executable, "-m", "edge_moe.cli", "bench", "--peer", "llama.cpp", "--model",
+                           str(package), "--reference", str(hf), "--llama-bench", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--llama-bench" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_peer_side_bench_decodes_at_a_context_depth(tiny_package):
+    """bench/peer.py's own decode loop runs after `depth` cached tokens and reports one layer call per layer at
+    least per token."""
+    from edge_moe.bench.peer import our_bench
+
+    package, _ = tiny_package
+    model = edge_moe.load(package)
+    stats = our_bench(model, prompt=8, tokens=6, depth=20, seed=0)
+    assert stats["decode"] > 0 and stats["prefill"] > 0 and stats["calls_per_token"] >= model.config["num_layers"]

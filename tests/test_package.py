@@ -26,7 +26,8 @@ def test_expert_graph_is_standalone_and_matches_checkpoint(tiny_package):
         assert record.offset % 4096 == 0
         blob = record.blob.read_bytes()
         assert len(blob) % 4096 == 0
-        assert record.checksum == "xxh3_64:" + xxhash.xxh3_64_hexdigest(blob[record.offset:record.offset + record.length])
+        span = blob[record.offset:record.offset + record.length]
+        assert record.checksum == "xxh3_64:" + xxhash.xxh3_64_hexdigest(span, seed=(key[0] << 32) | key[1])
         session = ort.InferenceSession(str(record.graph), providers=["CPUExecutionProvider"])
         (y,) = session.run(None, {"hidden_states": x})
         prefix = f"model.layers.{key[0]}.mlp.experts.{key[1]}"
@@ -42,7 +43,7 @@ def test_manifest_lists_every_expert(tiny_package):
     c = data["config"]
     keys = {(e["layer"], e["index"]) for e in data["experts"]}
     assert keys == {(layer, e) for layer in c["moe_layers"] for e in range(c["num_experts"])}
-    assert data["format_version"] == 1 and data["family"] == "qwen3_moe"
+    assert data["format_version"] == 2 and data["family"] == "qwen3_moe"
 
 
 def test_unknown_model_type_lists_supported(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from edge_moe.expert_graph import INPUT, ExpertShape, build_expert_graph
 from edge_moe.experts import ExpertKernels, ResidentExpert
-from edge_moe.manifest import ExpertRecord, TensorRecord
+from edge_moe.manifest import ExpertRecord
 from edge_moe.quant import uses_session
 from edge_moe.sessions import OrtClock, open_session
 from edge_moe_export.calibrate import _swiglu, expert_length
@@ -71,8 +71,7 @@ def _expert(shape: ExpertShape, tmp_path: Path, seed=0):
     offset, length, checksum = writer.finish()
     blob.close()
     buffer = np.fromfile(tmp_path / "blob.bin", np.uint8)[offset:offset + length].copy()
-    tensors = tuple(TensorRecord(t["name"], t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"])
-                    for t in writer.tensors)
+    tensors = tuple(writer.tensors)
     record = ExpertRecord(0, 0, tmp_path / "g.onnx", tmp_path / "blob.bin", offset, length, shape.dtype, checksum,
                           "swiglu", h, f, tensors, shape.block_size, shape.zero_points)
     assert length == expert_length(shape)

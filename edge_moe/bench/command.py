@@ -11,7 +11,8 @@ from .report import print_table, write_json
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="package directory")
+    p.add_argument("--model", required=True, help="package directory (with --peer: comma-separated packages)")
+    p.add_argument("--peer", choices=["llama.cpp"], help="side by side with another engine (bench/peer.py)")
     p.add_argument("--reference", metavar="HF_DIR", help="also time transformers' eager PyTorch on this checkpoint")
     p.add_argument("--tokens", type=int, default=64, help="tokens to decode per run")
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -29,10 +30,20 @@ def add_arguments(p) -> None:
     p.add_argument("--emulate", metavar="PROFILE", help="cache runs under a device profile: its threads and flash "
                                                         "bandwidth, and its RAM as a real limit where allowed")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    from . import peer
+
+    peer.add_arguments(p)
 
 
 def run(args) -> int:
     results = {}
+    if args.peer:
+        from .peer import run_peer
+
+        results["peer"] = run_peer(args)
+        if args.json:
+            write_json(args.json, results)
+        return 0
     if not args.skip_decode:
         results["decode"] = decode_table(args)
     if args.budgets:

@@ -126,7 +126,9 @@ def main(argv=None) -> int:
                    help="token counts at which both paths are timed")
     p.add_argument("--choice-experts", type=int, default=4, help="sample experts timed at each token count")
     args = p.parse_args(argv)
-    model_vocab = json.load(open(f"{args.package}/manifest.json"))["config"]["vocab_size"]
+    from ..manifest import Manifest
+
+    model_vocab = Manifest.load(args.package, verify_backbone=False).config["vocab_size"]
     rng = np.random.default_rng(0)
     prompt = [int(i) for i in rng.integers(3, model_vocab, args.prompt)]
     results: dict = {"prompt_tokens": args.prompt, "decode_tokens": args.decode}

@@ -1,0 +1,52 @@
+"""Where a decoded token's time goes, all experts resident, one thread: layer graphs, expert calls, embed + head,
+and the rest (numpy glue, routing, Python). `python docs/bench/decode_breakdown.py PACKAGE [TOKENS]`."""
+import sys
+import time
+
+import numpy as np
+
+import edge_moe
+from edge_moe import experts as experts_module
+
+path, tokens = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 64
+model = edge_moe.load(path, threads=1)
+spent = {"layers": 0.0, "experts": 0.0, "embed+head": 0.0}
+
+
+def timed(bucket, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[bucket] += time.perf_counter() - start
+    return wrapper
+
+
+class Timed:
+    """A session stand-in that adds the time of run / run_bound to a bucket."""
+
+    def __init__(self, session, bucket):
+        self._session, self.run, self.run_bound = session, timed(bucket, session.run), timed(bucket, session.run_bound)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+backbone = model.backbone
+backbone.layers = [Timed(s, "layers") for s in backbone.layers]
+backbone.embed, backbone.head = Timed(backbone.embed, "embed+head"), Timed(backbone.head, "embed+head")
+model.kernels.run = timed("experts", model.kernels.run)
+forward = model.forward
+ids = np.random.default_rng(0).integers(2, model.config["vocab_size"], 64).astype(np.int64)
+for rounds in range(2):
+    cache = forward.new_cache()
+    token = int(np.argmax(forward.logits(forward.hidden(ids, cache)[-1:])[0]))
+    for key in spent:
+        spent[key] = 0.0
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = int(np.argmax(forward.logits(forward.hidden(np.array([token], np.int64), cache))[0]))
+    total = (time.perf_counter() - start) / tokens * 1e3
+print(f"{path}: {total:.2f} ms a token ({1e3 / total:.1f} tok/s): " + ", ".join(
+    f"{k} {v / tokens * 1e3:.2f} ms" for k, v in spent.items()) + f", rest {total - sum(spent.values()) / tokens * 1e3:.2f} ms")

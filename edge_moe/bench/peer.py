@@ -1,0 +1,156 @@
+"""`edge-moe bench --peer llama.cpp`: the same checkpoint through llama.cpp and edge_moe, side by side.
+
+llama.cpp's converter turns the Hugging Face checkpoint into GGUF (patched to accept any BPE pre-tokenizer: it
+refuses tokenizers whose hash it does not know, and the tokenizer does not change the speed), `llama-quantize`
+makes the quantized types, and `llama-bench` and our decode run interleaved round after round at the same thread
+count, so a machine that slows down mid-run slows both; the table gives medians and ratios of medians.
+
+Pairs: `--model A,B,C` with `--peer-types f16,q8_0,q4_k_m` (package i against GGUF type i). Per pair and round:
+prefill of `--prompt-tokens` random tokens and decode of `--tokens`, at each `--depths` context depth (decode
+after that many tokens already in the KV cache; llama-bench's -d).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeMoeError
+from .report import print_table, write_json
+
+_CONVERT = """
+import sys
+sys.path[:0] = [{src!r}, {gguf!r}]
+import conversion.base
+import convert_hf_to_gguf as c
+# any BPE pre-tokenizer: the converter refuses hashes it does not know, and speed does not depend on it
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+sys.argv = ["convert_hf_to_gguf.py", {hf!r}, "--outfile", {out!r}, "--outtype", "f16"]
+c.main()
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench binary (with --peer llama.cpp)")
+    p.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp source tree (convert_hf_to_gguf.py, gguf-py); "
+                                                      "default: two levels above --llama-bench's build folder")
+    p.add_argument("--peer-types", default="f16", help="GGUF types paired with --model's packages, in order: "
+                                                       "f16, q8_0, q4_0, q4_k_m ... (default f16)")
+    p.add_argument("--depths", default="0", help="context depths to decode at, e.g. 0,1024,2048 (default 0)")
+    p.add_argument("--work-dir", metavar="DIR", help="where GGUF files go (default: next to --reference)")
+
+
+def run_peer(args) -> dict:
+    bench = Path(args.llama_bench or "")
+    if not args.llama_bench or not bench.is_file() or not os.access(bench, os.X_OK):
+        raise EdgeMoeError(f"--llama-bench {args.llama_bench!r} is not an executable file; build llama.cpp's "
+                           "llama-bench and pass its path")
+    if not args.reference or not (Path(args.reference) / "config.json").is_file():
+        raise EdgeMoeError(f"--reference {args.reference!r}: --peer needs the Hugging Face checkpoint the packages "
+                           "were exported from (a directory with config.json and tokenizer files)")
+    packages = args.model.split(",")
+    types = [t.strip().lower() for t in args.peer_types.split(",")]
+    if len(types) != len(packages):
+        raise EdgeMoeError(f"--model lists {len(packages)} packages and --peer-types {len(types)} types; pair "
+                           "them one to one")
+    depths = [int(d) for d in args.depths.split(",")]
+    ggufs = convert(args, bench, types)
+    import edge_moe
+
+    threads = args.threads or 1
+    models = [edge_moe.load(p, threads=threads) for p in packages]
+    rows: dict[tuple, list[dict]] = {}
+    for round_index in range(args.rounds):
+        for package, model, kind in zip(packages, models, types):
+            for depth in depths:
+                peer = llama_bench(bench, ggufs[kind], threads, args.prompt_tokens, args.tokens, depth)
+                ours = our_bench(model, args.prompt_tokens, args.tokens, depth, seed=round_index)
+                rows.setdefault((Path(package).name, kind, depth), []).append({**peer, **ours})
+                print(f"round {round_index + 1}/{args.rounds} {Path(package).name} vs {kind} depth {depth}: "
+                      f"decode {ours['decode']:.1f} vs {peer['peer_decode']:.1f} tok/s", file=sys.stderr)
+    table = []
+    for (name, kind, depth), runs in rows.items():
+        med = {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+        table.append({"package": name, "gguf": kind, "depth": depth, "threads": threads,
+                      "prefill": med["prefill"], "peer_prefill": med["peer_prefill"],
+                      "prefill_ratio": med["prefill"] / med["peer_prefill"],
+                      "decode": med["decode"], "peer_decode": med["peer_decode"],
+                      "decode_ratio": med["decode"] / med["peer_decode"],
+                      "outside_ort": med["outside_ort"], "calls_per_token": med["calls_per_token"]})
+    print_table(f"edge_moe vs llama.cpp, tok/s (medians of {args.rounds} interleaved rounds; prefill "
+                f"{args.prompt_tokens} tokens, decode {args.tokens} after depth tokens)", table)
+    return {"rows": table, "raw": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in rows.items()}}
+
+
+def convert(args, bench: Path, types: list[str]) -> dict[str, Path]:
+    """GGUF files of the reference checkpoint, one per type (made once, reused while the checkpoint is older)."""
+    src = Path(args.llama_cpp) if args.llama_cpp else bench.resolve().parent.parent.parent
+    converter = src / "convert_hf_to_gguf.py"
+    if not converter.is_file():
+        raise EdgeMoeError(f"{converter}: not found; pass --llama-cpp with llama.cpp's source tree")
+    work = Path(args.work_dir or Path(args.reference).resolve().parent / "gguf")
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = work / "model-f16.gguf"
+    if not f16.exists():
+        script = _CONVERT.format(src=str(src), gguf=str(src / "gguf-py"), hf=str(args.reference), out=str(f16))
+        _check(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True), "convert_hf_to_gguf")
+    out = {"f16": f16}
+    quantize = bench.parent / "llama-quantize"
+    for kind in types:
+        if kind == "f16":
+            continue
+        path = out[kind] = work / f"model-{kind}.gguf"
+        if not path.exists():
+            if not quantize.is_file():
+                raise EdgeMoeError(f"{quantize}: not found beside llama-bench; build llama-quantize for {kind}")
+            _check(subprocess.run([str(quantize), str(f16), str(path), kind.upper()], capture_output=True,
+                                  text=True), "llama-quantize")
+    return out
+
+
+def _check(proc: subprocess.CompletedProcess, what: str) -> None:
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise EdgeMoeError(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
+
+
+def llama_bench(bench: Path, gguf: Path, threads: int, prompt: int, tokens: int, depth: int) -> dict:
+    cmd = [str(bench), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(tokens), "-r", "1",
+           "-o", "json"] + (["-d", str(depth)] if depth else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    _check(proc, "llama-bench")
+    results = json.loads(proc.stdout)
+    speed = {("prefill" if r["n_prompt"] else "decode"): float(r["avg_ts"]) for r in results}
+    return {"peer_prefill": speed["prefill"], "peer_decode": speed["decode"]}
+
+
+def our_bench(model, prompt: int, tokens: int, depth: int, seed: int) -> dict:
+    """Prefill `prompt` random tokens (timed) on a fresh cache; then, after `depth` more tokens in the cache
+    (untimed), decode `tokens` one at a time (timed), with the generation loop's greedy argmax."""
+    rng = np.random.default_rng(seed)
+    vocab = model.config["vocab_size"]
+    forward = model.forward
+    cache = forward.new_cache()
+    ids = rng.integers(2, vocab, prompt).astype(np.int64)
+    start = time.perf_counter()
+    forward.logits(forward.hidden(ids, cache)[-1:])
+    prefill = prompt / (time.perf_counter() - start)
+    cache = forward.new_cache()
+    context = rng.integers(2, vocab, max(depth, 1)).astype(np.int64)
+    for chunk in range(0, len(context), 512):
+        h = forward.hidden(context[chunk:chunk + 512], cache)
+    token = int(np.argmax(forward.logits(h[-1:])[0]))
+    ort_seconds, calls = model.clock.seconds, model.clock.calls
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = int(np.argmax(forward.logits(forward.hidden(np.array([token], np.int64), cache))[0]))
+    seconds = time.perf_counter() - start
+    return {"prefill": prefill, "decode": tokens / seconds,
+            "outside_ort": 1.0 - (model.clock.seconds - ort_seconds) / seconds,
+            "calls_per_token": (model.clock.calls - calls) / tokens}
