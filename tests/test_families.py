@@ -10,6 +10,10 @@ from edge_moe_export.exporter import export_checkpoint
 
 from conftest import build_checkpoint, reference_greedy, reference_logits, tiny_config
 
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 40,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+            "short_mscale": 1.05, "long_mscale": 1.2}
+
 CASES = {
     "mixtral-top2-gqa2": ("mixtral", {}),
     "mixtral-top1-mha-odd": ("mixtral", dict(hidden=36, heads=3, kv_heads=3, top_k=1, ffn=52)),
@@ -54,6 +58,8 @@ CASES = {
     "gptoss-mha-top1-rope-default": ("gpt_oss", dict(
         kv_heads=4, head_dim=12, top_k=1, swiglu_limit=0.05, layer_types=["full_attention", "sliding_attention"],
         sliding_window=6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # longrope below original_max_position_embeddings (short mscale) for the prompt and all 16 decoded tokens
+    "phimoe-longrope-short": ("phimoe", dict(max_position_embeddings=96, rope_parameters=LONGROPE)),
     "phimoe-top2": ("phimoe", dict(router_jitter_noise=0.01)),
     "phimoe-bias-sliding": ("phimoe", dict(attention_bias=True, lm_head_bias=True, sliding_window=5, kv_heads=1,
                                            router_jitter_noise=0.2)),
@@ -120,6 +126,20 @@ def test_float16_export_of_new_families(family, shape, tmp_path):
                 param.copy_(param.half().float())
     np.testing.assert_allclose(edge_moe.load(package).logits(ids), reference_logits(reference, ids), atol=1e-4,
                                rtol=0)
+
+
+def test_phimoe_longrope_past_the_original_length(tmp_path):
+    """A 48-token prompt past original_max_position_embeddings (40): every position takes the long mscale, as in
+    transformers. (Generation that crosses the length keeps the cached keys; transformers recomputes them.)"""
+    reference = build_checkpoint(tmp_path / "hf", tiny_config("phimoe", max_position_embeddings=96,
+                                                               rope_parameters=LONGROPE), seed=9)
+    package = export_checkpoint(tmp_path / "hf", tmp_path / "pkg", progress=False)
+    ids = np.random.default_rng(3).integers(2, 128, 48).tolist()
+    model = edge_moe.load(package)
+    ours, short = model.logits(ids), model.logits(ids[:40])
+    np.testing.assert_allclose(ours, reference_logits(reference, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(short, reference_logits(reference, ids[:40]), atol=1e-4, rtol=0)
+    assert np.abs(ours[:40] - short).max() > 1e-2  # the same positions, the other mscale
 
 
 def test_sharded_bfloat16_checkpoint(tmp_path):

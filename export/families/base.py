@@ -76,6 +76,7 @@ class MoEFamily:
     qkv_bias = False
     o_bias = False                   # a bias on the attention output projection (Phi-3.5-MoE)
     expert_kind = "swiglu"           # edge_moe.expert_graph.KINDS
+    rope_types = ("default", "yarn")  # what emit_rope_tables computes (rope.py); others are refused
     lm_head_bias = False
     # Families whose attention is standard GQA with Hugging Face RoPE run it as one fused kernel (emit_gqa_attention);
     # a family with another attention (MLA, sinks) sets this False and overrides emit_attention.
@@ -92,7 +93,7 @@ class MoEFamily:
         # onnxruntime's GroupQueryAttention takes head sizes that are multiples of 16 (every released model's are)
         # and computes plain RoPE from the tables the runtime passes (kv_cache.rope_tables)
         fused = (self.fused_attention and self.arch.head_dim % 16 == 0
-                 and rope_parameters(config)["rope_type"] == "default")
+                 and rope_parameters(config, self.rope_types)["rope_type"] == "default")
         self.arch.attention_kernel = "gqa" if fused else "generic"
 
     # Configuration ------------------------------------------------------------------------------------
@@ -105,7 +106,8 @@ class MoEFamily:
         return Arch(
             hidden_size=hidden, num_layers=layers, vocab_size=int(_required(c, "vocab_size")),
             num_attention_heads=heads, num_key_value_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or hidden // heads), rope_theta=float(rope_parameters(c)["rope_theta"]),
+            head_dim=int(c.get("head_dim") or hidden // heads),
+            rope_theta=float(rope_parameters(c, self.rope_types)["rope_theta"]),
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),

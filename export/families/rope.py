@@ -12,14 +12,14 @@ from edge_moe.errors import EdgeMoeError
 SUPPORTED = ("default", "yarn")
 
 
-def rope_parameters(config: dict) -> dict:
+def rope_parameters(config: dict, supported: tuple[str, ...] = SUPPORTED) -> dict:
     """config.json's rope settings in one dict (transformers 5 `rope_parameters`, or older `rope_scaling` plus
-    top-level rope_theta)."""
+    top-level rope_theta); `supported` are the rope types the family computes."""
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if kind not in SUPPORTED:
-        raise EdgeMoeError(f"config.json: rope_type {kind!r} is not supported yet; supported: {', '.join(SUPPORTED)}")
+    if kind not in supported:
+        raise EdgeMoeError(f"config.json: rope_type {kind!r} is not supported yet; supported: {', '.join(supported)}")
     rope["rope_type"] = kind
     return rope
 
