@@ -40,6 +40,15 @@ CASES = {
         max_position_embeddings=131072,
         rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
                          "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096})),
+    # Phi-3.5-MoE: hidden 4096, 32 heads of 128, 8 KV heads, experts of 6400, sparsemixer top-2 of 16 (2 here),
+    # longrope over 4096 original positions (stand-in factors: the published ones are 64 measured values)
+    "phi-3.5-moe": ("phimoe", dict(
+        hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=6400,
+        num_local_experts=2, num_experts_per_tok=2, num_hidden_layers=1, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
+                         "short_factor": np.linspace(1.0, 1.3, 64).tolist(),
+                         "long_factor": np.linspace(1.0, 60.0, 64).tolist(), "short_mscale": 1.243,
+                         "long_mscale": 1.243})),
     # Granite-3.1-3B-A800M: 40 experts (10 here) top-8 of 512, multipliers as published
     "granite-3.1-3b-a800m": ("granitemoe", dict(_GRANITE_3B, num_hidden_layers=2)),
     "granite-3.1-3b-dims-shared": ("granitemoeshared", dict(_GRANITE_3B, num_hidden_layers=1,
