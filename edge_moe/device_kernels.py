@@ -35,8 +35,8 @@ class DeviceExpert:
 
 def device_expert_graph(shape: ExpertShape, compute_dtype: str | None):
     """The expert graph with weights as inputs, computing in `compute_dtype` (None: the CPU path's graph)."""
-    if compute_dtype is None or compute_dtype != shape.dtype:
-        return build_expert_graph(shape)  # float32 weights: the CPU graph is already the right one
+    if compute_dtype is None or compute_dtype != shape.dtype or shape.kind != "swiglu":
+        return build_expert_graph(shape)  # the CPU graph (float32 compute) is the right one
     from onnx import TensorProto
 
     from .onnx_build import GraphBuilder

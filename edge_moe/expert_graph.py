@@ -1,5 +1,10 @@
 """The graph of one routed expert: `expert_output = swiglu(hidden_states)`, [T, H] -> [T, H] in float32.
 
+Expert kinds: "swiglu" (down(silu(gate x) * up x)); "swiglu_oss" (GPT-OSS: biased projections, gate and up
+interleaved in gate_up_proj's columns, gate clamped above and up on both sides at `limit`,
+down((up + 1) * gate * sigmoid(alpha * gate)) + bias; alpha and limit are stored as scalar tensors in the expert
+itself, so the graph needs nothing from the config).
+
 The exporter writes it once per expert with the weights as external data in the layer's blob (a standalone model
 that plain onnxruntime and Netron open). The runtime builds the same graph once per expert shape with the weights
 as graph inputs and feeds each resident expert's arrays to that one session: no session per expert, no copy of
@@ -20,13 +25,14 @@ if TYPE_CHECKING:  # onnx costs ~12 MB of RSS: imported only where a graph is bu
     import onnx
 
 INPUT, OUTPUT = "hidden_states", "expert_output"
+KINDS = ("swiglu", "swiglu_oss")
 
 
 @dataclass(frozen=True)
 class ExpertShape:
     """What makes two experts share a runtime kernel."""
 
-    kind: str  # "swiglu"
+    kind: str  # one of KINDS
     hidden_size: int
     intermediate_size: int
     dtype: str  # dtype of the stored weights: float32, float16, or q2/q4/q8 (MatMulNBits, see quant_graph)
@@ -49,7 +55,16 @@ class ExpertShape:
         # [in, out]: onnxruntime's MatMul streams unpacked weights at M=1 about 40% faster than Gemm(transB)
         # (13.8 vs 9.9 GB/s measured on 2 cores), and the kernel takes weights as inputs, so nothing is prepacked.
         h, f = self.hidden_size, self.intermediate_size
+        if self.kind == "swiglu_oss":
+            return {"gate_up_proj": [h, 2 * f], "gate_up_bias": [2 * f], "down_proj": [f, h], "down_bias": [h],
+                    "alpha": [], "limit": []}
         return {"gate_up_proj": [h, 2 * f], "down_proj": [f, h]}
+
+
+    def stored_tensors(self) -> dict[str, tuple[str, list[int]]]:
+        """name -> (dtype, dims) of an unquantized expert's tensors; scalars (swiglu_oss's alpha, limit) stay
+        float32 whatever the weights' dtype."""
+        return {name: (self.dtype if dims else "float32", dims) for name, dims in self.tensor_shapes().items()}
 
 
 def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, int]] | None = None) -> "onnx.ModelProto":
@@ -62,8 +77,8 @@ def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, i
     Returns:
         The ModelProto.
     """
-    if shape.kind != "swiglu":
-        raise ValueError(f"expert kind {shape.kind!r} is not supported; supported: swiglu")
+    if shape.kind not in KINDS:
+        raise ValueError(f"expert kind {shape.kind!r} is not supported; supported: {', '.join(KINDS)}")
     if shape.quantized:
         from .quant_graph import build_quant_expert_graph
 
@@ -74,13 +89,16 @@ def build_expert_graph(shape: ExpertShape, external: dict[str, tuple[str, int, i
     g.scope = "/expert"
     x = g.input(INPUT, "float32", ["T", shape.hidden_size])
     weights = {}
-    for name, dims in shape.tensor_shapes().items():
+    for name, (dtype, dims) in shape.stored_tensors().items():
         if external is None:
-            weights[name] = g.input(name, shape.dtype, dims)
+            weights[name] = g.input(name, dtype, dims)
         else:
             location, offset, length = external[name]
-            weights[name] = g.external(name, shape.dtype, dims, location, offset, length)
-        weights[name] = g.as_float32(weights[name], shape.dtype)
-    y = g.swiglu(x, weights["gate_up_proj"], weights["down_proj"], in_out_layout=True)
+            weights[name] = g.external(name, dtype, dims, location, offset, length)
+        weights[name] = g.as_float32(weights[name], dtype)
+    if shape.kind == "swiglu_oss":
+        y = g.swiglu_oss(x, weights)
+    else:
+        y = g.swiglu(x, weights["gate_up_proj"], weights["down_proj"], in_out_layout=True)
     g.output(y, OUTPUT, "float32", ["T", shape.hidden_size])
     return g.model()

@@ -3,7 +3,9 @@
 
     # T = tokens in this call, P = cached tokens, M = capacity, kvH = KV heads, D = head dim
 - KVCache ("generic" graphs): per layer a growable [M, kvH, D] buffer; the graph takes past [P, kvH, D] (a
-  contiguous view, read in place) and returns this call's [T, kvH, D] rows, which are copied in.
+  contiguous view, read in place) and returns this call's [T, kvH, D] rows, which are copied in. What a layer
+  caches is the family's attention spec (edge_moe.family_spec.AttentionSpec): K and V per KV head for GQA; for MLA
+  the compressed latent [1, kv_lora_rank] as "key" and the shared roped key [1, rope_dim] as "value".
 - GqaKVCache ("gqa" graphs, com.microsoft.GroupQueryAttention): per layer one [1, kvH, M, D] buffer bound as both
   past and present through IOBinding, so the graph writes the new rows in place and nothing is copied per token;
   the RoPE tables (cos/sin [M, D/2]) are computed here once per capacity and shared by every layer.
@@ -14,13 +16,16 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from .family_spec import attention_spec
+
 
 class KVCache:
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int = 256):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int = 256,
+                 value_shape: tuple[int, int] | None = None):
         self.offset = 0  # tokens cached
-        self._shape = (kv_heads, head_dim)
-        self.keys = [np.zeros((capacity, *self._shape), np.float32) for _ in range(num_layers)]
-        self.values = [np.zeros((capacity, *self._shape), np.float32) for _ in range(num_layers)]
+        self._shapes = ((kv_heads, head_dim), tuple(value_shape or (kv_heads, head_dim)))
+        self.keys = [np.zeros((capacity, *self._shapes[0]), np.float32) for _ in range(num_layers)]
+        self.values = [np.zeros((capacity, *self._shapes[1]), np.float32) for _ in range(num_layers)]
 
     def run(self, layer: int, session, hidden: np.ndarray) -> list:
         """Runs the layer graph on hidden [T, H]; returns its outputs before key and value."""
@@ -34,8 +39,8 @@ class KVCache:
         end = self.offset + key.shape[0]
         if end > self.keys[layer].shape[0]:
             capacity = max(end, 2 * self.keys[layer].shape[0])
-            for store in (self.keys, self.values):
-                grown = np.zeros((capacity, *self._shape), np.float32)
+            for store, shape in zip((self.keys, self.values), self._shapes):
+                grown = np.zeros((capacity, *shape), np.float32)
                 grown[:self.offset] = store[layer][:self.offset]
                 store[layer] = grown
         self.keys[layer][self.offset:end] = key
@@ -148,4 +153,5 @@ def new_kv_cache(config: dict, device: str = "cpu"):
     layers, kv_heads, head_dim = config["num_layers"], config["num_key_value_heads"], config["head_dim"]
     if config.get("attention_kernel", "generic") == "gqa":
         return GqaKVCache(layers, kv_heads, head_dim, float(config["rope_theta"]), device=device)
-    return KVCache(layers, kv_heads, head_dim)
+    a = attention_spec(config)
+    return KVCache(layers, a.key_heads, a.key_dim, value_shape=(a.value_heads, a.value_dim))

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeMoeError
-from .expert_graph import ExpertShape
+from .expert_graph import KINDS, ExpertShape
+from .family_spec import attention_spec, router_spec
 from .fields import Fields
 from .package_files import REEXPORT
 from .quant_graph import BLOCK_SIZES
 
-EXPERT_KINDS = ("swiglu",)
 PAGE = 4096
 TENSOR_ALIGN = 64  # a tensor's offset within its expert (SIMD loads)
 _ITEMSIZE = {"float32": 4, "float16": 2, "uint8": 1}
@@ -75,18 +75,26 @@ def _config(manifest, path: Path) -> dict:
         f.choice("attention_kernel", ("generic", "gqa"), "or install a newer edge_moe")
     if c.get("max_position_embeddings") is not None:
         f.int("max_position_embeddings", 1, 1 << 40)
+    router, _ = router_spec(c), attention_spec(c)  # the family's records validate themselves (family_spec.py)
+    if (router.num_experts, router.top_k) != (experts, c["top_k"]):
+        raise EdgeMoeError(f"{path}: config.router has {router.num_experts} experts, top-{router.top_k}; config says "
+                           f"{experts}, top-{c['top_k']}; {REEXPORT}")
     return c
 
 
 def _routers(manifest, c: dict, path: Path, blob_size: int) -> None:
     """Each MoE layer's router [E, H] and post-attention norm [H], inside the backbone blob."""
-    shapes = {"weight": [c["num_experts"], c["hidden_size"]], "norm": [c["hidden_size"]]}
+    shapes = {"weight": [c["num_experts"], c["hidden_size"]], "norm": [c["hidden_size"]],
+              "selection_bias": [c["num_experts"]], "bias": [c["num_experts"]]}
+    optional = ("selection_bias", "bias")  # DeepSeek-V3's selection-only bias, GPT-OSS's router bias
     if manifest.routers and set(manifest.routers) != set(c["moe_layers"]):
         raise EdgeMoeError(f"{path}: backbone.routers covers layers {sorted(manifest.routers)[:20]}, not "
                            f"config.moe_layers; {REEXPORT}")
     for layer, entry in manifest.routers.items():
         roles = Fields(entry, str(path), f"backbone.routers[{layer}]")
         for role, shape in shapes.items():
+            if role in optional and role not in entry:
+                continue
             t = roles.object(role)
             dtype = t.choice("dtype", ("float32", "float16"))
             if t.ints("shape", 0, 1 << 40) != shape:
@@ -99,8 +107,8 @@ def _routers(manifest, c: dict, path: Path, blob_size: int) -> None:
 
 def _expert(record, c: dict, path: Path) -> None:
     where = f"{path}: expert {record.key}"
-    if record.kind not in EXPERT_KINDS:
-        raise EdgeMoeError(f"{where}: kind {record.kind[:40]!r} is not one of {', '.join(EXPERT_KINDS)}; "
+    if record.kind not in KINDS:
+        raise EdgeMoeError(f"{where}: kind {record.kind[:40]!r} is not one of {', '.join(KINDS)}; "
                            "install a newer edge_moe or re-export")
     if record.hidden_size != c["hidden_size"]:
         raise EdgeMoeError(f"{where}: hidden_size {record.hidden_size} is not config.hidden_size "
@@ -117,7 +125,7 @@ def _expert(record, c: dict, path: Path) -> None:
 
         expected = quantized_tensor_shapes(shape)
     else:
-        expected = {name: (record.dtype, dims) for name, dims in shape.tensor_shapes().items()}
+        expected = shape.stored_tensors()
     if [t.name for t in record.tensors] != list(expected):
         raise EdgeMoeError(f"{where}: tensors {[t.name[:40] for t in record.tensors][:8]} are not "
                            f"{list(expected)}; {REEXPORT}")

@@ -17,7 +17,7 @@ from .errors import EdgeMoeError
 from .experts import ExpertKernels
 from .kv_cache import KVCache, new_kv_cache
 from .manifest import Manifest
-from .routing import group_by_expert, route
+from .routing import Router, group_by_expert
 from .sessions import OrtClock, TimedSession, open_session
 
 
@@ -68,7 +68,7 @@ class Forward:
         self.config = c
         self.backbone, self.experts, self.kernels, self.predictor = backbone, experts, kernels, predictor
         self.moe_layers = set(c["moe_layers"])
-        self.top_k, self.normalize = int(c["top_k"]), bool(c["norm_topk_prob"])
+        self.router = Router(manifest)  # the family's router, as the manifest declares it
         self.num_experts = int(c["num_experts"])
         self.route_observers: list = []  # callables (layer, indices [T, k]) for routing statistics
         # One forward step at a time per model: the cache protects the running layer's experts, and two threads
@@ -97,7 +97,7 @@ class Forward:
         return h
 
     def moe(self, layer: int, x: np.ndarray, logits: np.ndarray, residual: np.ndarray) -> np.ndarray:
-        indices, weights = route(logits, self.top_k, self.normalize)  # [T, k]
+        indices, weights = self.router(layer, logits)  # [T, k]
         for observe in self.route_observers:
             observe(layer, indices)
         scores = np.zeros(self.num_experts, np.float32)  # [E]: each expert's highest weight over the tokens
@@ -123,18 +123,24 @@ class Forward:
         parts = [None] * len(groups)
         if x.shape[0] == 1:
             for i, expert in experts:
-                parts[i] = self.kernels.run(expert, x) * weights[0, groups[i][2]]
+                parts[i] = self._weighted(expert, x, weights[0, groups[i][2]])
             out = parts[0]
             for y in parts[1:]:
                 out = out + y
             return out
         for i, expert in experts:
             _, rows, slots = groups[i]
-            parts[i] = self.kernels.run(expert, x[rows]) * weights[rows, slots][:, None]
+            parts[i] = self._weighted(expert, x[rows], weights[rows, slots][:, None])
         out = np.zeros_like(x)
         for (_, rows, _), y in zip(groups, parts):
             out[rows] += y  # a token meets an expert at most once, so rows are unique and += is exact
         return out
+
+    def _weighted(self, expert, x: np.ndarray, weight) -> np.ndarray:
+        """w * expert(x), or expert(w * x) where the family weights an expert's input (Llama 4)."""
+        if self.router.spec.weight_on == "input":
+            return self.kernels.run(expert, x * weight)
+        return self.kernels.run(expert, x) * weight
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         return self.backbone.head.run({"hidden_states": h})[0]

@@ -7,26 +7,10 @@ update, so the prediction is usually right; precision and recall are measured as
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from .errors import EdgeMoeError
 from .manifest import Manifest
-from .package_files import open_regular
-from .routing import route
-
-
-def _read_tensor(manifest: Manifest, entry: dict) -> np.ndarray:
-    """A router or norm from the backbone blob (verified at load; manifest_checks bounds offset and size)."""
-    fd = open_regular(manifest.backbone_blob, "backbone.blob")
-    try:
-        raw = os.pread(fd, entry["nbytes"], entry["offset"])
-    finally:
-        os.close(fd)
-    if len(raw) != entry["nbytes"]:
-        raise EdgeMoeError(f"{manifest.backbone_blob}: short read of a router; the file changed after load")
-    return np.frombuffer(raw, dtype=entry["dtype"]).reshape(entry["shape"]).astype(np.float32)
+from .routing import Router, read_backbone_tensor
 
 
 class NextLayerPredictor:
@@ -34,10 +18,14 @@ class NextLayerPredictor:
 
     def __init__(self, manifest: Manifest, depth: int = 1, extra: int = 0):
         c = manifest.config
-        self.top_k, self.eps, self.depth, self.extra = int(c["top_k"]), float(c["rms_norm_eps"]), depth, extra
+        self.router = Router(manifest)  # the family's own router: scoring, selection bias, groups
+        self.top_k, self.eps, self.depth, self.extra = self.router.spec.top_k, float(c["rms_norm_eps"]), depth, extra
         self.moe_layers = sorted(c["moe_layers"])
-        self.routers = {layer: (_read_tensor(manifest, e["weight"]), _read_tensor(manifest, e["norm"]))
+        self.routers = {layer: (read_backbone_tensor(manifest, e["weight"]), read_backbone_tensor(manifest, e["norm"]))
                         for layer, e in manifest.routers.items()}
+        # GPT-OSS's router has a bias: logits then depend on the RMS scale, so the decode shortcut is off
+        self.logit_bias = {layer: read_backbone_tensor(manifest, e["bias"])
+                           for layer, e in manifest.routers.items() if "bias" in e}
         self.tp = self.predicted = self.actual = 0
         self._pending: dict[int, set[int]] = {}
         # decode: every router with its norm folded in, stacked [layers, E, H], so that predicting many layers ahead
@@ -54,7 +42,8 @@ class NextLayerPredictor:
         later = self._later.get(layer)
         if later is None:
             later = self._later[layer] = [l for l in self.moe_layers if l > layer][:self.depth]
-        if hidden.shape[0] == 1 and self._stack is not None and later:
+        if (hidden.shape[0] == 1 and self._stack is not None and later and self.router.spec.ranks_by_logits
+                and not self.logit_bias):
             # a token's RMS scale is one positive number for every target layer: it cannot change the ranking
             return self._predict_token(later, hidden[0])
         predictions = {}
@@ -64,8 +53,11 @@ class NextLayerPredictor:
             if target not in self.routers:
                 continue
             weight, norm = self.routers[target]
-            indices, weights = route((unit * norm) @ weight.T, min(self.top_k + self.extra, weight.shape[0]), False)
-            if indices.shape[0] == 1:  # decode: route() already ranks the token's experts best first
+            logits = (unit * norm) @ weight.T
+            if target in self.logit_bias:
+                logits = logits + self.logit_bias[target]
+            indices, weights = self.router.ranked(target, logits, min(self.top_k + self.extra, weight.shape[0]))
+            if indices.shape[0] == 1:  # decode: ranked() already ranks the token's experts best first
                 chosen = indices[0].tolist()
             else:  # over several tokens (prefill) rank experts by their summed routing weight
                 scores = np.zeros(weight.shape[0], np.float32)
@@ -77,7 +69,7 @@ class NextLayerPredictor:
 
     def _predict_token(self, later: list[int], hidden: np.ndarray) -> dict[int, list[int]]:
         """One decoded token: all target layers' router logits at once, each layer's top experts best first
-        (softmax keeps the order of the logits)."""
+        (for a router that ranks by logits: softmax and sigmoid keep their order; bias or groups would not)."""
         rows = [self._row[l] for l in later if l in self._row]
         logits = self._stack[rows[0]:rows[-1] + 1] @ hidden  # later layers are consecutive rows
         # one sort of a few rows of E logits costs less than partition-then-sort's four numpy calls

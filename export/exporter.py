@@ -58,7 +58,7 @@ class BackboneWeights:
                 g.quantized[key] = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size}
                 used[key] = key
             else:
-                dtype, shape, offset, length = self._write(key)
+                dtype, shape, offset, length = self.write(key)
                 name = g.external(key, dtype, shape, self.blob.path.name, offset, length)
                 used[key] = g.as_float32(name, dtype)
             return used[key]
@@ -74,7 +74,7 @@ class BackboneWeights:
                 self.written[name] = (str(array.dtype), list(array.shape), offset, length)
         return self.written[key + suffix]
 
-    def _write(self, key: str):
+    def write(self, key: str):
         if key not in self.written:
             array = self.checkpoint.read(key)
             # Norm weights and biases stay float32: they are tiny and float16 would cost accuracy for nothing.
@@ -124,6 +124,9 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         chosen = choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size, zero_points, progress)
         choose = lambda layer, index, h, f: _shape(chosen[(layer, index)], dtype, h, f, block_size, zero_points)  # noqa: E731
     family = family_for(checkpoint.config)
+    if family.expert_kind != "swiglu" and bits not in (None, 16):
+        raise EdgeMoeError(f"--bits {bits}: {family.model_type}'s {family.expert_kind} experts export in float32 "
+                           "or float16 only for now; leave --bits out or use --bits 16")
     arch = family.arch
     for key in family.expert_keys(arch.moe_layers[0], 0) if arch.moe_layers else ():
         checkpoint.shape(key)  # fail early, before writing anything, on a checkpoint of another layout
@@ -139,7 +142,7 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
             shutil.copyfile(source_dir / "tokenizer_config.json", staged.path / "tokenizer_config.json")
         root = staged.path
         Manifest(
-            root=root, family=family.model_type, dtype=dtype, config=dataclasses.asdict(arch),
+            root=root, family=family.model_type, dtype=dtype, config=arch.to_config(),
             source_config=checkpoint.config, tokenizer=root / "tokenizer.json" if tokenizer else None,
             embed=root / backbone["embed"], layers=[root / p for p in backbone["layers"]], head=root / backbone["head"],
             backbone_bytes=backbone["bytes"], backbone_blob=root / backbone["blob"], routers=backbone["routers"],
@@ -184,12 +187,19 @@ def _export_backbone(root: Path, checkpoint, family, dtype, bar, bits=None, bloc
         files["layers"].append(f"backbone/layer_{layer:03d}.onnx")
         _save(g.model(), root / files["layers"][-1])
         bar.update()
+    for layer in family.arch.moe_layers:  # read by the runtime's router, by no graph
+        if family.selection_bias_key(layer):
+            weights.write(family.selection_bias_key(layer))
     blob.close()
     # Where each MoE layer's router and post-attention norm lie, for speculative next-layer routing at run time.
     routers = {}
     for layer in family.arch.moe_layers:
         entries = {"weight": family.router_key(layer),
                    "norm": family.layer_key(layer, "post_attention_layernorm.weight")}
+        if family.selection_bias_key(layer):
+            entries["selection_bias"] = family.selection_bias_key(layer)
+        if family.router_bias_key(layer):
+            entries["bias"] = family.router_bias_key(layer)
         routers[str(layer)] = {role: dict(zip(("dtype", "shape", "offset", "nbytes"), weights.written[key]))
                                for role, key in entries.items()}
     return {**files, "blob": "backbone/weights.bin", "bytes": blob.size, "routers": routers}
@@ -250,12 +260,26 @@ def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[ExpertR
         blob = BlobWriter(root / "experts" / blob_name)
         for index in range(arch.num_experts):
             keys = family.expert_keys(layer, index)
-            ffn = checkpoint.shape(keys[2])[1]
-            shape = choose(layer, index, arch.hidden_size, ffn)
+            tensors = None
+            if family.expert_kind == "swiglu" and len(keys) == 3:  # per-expert tensors: codes may carry over as-is
+                shape = choose(layer, index, arch.hidden_size, checkpoint.shape(keys[2])[1])
+                tensors = _encoded_expert(checkpoint, shape, keys)
+            if tensors is None:
+                parts = family.read_expert(checkpoint, layer, index)
+                if family.expert_kind == "swiglu":   # (gate, up, down) in Hugging Face's [out, in] layout
+                    shape = choose(layer, index, arch.hidden_size, parts[2].shape[1])
+                    tensors = expert_tensors(shape, *parts)
+                else:                                # the kind's own tensors, already in the graph's layout
+                    shape = dataclasses.replace(choose(layer, index, arch.hidden_size, parts["down_proj"].shape[0]),
+                                                kind=family.expert_kind)
+                    tensors = {name: array.astype(shape.dtype if array.ndim else np.float32)  # scalars stay exact
+                               for name, array in parts.items()}
+                del parts
+            ffn = shape.intermediate_size
             writer = ExpertWriter(blob, expert_seed((layer, index)))
-            for name, array in (_encoded_expert(checkpoint, shape, keys) or
-                                expert_tensors(shape, *(checkpoint.read(key) for key in keys))).items():
+            for name, array in tensors.items():
                 writer.write(name, array, str(array.dtype))
+            del tensors
             offset, length, checksum = writer.finish()
             external = {t.name: (blob_name, offset + t.offset, t.nbytes) for t in writer.tensors}
             graph = f"experts/L{layer:03d}_E{index:03d}.onnx"

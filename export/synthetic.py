@@ -1,7 +1,8 @@
 """Synthetic random-weight Hugging Face MoE checkpoints, written tensor by tensor with numpy (no torch).
 
 The output is what `AutoModelForCausalLM.from_config(cfg).save_pretrained(dir)` of transformers 5.24 writes for the
-family (`qwen3_moe`, `olmoe`, `mixtral`, `qwen2_moe`): the same config.json fields, tensor names and shapes, in
+family (`qwen3_moe`, `olmoe`, `mixtral`, `qwen2_moe`, `deepseek_v2`, `deepseek_v3`): the same config.json fields,
+tensor names and shapes, in
 `model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json` (always an index, even for one shard).
 Each tensor is generated just before it is written, so peak memory is one tensor (at most a 4 MB chunk of a large
 one) whatever the checkpoint size. `synthetic.json` records the parameters and the router's ground truth below.
@@ -47,6 +48,7 @@ from tqdm import tqdm
 
 from edge_moe.errors import EdgeMoeError
 from edge_moe_export.safetensors_writer import DTYPES, write_sharded
+from edge_moe_export.synthetic_layout import FAMILIES, MLA_DEFAULTS, checkpoint_config, checkpoint_tensors
 from edge_moe_export.writer import StagedDirectory
 
 _CHUNK_ELEMENTS = 2**20              # rows of a large tensor are generated 4 MB (fp32) at a time
@@ -73,6 +75,17 @@ PRESETS: dict[str, dict] = {
     "qwen3-30b-a3b-shapes": dict(family="qwen3_moe", hidden_size=2048, num_layers=4, num_experts=128, top_k=8,
                                  moe_intermediate_size=768, vocab_size=151936, num_attention_heads=32,
                                  num_key_value_heads=4, head_dim=128, dtype="bfloat16"),
+    # DeepSeek-V2-Lite shapes (MLA 512/64, YaRN, 2 shared experts, layer 0 dense), 4 of its 27 layers: 4.51 GB in
+    # bf16 (17.3 MB experts, 1.1 GB per MoE layer, 0.84 GB embeddings + lm_head).
+    "deepseek-v2-lite-shapes": dict(family="deepseek_v2", hidden_size=2048, num_layers=4, num_experts=64, top_k=6,
+                                    moe_intermediate_size=1408, vocab_size=102400, num_attention_heads=16,
+                                    num_key_value_heads=16, dtype="bfloat16"),
+    # The same with DeepSeek-V3's router (sigmoid, selection bias, 8 groups of 8, top-4 groups) and q_lora 1536.
+    "deepseek-v3-router-lite-shapes": dict(family="deepseek_v3", hidden_size=2048, num_layers=4, num_experts=64,
+                                           top_k=6, moe_intermediate_size=1408, vocab_size=102400,
+                                           num_attention_heads=16, num_key_value_heads=16, dtype="bfloat16",
+                                           family_config=dict(q_lora_rank=1536, n_group=8, topk_group=4,
+                                                              routed_scaling_factor=2.5)),
 }
 
 
@@ -90,97 +103,7 @@ class _Arch:
     num_key_value_heads: int
     head_dim: int
     shared_expert_intermediate_size: int | None
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    """One tensor to write: `init` names how its values are drawn (see _generate)."""
-    name: str
-    shape: tuple[int, ...]
-    init: str        # "embed" | "linear" | "residual" | "norm" | "bias" | "router"
-    layer: int = -1
-
-
-# ---------------------------------------------------------------- families: tensor names and config.json
-
-# family -> (architecture, MoE module, expert projection names gate/up/down, q/k norm, qkv bias, shared expert)
-_FAMILIES = {
-    "qwen3_moe": ("Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "head", False, False),
-    "olmoe": ("OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "full", False, False),
-    "mixtral": ("MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), None, False, False),
-    "qwen2_moe": ("Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), None, True, True),
-}
-
-
-def _tensors(a: _Arch) -> list[_Tensor]:
-    """Every tensor of the checkpoint, in write order. Names and shapes are transformers 5.24's."""
-    _, moe, (gate, up, down), qk_norm, qkv_bias, shared = _FAMILIES[a.family]
-    H, F, D = a.hidden_size, a.moe_intermediate_size, a.head_dim
-    q_out, kv_out = a.num_attention_heads * D, a.num_key_value_heads * D
-    out = [_Tensor("model.embed_tokens.weight", (a.vocab_size, H), "embed")]
-    for i in range(a.num_layers):
-        p = f"model.layers.{i}."
-        t = [_Tensor(p + "input_layernorm.weight", (H,), "norm")]
-        for proj, rows in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
-            t.append(_Tensor(f"{p}self_attn.{proj}.weight", (rows, H), "linear"))
-            if qkv_bias:
-                t.append(_Tensor(f"{p}self_attn.{proj}.bias", (rows,), "bias"))
-        if qk_norm == "head":            # Qwen3: one RMSNorm over each head's D channels
-            t += [_Tensor(p + "self_attn.q_norm.weight", (D,), "norm"),
-                  _Tensor(p + "self_attn.k_norm.weight", (D,), "norm")]
-        elif qk_norm == "full":          # OLMoE: RMSNorm over all heads together
-            t += [_Tensor(p + "self_attn.q_norm.weight", (q_out,), "norm"),
-                  _Tensor(p + "self_attn.k_norm.weight", (kv_out,), "norm")]
-        t.append(_Tensor(p + "self_attn.o_proj.weight", (H, q_out), "residual"))
-        t.append(_Tensor(p + "post_attention_layernorm.weight", (H,), "norm"))
-        t.append(_Tensor(f"{p}{moe}.gate.weight", (a.num_experts, H), "router", i))
-        for e in range(a.num_experts):
-            x = f"{p}{moe}.experts.{e}."
-            t += [_Tensor(x + gate + ".weight", (F, H), "linear"), _Tensor(x + up + ".weight", (F, H), "linear"),
-                  _Tensor(x + down + ".weight", (H, F), "residual")]
-        if shared:
-            S = a.shared_expert_intermediate_size
-            x = f"{p}{moe}.shared_expert."
-            t += [_Tensor(x + "gate_proj.weight", (S, H), "linear"), _Tensor(x + "up_proj.weight", (S, H), "linear"),
-                  _Tensor(x + "down_proj.weight", (H, S), "residual"),
-                  _Tensor(f"{p}{moe}.shared_expert_gate.weight", (1, H), "linear")]
-        out += t
-    out += [_Tensor("model.norm.weight", (H,), "norm"), _Tensor("lm_head.weight", (a.vocab_size, H), "linear")]
-    return out
-
-
-def _config(a: _Arch, dtype: str) -> dict:
-    """config.json exactly as transformers 5.24 saves it for the family (without transformers_version)."""
-    c = {
-        "architectures": [_FAMILIES[a.family][0]], "model_type": a.family, "dtype": dtype,
-        "hidden_size": a.hidden_size, "num_hidden_layers": a.num_layers, "vocab_size": a.vocab_size,
-        "num_attention_heads": a.num_attention_heads, "num_key_value_heads": a.num_key_value_heads,
-        "head_dim": a.head_dim, "num_experts_per_tok": a.top_k, "hidden_act": "silu",
-        "attention_dropout": 0.0, "initializer_range": 0.02, "output_router_logits": False,
-        "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "use_cache": True,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "rms_norm_eps": 1e-06,
-    }
-    if a.family in ("qwen3_moe", "qwen2_moe"):
-        c.update(decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=a.moe_intermediate_size,
-                 use_sliding_window=False, max_position_embeddings=32768)
-    if a.family == "qwen3_moe":
-        # Dense layers (none here) would use intermediate_size; Qwen3-30B-A3B has top_k * moe_intermediate_size.
-        c.update(attention_bias=False, sliding_window=None, num_local_experts=a.num_experts, norm_topk_prob=True,
-                 intermediate_size=a.top_k * a.moe_intermediate_size)
-    elif a.family == "qwen2_moe":
-        c.update(num_experts=a.num_experts, norm_topk_prob=False, qkv_bias=True, sliding_window=0,
-                 max_window_layers=28, layer_types=["full_attention"] * a.num_layers,
-                 shared_expert_intermediate_size=a.shared_expert_intermediate_size,
-                 intermediate_size=a.shared_expert_intermediate_size)
-    elif a.family == "olmoe":            # OLMoE's experts use intermediate_size; it has no moe_intermediate_size
-        c.update(num_experts=a.num_experts, norm_topk_prob=False, attention_bias=False, clip_qkv=None,
-                 intermediate_size=a.moe_intermediate_size, rms_norm_eps=1e-05, router_aux_loss_coef=0.01,
-                 max_position_embeddings=4096, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
-    elif a.family == "mixtral":          # Mixtral's experts use intermediate_size too
-        c.update(num_local_experts=a.num_experts, intermediate_size=a.moe_intermediate_size, rms_norm_eps=1e-05,
-                 router_jitter_noise=0.0, sliding_window=None, max_position_embeddings=32768)
-    return c
+    family_config: dict | None = None   # more config.json fields the family reads (DeepSeek: MLA_DEFAULTS)
 
 
 # ---------------------------------------------------------------- weight values
@@ -248,10 +171,11 @@ class _Values:
 # ---------------------------------------------------------------- public API
 
 def _resolve(family, hidden_size, num_layers, num_experts, top_k, moe_intermediate_size, vocab_size,
-             num_attention_heads, num_key_value_heads, head_dim, shared_expert_intermediate_size) -> _Arch:
+             num_attention_heads, num_key_value_heads, head_dim, shared_expert_intermediate_size,
+             family_config=None) -> _Arch:
     """Validates the shape arguments; errors name the value and the fix."""
-    if family not in _FAMILIES:
-        raise EdgeMoeError(f"family={family!r} is not supported; use one of {', '.join(sorted(_FAMILIES))}")
+    if family not in FAMILIES:
+        raise EdgeMoeError(f"family={family!r} is not supported; use one of {', '.join(sorted(FAMILIES))}")
     sizes = dict(hidden_size=hidden_size, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                  moe_intermediate_size=moe_intermediate_size, vocab_size=vocab_size,
                  num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads)
@@ -278,23 +202,29 @@ def _resolve(family, hidden_size, num_layers, num_experts, top_k, moe_intermedia
     elif shared_expert_intermediate_size is not None:
         raise EdgeMoeError(f"shared_expert_intermediate_size={shared_expert_intermediate_size}: family {family} "
                            "has no shared expert; leave it None or use family='qwen2_moe'")
-    return _Arch(family, head_dim=head_dim, shared_expert_intermediate_size=shared_expert_intermediate_size, **sizes)
+    unknown = sorted(set(family_config or {}) - set(MLA_DEFAULTS if family.startswith("deepseek") else ()))
+    if unknown:
+        raise EdgeMoeError(f"family_config field {unknown[0]!r} is not read for family {family}; leave it out")
+    return _Arch(family, head_dim=head_dim, shared_expert_intermediate_size=shared_expert_intermediate_size,
+                 family_config=family_config, **sizes)
 
 
 def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, num_layers=12, num_experts=32,
                                top_k=4, moe_intermediate_size=512, vocab_size=32000, num_attention_heads=8,
                                num_key_value_heads=4, head_dim=None, shared_expert_intermediate_size=None,
-                               dtype="float32", shard_bytes=512 * 2**20, seed=0, popularity_skew=1.0,
+                               family_config=None, dtype="float32", shard_bytes=512 * 2**20, seed=0,
+                               popularity_skew=1.0,
                                layer_correlation=0.6, progress=True, overwrite=False) -> Path:
     """Writes a random-weight Hugging Face checkpoint of the family, one tensor at a time.
 
     Args:
         out_dir: directory to create; written as `<out_dir>.partial-<pid>` and renamed into place at the end (export/writer.py).
-        family: config.json model_type: "qwen3_moe", "olmoe", "mixtral" or "qwen2_moe".
+        family: config.json model_type: "qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3".
         hidden_size ... num_key_value_heads: the architecture (moe_intermediate_size is each routed expert's
             intermediate size whatever field name the family's config uses for it).
         head_dim: attention head size; None means hidden_size / num_attention_heads.
         shared_expert_intermediate_size: qwen2_moe only; None means 4 * moe_intermediate_size.
+        family_config: DeepSeek only: MLA ranks, shared experts, dense layers, groups (synthetic_layout.MLA_DEFAULTS).
         dtype: "float32", "float16" or "bfloat16" (round to nearest even).
         shard_bytes: largest shard size before a new shard starts (a bigger tensor gets its own shard).
         seed: same seed and shape -> same values, whatever dtype or shard_bytes.
@@ -308,7 +238,7 @@ def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, 
         EdgeMoeError: invalid arguments, out_dir exists and is not empty (without overwrite), or too little disk.
     """
     a = _resolve(family, hidden_size, num_layers, num_experts, top_k, moe_intermediate_size, vocab_size,
-                 num_attention_heads, num_key_value_heads, head_dim, shared_expert_intermediate_size)
+                 num_attention_heads, num_key_value_heads, head_dim, shared_expert_intermediate_size, family_config)
     if dtype not in DTYPES:
         raise EdgeMoeError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if not shard_bytes or shard_bytes < 1:
@@ -318,7 +248,7 @@ def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, 
     if not 0.0 <= layer_correlation <= 1.0:
         raise EdgeMoeError(f"layer_correlation={layer_correlation} must be between 0 and 1")
     out = Path(out_dir)
-    tensors = _tensors(a)
+    tensors = checkpoint_tensors(a)
     total = sum(math.prod(t.shape) for t in tensors) * DTYPES[dtype][1]
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
@@ -333,7 +263,7 @@ def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, 
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"synthetic {a.family}", disable=not progress) as bar:
             write_sharded(tmp, [(t.name, t.shape) for t in tensors], lambda i: values.chunks(tensors[i]), dtype,
                           shard_bytes, bar.update)
-        _write_json(tmp / "config.json", _config(a, dtype))
+        _write_json(tmp / "config.json", checkpoint_config(a, dtype))
         _write_json(tmp / "synthetic.json", {
             "generator": "edge_moe_export.synthetic", "arch": asdict(a), "dtype": dtype, "seed": seed,
             "popularity_skew": popularity_skew, "layer_correlation": layer_correlation,

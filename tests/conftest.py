@@ -11,7 +11,9 @@ transformers = pytest.importorskip("transformers")
 
 # family -> the config keys that name its expert count
 EXPERT_KEY = {"mixtral": "num_local_experts", "olmoe": "num_experts", "qwen2_moe": "num_experts",
-              "qwen3_moe": "num_experts"}
+              "qwen3_moe": "num_experts", "granitemoe": "num_local_experts", "granitemoeshared": "num_local_experts",
+              "phimoe": "num_local_experts", "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts",
+              "gpt_oss": "num_local_experts"}
 
 
 def tiny_config(family: str, *, hidden=48, layers=2, heads=4, kv_heads=2, experts=6, top_k=2, ffn=40, vocab=128,
@@ -20,7 +22,7 @@ def tiny_config(family: str, *, hidden=48, layers=2, heads=4, kv_heads=2, expert
                   num_key_value_heads=kv_heads, vocab_size=vocab, num_experts_per_tok=top_k,
                   max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=None)
     kwargs[EXPERT_KEY[family]] = experts
-    if family in ("qwen2_moe", "qwen3_moe"):
+    if family in ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"):
         kwargs["moe_intermediate_size"] = ffn
         kwargs["intermediate_size"] = ffn + 8
     else:
@@ -38,9 +40,12 @@ def build_checkpoint(directory, config, *, seed=0, dtype=None, max_shard_size=No
     with torch.no_grad():  # default init leaves routers near zero: spread them so routing is decisive
         for name, param in model.named_parameters():
             if param.ndim >= 2:
-                param.normal_(0.0, 0.15 if ("gate.weight" in name) else 0.05)
-            elif "norm" in name:
+                param.normal_(0.0, 0.15 if ("gate.weight" in name or "router.weight" in name) else 0.05)
+            elif "norm" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+        for name, buffer in model.named_buffers():  # DeepSeek-V3's selection-only router bias
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.1)
     save = model.to(dtype) if dtype is not None else model
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     save.save_pretrained(directory, **kwargs)

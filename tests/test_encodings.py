@@ -229,3 +229,35 @@ def test_mxfp4_blocks_without_matching_scales_are_a_one_line_error(tmp_path):
                                     np.zeros((2, 4, 2), np.uint8))
     with pytest.raises(EdgeMoeError, match=f"{name}_blocks .* are not MXFP4 blocks of 32 with their scales"):
         checkpoint.names()
+
+
+def test_gpt_oss_mxfp4_checkpoint_exports_to_the_logits_of_its_dequantized_experts(tmp_path):
+    """GPT-OSS ships its experts in MXFP4 (gate_up_proj_blocks [E, 2F, G, 16] over the input, and scales): the
+    gpt_oss family reads them through the MXFP4 reader, one expert at a time; the reference is transformers with
+    the dequantized experts."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from edge_moe_export.encodings import quantize_mxfp4
+
+    reference = build_checkpoint(tmp_path / "hf", tiny_config("gpt_oss", hidden=64, ffn=32, head_dim=16), seed=3)
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        codes = [quantize_mxfp4(np.ascontiguousarray(w.astype(np.float32).T)) for w in tensors.pop(name)]  # [out, in]
+        tensors[f"{name}_blocks"] = np.stack([b for b, _ in codes])
+        tensors[f"{name}_scales"] = np.stack([s for _, s in codes])
+    (tmp_path / "mx").mkdir()
+    save_file(tensors, tmp_path / "mx" / "model.safetensors")
+    shutil.copyfile(tmp_path / "hf" / "config.json", tmp_path / "mx" / "config.json")
+
+    checkpoint = Checkpoint(tmp_path / "mx")
+    with torch.no_grad():
+        for layer, block in enumerate(reference.model.layers):
+            for proj in ("gate_up_proj", "down_proj"):
+                dequantized = checkpoint.read(f"model.layers.{layer}.mlp.experts.{proj}")      # [E, in, out]
+                getattr(block.mlp.experts, proj).copy_(torch.from_numpy(dequantized))
+    package = export_checkpoint(tmp_path / "mx", tmp_path / "pkg", progress=False)
+    ids = list(range(3, 19))
+    np.testing.assert_allclose(edge_moe.load(package).logits(ids), reference_logits(reference, ids), atol=1e-4,
+                               rtol=0)

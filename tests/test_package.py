@@ -48,7 +48,27 @@ def test_manifest_lists_every_expert(tiny_package):
 
 def test_unknown_model_type_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(EdgeMoeError, match="mixtral, olmoe, qwen2_moe, qwen3_moe"):
+    with pytest.raises(EdgeMoeError, match="supported: deepseek_v2, deepseek_v3, gpt_oss, granitemoe, granitemoeshared, "
+                                           "mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe$"):
+        export_checkpoint(tmp_path, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "longrope", "rope_theta": 1e4}, {"type": "dynamic", "factor": 2.0}])
+def test_unsupported_rope_scaling_names_the_supported(tmp_path, rope):
+    config = tiny_config("deepseek_v2", kv_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                         v_head_dim=4).to_dict()
+    config.pop("rope_parameters", None)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": rope}))
+    with pytest.raises(EdgeMoeError, match=r"^config.json: rope_type '(longrope|dynamic)' is not supported yet; "
+                                           r"supported: default, yarn$"):
+        export_checkpoint(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_bad_router_settings_name_the_field(tmp_path):
+    config = tiny_config("deepseek_v3", kv_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                         v_head_dim=4, experts=6, n_group=4, topk_group=2).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdgeMoeError, match=r"^config.json: n_group=4 must divide num_experts=6$"):
         export_checkpoint(tmp_path, tmp_path / "out", progress=False)
 
 
@@ -90,3 +110,27 @@ def test_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
     with pytest.raises(EdgeMoeError, match="not a directory"):
         export_checkpoint(tmp_path / "hf", tmp_path / "pkg", progress=False, overwrite=True)
     assert (tmp_path / "pkg").read_text() == "not a package"
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda m: m["config"]["router"].update(n_group=3), r"config.router: n_group=3 must divide num_experts=8"),
+    (lambda m: m["config"]["router"].update(top_k=3), r"config.router has 8 experts, top-3"),
+    (lambda m: m["config"]["attention"].update(kind="mqa"), r"config.attention: kind='mqa' is not supported"),
+    (lambda m: m["backbone"]["routers"]["0"]["selection_bias"].update(nbytes=4), r"selection_bias: 4 bytes"),
+])
+def test_damaged_family_records_are_one_line_errors_at_load(tmp_path, damage, words):
+    """The router and attention records and the router's selection bias are checked when a package loads."""
+    import edge_moe
+    from edge_moe.manifest import seal
+
+    config = tiny_config("deepseek_v3", kv_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                         v_head_dim=4, experts=8, n_group=4, topk_group=2, first_k_dense_replace=0, layers=1)
+    build_checkpoint(tmp_path / "hf", config)
+    package = export_checkpoint(tmp_path / "hf", tmp_path / "pkg", progress=False)
+    path = package / "manifest.json"
+    manifest = json.loads(path.read_text())
+    damage(manifest)
+    path.write_text(json.dumps(seal(manifest)))
+    with pytest.raises(EdgeMoeError, match=words) as info:
+        edge_moe.load(package)
+    assert "\n" not in str(info.value)

@@ -48,3 +48,41 @@ def test_decode_prediction_of_many_layers_at_once_equals_one_router_at_a_time(ti
     for layer in sorted(manifest.config["moe_layers"]):
         hidden = rng.standard_normal((1, manifest.config["hidden_size"])).astype(np.float32)
         assert stacked.predict(layer, hidden) == looped.predict(layer, hidden)
+
+
+@pytest.mark.parametrize("family, shape", [
+    ("deepseek_v3", dict(kv_heads=4, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, layers=3,
+                         experts=8, top_k=2, n_group=4, topk_group=2, first_k_dense_replace=0)),
+    ("gpt_oss", dict(head_dim=8, layers=3, top_k=2, experts=8)),
+])
+def test_predictor_given_the_true_hidden_state_predicts_the_family_routing(family, shape, tmp_path):
+    """Fed the layer's own post-attention state, the predictor must choose exactly what the runtime routes: with a
+    selection bias and groups (DeepSeek-V3) or a router bias (GPT-OSS) raw logits would rank differently."""
+    import edge_moe
+    from edge_moe_export.exporter import export_checkpoint
+
+    from conftest import build_checkpoint, tiny_config
+
+    build_checkpoint(tmp_path / "hf", tiny_config(family, **shape), seed=4)
+    package = export_checkpoint(tmp_path / "hf", tmp_path / "pkg", progress=False)
+    model = edge_moe.load(package)
+    predictor = NextLayerPredictor(Manifest.load(package), depth=1)
+    seen = []
+    moe = model.forward.moe
+
+    def recording_moe(layer, x, logits, residual):
+        seen.append((layer, x.copy(), model.forward.router(layer, logits)[0]))
+        return moe(layer, x, logits, residual)
+
+    model.forward.moe = recording_moe
+    model.logits(list(range(2, 12)))
+    checked = 0
+    for layer, x, indices in seen:
+        if layer == 0:
+            continue
+        norm = predictor.routers[layer][1]
+        for t in range(x.shape[0]):  # x = norm(h) * w: x / w has h's direction, which is all the predictor uses
+            predicted = predictor.predict(layer - 1, (x[t:t + 1] / norm))[layer]
+            assert predicted == indices[t].tolist()
+            checked += 1
+    assert checked == 2 * 10

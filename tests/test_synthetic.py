@@ -40,9 +40,16 @@ def _shapes(ckpt, pattern):
     return shapes
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+SMALL_MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=48,
+                 n_shared_experts=1)
+FAMILY_CONFIG = {"deepseek_v2": dict(SMALL_MLA, n_group=4, topk_group=2),
+                 "deepseek_v3": dict(SMALL_MLA, q_lora_rank=24, n_group=2, topk_group=1, routed_scaling_factor=2.0)}
+
+
+@pytest.mark.parametrize("family", FAMILIES + sorted(FAMILY_CONFIG))
 def test_family_is_what_transformers_writes(family, tmp_path):
-    ckpt = write_synthetic_checkpoint(tmp_path / "ck", family=family, **TINY)
+    extra = dict(num_key_value_heads=4, family_config=FAMILY_CONFIG[family]) if family in FAMILY_CONFIG else {}
+    ckpt = write_synthetic_checkpoint(tmp_path / "ck", family=family, **{**TINY, **extra})
     model, info = transformers.AutoModelForCausalLM.from_pretrained(ckpt, output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {}          # no missing, unexpected or mismatched keys
 

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_moe.errors import EdgeMoeError
+from edge_moe.family_spec import AttentionSpec, RouterSpec
 from edge_moe.onnx_build import GraphBuilder
+
+from .rope import inverse_frequencies, rope_parameters
 
 ATTENTION_HOOKS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -44,7 +47,13 @@ class Arch:
     sliding_windows: list[int | None]
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    router_scoring: str = "softmax"
+    router: RouterSpec | None = None        # what the runtime routes by (manifest config.router)
+    attention: AttentionSpec | None = None  # what the KV cache holds (manifest config.attention)
+
+    def to_config(self) -> dict:
+        """The manifest's `config`: these fields, with the router and attention in their typed format."""
+        plain = {f: getattr(self, f) for f in self.__dataclass_fields__ if f not in ("router", "attention")}
+        return {**plain, "router": self.router.to_dict(), "attention": self.attention.to_dict()}
     # "gqa": layer graphs attend with com.microsoft.GroupQueryAttention over a KV buffer the runtime preallocates
     # and the graph updates in place; "generic": plain ONNX ops over a [P, kvH, D] past (model.py reads this).
     attention_kernel: str = "generic"
@@ -57,14 +66,6 @@ def _required(config: dict, *names: str):
     raise EdgeMoeError(f"config.json: field {names[0]!r} is missing; the checkpoint's config is incomplete")
 
 
-def _rope_theta(config: dict) -> float:
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", None):
-        raise EdgeMoeError(f"config.json: rope_type {kind!r} is not supported yet; supported: default")
-    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-
-
 class MoEFamily:
     """Base of every family. `emit_*` methods build graphs; `weight(key)` streams a checkpoint tensor into the
     backbone blob and returns the name of its float32 value in the graph being built."""
@@ -73,6 +74,10 @@ class MoEFamily:
     expert_prefix = "mlp"            # model.layers.{i}.<prefix>.experts.{e}...
     expert_projections = ("gate_proj", "up_proj", "down_proj")
     qkv_bias = False
+    o_bias = False                   # a bias on the attention output projection (Phi-3.5-MoE)
+    expert_kind = "swiglu"           # edge_moe.expert_graph.KINDS
+    rope_types = ("default", "yarn")  # what emit_rope_tables computes (rope.py); others are refused
+    lm_head_bias = False
     # Families whose attention is standard GQA with Hugging Face RoPE run it as one fused kernel (emit_gqa_attention);
     # a family with another attention (MLA, sinks) sets this False and overrides emit_attention.
     fused_attention = True
@@ -80,8 +85,15 @@ class MoEFamily:
     def __init__(self, config: dict):
         self.config = config
         self.arch = self.make_arch(config)
+        try:
+            self.arch.router = self.make_router(config, self.arch)
+            self.arch.attention = self.make_attention(config, self.arch)
+        except EdgeMoeError as exc:  # the spec names the field; say where it came from
+            raise EdgeMoeError(f"config.json: {exc}") from None
         # onnxruntime's GroupQueryAttention takes head sizes that are multiples of 16 (every released model's are)
-        fused = self.fused_attention and self.arch.head_dim % 16 == 0
+        # and computes plain RoPE from the tables the runtime passes (kv_cache.rope_tables)
+        fused = (self.fused_attention and self.arch.head_dim % 16 == 0
+                 and rope_parameters(config, self.rope_types)["rope_type"] == "default")
         self.arch.attention_kernel = "gqa" if fused else "generic"
 
     # Configuration ------------------------------------------------------------------------------------
@@ -94,7 +106,8 @@ class MoEFamily:
         return Arch(
             hidden_size=hidden, num_layers=layers, vocab_size=int(_required(c, "vocab_size")),
             num_attention_heads=heads, num_key_value_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or hidden // heads), rope_theta=_rope_theta(c),
+            head_dim=int(c.get("head_dim") or hidden // heads),
+            rope_theta=float(rope_parameters(c, self.rope_types)["rope_theta"]),
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
@@ -106,6 +119,23 @@ class MoEFamily:
             bos_token_id=c.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )
+
+    def make_router(self, c: dict, arch: Arch) -> RouterSpec:
+        """The family's router; the default is softmax top-k, renormalized where norm_topk_prob says so."""
+        return RouterSpec(num_experts=arch.num_experts, top_k=arch.top_k, normalize=arch.norm_topk_prob)
+
+    def make_attention(self, c: dict, arch: Arch) -> AttentionSpec:
+        """What the layer graphs cache per token (their key/value outputs); GQA by default."""
+        kv, d = arch.num_key_value_heads, arch.head_dim
+        return AttentionSpec("gqa", kv, d, kv, d)
+
+    def router_bias_key(self, layer: int) -> str | None:
+        """A bias of the router's linear layer (GPT-OSS), part of the logits."""
+        return None
+
+    def selection_bias_key(self, layer: int) -> str | None:
+        """The checkpoint tensor added to router scores for selection only, where the family has one."""
+        return None
 
     def moe_layers(self, c: dict, layers: int) -> list[int]:
         """Layers with routed experts; Qwen-style configs can make some layers dense."""
@@ -127,6 +157,10 @@ class MoEFamily:
         base = self.layer_key(layer, f"{self.expert_prefix}.experts.{expert}")
         return tuple(f"{base}.{proj}.weight" for proj in self.expert_projections)
 
+    def read_expert(self, checkpoint, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(gate [F, H], up [F, H], down [H, F]) of one routed expert, Hugging Face [out, in] layout."""
+        return tuple(checkpoint.read(key) for key in self.expert_keys(layer, expert))
+
     def router_key(self, layer: int) -> str:
         return self.layer_key(layer, f"{self.expert_prefix}.gate.weight")
 
@@ -143,14 +177,19 @@ class MoEFamily:
         a = self.arch
         ids = g.input("input_ids", "int64", ["T"])
         table = weight("model.embed_tokens.weight")
-        g.output(g.op("Gather", table, ids, axis=0), "hidden_states", "float32", ["T", a.hidden_size])
+        hidden = g.op("Gather", table, ids, axis=0)
+        if self.embedding_scale() != 1.0:
+            hidden = g.op("Mul", hidden, g.const(self.embedding_scale()))
+        g.output(hidden, "hidden_states", "float32", ["T", a.hidden_size])
 
     def emit_head(self, g: GraphBuilder, weight) -> None:
         a = self.arch
         x = g.input("hidden_states", "float32", ["T", a.hidden_size])
-        x = g.rms_norm(x, weight("model.norm.weight"), a.rms_norm_eps)
+        x = self.emit_norm(g, x, "model.norm", weight)
         lm_head = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
-        logits = g.linear(x, weight(lm_head))
+        logits = g.linear(x, weight(lm_head), weight("lm_head.bias") if self.lm_head_bias else None)
+        if self.logit_scale() != 1.0:
+            logits = g.op("Mul", logits, g.const(self.logit_scale()))
         g.output(logits, "logits", "float32", ["T", a.vocab_size])
 
     def emit_layer(self, g: GraphBuilder, layer: int, weight) -> None:
@@ -158,29 +197,31 @@ class MoEFamily:
         w = lambda name: weight(self.layer_key(layer, name))  # noqa: E731
         hidden = g.input("hidden_states", "float32", ["T", a.hidden_size])
         g.scope = f"/model/layers.{layer}/attn"
-        x = g.rms_norm(hidden, w("input_layernorm.weight"), a.rms_norm_eps)
+        x = self.emit_norm(g, hidden, self.layer_key(layer, "input_layernorm"), weight)
         if a.attention_kernel == "gqa":
             attn, new_k, new_v = self.emit_gqa_attention(g, layer, x, w)
-            kv_shape = [1, a.num_key_value_heads, "M", a.head_dim]
+            kv_shapes = [[1, a.num_key_value_heads, "M", a.head_dim]] * 2
         else:
-            past_k = g.input("past_key", "float32", ["P", a.num_key_value_heads, a.head_dim])
-            past_v = g.input("past_value", "float32", ["P", a.num_key_value_heads, a.head_dim])
+            kv = a.attention
+            past_k = g.input("past_key", "float32", ["P", kv.key_heads, kv.key_dim])
+            past_v = g.input("past_value", "float32", ["P", kv.value_heads, kv.value_dim])
             attn, new_k, new_v = self.emit_attention(g, layer, x, past_k, past_v, w)
-            kv_shape = ["T", a.num_key_value_heads, a.head_dim]
-        h = g.op("Add", hidden, attn)
+            kv_shapes = [["T", kv.key_heads, kv.key_dim], ["T", kv.value_heads, kv.value_dim]]
+        h = g.op("Add", hidden, self.scale_residual(g, attn))
         g.scope = f"/model/layers.{layer}/moe"
-        moe_input = g.rms_norm(h, w("post_attention_layernorm.weight"), a.rms_norm_eps)
+        moe_input = self.emit_norm(g, h, self.layer_key(layer, "post_attention_layernorm"), weight)
         if layer in a.moe_layers:
             residual = self.emit_shared_expert(g, layer, h, moe_input, w)
-            logits = g.linear(moe_input, weight(self.router_key(layer)))
+            bias_key = self.router_bias_key(layer)
+            logits = g.linear(moe_input, weight(self.router_key(layer)), weight(bias_key) if bias_key else None)
             g.output(residual, "residual", "float32", ["T", a.hidden_size])
             g.output(moe_input, "moe_input", "float32", ["T", a.hidden_size])
             g.output(logits, "router_logits", "float32", ["T", a.num_experts])
         else:
-            residual = g.op("Add", h, self.emit_dense_mlp(g, layer, moe_input, w))
+            residual = g.op("Add", h, self.scale_residual(g, self.emit_dense_mlp(g, layer, moe_input, w)))
             g.output(residual, "residual", "float32", ["T", a.hidden_size])
-        g.output(new_k, "key", "float32", kv_shape)
-        g.output(new_v, "value", "float32", kv_shape)
+        g.output(new_k, "key", "float32", kv_shapes[0])
+        g.output(new_v, "value", "float32", kv_shapes[1])
 
     def emit_gqa_attention(self, g: GraphBuilder, layer: int, x: str, w):
         """Attention as one com.microsoft.GroupQueryAttention node (RoPE inside, KV updated in place):
@@ -216,9 +257,11 @@ class MoEFamily:
         out, present_k, present_v = g.op(
             "GroupQueryAttention", *(g.op("Unsqueeze", t, batch) for t in (q, k, v)), past_k, past_v, seqlens,
             total, cos, sin, outputs=3, domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
-            do_rotary=1, rotary_interleaved=0, scale=d ** -0.5, local_window_size=window if window else -1)
+            do_rotary=1, rotary_interleaved=0, scale=self.attention_scale(),
+            local_window_size=window if window else -1)
         out = g.op("Squeeze", out, batch)  # [T, nH*D]
-        return g.linear(out, w("self_attn.o_proj.weight")), present_k, present_v
+        o_bias = w("self_attn.o_proj.bias") if self.o_bias else None
+        return g.linear(out, w("self_attn.o_proj.weight"), o_bias), present_k, present_v
 
     def emit_attention(self, g: GraphBuilder, layer: int, x: str, past_k: str, past_v: str, w):
         a = self.arch
@@ -232,9 +275,7 @@ class MoEFamily:
         k = g.op("Reshape", k, g.const([0, kv_heads, d], "int64"))
         v = g.op("Reshape", v, g.const([0, kv_heads, d], "int64"))
         q, k = self.emit_head_norms(g, layer, q, k, w)
-        past_len = g.op("Gather", g.op("Shape", past_k), g.const(0, "int64"), axis=0)
-        new_len = g.op("Gather", g.op("Shape", x), g.const(0, "int64"), axis=0)
-        q_pos = g.op("Range", past_len, g.op("Add", past_len, new_len), g.const(1, "int64"))  # [T]
+        q_pos, k_pos = self.emit_positions(g, past_k, x)
         cos, sin = self.emit_rope_tables(g, q_pos)
         q, k = self.apply_rope(g, q, cos, sin), self.apply_rope(g, k, cos, sin)
         keys = g.op("Concat", past_k, k, axis=0)    # [S, kvH, D]
@@ -242,17 +283,23 @@ class MoEFamily:
         # q [T,nH,D] -> [kvH, G, T, D]; keys -> [kvH, 1, D, S]: MatMul broadcasts G, no repeat of the cache.
         q4 = g.op("Reshape", g.op("Transpose", q, perm=[1, 0, 2]), g.const([kv_heads, heads // kv_heads, -1, d],
                                                                             "int64"))
-        q4 = g.op("Mul", q4, g.const(d ** -0.5))
+        q4 = g.op("Mul", q4, g.const(self.attention_scale()))
         k4 = g.op("Unsqueeze", g.op("Transpose", keys, perm=[1, 2, 0]), g.const([1], "int64"))
         v4 = g.op("Unsqueeze", g.op("Transpose", values, perm=[1, 0, 2]), g.const([1], "int64"))
         scores = g.op("MatMul", q4, k4)               # [kvH, G, T, S]
-        k_pos = g.op("Range", g.const(0, "int64"), g.op("Add", past_len, new_len), g.const(1, "int64"))  # [S]
         allowed = self.emit_mask(g, layer, q_pos, k_pos)
         scores = g.op("Where", allowed, scores, g.const(-np.inf))
-        out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v4)  # [kvH, G, T, D]
+        out = g.op("MatMul", self.emit_attention_softmax(g, layer, scores, w), v4)  # [kvH, G, T, D]
         out = g.op("Transpose", g.op("Reshape", out, g.const([heads, -1, d], "int64")), perm=[1, 0, 2])
         out = g.op("Reshape", out, g.const([-1, heads * d], "int64"))
-        return g.linear(out, w("self_attn.o_proj.weight")), k, v
+        return g.linear(out, w("self_attn.o_proj.weight"), w("self_attn.o_proj.bias") if self.o_bias else None), k, v
+
+    def emit_positions(self, g: GraphBuilder, past: str, x: str) -> tuple[str, str]:
+        """(q_pos [T], k_pos [S]): this call's token positions after the P cached ones, and all S = P + T."""
+        past_len = g.op("Gather", g.op("Shape", past), g.const(0, "int64"), axis=0)
+        end = g.op("Add", past_len, g.op("Gather", g.op("Shape", x), g.const(0, "int64"), axis=0))
+        one = g.const(1, "int64")
+        return g.op("Range", past_len, end, one), g.op("Range", g.const(0, "int64"), end, one)
 
     def emit_mask(self, g: GraphBuilder, layer: int, q_pos: str, k_pos: str) -> str:
         """allowed [T, S]: causal, and within the sliding window where the layer has one."""
@@ -266,12 +313,15 @@ class MoEFamily:
         return allowed
 
     def emit_rope_tables(self, g: GraphBuilder, positions: str):
-        d = self.arch.head_dim
-        inv_freq = 1.0 / (self.arch.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+        """(cos, sin) [T, 1, D] of the rotary dimension D = head_dim, times YaRN's attention factor if any."""
+        inv_freq, factor = inverse_frequencies(self.config, self.arch.head_dim)
         freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=1), g.const([1], "int64")),
-                     g.const(inv_freq.astype(np.float32)[None, :]))          # [T, D/2]
+                     g.const(inv_freq[None, :]))                              # [T, D/2]
         angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1], "int64"))  # [T, 1, D]
-        return g.op("Cos", angles), g.op("Sin", angles)
+        cos, sin = g.op("Cos", angles), g.op("Sin", angles)
+        if factor != 1.0:
+            cos, sin = g.op("Mul", cos, g.const(factor)), g.op("Mul", sin, g.const(factor))
+        return cos, sin
 
     def apply_rope(self, g: GraphBuilder, x: str, cos: str, sin: str) -> str:
         """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1) (Hugging Face's non-interleaved RoPE)."""
@@ -280,6 +330,29 @@ class MoEFamily:
         return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
     # Hooks that families override ---------------------------------------------------------------------
+
+    def emit_norm(self, g: GraphBuilder, x: str, name: str, weight) -> str:
+        """The norm whose weights are `{name}.weight` (RMSNorm; Phi-3.5-MoE's LayerNorm has a bias too)."""
+        return g.rms_norm(x, weight(f"{name}.weight"), self.arch.rms_norm_eps)
+
+    def attention_scale(self) -> float:
+        """Multiplies q K^T before the softmax (Granite: attention_multiplier)."""
+        return self.arch.head_dim ** -0.5
+
+    def scale_residual(self, g: GraphBuilder, update: str) -> str:
+        """A block's output before it joins the residual stream (Granite: times residual_multiplier; the routed
+        experts' share is scaled by the router's scaling_factor instead)."""
+        return update
+
+    def embedding_scale(self) -> float:
+        return 1.0
+
+    def logit_scale(self) -> float:
+        return 1.0
+
+    def emit_attention_softmax(self, g: GraphBuilder, layer: int, scores: str, w) -> str:
+        """Attention probabilities from scores [kvH, G, T, S] (GPT-OSS adds a learned sink per head)."""
+        return g.op("Softmax", scores, axis=-1)
 
     def emit_qkv_post(self, g: GraphBuilder, layer: int, q: str, k: str, v: str, w):
         """After the projections, on [T, heads*D] (OLMoE normalizes and clips here)."""
