@@ -30,7 +30,8 @@ def cmd_export(args) -> int:
     out = export_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
                             progress=not args.quiet, bits=bits, block_size=args.block_size,
                             zero_points=args.zero_points, expert_bytes=args.expert_bytes,
-                            calibration=args.calibration, backbone_bits=args.backbone_bits)
+                            calibration=args.calibration, backbone_bits=args.backbone_bits,
+                            attention=args.attention)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({size / 2**20:,.1f} MiB) in {time.perf_counter() - start:.1f} s; "
           f"peak RSS {peak_rss_bytes() / 2**20:,.1f} MiB")
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-points", action="store_true", help="asymmetric quantization blocks (zero points)")
     p.add_argument("--expert-bytes", metavar="SIZE", help="--bits mixed: total expert size to fit (300MB, 1GiB)")
     p.add_argument("--calibration", metavar="FILE", help="--bits mixed: text whose routing and errors decide")
+    p.add_argument("--attention", choices=["auto", "generic"], default="auto",
+                   help="layer attention: auto (GroupQueryAttention with an in-place KV cache where possible) or "
+                        "generic (plain ONNX ops; faster with --device cuda, which lacks a float32 GQA kernel)")
     p.add_argument("--backbone-bits", type=int, choices=[8, 4],
                    help="store attention projections and lm_head block-quantized (faster decode, small error)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")

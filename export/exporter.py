@@ -88,7 +88,7 @@ class BackboneWeights:
 def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: bool = False,
                       progress: bool = True, bits=None, block_size: int = 32, zero_points: bool = False,
                       expert_bytes=None, calibration=None, backbone_bits: int | None = None,
-                      source_bits: bool = True) -> Path:
+                      source_bits: bool = True, attention: str = "auto") -> Path:
     """Exports a checkpoint directory to a package directory.
 
     Args:
@@ -105,6 +105,9 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
             block-quantized (MatMulNBits, symmetric, `block_size`); embeddings, norms and routers stay in `dtype`.
         source_bits: with bits None, keep a GGUF file's expert precision (False: experts in `dtype`, as the
             calibration of --bits mixed needs them).
+        attention: "auto" (GroupQueryAttention layer graphs where the family and head size allow, else plain
+            ONNX), or "generic" (plain ONNX always: onnxruntime's GroupQueryAttention has no float32 CUDA kernel,
+            so a package meant for --device cuda runs faster this way; README).
     Returns:
         The package path.
     Raises:
@@ -124,6 +127,10 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
         chosen = choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size, zero_points, progress)
         choose = lambda layer, index, h, f: _shape(chosen[(layer, index)], dtype, h, f, block_size, zero_points)  # noqa: E731
     family = family_for(checkpoint.config)
+    if attention not in ("auto", "generic"):
+        raise EdgeMoeError(f"--attention {attention!r} is not supported; choose auto or generic")
+    if attention == "generic":
+        family.arch.attention_kernel = "generic"
     if family.expert_kind != "swiglu" and bits not in (None, 16):
         raise EdgeMoeError(f"--bits {bits}: {family.model_type}'s {family.expert_kind} experts export in float32 "
                            "or float16 only for now; leave --bits out or use --bits 16")

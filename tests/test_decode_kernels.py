@@ -7,7 +7,6 @@ import pytest
 
 import edge_moe
 from edge_moe_export.exporter import export_checkpoint
-from edge_moe_export.families.base import MoEFamily
 from edge_moe_export.quantize import dequantize, quantize
 
 from conftest import build_checkpoint, reference_greedy, reference_logits, tiny_config
@@ -21,11 +20,10 @@ def checkpoint(tmp_path_factory):
     return root, build_checkpoint(root / "hf", config, seed=5)
 
 
-def test_in_place_kv_equals_the_copied_cache_over_300_tokens(checkpoint, monkeypatch):
+def test_in_place_kv_equals_the_copied_cache_over_300_tokens(checkpoint):
     root, _ = checkpoint
     fused = edge_moe.load(export_checkpoint(root / "hf", root / "gqa", progress=False))
-    monkeypatch.setattr(MoEFamily, "fused_attention", False)
-    plain = edge_moe.load(export_checkpoint(root / "hf", root / "plain", progress=False))
+    plain = edge_moe.load(export_checkpoint(root / "hf", root / "plain", progress=False, attention="generic"))
     assert fused.config["attention_kernel"] == "gqa" and plain.config["attention_kernel"] == "generic"
     for model in (fused, plain):
         model.config["eos_token_ids"] = []  # 300 tokens whatever they are
