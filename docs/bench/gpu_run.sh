@@ -1,15 +1,16 @@
 #!/bin/bash
 # The H200 figures of issue 13: after the onnxruntime-gpu parts are in /tmp/ortparts (see .library device README),
-#   bash docs/bench/gpu_run.sh setup   # synthetic 6-layer Qwen3-30B-A3B-shaped checkpoint, float16 package
-#   bash docs/bench/gpu_run.sh bench   # python -m edge_moe.bench.cooperative on it
+#   bash docs/bench/gpu_run.sh setup [EXPORT_OPTIONS]  # synthetic 6-layer Qwen3-30B-A3B-shaped checkpoint, float16
+#   bash docs/bench/gpu_run.sh bench                   # python -m edge_moe.bench.cooperative on it
 set -e
 eval "$(bash /tmp/ortparts/ort-gpu-install)"
 mkdir -p /tmp/pp /tmp/g
 [ -e /tmp/pp/edge_moe_export ] || ln -s "$PWD/export" /tmp/pp/edge_moe_export
 export PYTHONPATH=/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "$1" = setup ]; then
+  shift
   [ -d /tmp/g/hf ] || python3 -m edge_moe.cli synth /tmp/g/hf --preset qwen3-30b-a3b-shapes --layers 6 --quiet
-  [ -d /tmp/g/f16 ] || python3 -m edge_moe.cli export /tmp/g/hf /tmp/g/f16 --dtype float16 --quiet
+  [ -d /tmp/g/f16 ] || python3 -m edge_moe.cli export /tmp/g/hf /tmp/g/f16 --dtype float16 --quiet "$@"
   python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
 else
   python3 -m edge_moe.bench.cooperative /tmp/g/f16 --prompt 256 --decode 32 --json "$OUT/coop.json"
