@@ -365,7 +365,14 @@ def sigint_deferred():
     try:
         yield
     finally:
+        # A Ctrl-C held back meanwhile is taken here and raised now: left pending, it would be delivered at
+        # unblocking and become a KeyboardInterrupt only at Python's next signal check, somewhere later.
+        interrupted = signal.SIGINT in signal.sigpending()
+        if interrupted:
+            signal.sigwait({signal.SIGINT})
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
