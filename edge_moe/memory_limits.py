@@ -2,7 +2,7 @@
 kernel counts it) or else the RAM the OS reports available; and `--budget auto`, the expert budget that fits.
 
     headroom = min(cgroup limit - (cgroup usage - inactive file pages), available RAM)
-    auto budget = headroom - (KV cache of min(context, 1024) tokens + 32 MiB of activations and allocator slack)
+    auto budget = headroom - (KV cache of min(context, 512) tokens + 24 MiB of activations and allocator slack)
 
 Inactive file pages are the cache the kernel reclaims first under the limit, so they do not count as used.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import psutil
 
-AUTO_KV_TOKENS = 1024
-AUTO_SLACK_BYTES = 32 * 2**20
+AUTO_KV_TOKENS = 512
+AUTO_SLACK_BYTES = 24 * 2**20
 _NO_LIMIT = 1 << 60  # cgroup v1 writes ~2^63 for "no limit"
 
 

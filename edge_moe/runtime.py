@@ -338,7 +338,7 @@ def load(path: str | Path | None = None, **options) -> Model:
         budget: None keeps every expert resident; else bytes, '512MB', '2GiB' or '25%' of the expert bytes
             bound what expert residency may use (weights, read buffers); experts stream from flash. 'auto': what
             the process may still use after loading the backbone (its memory cgroup's limit, page cache counted,
-            else available RAM) less the KV cache of 1,024 tokens and 32 MiB; `model.budget_note` says how.
+            else available RAM) less the KV cache of 512 tokens and 24 MiB; `model.budget_note` says how.
         policy: residency policy under a budget: 'lru', 'lfu' or 'adaptive' (default).
         prefetch: layers ahead to predict and read speculatively (0: off).
         io_threads: flash reader threads. direct_io: bypass the page cache with O_DIRECT where possible.

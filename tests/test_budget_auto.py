@@ -39,10 +39,10 @@ def test_v1_without_a_limit_has_no_headroom_figure(tmp_path):
 def test_auto_budget_reserves_kv_and_slack():
     headroom = memory_limits.Headroom(500 * MiB, "test")
     budget, note = memory_limits.auto_budget_bytes(1000, context=4096, headroom=headroom)
-    assert budget == 500 * MiB - 1000 * 1024 - 32 * MiB
-    assert "KV cache of 1024 tokens" in note and "test" in note
+    assert budget == 500 * MiB - 1000 * 512 - 24 * MiB
+    assert "KV cache of 512 tokens" in note and "test" in note
     budget, _ = memory_limits.auto_budget_bytes(1000, context=100, headroom=headroom)
-    assert budget == 500 * MiB - 1000 * 100 - 32 * MiB
+    assert budget == 500 * MiB - 1000 * 100 - 24 * MiB
 
 
 def test_auto_from_available_ram_keeps_every_expert_when_they_fit(tiny_package, monkeypatch):
@@ -55,7 +55,7 @@ def test_auto_from_available_ram_keeps_every_expert_when_they_fit(tiny_package, 
 
 def test_auto_below_the_minimum_is_a_clear_error(tiny_package, monkeypatch):
     package, _ = tiny_package
-    monkeypatch.setattr(memory_limits, "memory_headroom", lambda: memory_limits.Headroom(32 * MiB, "a tiny box"))
+    monkeypatch.setattr(memory_limits, "memory_headroom", lambda: memory_limits.Headroom(24 * MiB, "a tiny box"))
     with pytest.raises(EdgeMoeError, match="below the minimum"):
         edge_moe.load(package, budget="auto")
 
@@ -67,7 +67,7 @@ def test_auto_under_a_real_memory_cgroup(tiny_package):
 
     # room for the process as it is, plus the reserve, plus a third of the experts
     third = full_budget(manifest) // 3
-    reserve = kv_bytes_per_token(manifest.config) * 256 + 32 * MiB
+    reserve = kv_bytes_per_token(manifest.config) * 256 + 24 * MiB
     limit_bytes = psutil.Process().memory_info().rss + 64 * MiB + reserve + third
     with memory_limit(limit_bytes) as limit:
         if not limit.real:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeMoeError
+from ..model import drop_page_cache
 from .report import print_table, write_json
 
 _CONVERT = """
@@ -44,6 +45,9 @@ def add_arguments(p) -> None:
                                                        "f16, q8_0, q4_0, q4_k_m ... (default f16)")
     p.add_argument("--depths", default="0", help="context depths to decode at, e.g. 0,1024,2048 (default 0)")
     p.add_argument("--work-dir", metavar="DIR", help="where GGUF files go (default: next to --reference)")
+    p.add_argument("--memory-limit", metavar="SIZE", help="run both engines under a memory cgroup of SIZE (page "
+                   "cache counted; 166MiB, 25%% of the first GGUF) where the machine allows it, each run in a fresh "
+                   "process started inside it; ours with budget auto")
 
 
 def run_peer(args) -> dict:
@@ -61,16 +65,26 @@ def run_peer(args) -> dict:
                            "them one to one")
     depths = [int(d) for d in args.depths.split(",")]
     ggufs = convert(args, bench, types)
-    import edge_moe
-
     threads = args.threads or 1
-    models = [edge_moe.load(p, threads=threads) for p in packages]
+    limit = None
+    if args.memory_limit:
+        from ..budget import parse_bytes
+
+        limit = parse_bytes(args.memory_limit, ggufs[types[0]].stat().st_size, "--memory-limit")
+        models = [None] * len(packages)
+    else:
+        import edge_moe
+
+        models = [edge_moe.load(p, threads=threads) for p in packages]
     rows: dict[tuple, list[dict]] = {}
     for round_index in range(args.rounds):
         for package, model, kind in zip(packages, models, types):
             for depth in depths:
-                peer = llama_bench(bench, ggufs[kind], threads, args.prompt_tokens, args.tokens, depth)
-                ours = our_bench(model, args.prompt_tokens, args.tokens, depth, seed=round_index)
+                if limit is None:
+                    peer = llama_bench(bench, ggufs[kind], threads, args.prompt_tokens, args.tokens, depth)
+                    ours = our_bench(model, args.prompt_tokens, args.tokens, depth, seed=round_index)
+                else:
+                    peer, ours = limited_runs(limit, bench, ggufs[kind], package, threads, args, depth, round_index)
                 rows.setdefault((Path(package).name, kind, depth), []).append({**peer, **ours})
                 print(f"round {round_index + 1}/{args.rounds} {Path(package).name} vs {kind} depth {depth}: "
                       f"decode {ours['decode']:.1f} vs {peer['peer_decode']:.1f} tok/s", file=sys.stderr)
@@ -82,9 +96,11 @@ def run_peer(args) -> dict:
                       "prefill_ratio": med["prefill"] / med["peer_prefill"],
                       "decode": med["decode"], "peer_decode": med["peer_decode"],
                       "decode_ratio": med["decode"] / med["peer_decode"],
-                      "outside_ort": med["outside_ort"], "calls_per_token": med["calls_per_token"]})
+                      "outside_ort": med["outside_ort"], "calls_per_token": med["calls_per_token"],
+                      **({"budget_MiB": med["budget_bytes"] / 2**20} if "budget_bytes" in med else {})})
+    where = f"; under a {limit / 2**20:.0f} MiB memory cgroup, ours at budget auto" if limit else ""
     print_table(f"edge_moe vs llama.cpp, tok/s (medians of {args.rounds} interleaved rounds; prefill "
-                f"{args.prompt_tokens} tokens, decode {args.tokens} after depth tokens)", table)
+                f"{args.prompt_tokens} tokens, decode {args.tokens} after depth tokens{where})", table)
     return {"rows": table, "raw": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in rows.items()}}
 
 
@@ -130,6 +146,26 @@ def llama_bench(bench: Path, gguf: Path, threads: int, prompt: int, tokens: int,
     return {"peer_prefill": speed["prefill"], "peer_decode": speed["decode"]}
 
 
+def limited_runs(limit: int, bench: Path, gguf: Path, package: str, threads: int, args, depth: int,
+                 seed: int) -> tuple[dict, dict]:
+    """Both engines under a memory cgroup, each in a process started inside it (so all it allocates is charged
+    there; a process that moves in keeps its earlier pages charged to the old group)."""
+    from ..emulate import memory_limit
+
+    with memory_limit(limit) as cgroup:
+        if not cgroup.real:
+            raise EdgeMoeError(f"--memory-limit: {cgroup.reason}; run where a memory cgroup can be created")
+        # both start cold: pages another group read stay charged there and would not count against this limit
+        for path in [gguf, *(p for p in Path(package).rglob("*") if p.is_file())]:
+            drop_page_cache(path)
+        peer = llama_bench(bench, gguf, threads, args.prompt_tokens, args.tokens, depth)
+        worker = [sys.executable, "-m", "edge_moe.bench.peer", package, str(threads), str(args.prompt_tokens),
+                  str(args.tokens), str(depth), str(seed)]
+        proc = subprocess.run(worker, capture_output=True, text=True)
+    _check(proc, "edge_moe under the memory limit")
+    return peer, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def our_bench(model, prompt: int, tokens: int, depth: int, seed: int) -> dict:
     """Prefill `prompt` random tokens (timed) on a fresh cache; then, after `depth` more tokens in the cache
     (untimed), decode `tokens` one at a time (timed), with the generation loop's greedy argmax."""
@@ -154,3 +190,21 @@ def our_bench(model, prompt: int, tokens: int, depth: int, seed: int) -> dict:
     return {"prefill": prefill, "decode": tokens / seconds,
             "outside_ort": 1.0 - (model.clock.seconds - ort_seconds) / seconds,
             "calls_per_token": (model.clock.calls - calls) / tokens}
+
+
+def _worker(argv: list[str]) -> None:
+    """`python -m edge_moe.bench.peer PKG THREADS PROMPT TOKENS DEPTH SEED`: one budget-auto run, JSON on stdout."""
+    import edge_moe
+
+    package, threads, prompt, tokens, depth, seed = argv[0], *map(int, argv[1:6])
+    try:
+        model = edge_moe.load(package, threads=threads, budget="auto")
+    except edge_moe.EdgeMoeError as exc:
+        sys.exit(str(exc))
+    stats = our_bench(model, prompt, tokens, depth, seed)
+    stats["budget_bytes"] = model.budget
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
