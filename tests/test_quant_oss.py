@@ -4,23 +4,21 @@ all-resident and at a 25% budget; MXFP4 checkpoints mapped code for code."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
 import edge_moe
 from edge_moe.budget import full_budget, minimum_budget
 from edge_moe.expert_graph import ExpertShape
-from edge_moe.experts import ExpertKernels, ResidentExpert
+from edge_moe.experts import ExpertKernels, ResidentExpert, expert_shape
 from edge_moe.manifest import ExpertRecord, Manifest
-from edge_moe.quant import uses_session
+from edge_moe.quant import dequantized_weights, uses_session
 from edge_moe.sessions import OrtClock
 from edge_moe_export.exporter import export_checkpoint, kind_tensors
 from edge_moe_export.quantize import dequantize, quantize
 from edge_moe_export.writer import BlobWriter, ExpertWriter
 
-from conftest import build_checkpoint, reference_logits, tiny_config
+from conftest import build_checkpoint, mxfp4_gpt_oss_checkpoint, reference_logits, tiny_config
 
 torch = pytest.importorskip("torch")
 
@@ -121,3 +119,48 @@ def test_mixed_bits_for_gpt_oss_is_a_one_line_error(tmp_path):
     with pytest.raises(EdgeMoeError, match="--bits mixed: calibration knows SwiGLU experts only"):
         export_checkpoint(tmp_path / "hf", tmp_path / "pkg", bits="mixed", expert_bytes="1MB",
                           calibration=__file__, progress=False)
+
+
+def _package_weights(manifest, layer, experts):
+    """What the package's experts of `layer` compute with: their stored codes decoded, [E, in, out] per projection."""
+    per_expert = []
+    for index in range(experts):
+        record = manifest.experts[(layer, index)]
+        data = np.fromfile(record.blob, np.uint8)[record.offset:record.offset + record.length]
+        tensors = {t.name: data[t.offset:t.offset + t.nbytes].view(t.dtype).reshape(t.shape) for t in record.tensors}
+        per_expert.append(dequantized_weights(expert_shape(record), tensors))
+    return {proj: np.stack([w[proj] for w in per_expert]) for proj in ("gate_up_proj", "down_proj")}
+
+
+@pytest.mark.parametrize("bits,zero_points", [(8, False), (4, False), (4, True)])
+def test_mxfp4_gpt_oss_codes_become_quantized_experts(tmp_path, bits, zero_points):
+    """GPT-OSS as shipped (MXFP4 experts) exported with --bits 8 keeps every weight transformers dequantizes, code
+    for code; --bits 4 keeps them too except +-0.5 and +-1.5 in blocks that also hold +-4 or +-6, which move by half
+    a step of the block's scale (export/encodings.py). With zero points the codes cannot carry over and the
+    weights go through float. Each package against transformers on the weights it stores."""
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    from safetensors.numpy import load_file
+
+    reference = build_checkpoint(tmp_path / "hf", tiny_config("gpt_oss", **OSS), seed=7)
+    shipped_dir = mxfp4_gpt_oss_checkpoint(tmp_path / "hf", tmp_path / "mx")
+    package = export_checkpoint(shipped_dir, tmp_path / "pkg", bits=bits, zero_points=zero_points, progress=False)
+    manifest = Manifest.load(package)
+    shipped = load_file(shipped_dir / "model.safetensors")
+    stored = []
+    for layer in range(OSS["layers"]):
+        stored.append(_package_weights(manifest, layer, OSS["experts"]))
+        for proj, weight in stored[-1].items():
+            name = f"model.layers.{layer}.mlp.experts.{proj}"
+            blocks, scales = (torch.from_numpy(shipped[f"{name}_{part}"]) for part in ("blocks", "scales"))
+            want = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).numpy()  # [E, in, out]
+            if zero_points:
+                assert not np.array_equal(weight, want)
+                continue
+            scale = np.repeat(np.exp2(scales.numpy().astype(np.float32) - 127), 32, axis=-1).swapaxes(-1, -2)
+            values = want / scale                                                    # e2m1 values, [E, in, out]
+            e, k, n = values.shape
+            coarse = np.isin(values, [4, 6, -6]).reshape(e, k // 32, 32, n).any(axis=2)  # blocks of 32 inputs
+            moved = np.isin(np.abs(values), [0.5, 1.5]) & np.repeat(coarse, 32, axis=1) & (bits == 4)
+            np.testing.assert_array_equal(np.abs(weight - want), np.where(moved, 0.5 * scale, 0))
+    _set_experts(reference, stored)
+    _check_package(package, reference, list(range(3, 19)), bits)
