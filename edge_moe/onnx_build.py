@@ -112,11 +112,13 @@ class GraphBuilder:
         activated = self.op("Mul", self.op("Mul", gate, self.op("Sigmoid", gate)), up)
         return project(activated, down)
 
-    def swiglu_oss(self, x: str, w: dict[str, str]) -> str:
-        """GPT-OSS's expert on [in, out] weights: gate_up = x @ gate_up_proj + bias with gate in the even columns
-        and up in the odd ones; gate <= limit, -limit <= up <= limit; ((up + 1) * gate * sigmoid(alpha * gate))
-        @ down_proj + down_bias."""
-        gate_up = self.op("Add", self.op("MatMul", x, w["gate_up_proj"]), w["gate_up_bias"])     # [T, 2F]
+    def swiglu_oss(self, x: str, w: dict[str, str], project=None) -> str:
+        """GPT-OSS's expert: gate_up = x @ gate_up_proj + bias with gate in the even columns and up in the odd ones;
+        gate <= limit, -limit <= up <= limit; ((up + 1) * gate * sigmoid(alpha * gate)) @ down_proj + down_bias.
+        `project(a, name)` computes a @ weight `name` (default: MatMul on [in, out] weights w[name]; the quantized
+        expert passes MatMulNBits)."""
+        project = project or (lambda a, name: self.op("MatMul", a, w[name]))
+        gate_up = self.op("Add", project(x, "gate_up_proj"), w["gate_up_bias"])                     # [T, 2F]
         pairs = self.op("Reshape", gate_up, self.const([0, -1, 2], "int64"))                       # [T, F, 2]
         gate, up = (self.op("Squeeze", half, self.const([2], "int64"))
                     for half in self.op("Split", pairs, axis=2, outputs=2))
@@ -124,7 +126,7 @@ class GraphBuilder:
         up = self.op("Max", self.op("Min", up, w["limit"]), self.op("Neg", w["limit"]))
         glu = self.op("Mul", gate, self.op("Sigmoid", self.op("Mul", gate, w["alpha"])))
         gated = self.op("Mul", self.op("Add", up, self.const(1.0)), glu)
-        return self.op("Add", self.op("MatMul", gated, w["down_proj"]), w["down_bias"])
+        return self.op("Add", project(gated, "down_proj"), w["down_bias"])
 
     def as_float32(self, x: str, dtype: str) -> str:
         """Casts a float16/bfloat16 weight to float32 (all activations are float32)."""

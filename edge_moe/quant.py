@@ -85,8 +85,10 @@ def resident_extra_bytes(shape) -> int:
 
 
 def dequantized_weights(shape, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A small quantized expert's tensors -> float32 weights for the shared kernel ([in, out], see ExpertShape)."""
-    out = {}
+    """A small quantized expert's tensors -> float32 weights for the shared kernel ([in, out], see ExpertShape);
+    unquantized tensors (swiglu_oss's biases, alpha and limit) are copied out of the read buffer like the rest."""
+    out = {name: array.copy() for name, array in tensors.items()
+           if not name.startswith(("gate_up_proj.", "down_proj."))}
     for name, k in (("gate_up_proj", shape.hidden_size), ("down_proj", shape.intermediate_size)):
         q = QuantizedMatrix(tensors[f"{name}.qweight"], tensors[f"{name}.scales"],
                             tensors.get(f"{name}.zero_points"), shape.bits, shape.block_size, k)

@@ -4,6 +4,10 @@
     hidden_states [T, H] -> MatMulNBits(gate_up_proj: N=2F, K=H) -> split -> silu(gate) * up   [T, F]
                          -> MatMulNBits(down_proj: N=H, K=F) -> expert_output                    [T, H]
 
+"swiglu" stacks gate rows over up rows; "swiglu_oss" (GPT-OSS) keeps its checkpoint's interleaved rows (gate 2i,
+up 2i+1, which is also how its MXFP4 blocks come) and adds float32 biases after each projection, and the scalar
+alpha and limit, around the same activation as the float graph (GraphBuilder.swiglu_oss).
+
 Weights are initializers, never graph inputs (as inputs MatMulNBits runs 15-20x slower and ignores accuracy_level;
 DESIGN.md). The exporter points them at the layer's blob (a standalone model); the runtime opens the same graph with
 `SessionOptions.add_external_initializers` fed from views into the expert's read buffer, so nothing is read twice.
@@ -31,6 +35,10 @@ def _projections(shape) -> dict[str, tuple[int, int]]:
     return {"gate_up_proj": (2 * f, h), "down_proj": (h, f)}
 
 
+# swiglu_oss: the bias added to each projection's output
+OSS_BIASES = {"gate_up_proj": "gate_up_bias", "down_proj": "down_bias"}
+
+
 def quantized_tensor_shapes(shape) -> dict[str, tuple[str, list[int]]]:
     """Stored tensors of a quantized expert: name -> (dtype, shape), in blob order."""
     bits, block = shape.bits, shape.block_size
@@ -41,6 +49,10 @@ def quantized_tensor_shapes(shape) -> dict[str, tuple[str, list[int]]]:
         out[f"{name}.scales"] = ("float32", [n, nb])
         if shape.zero_points:
             out[f"{name}.zero_points"] = ("uint8", [n, -(-nb * bits // 8)])
+        if shape.kind == "swiglu_oss":
+            out[OSS_BIASES[name]] = ("float32", [n])
+    if shape.kind == "swiglu_oss":
+        out["alpha"] = out["limit"] = ("float32", [])
     return out
 
 
@@ -65,9 +77,10 @@ def build_quant_expert_graph(shape, external: dict[str, tuple[str, int, int]]) -
                      f"_b{shape.block_size}")
     g.scope = "/expert"
     x = g.input(INPUT, "float32", ["T", shape.hidden_size])
+    tensors = {}
     for name, (dtype, dims) in quantized_tensor_shapes(shape).items():
         location, offset, length = external[name]
-        g.external(name, dtype, dims, location, offset, length)
+        tensors[name] = g.external(name, dtype, dims, location, offset, length)
 
     def project(a: str, name: str) -> str:
         n, k = _projections(shape)[name]
@@ -75,6 +88,9 @@ def build_quant_expert_graph(shape, external: dict[str, tuple[str, int, int]]) -
         return g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=k, N=n, bits=shape.bits,
                     block_size=shape.block_size, accuracy_level=ACCURACY_LEVEL)
 
+    if shape.kind == "swiglu_oss":
+        g.output(g.swiglu_oss(x, tensors, project), OUTPUT, "float32", ["T", shape.hidden_size])
+        return g.model()
     gate, up = g.op("Split", project(x, "gate_up_proj"), axis=-1, outputs=2)
     activated = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
     g.output(project(activated, "down_proj"), OUTPUT, "float32", ["T", shape.hidden_size])

@@ -23,7 +23,7 @@ from edge_moe.onnx_build import GraphBuilder
 from .checkpoint import Checkpoint
 from .encodings import concat_rows
 from .families import family_for
-from .quantize import BLOCK_SIZES, quantize
+from .quantize import BLOCK_SIZES, QuantizedMatrix, quantize
 from .writer import BlobWriter, ExpertWriter, StagedDirectory
 
 DTYPES = ("float32", "float16")
@@ -121,19 +121,19 @@ def export_checkpoint(hf_dir, out_dir, *, dtype: str = "float32", overwrite: boo
     choose = expert_formats(bits, dtype, block_size, zero_points)
     if backbone_bits not in (None, 8, 4):
         raise EdgeMoeError(f"--backbone-bits {backbone_bits!r} is not supported; choose 8 or 4 (or leave it out)")
+    family = family_for(checkpoint.config)
+    if family.expert_kind != "swiglu" and bits == "mixed":
+        raise EdgeMoeError(f"--bits mixed: calibration knows SwiGLU experts only, not {family.model_type}'s "
+                           f"{family.expert_kind}; use --bits 8, 4 or 2")
     if bits == "mixed":
         from .calibrate import choose_bits
 
         chosen = choose_bits(hf_dir, out_dir, expert_bytes, calibration, block_size, zero_points, progress)
         choose = lambda layer, index, h, f: _shape(chosen[(layer, index)], dtype, h, f, block_size, zero_points)  # noqa: E731
-    family = family_for(checkpoint.config)
     if attention not in ("auto", "generic"):
         raise EdgeMoeError(f"--attention {attention!r} is not supported; choose auto or generic")
     if attention == "generic":
         family.arch.attention_kernel = "generic"
-    if family.expert_kind != "swiglu" and bits not in (None, 16):
-        raise EdgeMoeError(f"--bits {bits}: {family.model_type}'s {family.expert_kind} experts export in float32 "
-                           "or float16 only for now; leave --bits out or use --bits 16")
     arch = family.arch
     for key in family.expert_keys(arch.moe_layers[0], 0) if arch.moe_layers else ():
         checkpoint.shape(key)  # fail early, before writing anything, on a checkpoint of another layout
@@ -247,6 +247,44 @@ def expert_tensors(shape: ExpertShape, gate: np.ndarray, up: np.ndarray, down: n
             "down_proj": down.T.astype(shape.dtype)}
 
 
+def _codes_bits(shape: ExpertShape) -> int | None:
+    """The bitwidth at which a family may hand over its checkpoint's own codes (GPT-OSS's MXFP4) instead of float
+    weights: MatMulNBits blocks of 32 without zero points, as MXFP4's."""
+    if shape.quantized and shape.bits in (4, 8) and shape.block_size == 32 and not shape.zero_points:
+        return shape.bits
+    return None
+
+
+def kind_tensors(shape: ExpertShape, parts: dict) -> dict[str, np.ndarray]:
+    """A non-SwiGLU kind's stored tensors (swiglu_oss), in blob order, from the family's `read_expert`: weights
+    [in, out] in float32, or already MatMulNBits codes (QuantizedMatrix) where the checkpoint's codes map to them.
+
+    Raises:
+        EdgeMoeError: a weight whose size disagrees with the config's (a checkpoint of another shape).
+    """
+    if not shape.quantized:
+        tensors = {name: array.astype(shape.dtype if array.ndim else np.float32)  # scalars stay exact
+                   for name, array in parts.items()}
+        expected = {name: dims for name, (_, dims) in shape.stored_tensors().items()}
+    else:
+        from edge_moe.quant_graph import quantized_tensor_shapes
+
+        tensors = {}
+        for name, value in parts.items():
+            if name in ("gate_up_proj", "down_proj"):  # [in, out] -> MatMulNBits' [out, in]
+                matrix = value if isinstance(value, QuantizedMatrix) else \
+                    quantize(value.T, shape.bits, shape.block_size, not shape.zero_points)
+                tensors.update(matrix.tensors(name))
+            else:
+                tensors[name] = np.asarray(value, np.float32)
+        expected = {name: dims for name, (_, dims) in quantized_tensor_shapes(shape).items()}
+    for name, dims in expected.items():
+        if list(tensors[name].shape) != dims:
+            raise EdgeMoeError(f"expert tensor {name} has shape {list(tensors[name].shape)}, not {dims} as the "
+                               "config's hidden_size and intermediate_size say; check config.json")
+    return {name: tensors[name] for name in expected}
+
+
 def _encoded_expert(checkpoint, shape: ExpertShape, keys) -> dict[str, np.ndarray] | None:
     """The expert's tensors taken over from the checkpoint's own codes (GGUF Q8_0 / Q4_0), or None where they do not
     map exactly to this shape and the weights go through float."""
@@ -272,15 +310,15 @@ def _export_experts(root: Path, checkpoint, family, choose, bar) -> list[ExpertR
                 shape = choose(layer, index, arch.hidden_size, checkpoint.shape(keys[2])[1])
                 tensors = _encoded_expert(checkpoint, shape, keys)
             if tensors is None:
-                parts = family.read_expert(checkpoint, layer, index)
                 if family.expert_kind == "swiglu":   # (gate, up, down) in Hugging Face's [out, in] layout
+                    parts = family.read_expert(checkpoint, layer, index)
                     shape = choose(layer, index, arch.hidden_size, parts[2].shape[1])
                     tensors = expert_tensors(shape, *parts)
                 else:                                # the kind's own tensors, already in the graph's layout
-                    shape = dataclasses.replace(choose(layer, index, arch.hidden_size, parts["down_proj"].shape[0]),
+                    shape = dataclasses.replace(choose(layer, index, arch.hidden_size, arch.moe_intermediate_size),
                                                 kind=family.expert_kind)
-                    tensors = {name: array.astype(shape.dtype if array.ndim else np.float32)  # scalars stay exact
-                               for name, array in parts.items()}
+                    parts = family.read_expert(checkpoint, layer, index, codes_bits=_codes_bits(shape))
+                    tensors = kind_tensors(shape, parts)
                 del parts
             ffn = shape.intermediate_size
             writer = ExpertWriter(blob, expert_seed((layer, index)))

@@ -1,9 +1,9 @@
 """Synthetic random-weight Hugging Face MoE checkpoints, written tensor by tensor with numpy (no torch).
 
 The output is what `AutoModelForCausalLM.from_config(cfg).save_pretrained(dir)` of transformers 5.24 writes for the
-family (`qwen3_moe`, `olmoe`, `mixtral`, `qwen2_moe`, `deepseek_v2`, `deepseek_v3`): the same config.json fields,
-tensor names and shapes, in
-`model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json` (always an index, even for one shard).
+family (`qwen3_moe`, `olmoe`, `mixtral`, `qwen2_moe`, `deepseek_v2`, `deepseek_v3`, `granitemoe`, `phimoe`,
+`gpt_oss`): the same config.json fields, tensor names and shapes, in `model-0000i-of-0000N.safetensors` shards plus
+`model.safetensors.index.json` (always an index, even for one shard).
 Each tensor is generated just before it is written, so peak memory is one tensor (at most a 4 MB chunk of a large
 one) whatever the checkpoint size. `synthetic.json` records the parameters and the router's ground truth below.
 
@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from edge_moe.errors import EdgeMoeError
 from edge_moe_export.safetensors_writer import DTYPES, write_sharded
-from edge_moe_export.synthetic_layout import FAMILIES, MLA_DEFAULTS, checkpoint_config, checkpoint_tensors
+from edge_moe_export.synthetic_layout import FAMILIES, FAMILY_DEFAULTS, checkpoint_config, checkpoint_tensors
 from edge_moe_export.writer import StagedDirectory
 
 _CHUNK_ELEMENTS = 2**20              # rows of a large tensor are generated 4 MB (fp32) at a time
@@ -86,6 +86,22 @@ PRESETS: dict[str, dict] = {
                                            num_attention_heads=16, num_key_value_heads=16, dtype="bfloat16",
                                            family_config=dict(q_lora_rank=1536, n_group=8, topk_group=4,
                                                               routed_scaling_factor=2.5)),
+    # Granite-3.1-3B-A800M shapes (top-8 of 40 experts of 512, its multipliers), 4 of its 32 layers: 1.11 GB in
+    # bf16 (4.7 MB experts, 0.20 GB per layer, 0.30 GB embeddings + lm_head).
+    "granite-3.1-3b-a800m-shapes": dict(family="granitemoe", hidden_size=1536, num_layers=4, num_experts=40,
+                                        top_k=8, moe_intermediate_size=512, vocab_size=49155,
+                                        num_attention_heads=24, num_key_value_heads=8, dtype="bfloat16"),
+    # Phi-3.5-MoE shapes (top-2 of 16 experts of 6400, LayerNorm, biases, longrope), 2 of its 32 layers: 5.73 GB in
+    # bf16 (157 MB experts, 2.6 GB per layer, 0.53 GB embeddings + lm_head).
+    "phi-3.5-moe-shapes": dict(family="phimoe", hidden_size=4096, num_layers=2, num_experts=16, top_k=2,
+                               moe_intermediate_size=6400, vocab_size=32064, num_attention_heads=32,
+                               num_key_value_heads=8, dtype="bfloat16"),
+    # GPT-OSS-20B shapes (top-4 of 32 experts of 2880, 64 heads of 64, sinks, alternating sliding window, YaRN), 2
+    # of its 24 layers, experts in bf16 rather than as shipped in MXFP4: 5.61 GB (49.8 MB experts, 1.65 GB per layer,
+    # 2.3 GB embeddings + lm_head).
+    "gpt-oss-20b-shapes": dict(family="gpt_oss", hidden_size=2880, num_layers=2, num_experts=32, top_k=4,
+                               moe_intermediate_size=2880, vocab_size=201088, num_attention_heads=64,
+                               num_key_value_heads=8, head_dim=64, dtype="bfloat16"),
 }
 
 
@@ -103,7 +119,7 @@ class _Arch:
     num_key_value_heads: int
     head_dim: int
     shared_expert_intermediate_size: int | None
-    family_config: dict | None = None   # more config.json fields the family reads (DeepSeek: MLA_DEFAULTS)
+    family_config: dict | None = None   # more config.json fields the family reads (synthetic_layout.FAMILY_DEFAULTS)
 
 
 # ---------------------------------------------------------------- weight values
@@ -141,8 +157,9 @@ class _Values:
             v = rng.standard_normal(t.shape, dtype=np.float32) * np.float32(_NORM_JITTER)
             yield v + np.float32(1.0) if t.init == "norm" else v
             return
-        rows, cols = t.shape
-        std = {"embed": 1.0, "linear": 1.0 / math.sqrt(cols), "residual": self.residual_scale / math.sqrt(cols)}
+        cols, fan_in = t.shape[-1], t.shape[t.fan_in_axis]
+        rows = math.prod(t.shape[:-1])  # fused expert tensors [E, ., .] are written as E * rows rows
+        std = {"embed": 1.0, "linear": 1.0 / math.sqrt(fan_in), "residual": self.residual_scale / math.sqrt(fan_in)}
         if t.init == "embed":   # the same u component in every row; its norm is sqrt(_EMBED_SHARED * H)
             shared = (math.sqrt(_EMBED_SHARED * cols) * self.u).astype(np.float32)
         step = max(1, _CHUNK_ELEMENTS // cols)
@@ -194,15 +211,15 @@ def _resolve(family, hidden_size, num_layers, num_experts, top_k, moe_intermedia
             raise EdgeMoeError(f"hidden_size={hidden_size} is not a multiple of num_attention_heads="
                                f"{num_attention_heads}; change one or pass head_dim")
         head_dim = hidden_size // num_attention_heads
-    if family == "olmoe" and head_dim * num_attention_heads != hidden_size:
-        raise EdgeMoeError(f"head_dim={head_dim}: olmoe sizes q_norm by hidden_size, so head_dim must be "
+    if family in ("olmoe", "granitemoe", "phimoe") and head_dim * num_attention_heads != hidden_size:
+        raise EdgeMoeError(f"head_dim={head_dim}: {family} has no head_dim of its own, so head_dim must be "
                            f"hidden_size / num_attention_heads = {hidden_size / num_attention_heads:g}")
     if family == "qwen2_moe":
         shared_expert_intermediate_size = shared_expert_intermediate_size or 4 * moe_intermediate_size
     elif shared_expert_intermediate_size is not None:
         raise EdgeMoeError(f"shared_expert_intermediate_size={shared_expert_intermediate_size}: family {family} "
                            "has no shared expert; leave it None or use family='qwen2_moe'")
-    unknown = sorted(set(family_config or {}) - set(MLA_DEFAULTS if family.startswith("deepseek") else ()))
+    unknown = sorted(set(family_config or {}) - set(FAMILY_DEFAULTS.get(family, ())))
     if unknown:
         raise EdgeMoeError(f"family_config field {unknown[0]!r} is not read for family {family}; leave it out")
     return _Arch(family, head_dim=head_dim, shared_expert_intermediate_size=shared_expert_intermediate_size,
@@ -219,12 +236,14 @@ def write_synthetic_checkpoint(out_dir, *, family="qwen3_moe", hidden_size=512, 
 
     Args:
         out_dir: directory to create; written as `<out_dir>.partial-<pid>` and renamed into place at the end (export/writer.py).
-        family: config.json model_type: "qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3".
+        family: config.json model_type: "qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3",
+            "granitemoe", "phimoe", "gpt_oss".
         hidden_size ... num_key_value_heads: the architecture (moe_intermediate_size is each routed expert's
             intermediate size whatever field name the family's config uses for it).
         head_dim: attention head size; None means hidden_size / num_attention_heads.
         shared_expert_intermediate_size: qwen2_moe only; None means 4 * moe_intermediate_size.
-        family_config: DeepSeek only: MLA ranks, shared experts, dense layers, groups (synthetic_layout.MLA_DEFAULTS).
+        family_config: DeepSeek: MLA ranks, shared experts, dense layers, groups; Granite: multipliers
+            (synthetic_layout.FAMILY_DEFAULTS).
         dtype: "float32", "float16" or "bfloat16" (round to nearest even).
         shard_bytes: largest shard size before a new shard starts (a bigger tensor gets its own shard).
         seed: same seed and shape -> same values, whatever dtype or shard_bytes.

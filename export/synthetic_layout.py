@@ -13,6 +13,7 @@ class _Tensor:
     shape: tuple[int, ...]
     init: str        # "embed" | "linear" | "residual" | "norm" | "bias" | "router"
     layer: int = -1
+    fan_in_axis: int = -1  # the input axis of a linear weight: -1 for [out, in], -2 for GPT-OSS's [E, in, out]
 
 
 # ---------------------------------------------------------------- families: tensor names and config.json
@@ -25,27 +26,50 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), None, True, True),
     "deepseek_v2": ("DeepseekV2ForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), None, False, False),
     "deepseek_v3": ("DeepseekV3ForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), None, False, False),
+    "granitemoe": ("GraniteMoeForCausalLM", "block_sparse_moe", None, None, False, False),
+    "phimoe": ("PhimoeForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), None, False, False),
+    "gpt_oss": ("GptOssForCausalLM", "mlp", None, None, False, False),
+}
+# What the newer families add to that common layout: biases on all four attention projections, LayerNorm biases
+# (Phi), an lm_head bias, a learned attention sink per head, the router's module and bias, and experts stored
+# fused per layer (`experts`: Granite's input_linear [E, 2F, H] / output_linear [E, H, F]; GPT-OSS's
+# gate_up_proj [E, H, 2F] / down_proj [E, F, H] in [in, out] with biases) instead of one tensor per expert.
+EXTRAS = {
+    "granitemoe": dict(router="router.layer", experts="granite"),
+    "phimoe": dict(attention_bias=True, norm_bias=True, lm_head_bias=True),
+    "gpt_oss": dict(attention_bias=True, sinks=True, router="router", router_bias=True, experts="gpt_oss"),
 }
 # config.json fields of the DeepSeek families that the preset's `family_config` may set (defaults: DeepSeek-V2-Lite)
 MLA_DEFAULTS = dict(kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                     n_shared_experts=2, first_k_dense_replace=1, intermediate_size=10944, n_group=1, topk_group=1,
                     routed_scaling_factor=1.0)
+# Granite's multipliers (defaults: Granite-3.1-3B-A800M's)
+GRANITE_DEFAULTS = dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
+                        logits_scaling=6.0)
+# family -> the config.json fields a preset's `family_config` may set, with their defaults
+FAMILY_DEFAULTS = {"deepseek_v2": MLA_DEFAULTS, "deepseek_v3": MLA_DEFAULTS, "granitemoe": GRANITE_DEFAULTS}
 
 
 def checkpoint_tensors(a) -> list[_Tensor]:
     """Every tensor of the checkpoint, in write order. Names and shapes are transformers 5.24's."""
     if a.family.startswith("deepseek"):
         return _mla_tensors(a)
-    _, moe, (gate, up, down), qk_norm, qkv_bias, shared = FAMILIES[a.family]
+    _, moe, projections, qk_norm, qkv_bias, shared = FAMILIES[a.family]
+    extra = EXTRAS.get(a.family, {})
     H, F, D = a.hidden_size, a.moe_intermediate_size, a.head_dim
     q_out, kv_out = a.num_attention_heads * D, a.num_key_value_heads * D
+
+    def norm(name: str) -> list[_Tensor]:
+        bias = [_Tensor(name + ".bias", (H,), "bias")] if extra.get("norm_bias") else []
+        return [_Tensor(name + ".weight", (H,), "norm")] + bias
+
     out = [_Tensor("model.embed_tokens.weight", (a.vocab_size, H), "embed")]
     for i in range(a.num_layers):
         p = f"model.layers.{i}."
-        t = [_Tensor(p + "input_layernorm.weight", (H,), "norm")]
+        t = norm(p + "input_layernorm")
         for proj, rows in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
             t.append(_Tensor(f"{p}self_attn.{proj}.weight", (rows, H), "linear"))
-            if qkv_bias:
+            if qkv_bias or extra.get("attention_bias"):
                 t.append(_Tensor(f"{p}self_attn.{proj}.bias", (rows,), "bias"))
         if qk_norm == "head":            # Qwen3: one RMSNorm over each head's D channels
             t += [_Tensor(p + "self_attn.q_norm.weight", (D,), "norm"),
@@ -54,12 +78,16 @@ def checkpoint_tensors(a) -> list[_Tensor]:
             t += [_Tensor(p + "self_attn.q_norm.weight", (q_out,), "norm"),
                   _Tensor(p + "self_attn.k_norm.weight", (kv_out,), "norm")]
         t.append(_Tensor(p + "self_attn.o_proj.weight", (H, q_out), "residual"))
-        t.append(_Tensor(p + "post_attention_layernorm.weight", (H,), "norm"))
-        t.append(_Tensor(f"{p}{moe}.gate.weight", (a.num_experts, H), "router", i))
-        for e in range(a.num_experts):
-            x = f"{p}{moe}.experts.{e}."
-            t += [_Tensor(x + gate + ".weight", (F, H), "linear"), _Tensor(x + up + ".weight", (F, H), "linear"),
-                  _Tensor(x + down + ".weight", (H, F), "residual")]
+        if extra.get("attention_bias"):
+            t.append(_Tensor(p + "self_attn.o_proj.bias", (H,), "bias"))
+        if extra.get("sinks"):
+            t.append(_Tensor(p + "self_attn.sinks", (a.num_attention_heads,), "bias"))
+        t += norm(p + "post_attention_layernorm")
+        router = f"{p}{moe}.{extra.get('router', 'gate')}"
+        t.append(_Tensor(router + ".weight", (a.num_experts, H), "router", i))
+        if extra.get("router_bias"):
+            t.append(_Tensor(router + ".bias", (a.num_experts,), "bias"))
+        t += _experts(f"{p}{moe}.", extra.get("experts"), projections, a.num_experts, H, F)
         if shared:
             S = a.shared_expert_intermediate_size
             x = f"{p}{moe}.shared_expert."
@@ -67,7 +95,30 @@ def checkpoint_tensors(a) -> list[_Tensor]:
                   _Tensor(x + "down_proj.weight", (H, S), "residual"),
                   _Tensor(f"{p}{moe}.shared_expert_gate.weight", (1, H), "linear")]
         out += t
-    out += [_Tensor("model.norm.weight", (H,), "norm"), _Tensor("lm_head.weight", (a.vocab_size, H), "linear")]
+    out += norm("model.norm") + [_Tensor("lm_head.weight", (a.vocab_size, H), "linear")]
+    if extra.get("lm_head_bias"):
+        out.append(_Tensor("lm_head.bias", (a.vocab_size,), "bias"))
+    return out
+
+
+def _experts(prefix: str, fused: str | None, projections, experts: int, H: int, F: int) -> list[_Tensor]:
+    """The routed experts of one layer: one tensor per expert and projection, or fused per layer."""
+    E = experts
+    if fused == "granite":
+        return [_Tensor(prefix + "input_linear.weight", (E, 2 * F, H), "linear"),
+                _Tensor(prefix + "output_linear.weight", (E, H, F), "residual")]
+    if fused == "gpt_oss":
+        x = prefix + "experts."
+        return [_Tensor(x + "gate_up_proj", (E, H, 2 * F), "linear", fan_in_axis=-2),
+                _Tensor(x + "gate_up_proj_bias", (E, 2 * F), "bias"),
+                _Tensor(x + "down_proj", (E, F, H), "residual", fan_in_axis=-2),
+                _Tensor(x + "down_proj_bias", (E, H), "bias")]
+    gate, up, down = projections
+    out = []
+    for e in range(E):
+        x = f"{prefix}experts.{e}."
+        out += [_Tensor(x + gate + ".weight", (F, H), "linear"), _Tensor(x + up + ".weight", (F, H), "linear"),
+                _Tensor(x + down + ".weight", (H, F), "residual")]
     return out
 
 
@@ -154,4 +205,33 @@ def checkpoint_config(a, dtype: str) -> dict:
                                   "beta_fast": 32.0, "beta_slow": 1.0})
         if a.family == "deepseek_v3":
             c["num_nextn_predict_layers"] = 1  # the multi-token-prediction head transformers does not build
+    elif a.family in ("granitemoe", "phimoe", "gpt_oss"):  # experts sized by intermediate_size
+        c.update(num_local_experts=a.num_experts, intermediate_size=a.moe_intermediate_size,
+                 attention_bias=a.family != "granitemoe")
+        c.update(_new_family_config(a))
+        if a.family != "gpt_oss":        # their head size is hidden_size / num_attention_heads, not a field
+            del c["head_dim"]
     return c
+
+
+def _new_family_config(a) -> dict:
+    if a.family == "granitemoe":
+        return {**GRANITE_DEFAULTS, **(a.family_config or {}), "max_position_embeddings": 4096,
+                "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}
+    if a.family == "phimoe":
+        # Phi-3.5-MoE: longrope over 4096 original positions. The published factors are 64 measured values; these
+        # stand-ins have the same length and range (short ~1, long up to ~60).
+        half = a.head_dim // 2
+        return {"lm_head_bias": True, "input_jitter_noise": 0.01, "router_jitter_noise": 0.01,
+                "rms_norm_eps": 1e-05, "sliding_window": 131072, "max_position_embeddings": 131072,
+                "original_max_position_embeddings": 4096, "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                    "original_max_position_embeddings": 4096,
+                                    "short_factor": [round(1.0 + 0.3 * i / (half - 1), 4) for i in range(half)],
+                                    "long_factor": [round(1.0 + 59.0 * i / (half - 1), 4) for i in range(half)],
+                                    "short_mscale": 1.243, "long_mscale": 1.243}}
+    # GPT-OSS-20B: sliding window 128 on every other layer (the first one sliding), YaRN over 4096 positions
+    return {"layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(a.num_layers)],
+            "sliding_window": 128, "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "rms_norm_eps": 1e-05,
+            "max_position_embeddings": 131072,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096}}

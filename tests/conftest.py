@@ -91,3 +91,25 @@ def shipped_package(tmp_path_factory):
 
     os.environ.setdefault("EDGE_MOE_CACHE", str(tmp_path_factory.mktemp("default-cache")))
     return default_model.default_model_path(progress=False)
+
+
+def mxfp4_gpt_oss_checkpoint(hf_dir, out_dir):
+    """GPT-OSS as it ships: the experts of the checkpoint in hf_dir re-encoded as MXFP4 (gate_up_proj_blocks
+    [E, 2F, G, 16] over the input, and scales) in out_dir; everything else as it was."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.numpy import load_file, save_file
+
+    from edge_moe_export.encodings import quantize_mxfp4
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    tensors = load_file(hf_dir / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        codes = [quantize_mxfp4(np.ascontiguousarray(w.astype(np.float32).T)) for w in tensors.pop(name)]  # [out, in]
+        tensors[f"{name}_blocks"] = np.stack([b for b, _ in codes])
+        tensors[f"{name}_scales"] = np.stack([s for _, s in codes])
+    out_dir.mkdir()
+    save_file(tensors, out_dir / "model.safetensors")
+    shutil.copyfile(hf_dir / "config.json", out_dir / "config.json")
+    return out_dir

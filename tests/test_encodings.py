@@ -12,7 +12,7 @@ from edge_moe_export.checkpoint import Checkpoint
 from edge_moe_export.encodings import decode_e4m3fn, dequantize_fp8_blocks
 from edge_moe_export.exporter import export_checkpoint
 
-from conftest import build_checkpoint, reference_logits, tiny_config
+from conftest import build_checkpoint, mxfp4_gpt_oss_checkpoint, reference_logits, tiny_config
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -235,21 +235,8 @@ def test_gpt_oss_mxfp4_checkpoint_exports_to_the_logits_of_its_dequantized_exper
     """GPT-OSS ships its experts in MXFP4 (gate_up_proj_blocks [E, 2F, G, 16] over the input, and scales): the
     gpt_oss family reads them through the MXFP4 reader, one expert at a time; the reference is transformers with
     the dequantized experts."""
-    import shutil
-
-    from safetensors.numpy import load_file, save_file
-
-    from edge_moe_export.encodings import quantize_mxfp4
-
     reference = build_checkpoint(tmp_path / "hf", tiny_config("gpt_oss", hidden=64, ffn=32, head_dim=16), seed=3)
-    tensors = load_file(tmp_path / "hf" / "model.safetensors")
-    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        codes = [quantize_mxfp4(np.ascontiguousarray(w.astype(np.float32).T)) for w in tensors.pop(name)]  # [out, in]
-        tensors[f"{name}_blocks"] = np.stack([b for b, _ in codes])
-        tensors[f"{name}_scales"] = np.stack([s for _, s in codes])
-    (tmp_path / "mx").mkdir()
-    save_file(tensors, tmp_path / "mx" / "model.safetensors")
-    shutil.copyfile(tmp_path / "hf" / "config.json", tmp_path / "mx" / "config.json")
+    mxfp4_gpt_oss_checkpoint(tmp_path / "hf", tmp_path / "mx")
 
     checkpoint = Checkpoint(tmp_path / "mx")
     with torch.no_grad():

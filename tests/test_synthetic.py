@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402  (comes with transformers)
 
-FAMILIES = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe"]
+FAMILIES = ["qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "granitemoe", "phimoe", "gpt_oss"]
 TINY = dict(hidden_size=64, num_layers=2, num_experts=8, top_k=2, moe_intermediate_size=32, vocab_size=128,
             num_attention_heads=4, num_key_value_heads=2, progress=False)
 
@@ -65,6 +65,22 @@ def test_family_is_what_transformers_writes(family, tmp_path):
     with torch.no_grad():
         logits = model(torch.randint(0, 128, (1, 12))).logits
     assert torch.isfinite(logits).all() and 0.1 < logits.std() < 10
+
+
+@pytest.mark.parametrize("family", ["granitemoe", "phimoe", "gpt_oss"])
+def test_new_family_synth_exports_to_transformers_logits(family, tmp_path):
+    """The fused experts (Granite, GPT-OSS), LayerNorm and biases (Phi), sinks and router biases (GPT-OSS) of a
+    synthetic checkpoint are what edge_moe's families read: the export computes transformers' logits."""
+    import edge_moe
+    from edge_moe_export.exporter import export_checkpoint
+
+    ckpt = write_synthetic_checkpoint(tmp_path / "ck", family=family, **TINY)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = list(range(3, 15))
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0].numpy()
+    got = edge_moe.load(export_checkpoint(ckpt, tmp_path / "pkg", progress=False)).logits(ids)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 def test_multi_shard_index(tmp_path):

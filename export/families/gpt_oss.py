@@ -12,6 +12,7 @@ import numpy as np
 
 from edge_moe.family_spec import RouterSpec
 
+from ..encodings import mxfp4_to_matmulnbits
 from .base import MoEFamily
 
 
@@ -41,9 +42,15 @@ class Family(MoEFamily):
         base = self.layer_key(layer, "mlp.experts")
         return (f"{base}.gate_up_proj", f"{base}.gate_up_proj_bias", f"{base}.down_proj", f"{base}.down_proj_bias")
 
-    def read_expert(self, checkpoint, layer, expert):
-        gate_up, gate_up_bias, down, down_bias = (checkpoint.read(key, expert)
-                                                  for key in self.expert_keys(layer, expert))
+    def read_expert(self, checkpoint, layer, expert, codes_bits=None):
+        """The expert's tensors; with codes_bits (8 or 4), weights the checkpoint stores in MXFP4 come as
+        MatMulNBits codes mapped from the MXFP4 codes (export/encodings.py), the rest as float32 [in, out]."""
+        def read(key):
+            if codes_bits and getattr(checkpoint, "is_mxfp4", lambda _: False)(key):
+                return mxfp4_to_matmulnbits(*checkpoint.read_mxfp4(key, expert), codes_bits)[0]
+            return checkpoint.read(key, expert)
+
+        gate_up, gate_up_bias, down, down_bias = (read(key) for key in self.expert_keys(layer, expert))
         scalar = lambda name, default: np.array(self.config.get(name, default), np.float32)  # noqa: E731
         return {"gate_up_proj": gate_up, "gate_up_bias": gate_up_bias, "down_proj": down, "down_bias": down_bias,
                 "alpha": scalar("swiglu_alpha", 1.702), "limit": scalar("swiglu_limit", 7.0)}
