@@ -19,12 +19,12 @@ def _write(directory, **files):
         (directory / name.replace("__", ".")).write_text(text)
 
 
-def test_v2_headroom_discounts_inactive_file_pages_and_takes_the_tightest_ancestor(tmp_path):
+def test_v2_headroom_discounts_unmapped_file_cache_and_takes_the_tightest_ancestor(tmp_path):
     parent, child = tmp_path / "a", tmp_path / "a" / "b"
-    _write(parent, memory__max=str(300 * MiB), memory__current=str(250 * MiB), memory__stat="inactive_file 0\n")
+    _write(parent, memory__max=str(300 * MiB), memory__current=str(250 * MiB), memory__stat="file 0\n")
     _write(child, memory__max=str(200 * MiB), memory__current=str(150 * MiB),
-           memory__stat=f"anon 1\ninactive_file {40 * MiB}\n")
-    # child: 200 - (150 - 40) = 90 MiB; parent: 300 - 250 = 50 MiB -> the parent binds
+           memory__stat=f"anon 1\nfile {50 * MiB}\nfile_mapped {10 * MiB}\n")
+    # child: 200 - (150 - (50 - 10)) = 90 MiB; parent: 300 - 250 = 50 MiB -> the parent binds
     assert memory_limits._cgroup_headroom("v2", child) == 50 * MiB
     _write(parent, memory__max="max", memory__current="0", memory__stat="")
     assert memory_limits._cgroup_headroom("v2", child) == 90 * MiB
@@ -32,7 +32,7 @@ def test_v2_headroom_discounts_inactive_file_pages_and_takes_the_tightest_ancest
 
 def test_v1_without_a_limit_has_no_headroom_figure(tmp_path):
     _write(tmp_path / "g", memory__limit_in_bytes=str(2**63 - 4096), memory__usage_in_bytes="1000",
-           memory__stat="total_inactive_file 0\n")
+           memory__stat="total_cache 0\n")
     assert memory_limits._cgroup_headroom("v1", tmp_path / "g") is None
 
 
