@@ -10,13 +10,12 @@ import sys
 import threading
 import time
 
+import httpx  # the test extra installs httpx, openai and uvicorn: a missing one fails the suite, never skips it
+import openai
 import pytest
+import uvicorn  # noqa: F401
 
 import edge_moe
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
 
 
 def free_port() -> int:
