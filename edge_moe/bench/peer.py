@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeMoeError
-from ..model import drop_page_cache
+from ..files import drop_page_cache
 from .report import print_table, write_json
 
 _CONVERT = """
@@ -63,7 +63,10 @@ def run_peer(args) -> dict:
     if len(types) != len(packages):
         raise EdgeMoeError(f"--model lists {len(packages)} packages and --peer-types {len(types)} types; pair "
                            "them one to one")
-    depths = [int(d) for d in args.depths.split(",")]
+    try:
+        depths = [int(d) for d in args.depths.split(",")]
+    except ValueError:
+        raise EdgeMoeError(f"--depths {args.depths!r}: give token counts separated by commas, e.g. 0,1024,2048") from None
     ggufs = convert(args, bench, types)
     threads = args.threads or 1
     limit = None
@@ -156,8 +159,7 @@ def limited_runs(limit: int, bench: Path, gguf: Path, package: str, threads: int
         if not cgroup.real:
             raise EdgeMoeError(f"--memory-limit: {cgroup.reason}; run where a memory cgroup can be created")
         # both start cold: pages another group read stay charged there and would not count against this limit
-        for path in [gguf, *(p for p in Path(package).rglob("*") if p.is_file())]:
-            drop_page_cache(path)
+        drop_page_cache([gguf, *(p for p in Path(package).rglob("*") if p.is_file())])
         peer = llama_bench(bench, gguf, threads, args.prompt_tokens, args.tokens, depth)
         worker = [sys.executable, "-m", "edge_moe.bench.peer", package, str(threads), str(args.prompt_tokens),
                   str(args.tokens), str(depth), str(seed)]
