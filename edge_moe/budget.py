@@ -71,8 +71,10 @@ def parse_budget(value, manifest: Manifest) -> int:
 
 
 def kv_bytes_per_token(config: dict) -> int:
-    """float32 keys and values of every layer for one token."""
-    return int(config["num_layers"]) * 2 * int(config["num_key_value_heads"]) * int(config["head_dim"]) * 4
+    """float32 cache of every layer for one token, in the family's cache layout (MLA: the latent, not K/V)."""
+    from .family_spec import attention_spec
+
+    return int(config["num_layers"]) * attention_spec(config).cache_floats_per_token * 4
 
 
 def auto_budget(manifest: Manifest) -> tuple[int, str]:

@@ -62,7 +62,7 @@ class GqaKVCache:
         # with an accelerator the buffers and RoPE tables live on it, where the layer graphs run: binding host
         # buffers would copy the whole cache over and back on every call
         self.device = device
-        self.keys: list[np.ndarray] = []
+        self.keys: list[np.ndarray] = []  # the host buffers (on the CPU only)
         self.values: list[np.ndarray] = []
         # seqlens_k and total_sequence_length live in these arrays; bound OrtValues read them in place
         self._seqlens, self._total = np.zeros(1, np.int32), np.zeros((), np.int32)
@@ -72,24 +72,23 @@ class GqaKVCache:
         shape = (1, self.kv_heads, capacity, self.head_dim)
         keys = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
         values = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
-        old_keys, old_values = self.keys, self.values
-        if self.device != "cpu" and self.offset:  # the graph wrote on the device: the host arrays are stale
-            old_keys, old_values = ([kv[i].numpy() for kv in self._kv] for i in (0, 1))
-        for old, new in ((old_keys, keys), (old_values, values)):
-            for a, b in zip(old, new):
-                b[:, :, :self.offset] = a[:, :, :self.offset]
+        if self.offset:  # what the graph wrote so far; on a device the only copy is there
+            old = (zip(self.keys, self.values) if self.device == "cpu"
+                   else ((k.numpy(), v.numpy()) for k, v in self._kv))
+            for layer, (k, v) in enumerate(old):
+                keys[layer][:, :, :self.offset] = k[:, :, :self.offset]
+                values[layer][:, :, :self.offset] = v[:, :, :self.offset]
         self.cos, self.sin = rope_tables(self.head_dim, self.rope_theta, capacity)
-        value = ort.OrtValue.ortvalue_from_numpy
-        self._shared = {"seqlens_k": value(self._seqlens), "total_sequence_length": value(self._total)}
-        if self.device == "cpu":
-            # OrtValues over numpy memory (no copy): the KV buffers are bound as past and present, so the graph
-            # writes the new rows in place
-            self._kv = [(value(k), value(v)) for k, v in zip(keys, values)]
-            self._shared.update(cos_cache=value(self.cos), sin_cache=value(self.sin))
-        else:
-            self._kv = [(value(k, self.device, 0), value(v, self.device, 0)) for k, v in zip(keys, values)]
-            self._shared.update(cos_cache=value(self.cos, self.device, 0), sin_cache=value(self.sin, self.device, 0))
-        self.keys, self.values, self.capacity = keys, values, capacity
+        where = () if self.device == "cpu" else (self.device, 0)
+        value = lambda array: ort.OrtValue.ortvalue_from_numpy(array, *where)  # noqa: E731
+        # on the CPU the OrtValues are views of the numpy buffers (no copy): bound as past and present, the graph
+        # writes the new rows in place; on a device they are the buffers, and the host arrays are dropped
+        self._kv = [(value(k), value(v)) for k, v in zip(keys, values)]
+        self._shared = {"seqlens_k": ort.OrtValue.ortvalue_from_numpy(self._seqlens),
+                        "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(self._total),
+                        "cos_cache": value(self.cos), "sin_cache": value(self.sin)}
+        self.keys, self.values = (keys, values) if self.device == "cpu" else ([], [])
+        self.capacity = capacity
         self._decode: dict[int, tuple] = {}  # layer -> (binding, hidden buffer, output buffers), built on first use
 
     def run(self, layer: int, session, hidden: np.ndarray) -> list:
@@ -138,7 +137,7 @@ class GqaKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+        return 2 * self.num_layers * self.kv_heads * self.capacity * self.head_dim * 4
 
 
 def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:

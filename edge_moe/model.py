@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 
 from .errors import EdgeMoeError
 from .experts import ExpertKernels
+from .files import drop_page_cache
 from .kv_cache import KVCache, new_kv_cache
 from .manifest import Manifest
 from .routing import Router, group_by_expert
@@ -45,23 +45,8 @@ class Backbone:
         _check_signature(manifest.head, self.head, ["hidden_states"], 1)
         # onnxruntime holds its own copy of every weight now: the file pages read to build it are cache a memory
         # cgroup charges to this process (budget auto would count them as used) and nothing reads them again
-        for path in [manifest.embed, *manifest.layers, manifest.head, manifest.backbone_blob]:
-            drop_page_cache(path)
+        drop_page_cache([manifest.embed, *manifest.layers, manifest.head, manifest.backbone_blob])
 
-
-def drop_page_cache(path) -> None:
-    """Best effort: asks the kernel to drop the file's cached pages (those mapped somewhere stay)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except (OSError, TypeError):
-        return
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # a layer graph's inputs per config.attention_kernel (kv_cache.py feeds them)

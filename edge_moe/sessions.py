@@ -87,7 +87,6 @@ class TimedSession:
         self.clock.calls += 1
         return outputs
 
-
     def io_binding(self):
         return self.session.io_binding()
 

@@ -52,9 +52,9 @@ class BackboneWeights:
                 return used[key]
             if self.bits and self.quantizable(key):
                 n, k = self.checkpoint.shape(key)
-                for suffix in (".qweight", ".scales"):
-                    dtype, shape, offset, length = self._write_quantized(key, suffix)
-                    g.external(key + suffix, dtype, shape, self.blob.path.name, offset, length)
+                for name in self._write_quantized(key):
+                    dtype, shape, offset, length = self.written[name]
+                    g.external(name, dtype, shape, self.blob.path.name, offset, length)
                 g.quantized[key] = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size}
                 used[key] = key
             else:
@@ -65,14 +65,16 @@ class BackboneWeights:
 
         return weight
 
-    def _write_quantized(self, key: str, suffix: str):
-        if key + suffix not in self.written:
+    def _write_quantized(self, key: str) -> list[str]:
+        """Writes `key` block-quantized once (`{key}.qweight`, `{key}.scales`); returns those tensor names."""
+        names = [f"{key}.qweight", f"{key}.scales"]
+        if names[0] not in self.written:
             tensors = quantize(self.checkpoint.read(key), self.bits, self.block_size).tensors(key)
             for name, array in tensors.items():
                 self.blob.pad_to(64)
                 offset, length = self.blob.write(array)
                 self.written[name] = (str(array.dtype), list(array.shape), offset, length)
-        return self.written[key + suffix]
+        return names
 
     def write(self, key: str):
         if key not in self.written:

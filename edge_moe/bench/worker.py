@@ -8,23 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 
 import psutil
 
-
-def drop_page_cache(paths) -> None:
-    """Evicts the files from the page cache so every configuration starts cold."""
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+from ..files import drop_page_cache
 
 
 def main(argv=None) -> int:

@@ -229,7 +229,7 @@ class MoEFamily:
             x [T,H] --q/k/v--> (qkv post, head norms) --> GQA(q, k, v, past [1,kvH,M,D], seqlens_k, total, cos, sin)
               --> out [T, nH*D] --o_proj-->;   key/value outputs are the same [1,kvH,M,D] buffers, bound in place
 
-        A dozen nodes instead of ~70 and no copy of the cache per call (model.py: GqaKVCache). Inputs the runtime
+        A dozen nodes instead of ~70 and no copy of the cache per call (kv_cache.py: GqaKVCache). Inputs the runtime
         feeds: past_key/past_value (capacity M >= total), seqlens_k [1] = total - 1, total_sequence_length, and
         cos_cache/sin_cache [>= total, D/2] (the RoPE tables, shared by every layer).
         """
@@ -241,11 +241,7 @@ class MoEFamily:
         total = g.input("total_sequence_length", "int32", [])
         cos = g.input("cos_cache", "float32", ["C", d // 2])
         sin = g.input("sin_cache", "float32", ["C", d // 2])
-        bias = (lambda p: w(f"self_attn.{p}.bias")) if self.qkv_bias else (lambda p: None)
-        q = g.linear(x, w("self_attn.q_proj.weight"), bias("q_proj"))
-        k = g.linear(x, w("self_attn.k_proj.weight"), bias("k_proj"))
-        v = g.linear(x, w("self_attn.v_proj.weight"), bias("v_proj"))
-        q, k, v = self.emit_qkv_post(g, layer, q, k, v, w)
+        q, k, v = self.emit_qkv(g, layer, x, w)
         if type(self).emit_head_norms is not MoEFamily.emit_head_norms:
             q3 = g.op("Reshape", q, g.const([0, heads, d], "int64"))
             k3 = g.op("Reshape", k, g.const([0, kv_heads, d], "int64"))
@@ -263,14 +259,19 @@ class MoEFamily:
         o_bias = w("self_attn.o_proj.bias") if self.o_bias else None
         return g.linear(out, w("self_attn.o_proj.weight"), o_bias), present_k, present_v
 
-    def emit_attention(self, g: GraphBuilder, layer: int, x: str, past_k: str, past_v: str, w):
-        a = self.arch
-        heads, kv_heads, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+    def emit_qkv(self, g: GraphBuilder, layer: int, x: str, w):
+        """q, k, v [T, heads*D] from x [T, H]: the projections (with biases where the family has them), then
+        emit_qkv_post; shared by both attention kernels."""
         bias = (lambda p: w(f"self_attn.{p}.bias")) if self.qkv_bias else (lambda p: None)
         q = g.linear(x, w("self_attn.q_proj.weight"), bias("q_proj"))
         k = g.linear(x, w("self_attn.k_proj.weight"), bias("k_proj"))
         v = g.linear(x, w("self_attn.v_proj.weight"), bias("v_proj"))
-        q, k, v = self.emit_qkv_post(g, layer, q, k, v, w)
+        return self.emit_qkv_post(g, layer, q, k, v, w)
+
+    def emit_attention(self, g: GraphBuilder, layer: int, x: str, past_k: str, past_v: str, w):
+        a = self.arch
+        heads, kv_heads, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        q, k, v = self.emit_qkv(g, layer, x, w)
         q = g.op("Reshape", q, g.const([0, heads, d], "int64"))
         k = g.op("Reshape", k, g.const([0, kv_heads, d], "int64"))
         v = g.op("Reshape", v, g.const([0, kv_heads, d], "int64"))
