@@ -140,6 +140,8 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--policy", default="adaptive", help="residency policy under a budget: lru, lfu, adaptive")
     p.add_argument("--prefetch", type=int, default=2, help="layers ahead to prefetch speculatively (0: off)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
+    p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                   help="keep resident weights on 4 KiB pages (default: moved onto 2 MiB pages in the background)")
     p.add_argument("--emulate", metavar="PROFILE", help="run under a device profile's limits (threads, RAM budget, "
                                                         "flash bandwidth; a memory cgroup where allowed)")
     p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
@@ -181,7 +183,7 @@ def check_runtime_arguments(args) -> None:
 
 def load_options(args) -> dict:
     return dict(threads=args.threads, budget=args.budget, policy=args.policy, prefetch=args.prefetch,
-                device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy)
+                device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy, huge_pages=args.huge_pages)
 
 
 @contextlib.contextmanager

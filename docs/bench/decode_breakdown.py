@@ -1,5 +1,7 @@
 """Where a decoded token's time goes, all experts resident, one thread: layer graphs, expert calls, embed + head,
-and the rest (numpy glue, routing, Python). `python docs/bench/decode_breakdown.py PACKAGE [TOKENS]`."""
+and the rest (numpy glue, routing, Python). `python docs/bench/decode_breakdown.py PACKAGE [TOKENS]`;
+EDGE_MOE_HUGE_PAGES=0 keeps the weights on 4 KiB pages."""
+import os
 import sys
 import time
 
@@ -9,7 +11,8 @@ import edge_moe
 from edge_moe import experts as experts_module
 
 path, tokens = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 64
-model = edge_moe.load(path, threads=1)
+model = edge_moe.load(path, threads=1, huge_pages=os.environ.get("EDGE_MOE_HUGE_PAGES", "1") != "0")
+model.settle()
 spent = {"layers": 0.0, "experts": 0.0, "embed+head": 0.0}
 
 

@@ -81,6 +81,7 @@ def decode_table(args) -> dict:
     import edge_moe
 
     model = edge_moe.load(args.model, threads=args.threads, progress=True)
+    model.settle()
     vocab = model.config["vocab_size"]
     prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_tokens).tolist()
     decode.decode_run(model, prompt, 4)  # warm-up: sessions, allocator

@@ -79,6 +79,8 @@ def run_peer(args) -> dict:
         import edge_moe
 
         models = [edge_moe.load(p, threads=threads) for p in packages]
+        for model in models:
+            model.settle()
     rows: dict[tuple, list[dict]] = {}
     for round_index in range(args.rounds):
         for package, model, kind in zip(packages, models, types):
@@ -203,6 +205,7 @@ def _worker(argv: list[str]) -> None:
         model = edge_moe.load(package, threads=threads, budget="auto")
     except edge_moe.EdgeMoeError as exc:
         sys.exit(str(exc))
+    model.settle()
     stats = our_bench(model, prompt, tokens, depth, seed)
     stats["budget_bytes"] = model.budget
     print(json.dumps(stats))

@@ -53,6 +53,7 @@ def run(config: dict, manifest, load: dict) -> dict:
     from edge_moe.telemetry import peak_rss_bytes, reset_peak_rss
 
     model = edge_moe.load(config["model"], trace=True, **load)
+    model.settle()
     loaded_rss = psutil.Process().memory_info().rss
     reset_peak_rss()
     io_before = psutil.Process().io_counters().read_bytes
