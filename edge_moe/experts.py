@@ -10,6 +10,7 @@ every expert at load; the budgeted cache (edge_moe.cache) implements the same `g
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -62,6 +63,11 @@ _graphs: dict[ExpertShape, bytes] = {}
 _OUTPUTS = [OUTPUT]
 
 
+# intra-op threads of expert sessions; 1 while Forward runs experts side by side on its own threads
+# (ExpertKernels(parallel=True)): small matrix-vector products gain little from a pool that sleeps between calls
+_session_threads: int | None = None
+
+
 def _quant_session(record: ExpertRecord, shape: ExpertShape, weights: dict[str, np.ndarray]):
     """The expert's own MatMulNBits session, its initializers taken from `weights` (views into the read buffer).
     One serialized graph per shape: the initializers' external locations are never read (all are overridden)."""
@@ -69,31 +75,44 @@ def _quant_session(record: ExpertRecord, shape: ExpertShape, weights: dict[str, 
     if model is None:
         external = {t.name: ("unused.bin", 0, t.nbytes) for t in record.tensors}
         model = _graphs[shape] = build_expert_graph(shape, external).SerializeToString()
-    return open_session(model, initializers=weights)
+    return open_session(model, initializers=weights, threads=_session_threads)
 
 
 class ExpertKernels:
     """One session per expert shape, built from the same graph the exporter writes, with weights as inputs."""
 
-    def __init__(self, clock: OrtClock, providers=("CPUExecutionProvider",)):
-        self.clock, self.providers = clock, providers
+    def __init__(self, clock: OrtClock, providers=("CPUExecutionProvider",), parallel: bool = False):
+        """parallel: Forward will call run() from several threads at once, one expert each; expert sessions then
+        get one intra-op thread (set before any expert loads: quantized experts open their sessions at load)."""
+        global _session_threads
+        self.clock, self.providers, self.parallel = clock, providers, parallel
         self._sessions: dict[ExpertShape, TimedSession] = {}
+        self._lock = threading.Lock()
+        _session_threads = 1 if parallel else None
 
-    def run(self, expert: ResidentExpert, x: np.ndarray) -> np.ndarray:
-        """x [T, H] float32 -> [T, H] float32."""
+    def run(self, expert: ResidentExpert, x: np.ndarray, timed: bool = True) -> np.ndarray:
+        """x [T, H] float32 -> [T, H] float32. timed=False leaves the clock alone (a worker thread's call: the
+        caller times its wait instead, so the clock stays a share of wall time)."""
+        start = time.perf_counter()
         if expert.session is not None:
-            start = time.perf_counter()
             y = expert.run_fast(_OUTPUTS, {INPUT: x})[0]
+        else:
+            y = self._shared_session(expert.shape).run_fast(_OUTPUTS, {INPUT: x, **expert.weights})[0]
+        if timed:
             self.clock.seconds += time.perf_counter() - start
             self.clock.calls += 1
-            return y
-        shape = expert.shape
+        return y
+
+    def _shared_session(self, shape: ExpertShape) -> TimedSession:
         session = self._sessions.get(shape)
         if session is None:
-            model = build_expert_graph(shape).SerializeToString()
-            session = self._sessions[shape] = TimedSession(open_session(model, providers=self.providers),
-                                                           self.clock)
-        return session.run({INPUT: x, **expert.weights})[0]
+            with self._lock:
+                session = self._sessions.get(shape)
+                if session is None:
+                    model = build_expert_graph(shape).SerializeToString()
+                    session = self._sessions[shape] = TimedSession(open_session(
+                        model, providers=self.providers, threads=1 if self.parallel else None), self.clock)
+        return session
 
 
 class ExpertSource:

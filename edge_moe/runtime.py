@@ -43,8 +43,15 @@ class Model:
         self.clock = OrtClock()
         self.tokenizer = Tokenizer(manifest.tokenizer) if manifest.tokenizer else None
         self.device = resolve_device(device)
+        # Resident experts on the CPU with several threads run side by side, a whole expert per thread (Forward's
+        # workers), and every graph gets one intra-op thread: a pool whose threads sleep between calls costs more
+        # than it gives on decode's small products (measured at 2 threads: 84-89 tok/s against 96 at one thread
+        # for 8-bit experts; with one-thread layer graphs 87-93), and prefill's parallelism comes from its many
+        # experts. Under a budget the cache hands out one expert at a time (a computed expert may be evicted at
+        # once), and an accelerator tier places experts itself: both keep one expert at a time and the pools.
+        side_by_side = self.threads > 1 and budget is None and not self.device.accelerator
         self.backbone = Backbone(manifest, self.clock, providers=self.device.providers,
-                                 ort_device=self.device.ort_device)
+                                 ort_device=self.device.ort_device, threads=1 if side_by_side else None)
         self.rss_baseline_bytes = rss_bytes()
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
@@ -55,6 +62,7 @@ class Model:
         self.closed = False
         self._chat_template = None
         self.batcher = None  # enable_batching
+        self.kernels = ExpertKernels(self.clock, parallel=side_by_side)  # before experts load: sets their threads
         predictor = None
         if baseline == "mmap":
             self.experts = MmapExperts(manifest, trace=self.trace)
@@ -72,7 +80,6 @@ class Model:
             predictor = NextLayerPredictor(manifest, depth=prefetch) if prefetch > 0 else None
         self.predictor = predictor
         self._predictors = {prefetch: predictor} if predictor else {}  # by depth: set_prefetch keeps what they learnt
-        self.kernels = ExpertKernels(self.clock)
         # With an accelerator, Forward gets experts and kernels through its tier (accelerator.py), which keeps
         # self.experts as the RAM tier behind it.
         self.accelerator = None
@@ -80,7 +87,8 @@ class Model:
         if self.device.accelerator:
             self.accelerator = build_tier(self, gpu_budget, gpu_policy, cost_model, recalibrate, progress)
             experts, kernels = self.accelerator, self.accelerator.kernels
-        self.forward = Forward(manifest, self.backbone, experts, kernels, predictor)
+        self.forward = Forward(manifest, self.backbone, experts, kernels, predictor,
+                               workers=self.threads - 1 if side_by_side else 0)
         if self.accelerator is not None:
             self.forward.route_observers.append(self.accelerator.observe_routes)
         # resident weights onto 2 MiB pages in the background (huge_pages.py: 1.5-2x decode in a VM)
@@ -148,6 +156,7 @@ class Model:
                 self.batcher.close()
             if self.huge_pages is not None:
                 self.huge_pages.close()
+            self.forward.close()
             self.store.close()
 
     def settle(self, timeout: float | None = 60.0) -> None:

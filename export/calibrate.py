@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +79,16 @@ def record_routing(package: Path, text_path, window: int | None = None, progress
     kernels = model.forward.kernels
     run = kernels.run
 
-    def recording_run(expert, x):
+    lock = threading.Lock()  # with --threads above 1 a layer's experts run on several threads
+
+    def recording_run(expert, x, **timed):
         key = expert.record.key
-        counts[key] = counts.get(key, 0) + x.shape[0]
-        held = sum(len(a) for a in inputs.get(key, []))
-        if held < SAMPLES:
-            inputs.setdefault(key, []).append(np.array(x[:SAMPLES - held]))
-        return run(expert, x)
+        with lock:
+            counts[key] = counts.get(key, 0) + x.shape[0]
+            held = sum(len(a) for a in inputs.get(key, []))
+            if held < SAMPLES:
+                inputs.setdefault(key, []).append(np.array(x[:SAMPLES - held]))
+        return run(expert, x, **timed)
 
     kernels.run = recording_run
     limit = int(model.config.get("max_position_embeddings") or 512)

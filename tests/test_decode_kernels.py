@@ -2,6 +2,8 @@
 updated in place against the plain-ONNX attention over a copied cache, and the block-quantized backbone against
 transformers run on the same dequantized weights."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -85,3 +87,29 @@ def test_peer_side_bench_decodes_at_a_context_depth(tiny_package):
     model = edge_moe.load(package)
     stats = our_bench(model, prompt=8, tokens=6, depth=20, seed=0)
     assert stats["decode"] > 0 and stats["prefill"] > 0 and stats["calls_per_token"] >= model.config["num_layers"]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="side by side needs two CPUs")
+@pytest.mark.parametrize("bits", [None, 4])
+def test_experts_side_by_side_give_the_tokens_of_one_thread(checkpoint, monkeypatch, bits):
+    """threads=2: a layer's experts run on two threads (in decode too, forced here: these experts are small) and
+    the graphs on one intra-op thread each; logits and sampled tokens equal the one-thread run's bit for bit."""
+    from edge_moe import model as model_module
+
+    root, _ = checkpoint
+    package = export_checkpoint(root / "hf", root / f"side-{bits}", progress=False,
+                                **({"bits": bits} if bits else {}))
+    monkeypatch.setattr(model_module, "DECODE_SIDE_BY_SIDE_BYTES", 0)
+    side = edge_moe.load(package, threads=2)
+    assert side.forward.workers == 1 and side.forward._decode_side_by_side
+    alone = edge_moe.load(package, threads=1)
+    assert alone.forward.workers == 0
+    ids = np.random.default_rng(4).integers(2, 128, 40).tolist()
+    np.testing.assert_array_equal(side.logits(ids), alone.logits(ids))  # prefill: many experts a layer
+    for model in (side, alone):
+        model.config["eos_token_ids"] = []
+    a = side.generate(ids, max_new_tokens=24, temperature=0.8, seed=3)
+    b = alone.generate(ids, max_new_tokens=24, temperature=0.8, seed=3)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 24
+    side.close()
+    assert not side.forward._pool._threads or all(not t.is_alive() for t in side.forward._pool._threads)
