@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import sys
 
 from .errors import EdgeMoeError
@@ -140,6 +141,9 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--policy", default="adaptive", help="residency policy under a budget: lru, lfu, adaptive")
     p.add_argument("--prefetch", type=int, default=2, help="layers ahead to prefetch speculatively (0: off)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
+    p.add_argument("--thread-pool", choices=("shared", "per-session"),
+                   help="onnxruntime threads: one spinning pool for all sessions (default here), or a sleeping pool "
+                        "per session with experts side by side (the library's default)")
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                    help="keep resident weights on 4 KiB pages (default: moved onto 2 MiB pages in the background)")
     p.add_argument("--emulate", metavar="PROFILE", help="run under a device profile's limits (threads, RAM budget, "
@@ -183,7 +187,8 @@ def check_runtime_arguments(args) -> None:
 
 def load_options(args) -> dict:
     return dict(threads=args.threads, budget=args.budget, policy=args.policy, prefetch=args.prefetch,
-                device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy, huge_pages=args.huge_pages)
+                device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy, huge_pages=args.huge_pages,
+                thread_pool=args.thread_pool)
 
 
 @contextlib.contextmanager
@@ -399,5 +404,12 @@ def main(argv=None) -> int:
         return 0
 
 
+def console() -> int:
+    """The `edge-moe` command: it owns its process, so onnxruntime runs on the shared spinning pool unless
+    EDGE_MOE_THREAD_POOL says otherwise (edge_moe.sessions; a library caller keeps per-session pools)."""
+    os.environ.setdefault("EDGE_MOE_THREAD_POOL", "shared")
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from .model import Backbone, Forward
 from .policies import make_policy
 from .prefetch import NextLayerPredictor
 from .sampling import Sampler, SamplingOptions
-from .sessions import OrtClock, configure_threads
+from .sessions import OrtClock, configure_threads, shared_pool
 from .telemetry import peak_rss_bytes, rss_bytes
 from .tokenizer import StreamingDecoder, Tokenizer
 
@@ -36,20 +37,23 @@ class Model:
                  prefetch: int = 2, io_threads: int = 8, direct_io: bool = True, trace: bool = False,
                  progress: bool = False, baseline: str | None = None, throttle=None, device="cpu",
                  gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False,
-                 huge_pages: bool = True):
+                 huge_pages: bool = True, thread_pool: str | None = None):
         self.manifest = manifest
         self.config = manifest.config
-        self.threads = configure_threads(threads)
+        self.threads = configure_threads(threads, thread_pool or os.environ.get("EDGE_MOE_THREAD_POOL") or
+                                         "per-session")
         self.clock = OrtClock()
         self.tokenizer = Tokenizer(manifest.tokenizer) if manifest.tokenizer else None
         self.device = resolve_device(device)
-        # Resident experts on the CPU with several threads run side by side, a whole expert per thread (Forward's
-        # workers), and every graph gets one intra-op thread: a pool whose threads sleep between calls costs more
-        # than it gives on decode's small products (measured at 2 threads: 84-89 tok/s against 96 at one thread
-        # for 8-bit experts; with one-thread layer graphs 87-93), and prefill's parallelism comes from its many
-        # experts. Under a budget the cache hands out one expert at a time (a computed expert may be evicted at
-        # once), and an accelerator tier places experts itself: both keep one expert at a time and the pools.
-        side_by_side = self.threads > 1 and budget is None and not self.device.accelerator
+        # With per-session pools (sessions.py), resident experts on the CPU with several threads run side by side,
+        # a whole expert per thread (Forward's workers), and every graph gets one intra-op thread: a pool whose
+        # threads sleep between calls costs more than it gives on decode's small products (measured at 2 threads:
+        # 84-89 tok/s against 96 at one thread for 8-bit experts; with one-thread layer graphs 87-93), and
+        # prefill's parallelism comes from its many experts. Under a budget the cache hands out one expert at a
+        # time (a computed expert may be evicted at once), and an accelerator tier places experts itself: both
+        # keep one expert at a time. The shared pool spins: one expert at a time on all its threads is faster.
+        side_by_side = (self.threads > 1 and budget is None and not self.device.accelerator
+                        and not shared_pool())
         self.backbone = Backbone(manifest, self.clock, providers=self.device.providers,
                                  ort_device=self.device.ort_device, threads=1 if side_by_side else None)
         self.rss_baseline_bytes = rss_bytes()
@@ -375,6 +379,10 @@ def load(path: str | Path | None = None, **options) -> Model:
         gpu_policy: the accelerator tier's residency policy ('lfu' default, 'lru', 'adaptive').
         cost_model: placement.CostModel or a path to its JSON; None: this machine's cached calibration.
         recalibrate: measure the cost model again at load even if cached.
+        thread_pool: 'per-session' (default; EDGE_MOE_THREAD_POOL sets another): each session its own sleeping
+            pool, experts side by side on the threads; 'shared': one spinning pool for every onnxruntime session
+            in the process, faster (sessions.py) but process-wide: onnxruntime then refuses any session that does
+            not opt in, the embedding program's own too. The command line uses 'shared'.
         huge_pages: move resident weights onto 2 MiB pages in a background thread (Linux 6.1+; edge_moe.huge_pages;
             `model.settle()` waits for the first pass).
     Returns:

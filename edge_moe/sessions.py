@@ -1,10 +1,16 @@
-"""onnxruntime sessions: each with a small intra-op pool whose threads sleep instead of spinning.
+"""onnxruntime sessions and their threads: a pool per session whose threads sleep, or one shared pool.
 
-edge_moe keeps a dozen sessions live (one per layer graph plus one per expert shape) and runs them back to back.
-Spinning pools make live sessions fight for the cores (DESIGN.md: 7.8 ms instead of 1.9 ms at M=64). A global
-pool (onnxruntime.set_global_thread_pool_sizes) avoids that too, but it is process-wide and makes every other
-session in the process fail unless it opts in, which an embeddable library must not do; so each session gets
-its own pool with spinning off.
+edge_moe keeps a dozen sessions live (one per layer graph, one per expert shape or quantized expert) and runs them
+back to back. Spinning per-session pools make live sessions fight for the cores (DESIGN.md: 7.8 ms instead of
+1.9 ms at M=64; 384 spinning expert pools decoded 1.1 tok/s), so per-session pools do not spin; but then a pool
+thread sleeps between calls and waking it costs more than it gives on decode's small products.
+
+The shared pool (onnxruntime.set_global_thread_pool_sizes) is one spinning pool for every session: measured on the
+2-core VM at 2 threads, decode 136-141 tok/s (4-bit experts) and 144 (8-bit) against 113 / 100 with per-session
+pools, prefill 640-722 against 480. It is process-wide, and once it exists onnxruntime refuses every session that
+does not opt in, including sessions the embedding program opens itself; so the library keeps per-session pools
+unless asked (load(thread_pool="shared") or EDGE_MOE_THREAD_POOL=shared), and the command line, which owns its
+process, uses the shared pool.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from .errors import EdgeMoeError
 
 _lock = threading.Lock()
 _threads: int | None = None
+_shared_threads: int | None = None  # the shared pool's size once created; then every session must use it
+POOLS = ("per-session", "shared")
 
 
 def default_threads() -> int:
@@ -27,18 +35,39 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def configure_threads(threads: int | None) -> int:
-    """The intra-op thread count of sessions opened from now on (default: physical cores); returns it."""
-    global _threads
+def configure_threads(threads: int | None, pool: str = "per-session") -> int:
+    """The intra-op thread count of sessions opened from now on (default: physical cores); returns it. pool
+    'shared' creates the process's shared pool with that many threads (once: a later size is refused)."""
+    global _threads, _shared_threads
     if threads is not None:
         cpus = os.cpu_count() or 1
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
             raise EdgeMoeError(f"--threads {threads!r}: this machine has {cpus} CPUs; choose 1..{cpus} "
                                "(more threads than CPUs only make them wait for each other)")
+    if pool not in POOLS:
+        raise EdgeMoeError(f"thread pool {pool!r} is unknown; choose one of {', '.join(POOLS)}")
     with _lock:
+        if _shared_threads is not None:  # every session uses it from now on, whatever this load asks
+            if threads is not None and threads != _shared_threads:
+                raise EdgeMoeError(f"--threads {threads}: this process already runs onnxruntime on a shared pool "
+                                   f"of {_shared_threads} threads; use {_shared_threads} or start a new process")
+            _threads = _shared_threads
+            return _threads
         if threads is not None or _threads is None:
             _threads = int(threads or default_threads())
+        if pool == "shared":
+            try:
+                ort.set_global_thread_pool_sizes(_threads, 1)
+            except Exception as exc:  # onnxruntime's own error: pools made elsewhere in this process
+                raise EdgeMoeError(f"thread pool shared: onnxruntime refuses it in this process "
+                                   f"({str(exc).splitlines()[0][:120]}); use thread_pool='per-session'") from None
+            _shared_threads = _threads
         return _threads
+
+
+def shared_pool() -> bool:
+    """Whether this process runs every session on the shared pool."""
+    return _shared_threads is not None
 
 
 def open_session(model, *, providers=("CPUExecutionProvider",), threads: int | None = None,
@@ -49,9 +78,12 @@ def open_session(model, *, providers=("CPUExecutionProvider",), threads: int | N
     if initializers:
         options.add_external_initializers(list(initializers), [ort.OrtValue.ortvalue_from_numpy(a)
                                                               for a in initializers.values()])
-    options.intra_op_num_threads = threads or _threads or default_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _shared_threads is not None:
+        options.use_per_session_threads = False  # `threads` is moot: the shared pool's size holds
+    else:
+        options.intra_op_num_threads = threads or _threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,

@@ -113,3 +113,51 @@ def test_experts_side_by_side_give_the_tokens_of_one_thread(checkpoint, monkeypa
     assert a.token_ids == b.token_ids and len(a.token_ids) == 24
     side.close()
     assert not side.forward._pool._threads or all(not t.is_alive() for t in side.forward._pool._threads)
+
+
+SHARED_POOL_SCRIPT = """
+import json, sys
+import numpy as np
+import edge_moe
+from edge_moe import sessions
+model = edge_moe.load(sys.argv[1], threads=2, thread_pool="shared")
+assert sessions.shared_pool() and model.forward.workers == 0
+ids = json.loads(sys.argv[2])
+logits = model.logits(ids)
+model.config["eos_token_ids"] = []
+tokens = model.generate(ids, max_new_tokens=16).token_ids
+budgeted = edge_moe.load(sys.argv[1], budget="50%")
+budgeted.config["eos_token_ids"] = []
+budgeted = budgeted.generate(ids, max_new_tokens=16).token_ids
+try:
+    edge_moe.load(sys.argv[1], threads=1)
+    refused = None
+except edge_moe.EdgeMoeError as exc:
+    refused = str(exc)
+np.save(sys.argv[3], logits)
+print(json.dumps({"tokens": tokens, "budgeted": budgeted, "refused": refused}))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a shared pool of two threads needs two CPUs")
+def test_shared_pool_gives_the_tokens_of_per_session_pools(checkpoint, tmp_path):
+    """thread_pool='shared' (process-wide, so in a child process): every session on one spinning pool, budgeted
+    models too; logits within float error of per-session pools, the same greedy tokens, and another pool size
+    refused with one line."""
+    import json
+    import subprocess
+    import sys
+
+    root, _ = checkpoint
+    package = export_checkpoint(root / "hf", root / "shared-pool", progress=False, bits=4)
+    ids = np.random.default_rng(6).integers(2, 128, 30).tolist()
+    out = subprocess.run([sys.executable, "-c", SHARED_POOL_SCRIPT, str(package), json.dumps(ids),
+                          str(tmp_path / "logits.npy")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    alone = edge_moe.load(package, threads=1)
+    alone.config["eos_token_ids"] = []
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), alone.logits(ids), atol=1e-5, rtol=0)
+    expected = alone.generate(ids, max_new_tokens=16).token_ids
+    assert child["tokens"] == expected and child["budgeted"] == expected
+    assert "shared pool of 2 threads" in child["refused"] and "\n" not in child["refused"]
