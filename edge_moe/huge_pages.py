@@ -30,6 +30,7 @@ DENSITY = 0.9  # share of a block's 4 KiB pages that must be resident before it 
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 _libc = None
+_scan_lock = threading.Lock()
 _unsupported: str | None = None  # why collapsing is off in this process, once known
 
 
@@ -128,7 +129,8 @@ class HugePageKeeper:
                 seen = now
                 start = time.perf_counter()
                 try:
-                    self.huge_bytes = collapse_dense()
+                    with _scan_lock:  # one scan at a time in the process: several models share its memory
+                        self.huge_bytes = collapse_dense()
                 except OSError:  # /proc unreadable (a sandbox): nothing to do
                     self._stop.set()
                 self.seconds += time.perf_counter() - start

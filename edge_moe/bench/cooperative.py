@@ -40,6 +40,8 @@ def logits_match(package, prompt: list[int], steps: int = 16, gpu_budget=None) -
     """Prefill `prompt` then `steps` greedy decode steps (tokens chosen by the CPU model) on both devices; compares
     logits per position: max |difference| relative to the CPU logits' largest magnitude, and argmax agreement."""
     cpu, gpu = load(package, device="cpu"), load(package, device=ACCEL, gpu_budget=gpu_budget)
+    cpu.settle()
+    gpu.settle()
     caches = [m.forward.new_cache() for m in (cpu, gpu)]
     rel, agree, total = 0.0, 0, 0
     ids = np.asarray(prompt, dtype=np.int64)
@@ -59,6 +61,7 @@ def speed(package, device, budget, gpu_budget, prompt: list[int], decode: int, r
     those of the timed runs only."""
     start = time.perf_counter()
     model = load(package, device=device or ACCEL, budget=budget, gpu_budget=gpu_budget)
+    model.settle()
     load_s = time.perf_counter() - start
     model.generate(prompt[:16], max_new_tokens=4)  # warm-up
     tier = model.accelerator
