@@ -1,8 +1,10 @@
 """Continuous batching: sequences decoded together give each request the tokens it gets alone (greedy), on every
 family's test model with every expert resident and under a small budget, with requests joining and leaving."""
 
+import os
 import threading
 
+import numpy as np
 import pytest
 
 import edge_moe
@@ -69,3 +71,19 @@ def test_a_consumer_leaving_early_does_not_disturb_the_others(package):
     abandoned.close()  # a client that went away
     assert [r.token for r in model.stream_generate(PROMPTS[0], 12)] == alone
     model.close()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="side by side needs two CPUs")
+def test_experts_side_by_side_equal_one_thread_on_every_family(package, monkeypatch):
+    """threads=2 on a small model: each layer's experts on two threads (decode forced side by side too); logits and
+    greedy tokens equal the one-thread run's bit for bit, every family."""
+    from edge_moe import model as model_module
+
+    monkeypatch.setattr(model_module, "DECODE_SIDE_BY_SIDE_BYTES", 0)
+    side, alone = edge_moe.load(package, threads=2), edge_moe.load(package, threads=1)
+    assert side.forward.workers == 1 and alone.forward.workers == 0
+    ids = PROMPTS[2] + PROMPTS[5]
+    np.testing.assert_array_equal(side.logits(ids), alone.logits(ids))
+    assert [side.generate(p, n).token_ids for p, n in zip(PROMPTS, LENGTHS)] == \
+        [alone.generate(p, n).token_ids for p, n in zip(PROMPTS, LENGTHS)]
+    side.close()
