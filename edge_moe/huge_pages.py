@@ -68,7 +68,7 @@ def _anonymous_regions():
         yield start, end
 
 
-def collapse_dense(density: float = DENSITY) -> int:
+def collapse_dense(density: float = DENSITY, stop: threading.Event | None = None) -> int:
     """Collapses every 2 MiB-aligned block of anonymous memory whose pages are at least `density` resident onto a
     huge page (a block already on one costs the kernel a lookup). Returns the bytes of the blocks that are on
     huge pages now (0 where unsupported)."""
@@ -82,6 +82,8 @@ def collapse_dense(density: float = DENSITY) -> int:
     for start, end in _anonymous_regions():
         block = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
         while block + HUGE_PAGE <= end:
+            if stop is not None and stop.is_set():  # the model closed: a first pass over GBs takes seconds
+                return done
             if _libc.mincore(block, HUGE_PAGE, vector) == 0 \
                     and pages - vector.raw.count(0) >= need:  # mincore sets bit 0 of a resident page's byte
                 if _libc.madvise(block, HUGE_PAGE, MADV_COLLAPSE) == 0:
@@ -118,6 +120,7 @@ class HugePageKeeper:
 
     def close(self) -> None:
         self._stop.set()
+        self._first.set()  # nobody waits for a pass that will not come
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -130,7 +133,7 @@ class HugePageKeeper:
                 start = time.perf_counter()
                 try:
                     with _scan_lock:  # one scan at a time in the process: several models share its memory
-                        self.huge_bytes = collapse_dense()
+                        self.huge_bytes = collapse_dense(stop=self._stop)
                 except OSError:  # /proc unreadable (a sandbox): nothing to do
                     self._stop.set()
                 self.seconds += time.perf_counter() - start
