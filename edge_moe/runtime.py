@@ -48,16 +48,14 @@ class Model:
         self.clock = OrtClock()
         self.tokenizer = Tokenizer(manifest.tokenizer) if manifest.tokenizer else None
         self.device = resolve_device(device)
-        # With per-session pools (sessions.py), resident experts on the CPU with several threads run side by side,
-        # a whole expert per thread (Forward's workers), and every graph gets one intra-op thread: a pool whose
-        # threads sleep between calls costs more than it gives on decode's small products (measured at 2 threads:
-        # 84-89 tok/s against 96 at one thread for 8-bit experts; with one-thread layer graphs 87-93), and
-        # prefill's parallelism comes from its many experts. Under a budget the cache hands out one expert at a
-        # time (a computed expert may be evicted at once), and an accelerator tier places experts itself: both
-        # keep one expert at a time. The shared pool spins: one expert at a time on all its threads is faster.
-        # Only for small models on few threads: with more threads than a token has experts, or layer graphs too
-        # large for one thread, it is much slower (H200 CPU, 16 threads, Qwen3-30B-A3B shapes: 4.8 tok/s against
-        # 24.5 with per-session pools of 16 threads).
+        # Side by side (Forward's workers): a layer's resident experts on several threads, a whole expert each, and
+        # every graph on one intra-op thread, because per-session pools sleep between calls and waking them costs
+        # more than it gives on decode's small products (2 threads, 8-bit experts: 84-89 tok/s against 96 at one
+        # thread; 87-93 with one-thread graphs); prefill's parallelism then comes from its many experts. Only for
+        # small models on few threads: with more threads than a token has experts, or graphs too large for one
+        # thread, it is much slower (H200 CPU, 16 threads, Qwen3-30B-A3B shapes: 4.8 tok/s against 24.5). Not under
+        # a budget (the cache may evict an expert once handed out), with an accelerator tier (it places experts
+        # itself), or on the shared pool (it spins: one expert at a time on all its threads is faster).
         side_by_side = (1 < self.threads <= int(self.config.get("top_k") or 1)
                         and int(self.config["hidden_size"]) <= SIDE_BY_SIDE_MAX_HIDDEN
                         and budget is None and not self.device.accelerator and not shared_pool())
