@@ -146,6 +146,10 @@ def add_runtime_arguments(p) -> None:
                         "per session with experts side by side (the library's default)")
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                    help="keep resident weights on 4 KiB pages (default: moved onto 2 MiB pages in the background)")
+    p.add_argument("--fused-moe", action=argparse.BooleanOptionalAction, default=None,
+                   help="each MoE layer's experts as one onnxruntime call over stacked weights (needs every expert "
+                        "resident; float experts are stacked in float32 on the CPU, twice a float16 model's memory); "
+                        "default: on for an accelerator that holds every expert, else off")
     p.add_argument("--emulate", metavar="PROFILE", help="run under a device profile's limits (threads, RAM budget, "
                                                         "flash bandwidth; a memory cgroup where allowed)")
     p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
@@ -188,7 +192,7 @@ def check_runtime_arguments(args) -> None:
 def load_options(args) -> dict:
     return dict(threads=args.threads, budget=args.budget, policy=args.policy, prefetch=args.prefetch,
                 device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy, huge_pages=args.huge_pages,
-                thread_pool=args.thread_pool)
+                thread_pool=args.thread_pool, fused_moe=args.fused_moe)
 
 
 @contextlib.contextmanager

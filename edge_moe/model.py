@@ -76,13 +76,14 @@ class Forward:
     budgeted cache), with speculative prefetch of the next layers' experts when a predictor is given."""
 
     def __init__(self, manifest: Manifest, backbone: Backbone, experts, kernels: ExpertKernels, predictor=None,
-                 workers: int = 0):
+                 workers: int = 0, fused=None):
         """workers: threads that compute a layer's experts beside the calling thread (all-resident experts on the
-        CPU, --threads above 1): one expert each at a time, so a token's top-k experts run side by side."""
+        CPU, --threads above 1): one expert each at a time, so a token's top-k experts run side by side.
+        fused: a fused_moe.FusedMoeLayers that runs each MoE layer's routing and experts in one call, or None."""
         c = manifest.config
         self.config = c
         self.backbone, self.experts, self.kernels, self.predictor = backbone, experts, kernels, predictor
-        self.workers = workers
+        self.workers, self.fused = workers, fused
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="edge-moe-expert") if workers else None
         # In decode a handoff to a worker (~40 us here) costs more than it saves on small experts: measured at
         # 2 threads, 4-bit experts (0.5 MB) decoded 95 tok/s side by side and 103-107 one after another, 8-bit
@@ -119,6 +120,12 @@ class Forward:
         return h
 
     def moe(self, layer: int, x: np.ndarray, logits: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        """The routed experts' weighted sum [T, H] for x [T, H] and router logits [T, E] of MoE layer `layer`."""
+        if self.fused is not None:
+            return self._fused_moe(layer, x, logits)
+        return self._per_expert_moe(layer, x, logits, residual)
+
+    def _per_expert_moe(self, layer: int, x: np.ndarray, logits: np.ndarray, residual: np.ndarray) -> np.ndarray:
         indices, weights = self.router(layer, logits)  # [T, k]
         for observe in self.route_observers:
             observe(layer, indices)
@@ -158,6 +165,17 @@ class Forward:
         for (_, rows, _), y in zip(groups, parts):
             out[rows] += y  # a token meets an expert at most once, so rows are unique and += is exact
         return out
+
+    def _fused_moe(self, layer: int, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """The layer's routed experts in one call (fused_moe.py). Routing happens inside the kernel; it is repeated
+        here only for whoever watches it (route observers, the expert trace), which sees every expert as a hit."""
+        if self.route_observers or self.experts.trace is not None:
+            indices, _ = self.router(layer, logits)
+            for observe in self.route_observers:
+                observe(layer, indices)
+            chosen = sorted({int(e) for e in indices.ravel()})
+            self.experts.record(layer, chosen, [True] * len(chosen))
+        return self.fused.run(layer, x, logits)
 
     def _run_all(self, experts, job, parts: list, side_by_side: bool) -> None:
         """parts[i] = job(i, expert, timed) for every (i, expert). With workers, the workers take experts in turn

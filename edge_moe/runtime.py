@@ -12,12 +12,13 @@ from tqdm import tqdm
 
 from .baselines import MmapExperts, NoCacheExperts
 from .budget import auto_budget, check_memory, full_budget, parse_budget
-from .accelerator import build_tier
+from .accelerator import build_tier, parse_gpu_budget
 from .cache import ExpertCache, store_for
 from .chat import ChatTemplate
 from .devices import resolve_device
 from .errors import EdgeMoeError
 from .experts import AllResidentExperts, ExpertKernels
+from .fused_moe import FusedMoeLayers, unfusable_reason
 from .generate import GenerationResponse, GenerationResult, PromptCache, Sequence, stream_tokens
 from .huge_pages import HugePageKeeper
 from .manifest import Manifest
@@ -40,7 +41,7 @@ class Model:
                  prefetch: int = 2, io_threads: int = 8, direct_io: bool = True, trace: bool = False,
                  progress: bool = False, baseline: str | None = None, throttle=None, device="cpu",
                  gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False,
-                 huge_pages: bool = True, thread_pool: str | None = None):
+                 huge_pages: bool = True, thread_pool: str | None = None, fused_moe: bool | None = None):
         self.manifest = manifest
         self.config = manifest.config
         self.threads = configure_threads(threads, thread_pool or os.environ.get("EDGE_MOE_THREAD_POOL") or
@@ -91,17 +92,36 @@ class Model:
         self._predictors = {prefetch: predictor} if predictor else {}  # by depth: set_prefetch keeps what they learnt
         # With an accelerator, Forward gets experts and kernels through its tier (accelerator.py), which keeps
         # self.experts as the RAM tier behind it.
-        self.accelerator = None
+        self.accelerator = self.fused = None
         experts, kernels = self.experts, self.kernels
-        if self.device.accelerator:
+        if self._fuse(fused_moe, baseline, gpu_budget):
+            # every expert of every layer in one stacked tensor a layer on the device: no tier to place them, and
+            # the per-expert copies go as they are stacked (they would double the memory)
+            self.fused = FusedMoeLayers(manifest, lambda layer, e: self.experts.experts.pop((layer, e)).weights,
+                                        self.device, self.clock)
+        elif self.device.accelerator:
             self.accelerator = build_tier(self, gpu_budget, gpu_policy, cost_model, recalibrate, progress)
             experts, kernels = self.accelerator, self.accelerator.kernels
         self.forward = Forward(manifest, self.backbone, experts, kernels, predictor,
-                               workers=self.threads - 1 if side_by_side else 0)
+                               workers=0 if self.fused or not side_by_side else self.threads - 1, fused=self.fused)
         if self.accelerator is not None:
             self.forward.route_observers.append(self.accelerator.observe_routes)
         # resident weights onto 2 MiB pages in the background (huge_pages.py: 1.5-2x decode in a VM)
         self.huge_pages = HugePageKeeper(lambda: self.clock.calls) if huge_pages else None
+
+    def _fuse(self, fused_moe: bool | None, baseline, gpu_budget) -> bool:
+        """Whether MoE layers run as one fused call each (fused_moe.py). Auto (None): on a real accelerator that
+        holds every expert, when the kernel can express the family; True insists (any device, all resident)."""
+        if fused_moe is False:
+            return False
+        everything = self.budget is None and baseline is None
+        if fused_moe:
+            if not everything:
+                raise EdgeMoeError("fused_moe needs every expert resident: drop the budget (--budget) and baseline")
+            return True
+        return (everything and self.device.accelerator and self.device.ort_device != "cpu"
+                and parse_gpu_budget(gpu_budget, self.manifest) >= sum(r.length for r in self.manifest.experts.values())
+                and unfusable_reason(self.manifest) is None)
 
     def pin(self, keys) -> None:
         """Keeps these (layer, index) experts resident for good (a budgeted model only). All or nothing: when one
@@ -193,7 +213,7 @@ class Model:
         s = self.store.stats
         stats = {"bytes_read": s.bytes_read, "reads": s.reads, "read_seconds": s.read_seconds,
                  "read_busy_seconds": s.busy_seconds,
-                 "checksum_seconds": s.checksum_seconds, "resident_bytes": self.experts.resident_bytes(),
+                 "checksum_seconds": s.checksum_seconds, "resident_bytes": self.fused.nbytes if self.fused else self.experts.resident_bytes(),
                  "budget_bytes": self.budget}
         cache = getattr(self.experts, "stats", None)
         if cache is not None:
@@ -390,6 +410,10 @@ def load(path: str | Path | None = None, **options) -> Model:
             not opt in, the embedding program's own too. The command line uses 'shared'.
         huge_pages: move resident weights onto 2 MiB pages in a background thread (Linux 6.1+; edge_moe.huge_pages;
             `model.settle()` waits for the first pass).
+        fused_moe: run each MoE layer's routing and experts as one onnxruntime call over the layer's stacked
+            weights (com.microsoft.MoE; edge_moe.fused_moe). None (default): on an accelerator that holds every
+            expert, where the family's router and experts allow it; True: also on the CPU (float experts stacked
+            in float32, twice a float16 model's expert memory; needs every expert resident); False: never.
     Returns:
         A Model.
     Raises:

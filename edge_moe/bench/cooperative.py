@@ -26,20 +26,21 @@ from ..experts import ResidentExpert
 # 3.6e-4 (Mixtral shapes) of the largest |logit|, with every argmax equal. The check allows 1e-3.
 TOLERANCE = 1e-3
 ACCEL = "cuda"  # the accelerator's device name (a local smoke run swaps in a CPU stand-in Device)
-CONFIGS = [  # name, device (None: ACCEL), RAM budget, GPU budget
-    ("cpu-only, RAM all", "cpu", None, None),
-    ("cpu-only, RAM 50%", "cpu", "50%", None),
-    ("gpu all-resident", None, None, None),
-    ("coop gpu 10%, RAM 50%", None, "50%", "10%"),
-    ("coop gpu 25%, RAM 50%", None, "50%", "25%"),
-    ("coop gpu 50%, RAM 50%", None, "50%", "50%"),
+CONFIGS = [  # name, device (None: ACCEL), RAM budget, GPU budget, other load options
+    ("cpu-only, RAM all", "cpu", None, None, {}),
+    ("cpu-only, RAM 50%", "cpu", "50%", None, {}),
+    ("gpu all-resident", None, None, None, {}),  # fused MoE layers (fused_moe.py) where the family allows
+    ("gpu all-resident per-expert", None, None, None, {"fused_moe": False}),
+    ("coop gpu 10%, RAM 50%", None, "50%", "10%", {}),
+    ("coop gpu 25%, RAM 50%", None, "50%", "25%", {}),
+    ("coop gpu 50%, RAM 50%", None, "50%", "50%", {}),
 ]
 
 
-def logits_match(package, prompt: list[int], steps: int = 16, gpu_budget=None) -> dict:
+def logits_match(package, prompt: list[int], steps: int = 16, gpu_budget=None, **options) -> dict:
     """Prefill `prompt` then `steps` greedy decode steps (tokens chosen by the CPU model) on both devices; compares
     logits per position: max |difference| relative to the CPU logits' largest magnitude, and argmax agreement."""
-    cpu, gpu = load(package, device="cpu"), load(package, device=ACCEL, gpu_budget=gpu_budget)
+    cpu, gpu = load(package, device="cpu"), load(package, device=ACCEL, gpu_budget=gpu_budget, **options)
     cpu.settle()
     gpu.settle()
     caches = [m.forward.new_cache() for m in (cpu, gpu)]
@@ -51,16 +52,16 @@ def logits_match(package, prompt: list[int], steps: int = 16, gpu_budget=None) -
         agree += int(np.sum(a.argmax(-1) == b.argmax(-1)))
         total += a.shape[0]
         ids = np.asarray([int(a[-1].argmax())], dtype=np.int64)
-    return {"gpu_budget": gpu_budget or "100%", "max_rel_diff": rel, "argmax_agree": agree, "positions": total,
+    return {"gpu_budget": gpu_budget or "100%", "fused": gpu.fused is not None, "max_rel_diff": rel, "argmax_agree": agree, "positions": total,
             "ok": rel <= TOLERANCE and agree == total,
             "tiers": gpu.expert_stats().get("tiers")}
 
 
-def speed(package, device, budget, gpu_budget, prompt: list[int], decode: int, runs: int = 2) -> dict:
+def speed(package, device, budget, gpu_budget, prompt: list[int], decode: int, runs: int = 2, **options) -> dict:
     """Load, a short warm-up generation, then `runs` timed generations on rotated prompts; tier counters are
     those of the timed runs only."""
     start = time.perf_counter()
-    model = load(package, device=device or ACCEL, budget=budget, gpu_budget=gpu_budget)
+    model = load(package, device=device or ACCEL, budget=budget, gpu_budget=gpu_budget, **options)
     model.settle()
     load_s = time.perf_counter() - start
     model.generate(prompt[:16], max_new_tokens=4)  # warm-up
@@ -71,9 +72,13 @@ def speed(package, device, budget, gpu_budget, prompt: list[int], decode: int, r
            "decode_tps": max(r["decode_tokens_per_second"] for r in timed),
            "prefill_tps_runs": [r["prefill_tokens_per_second"] for r in timed],
            "decode_tps_runs": [r["decode_tokens_per_second"] for r in timed],
-           "ram_hits": timed[-1].get("hits"), "ram_misses": timed[-1].get("misses")}
+           "ram_hits": timed[-1].get("hits"), "ram_misses": timed[-1].get("misses"),
+           "fused": model.fused is not None}
     if tier:
         out.update({k: v - before[k] for k, v in vars(tier.stats).items() if k != "peak_resident_bytes"})
+    calls = model.clock.calls
+    model.generate(prompt[:1], max_new_tokens=9)  # a one-token prompt: 9 forward steps of one token each
+    out["ort_calls_per_token"] = (model.clock.calls - calls) / 9
     model.store.close()  # its I/O threads, and the sessions below, must not linger into the next configuration
     del model, tier
     gc.collect()
@@ -152,8 +157,9 @@ def main(argv=None) -> int:
         return results[name]
 
     if not args.skip_match:
-        for m in section("match", lambda: [logits_match(args.package, prompt[:64], 16, b) for b in (None, "25%")]):
-            print(f"logits {ACCEL} vs cpu (gpu {m['gpu_budget']}): max rel diff {m['max_rel_diff']:.2e}, argmax "
+        checks = [(None, {}), (None, {"fused_moe": False}), ("25%", {})]
+        for m in section("match", lambda: [logits_match(args.package, prompt[:64], 16, b, **o) for b, o in checks]):
+            print(f"logits {ACCEL} vs cpu (gpu {m['gpu_budget']}{', fused' if m['fused'] else ''}): max rel diff {m['max_rel_diff']:.2e}, argmax "
                   f"{m['argmax_agree']}/{m['positions']} ({'ok' if m['ok'] else 'OVER'} at {TOLERANCE:g})", flush=True)
     c = section("choice", lambda: choice_accuracy(args.package, [int(t) for t in args.choice_tokens.split(",")],
                                                     args.choice_experts))
@@ -161,11 +167,12 @@ def main(argv=None) -> int:
         print(f"cost model right {c['right']}/{c['total']} ({c['share']:.0%}); upload wins from "
               f"T={c['crossover_tokens']}", flush=True)
     speeds = results["speed"] = {}
-    for name, device, budget, gpu_budget in CONFIGS:
-        s = section("last", lambda: speed(args.package, device, budget, gpu_budget, prompt, args.decode))
+    for name, device, budget, gpu_budget, options in CONFIGS:
+        s = section("last", lambda: speed(args.package, device, budget, gpu_budget, prompt, args.decode, **options))
         speeds[name] = results.pop("last")
         if "decode_tps" in s:
-            print(f"{name:<24} prefill {s['prefill_tps']:8.1f} tok/s  decode {s['decode_tps']:7.2f} tok/s  gpu "
+            print(f"{name:<28} prefill {s['prefill_tps']:8.1f} tok/s  decode {s['decode_tps']:7.2f} tok/s  calls/token "
+                  f"{s['ort_calls_per_token']:.0f}  gpu "
                   f"hits {s.get('gpu_hits', '-')} cpu runs {s.get('cpu_runs', '-')} uploads {s.get('uploads', '-')}",
                   flush=True)
     tps = {name: s.get("decode_tps") for name, s in speeds.items()}

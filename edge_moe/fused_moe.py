@@ -1,0 +1,131 @@
+"""One onnxruntime call per MoE layer: routing, every chosen expert and their weighted sum in onnxruntime's fused
+`com.microsoft.MoE` kernel, over all the layer's experts stacked on the device.
+
+The per-expert path (Forward.moe) makes k + 1 calls a layer and returns to Python between them: on the H200 that
+is ~2 ms a layer of 6 for Qwen3-30B-A3B shapes (8 experts a token), per-call overhead rather than the GPU. When
+every expert of a layer is resident on the accelerator there is nothing left to place or stream, so the layer's
+experts can run as one kernel. It needs all of a layer's experts in one stacked tensor, so it is for an
+all-resident accelerator (or forced, for tests and measurements), never for a budget that streams experts; the
+per-expert path stays the reference (`fused_moe=False`) and the fallback for what the kernel cannot express.
+
+    # T = tokens, H = hidden, F = expert intermediate size, E = experts of the layer, k = experts per token
+    x [T, H], router logits [T, E] -> (Cast to the compute dtype) -> MoE(k, softmax top-k, renormalize?,
+        SwiGLU with gate and up interleaved in fc1 [E, 2F, H], fc2 [E, H, F]) -> (Cast to float32) -> [T, H]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto
+
+from .errors import EdgeMoeError
+from .family_spec import router_spec
+from .manifest import Manifest
+from .onnx_build import GraphBuilder
+from .sessions import OrtClock, TimedSession, open_session
+
+X, LOGITS, FC1, FC2, Y = "moe_input", "router_logits", "fc1_experts_weights", "fc2_experts_weights", "moe_output"
+
+
+def unfusable_reason(manifest: Manifest) -> str | None:
+    """Why the fused kernel cannot run this package's layers exactly as its router and experts define them, or
+    None when it can: plain softmax top-k routing (renormalized or not), weights on the output, SwiGLU experts
+    stored as float32/float16/bfloat16."""
+    spec = router_spec(manifest.config)
+    if spec.scoring != "softmax" or spec.selection_bias or spec.n_group != 1 or spec.scaling_factor != 1.0 \
+            or spec.weight_on != "output":
+        return "its router is not plain softmax top-k (bias, groups, scaling, sigmoid or weights on the input)"
+    kinds = {(r.kind, r.dtype) for r in manifest.experts.values()}
+    if not kinds or any(kind != "swiglu" or dtype not in ("float32", "float16", "bfloat16") for kind, dtype in kinds):
+        return f"its experts are {sorted(kinds)}; the fused kernel takes unquantized SwiGLU experts"
+    layers = {}
+    for r in manifest.experts.values():
+        layers.setdefault(r.key[0], set()).add(r.key[1])
+    experts = int(manifest.config["num_experts"])
+    if any(len(found) != experts for found in layers.values()):
+        return "some layer lacks experts"
+    return None
+
+
+def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, normalize: bool, dtype: str):
+    """The layer's MoE graph: x and logits in float32, weights as inputs in `dtype` (float32 or float16)."""
+    g = GraphBuilder(f"fused_moe_{experts}x{hidden}x{intermediate}_top{top_k}_{dtype}")
+    g.scope = "/moe"
+    x, logits = g.input(X, "float32", ["T", hidden]), g.input(LOGITS, "float32", ["T", experts])
+    fc1 = g.input(FC1, dtype, [experts, 2 * intermediate, hidden])
+    fc2 = g.input(FC2, dtype, [experts, hidden, intermediate])
+    if dtype == "float16":
+        x, logits = (g.op("Cast", v, to=TensorProto.FLOAT16) for v in (x, logits))
+    # activation_alpha 1 and beta 0 make the kernel's swiglu the plain silu(gate) * up (its defaults are GPT-OSS's)
+    y = g.op("MoE", x, logits, fc1, "", fc2, domain="com.microsoft", k=top_k, activation_type="swiglu",
+             swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+             normalize_routing_weights=int(normalize))
+    if dtype == "float16":
+        y = g.op("Cast", y, to=TensorProto.FLOAT)
+    g.output(y, Y, "float32", ["T", hidden])
+    return g.model()
+
+
+def stack_layer(weights: list[dict[str, np.ndarray]], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's layout from the package's: fc1 [E, 2F, H] with gate and up rows interleaved (gate_up_proj is
+    [H, 2F] with gate | up), fc2 [E, H, F] (down_proj is [F, H])."""
+    first = weights[0]["gate_up_proj"]
+    hidden, intermediate = first.shape[0], first.shape[1] // 2
+    fc1 = np.empty((len(weights), 2 * intermediate, hidden), dtype)
+    fc2 = np.empty((len(weights), hidden, intermediate), dtype)
+    for e, w in enumerate(weights):
+        gate_up = w["gate_up_proj"]
+        fc1[e, 0::2] = gate_up[:, :intermediate].T
+        fc1[e, 1::2] = gate_up[:, intermediate:].T
+        fc2[e] = w["down_proj"].T
+    return fc1, fc2
+
+
+class FusedMoeLayers:
+    """Every MoE layer's experts stacked on `device`, and the one call that runs a layer's routed experts.
+
+    Args:
+        manifest: the package (unfusable_reason must be None).
+        expert_weights: (layer, expert) -> that expert's weight arrays (name -> array), e.g. from the RAM tier.
+        device: the Device whose providers run the kernel; its memory holds the stacks.
+        clock: OrtClock.
+    """
+
+    def __init__(self, manifest: Manifest, expert_weights, device, clock: OrtClock, progress=None):
+        reason = unfusable_reason(manifest)
+        if reason is not None:
+            raise EdgeMoeError(f"{manifest.root}: the fused MoE kernel cannot run this model: {reason}; load it "
+                               "with fused_moe=False (--no-fused-moe)")
+        c = manifest.config
+        spec = router_spec(c)
+        # float16 stays float16 where the device computes in it; the CPU kernel takes float32 only
+        dtype = "float16" if device.compute_dtype == "float16" else "float32"
+        record = next(iter(manifest.experts.values()))
+        self.device, self.num_experts = device, int(c["num_experts"])
+        model = build_moe_graph(record.hidden_size, self.num_experts, record.intermediate_size, spec.top_k,
+                                spec.normalize, dtype).SerializeToString()
+        self.session = TimedSession(open_session(model, providers=device.providers), clock)
+        self.stacks: dict[int, tuple[ort.OrtValue, ort.OrtValue]] = {}
+        self.nbytes = 0
+        for layer in sorted({r.key[0] for r in manifest.experts.values()}):
+            fc1, fc2 = stack_layer([expert_weights(layer, e) for e in range(self.num_experts)], np.dtype(dtype))
+            self.stacks[layer] = tuple(ort.OrtValue.ortvalue_from_numpy(a, device.ort_device, device.device_id)
+                                       for a in (fc1, fc2))
+            self.nbytes += fc1.nbytes + fc2.nbytes
+            if progress is not None:
+                progress.update(self.num_experts)
+        self._bindings: dict[int, object] = {}
+
+    def run(self, layer: int, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """x [T, H], router logits [T, E] (float32, host) -> the layer's routed-experts output [T, H] (host)."""
+        io = self._bindings.get(layer)
+        if io is None:  # the stacks stay bound between calls; only x and the logits change
+            io = self._bindings[layer] = self.session.io_binding()
+            fc1, fc2 = self.stacks[layer]
+            io.bind_ortvalue_input(FC1, fc1)
+            io.bind_ortvalue_input(FC2, fc2)
+        io.bind_cpu_input(X, np.ascontiguousarray(x, np.float32))
+        io.bind_cpu_input(LOGITS, np.ascontiguousarray(logits, np.float32))
+        io.bind_output(Y, "cpu")
+        return self.session.run_bound(io, 1)[0]

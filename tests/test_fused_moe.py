@@ -1,0 +1,82 @@
+"""The fused MoE layer (one onnxruntime call a layer, fused_moe.py) against the per-expert path, its reference, and
+against transformers: every family whose router and experts the kernel can express gives logits within 1e-5 and
+the same greedy tokens; the others, and a budget, are refused with a one-line reason when asked for and fall back
+to the per-expert path when not."""
+
+import numpy as np
+import pytest
+
+import edge_moe
+from edge_moe.errors import EdgeMoeError
+from edge_moe.fused_moe import unfusable_reason
+
+from conftest import EXPERT_KEY, build_checkpoint, reference_greedy, reference_logits, tiny_config
+
+IDS = [5, 6, 7, 8, 30, 31, 2, 40, 41, 11]
+FUSABLE = {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe"}  # plain softmax top-k, SwiGLU experts (DeepSeek-V2's
+# tiny config too: greedy softmax top-k without scaling)
+REFUSED = {"deepseek_v3", "gpt_oss", "phimoe"}  # sigmoid + bias + groups, clamped SwiGLU with biases, sparsemixer
+
+
+@pytest.fixture(scope="module", params=sorted(EXPERT_KEY))
+def family_package(request, tmp_path_factory):
+    from edge_moe_export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp(request.param)
+    extra = {"kv_heads": 4} if request.param.startswith("deepseek") else {}  # its attention has no GQA
+    if request.param == "deepseek_v3":  # group-limited routing needs whole groups of at least two experts
+        extra.update(n_group=2, topk_group=1)
+    hf = build_checkpoint(root / "hf", tiny_config(request.param, experts=8, top_k=2 if request.param == "phimoe" else 3,
+                                                       **extra))
+    return request.param, hf, export_checkpoint(root / "hf", root / "pkg", progress=False)
+
+
+def test_fused_layers_equal_the_per_expert_path_and_transformers(family_package):
+    family, hf, package = family_package
+    per_expert = edge_moe.load(package, fused_moe=False)
+    fusable = unfusable_reason(per_expert.manifest) is None
+    assert family not in FUSABLE or fusable
+    assert family not in REFUSED or not fusable
+    if not fusable:
+        with pytest.raises(EdgeMoeError, match="fused MoE kernel cannot run this model"):
+            edge_moe.load(package, fused_moe=True)
+        return
+    fused = edge_moe.load(package, fused_moe=True)
+    assert fused.forward.fused is not None and per_expert.forward.fused is None
+    a, b = fused.logits(IDS), per_expert.logits(IDS)
+    scale = np.abs(b).max()
+    assert np.abs(a - b).max() <= 1e-5 * scale
+    assert np.abs(a - reference_logits(hf, IDS)).max() <= 1e-4 * scale
+    tokens = fused.generate(IDS, 12).token_ids
+    assert tokens == per_expert.generate(IDS, 12).token_ids == reference_greedy(hf, IDS, 12)
+    # one call a MoE layer: embed + (layer graph + fused experts) per layer + head for a decoded token
+    calls = fused.clock.calls
+    fused.generate(IDS[:3], 2)
+    layers = fused.config["num_layers"]
+    assert fused.clock.calls - calls == 2 * (2 + 2 * layers)  # prefill + one decode step, each the same calls
+
+
+def test_fused_layers_need_every_expert_resident(family_package):
+    _, _, package = family_package
+    if unfusable_reason(edge_moe.load(package).manifest) is not None:
+        pytest.skip("refused for its router or experts already")
+    with pytest.raises(EdgeMoeError, match="needs every expert resident"):
+        edge_moe.load(package, fused_moe=True, budget="60%")
+    # not asked for: the CPU keeps the per-expert path (the fused kernel pays where calls are dear, on a GPU)
+    assert edge_moe.load(package).forward.fused is None
+
+
+def test_fused_layers_report_routing_to_observers_and_the_trace(family_package):
+    _, _, package = family_package
+    if unfusable_reason(edge_moe.load(package).manifest) is not None:
+        pytest.skip("not fusable")
+    fused = edge_moe.load(package, fused_moe=True, trace=True)
+    per_expert = edge_moe.load(package, fused_moe=False, trace=True)
+    seen = {m: [] for m in ("fused", "per")}
+    fused.forward.route_observers.append(lambda layer, indices: seen["fused"].append((layer, indices.tolist())))
+    per_expert.forward.route_observers.append(lambda layer, indices: seen["per"].append((layer, indices.tolist())))
+    fused.generate(IDS, 4)
+    per_expert.generate(IDS, 4)
+    assert seen["fused"] == seen["per"]
+    experts = lambda model: [sorted(e["experts"]) for e in model.trace]  # noqa: E731
+    assert experts(fused) == experts(per_expert) and all(all(e["hit"]) for e in fused.trace)
