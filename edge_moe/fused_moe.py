@@ -8,8 +8,14 @@ experts can run as one kernel. It needs all of a layer's experts in one stacked 
 all-resident accelerator (or forced, for tests and measurements), never for a budget that streams experts; the
 per-expert path stays the reference (`fused_moe=False`) and the fallback for what the kernel cannot express.
 
+Routing stays the family's own, in float32 on the host (routing.Router, as the per-expert path): the kernel's
+"router probabilities" input gets log(w / max w) for the chosen experts and -1e4 for the rest, so its softmax and
+top-k return exactly the chosen experts with weights w / sum(w), and the output is scaled back by sum(w). Fed the
+raw logits instead, a float16 kernel rounds them before its softmax: measured on the H200, near-ties then chose
+other experts and logits moved by 9e-3 of their largest magnitude (2.9e-4 per expert).
+
     # T = tokens, H = hidden, F = expert intermediate size, E = experts of the layer, k = experts per token
-    x [T, H], router logits [T, E] -> (Cast to the compute dtype) -> MoE(k, softmax top-k, renormalize?,
+    x [T, H], chosen log-weights [T, E] -> (Cast to the compute dtype) -> MoE(k, softmax top-k, renormalize,
         SwiGLU with gate and up interleaved in fc1 [E, 2F, H], fc2 [E, H, F]) -> (Cast to float32) -> [T, H]
 """
 
@@ -26,19 +32,20 @@ from .onnx_build import GraphBuilder
 from .sessions import OrtClock, TimedSession, open_session
 
 X, LOGITS, FC1, FC2, Y = "moe_input", "router_logits", "fc1_experts_weights", "fc2_experts_weights", "moe_output"
+NOT_CHOSEN = -1e4  # a log-weight whose exp is 0 in float32, and finite in float16
 
 
 def unfusable_reason(manifest: Manifest) -> str | None:
-    """Why the fused kernel cannot run this package's layers exactly as its router and experts define them, or
-    None when it can: plain softmax top-k routing (renormalized or not), weights on the output, SwiGLU experts
-    stored as float32/float16/bfloat16."""
-    spec = router_spec(manifest.config)
-    if spec.scoring != "softmax" or spec.selection_bias or spec.n_group != 1 or spec.scaling_factor != 1.0 \
-            or spec.weight_on != "output":
-        return "its router is not plain softmax top-k (bias, groups, scaling, sigmoid or weights on the input)"
+    """Why the fused kernel cannot run this package's layers exactly as its experts define them, or None when it
+    can: weights on the experts' outputs, SwiGLU experts stored as float32 or float16 (any router: it runs on the
+    host)."""
+    if router_spec(manifest.config).weight_on != "output":
+        return "its router weights the experts' inputs (Llama 4)"
     kinds = {(r.kind, r.dtype) for r in manifest.experts.values()}
-    if not kinds or any(kind != "swiglu" or dtype not in ("float32", "float16", "bfloat16") for kind, dtype in kinds):
-        return f"its experts are {sorted(kinds)}; the fused kernel takes unquantized SwiGLU experts"
+    if not kinds:
+        return "it has no routed experts"
+    if any(kind != "swiglu" or dtype not in ("float32", "float16") for kind, dtype in kinds):
+        return f"its experts are {sorted(kinds)}; the fused kernel takes float32/float16 SwiGLU experts"
     layers = {}
     for r in manifest.experts.values():
         layers.setdefault(r.key[0], set()).add(r.key[1])
@@ -48,8 +55,8 @@ def unfusable_reason(manifest: Manifest) -> str | None:
     return None
 
 
-def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, normalize: bool, dtype: str):
-    """The layer's MoE graph: x and logits in float32, weights as inputs in `dtype` (float32 or float16)."""
+def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, dtype: str):
+    """The layer's MoE graph: x and the chosen log-weights in float32, weights as inputs in `dtype`."""
     g = GraphBuilder(f"fused_moe_{experts}x{hidden}x{intermediate}_top{top_k}_{dtype}")
     g.scope = "/moe"
     x, logits = g.input(X, "float32", ["T", hidden]), g.input(LOGITS, "float32", ["T", experts])
@@ -59,8 +66,7 @@ def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, no
         x, logits = (g.op("Cast", v, to=TensorProto.FLOAT16) for v in (x, logits))
     # activation_alpha 1 and beta 0 make the kernel's swiglu the plain silu(gate) * up (its defaults are GPT-OSS's)
     y = g.op("MoE", x, logits, fc1, "", fc2, domain="com.microsoft", k=top_k, activation_type="swiglu",
-             swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-             normalize_routing_weights=int(normalize))
+             swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1)
     if dtype == "float16":
         y = g.op("Cast", y, to=TensorProto.FLOAT)
     g.output(y, Y, "float32", ["T", hidden])
@@ -98,13 +104,12 @@ class FusedMoeLayers:
             raise EdgeMoeError(f"{manifest.root}: the fused MoE kernel cannot run this model: {reason}; load it "
                                "with fused_moe=False (--no-fused-moe)")
         c = manifest.config
-        spec = router_spec(c)
         # float16 stays float16 where the device computes in it; the CPU kernel takes float32 only
         dtype = "float16" if device.compute_dtype == "float16" else "float32"
         record = next(iter(manifest.experts.values()))
-        self.device, self.num_experts = device, int(c["num_experts"])
-        model = build_moe_graph(record.hidden_size, self.num_experts, record.intermediate_size, spec.top_k,
-                                spec.normalize, dtype).SerializeToString()
+        self.device, self.num_experts, self.top_k = device, int(c["num_experts"]), router_spec(c).top_k
+        model = build_moe_graph(record.hidden_size, self.num_experts, record.intermediate_size, self.top_k,
+                                dtype).SerializeToString()
         self.session = TimedSession(open_session(model, providers=device.providers), clock)
         self.stacks: dict[int, tuple[ort.OrtValue, ort.OrtValue]] = {}
         self.nbytes = 0
@@ -117,8 +122,14 @@ class FusedMoeLayers:
                 progress.update(self.num_experts)
         self._bindings: dict[int, object] = {}
 
-    def run(self, layer: int, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """x [T, H], router logits [T, E] (float32, host) -> the layer's routed-experts output [T, H] (host)."""
+    def run(self, layer: int, x: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """x [T, H] and the router's choice (indices, weights [T, k], float32, host) -> the layer's routed-experts
+        output [T, H] (host)."""
+        total = weights.sum(axis=-1, keepdims=True)                                           # [T, 1]
+        chosen = np.full((x.shape[0], self.num_experts), NOT_CHOSEN, np.float32)
+        with np.errstate(divide="ignore"):  # a weight of 0 (sigmoid underflow) is simply not chosen
+            logs = np.log(weights / np.maximum(weights.max(axis=-1, keepdims=True), np.finfo(np.float32).tiny))
+        np.put_along_axis(chosen, indices, np.maximum(logs, NOT_CHOSEN), axis=-1)
         io = self._bindings.get(layer)
         if io is None:  # the stacks stay bound between calls; only x and the logits change
             io = self._bindings[layer] = self.session.io_binding()
@@ -126,6 +137,6 @@ class FusedMoeLayers:
             io.bind_ortvalue_input(FC1, fc1)
             io.bind_ortvalue_input(FC2, fc2)
         io.bind_cpu_input(X, np.ascontiguousarray(x, np.float32))
-        io.bind_cpu_input(LOGITS, np.ascontiguousarray(logits, np.float32))
+        io.bind_cpu_input(LOGITS, chosen)
         io.bind_output(Y, "cpu")
-        return self.session.run_bound(io, 1)[0]
+        return self.session.run_bound(io, 1)[0] * total

@@ -167,15 +167,15 @@ class Forward:
         return out
 
     def _fused_moe(self, layer: int, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """The layer's routed experts in one call (fused_moe.py). Routing happens inside the kernel; it is repeated
-        here only for whoever watches it (route observers, the expert trace), which sees every expert as a hit."""
-        if self.route_observers or self.experts.trace is not None:
-            indices, _ = self.router(layer, logits)
-            for observe in self.route_observers:
-                observe(layer, indices)
+        """The layer's routed experts in one call (fused_moe.py), routed here as on the per-expert path; the trace
+        sees every chosen expert as a hit."""
+        indices, weights = self.router(layer, logits)
+        for observe in self.route_observers:
+            observe(layer, indices)
+        if self.experts.trace is not None:
             chosen = sorted({int(e) for e in indices.ravel()})
             self.experts.record(layer, chosen, [True] * len(chosen))
-        return self.fused.run(layer, x, logits)
+        return self.fused.run(layer, x, indices, weights)
 
     def _run_all(self, experts, job, parts: list, side_by_side: bool) -> None:
         """parts[i] = job(i, expert, timed) for every (i, expert). With workers, the workers take experts in turn

@@ -13,9 +13,9 @@ from edge_moe.fused_moe import unfusable_reason
 from conftest import EXPERT_KEY, build_checkpoint, reference_greedy, reference_logits, tiny_config
 
 IDS = [5, 6, 7, 8, 30, 31, 2, 40, 41, 11]
-FUSABLE = {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe"}  # plain softmax top-k, SwiGLU experts (DeepSeek-V2's
-# tiny config too: greedy softmax top-k without scaling)
-REFUSED = {"deepseek_v3", "gpt_oss", "phimoe"}  # sigmoid + bias + groups, clamped SwiGLU with biases, sparsemixer
+# every router (routing runs on the host) with float SwiGLU experts; GPT-OSS's clamped SwiGLU with biases is not
+FUSABLE = set(EXPERT_KEY) - {"gpt_oss"}
+REFUSED = {"gpt_oss"}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPERT_KEY))
@@ -25,7 +25,8 @@ def family_package(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     extra = {"kv_heads": 4} if request.param.startswith("deepseek") else {}  # its attention has no GQA
     if request.param == "deepseek_v3":  # group-limited routing needs whole groups of at least two experts
-        extra.update(n_group=2, topk_group=1)
+        extra.update(n_group=2, topk_group=1, first_k_dense_replace=0, norm_topk_prob=True,
+                     routed_scaling_factor=2.5)
     hf = build_checkpoint(root / "hf", tiny_config(request.param, experts=8, top_k=2 if request.param == "phimoe" else 3,
                                                        **extra))
     return request.param, hf, export_checkpoint(root / "hf", root / "pkg", progress=False)
