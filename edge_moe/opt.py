@@ -17,6 +17,7 @@ from typing import Callable, Hashable, Iterable, Mapping
 
 from edge_moe.errors import EdgeMoeError
 from edge_moe.policies import BasePolicy, make_policy
+from edge_moe.residency import ResidencySet
 
 Key = Hashable
 Observer = Callable[[int, Mapping[Key, int]], None]  # (step index, resident key -> bytes) after each step
@@ -84,33 +85,23 @@ def simulate(policy_or_name, trace, sizes: Mapping[Key, int], capacity_bytes: in
     """
     policy: BasePolicy = make_policy(policy_or_name) if isinstance(policy_or_name, str) else policy_or_name
     steps = _prepare(trace, sizes, capacity_bytes)
-    resident: dict[Key, int] = {}
-    used = loaded = now = 0
+    room = ResidencySet(capacity_bytes, policy)
+    loaded = now = 0
     flags: list[bool] = []
     for si, step in enumerate(steps):
         needed = set(step)
         for key in step:
-            if key in resident:
-                flags.append(True)
-            else:
-                flags.append(False)
+            hit = key in room
+            flags.append(hit)
+            if not hit:  # _prepare checked that the step fits: make_room always finds enough to evict
                 size = sizes[key]
-                while used + size > capacity_bytes:
-                    candidates = [k for k in resident if k not in needed]
-                    v = policy.victim(candidates)
-                    if v not in resident or v in needed:
-                        raise EdgeMoeError(f"policy {policy.name!r} chose {v!r}, which is not among the "
-                                           f"{len(candidates)} evictable candidates; fix the policy's victim()")
-                    used -= resident.pop(v)
-                    policy.on_evict(v)
-                resident[key] = size
-                used += size
+                room.make_room(size, keep=needed)
+                room.admit(key, size, now)
                 loaded += size
-                policy.on_admit(key, size, now)
-            policy.on_access(key, now)
+            room.access(key, now)
             now += 1
         if observe is not None:
-            observe(si, resident)
+            observe(si, room.resident)
     return _result(flags, loaded)
 
 
@@ -152,47 +143,71 @@ def belady(trace, sizes: Mapping[Key, int], capacity_bytes: int, *, observe: Obs
         next_use[s] = [seen.get(k, _NEVER) for k in steps[s]]
         for k in steps[s]:
             seen[k] = s
-    nxt: dict[Key, float] = {}  # resident key -> its current next use
-    heap: list[tuple[float, int, Key]] = []  # (-next use, tiebreak, key); stale entries skipped lazily
-    resident: dict[Key, int] = {}
-    used = loaded = 0
+    furthest = FurthestNextUse()
+    room = ResidencySet(capacity_bytes, furthest)
+    loaded = 0
     flags: list[bool] = []
-    tick = 0
     for s, step in enumerate(steps):
         misses = []
         for k, n in zip(step, next_use[s]):
-            flags.append(k in resident)
-            if k in resident:
-                nxt[k] = n
-                heapq.heappush(heap, (-n, tick, k))
-                tick += 1
+            flags.append(k in room)
+            if k in room:
+                furthest.set_next_use(k, n)
             else:
                 misses.append((k, n))
         needed = set(step)
-        for k, n in misses:
+        for k, n in misses:  # the step's hits carry their new next use before any victim is chosen
             size = sizes[k]
-            held = []  # valid entries of keys needed by this step: not evictable now, put back after
-            while used + size > capacity_bytes:
-                neg, t, v = heapq.heappop(heap)
-                if v not in resident or nxt[v] != -neg:
-                    continue  # stale
-                if v in needed:
-                    held.append((neg, t, v))
-                    continue
-                used -= resident.pop(v)
-                del nxt[v]
-            for e in held:
-                heapq.heappush(heap, e)
-            resident[k] = size
-            used += size
+            room.make_room(size, keep=needed)
+            room.admit(k, size)
             loaded += size
-            nxt[k] = n  # pushed only now: before admission the entry would look stale and be dropped
-            heapq.heappush(heap, (-n, tick, k))
-            tick += 1
+            furthest.set_next_use(k, n)  # only now: before admission the entry would look stale and be dropped
         if observe is not None:
-            observe(s, resident)
-        if len(heap) > 4 * len(resident) + 1024:  # keep the lazy heap from growing with the trace
-            heap = [(-nxt[k], i, k) for i, k in enumerate(resident)]
-            heapq.heapify(heap)
-            tick = len(heap)
+            observe(s, room.resident)
+        furthest.compact(room.resident)
     return _result(flags, loaded)
+
+
+class FurthestNextUse(BasePolicy):
+    """Belady's victim: the candidate whose next use is furthest away, from a lazy max-heap of next uses that the
+    driver (belady) keeps current with set_next_use. A policy like any other, so OPT runs on the same residency
+    core as the online policies; but it only knows the future the driver tells it."""
+
+    name = "opt"
+
+    def __init__(self):
+        self._next: dict[Key, float] = {}  # resident key -> its current next use
+        self._heap: list[tuple[float, int, Key]] = []  # (-next use, tiebreak, key); stale entries skipped lazily
+        self._tick = 0
+
+    def set_next_use(self, key: Key, step: float) -> None:
+        self._next[key] = step
+        heapq.heappush(self._heap, (-step, self._tick, key))
+        self._tick += 1
+
+    def on_evict(self, key: Key) -> None:
+        del self._next[key]
+
+    def victim(self, candidates):
+        self._check(candidates)
+        allowed = set(candidates)
+        held = []  # valid entries of keys that may not be evicted now: put back after
+        try:
+            while True:
+                neg, tick, key = heapq.heappop(self._heap)
+                if self._next.get(key) != -neg:
+                    continue  # stale
+                if key not in allowed:
+                    held.append((neg, tick, key))
+                    continue
+                return key
+        finally:
+            for entry in held:
+                heapq.heappush(self._heap, entry)
+
+    def compact(self, resident) -> None:
+        """Keeps the lazy heap from growing with the trace."""
+        if len(self._heap) > 4 * len(resident) + 1024:
+            self._heap = [(-self._next[k], i, k) for i, k in enumerate(resident)]
+            heapq.heapify(self._heap)
+            self._tick = len(self._heap)
