@@ -27,6 +27,7 @@ from .device_kernels import DeviceExpert, DeviceKernels
 from .budget import parse_bytes
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
+from .residency import ResidencySet
 
 PROMOTE_MARGIN = 1.5  # the incoming expert's routing share over the victim's: hysteresis against churn
 
@@ -68,11 +69,11 @@ class AcceleratorTier(ExpertSource):
         if int(budget) < 0:
             raise EdgeMoeError(f"gpu budget {budget} is negative; give bytes, '1GiB' or a share like '25%'")
         self.manifest, self.ram, self.device = manifest, ram, device
-        self.budget, self.cost, self.cpu_kernels, self.policy = int(budget), cost_model, cpu_kernels, policy
+        self.cost, self.cpu_kernels = cost_model, cpu_kernels
+        self.residency = ResidencySet(budget, policy)  # what is resident, its bytes and the eviction order
         self.device_kernels = DeviceKernels(device, clock)
         self.kernels = _PlacedKernels(self)
-        self.resident: dict[tuple, DeviceExpert] = {}
-        self.used = 0
+        self.resident: dict[tuple, DeviceExpert] = {}  # the payloads of self.residency's keys
         self.stats = TierStats()
         c = manifest.config
         self.half_life = float(half_life or 32 * len(c["moe_layers"]) * int(c["top_k"]))
@@ -82,6 +83,18 @@ class AcceleratorTier(ExpertSource):
         self._slots: dict[tuple, int] = {}  # key -> its index in the current trace entry
         self._entry: dict | None = None
         self._ram_trace = ram.trace = []  # the RAM tier records its hits here; we read and clear them
+
+    @property
+    def budget(self) -> int:
+        return self.residency.capacity
+
+    @property
+    def used(self) -> int:
+        return self.residency.used_bytes()
+
+    @property
+    def policy(self):
+        return self.residency.policy
 
     # The generation loop's side ---------------------------------------------------------------------------
 
@@ -124,7 +137,7 @@ class AcceleratorTier(ExpertSource):
         """Computes one expert on x [T, H] where it is cheapest; returns [T, H] float32."""
         key = expert.record.key
         self.now += 1
-        self.policy.on_access(key, self.now)
+        self.residency.access(key, self.now)
         start = time.perf_counter()
         s = self.stats
         if isinstance(expert, DeviceExpert):
@@ -171,7 +184,7 @@ class AcceleratorTier(ExpertSource):
         for layer, experts in by_layer.items():
             todo = [e for e in experts if (layer, e) not in self.resident]
             for expert in self.ram.fetch(layer, todo):
-                if self.used + expert.record.length > self.budget:
+                if not self.residency.fits(expert.record.length):
                     break
                 self._admit(expert.record.key, self._upload(expert))
         return len(self.resident)
@@ -212,31 +225,25 @@ class AcceleratorTier(ExpertSource):
         """Free room: yes. Full: if the incoming expert's routing share beats the policy's victim's."""
         if nbytes > self.budget:
             return False
-        if self.used + nbytes <= self.budget:
+        if self.residency.fits(nbytes):
             return True
-        candidates = [k for k in self.resident if k not in self._protected]
-        if not candidates:
+        victim = self.residency.victim(keep=self._protected)
+        if victim is None:
             return False
-        victim = self.policy.victim(candidates)
         return self._share_now(key) > PROMOTE_MARGIN * self._share_now(victim)
 
     def _admit(self, key, handle: DeviceExpert) -> None:
-        while self.used + handle.nbytes > self.budget:
-            candidates = [k for k in self.resident if k not in self._protected]
-            if not candidates:
-                return  # stays a one-call upload; nothing evictable (the running layer's experts are kept)
-            self._evict(self.policy.victim(candidates))
+        if key in self.resident:
+            return  # promoted already by an earlier run of this call (a key routed twice): one copy is enough
+        for victim in self.residency.make_room(handle.nbytes, keep=self._protected):
+            del self.resident[victim]
+            self.stats.evictions += 1
+        if not self.residency.fits(handle.nbytes):
+            return  # stays a one-call upload; nothing evictable (the running layer's experts are kept)
+        self.residency.admit(key, handle.nbytes, self.now)
         self.resident[key] = handle
-        self.used += handle.nbytes
-        self.policy.on_admit(key, handle.nbytes, self.now)
         self.stats.promotions += 1
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.used)
-
-    def _evict(self, key) -> None:
-        handle = self.resident.pop(key)
-        self.used -= handle.nbytes
-        self.policy.on_evict(key)
-        self.stats.evictions += 1
 
     def _upload(self, expert: ResidentExpert) -> DeviceExpert:
         start = time.perf_counter()
