@@ -25,6 +25,7 @@ from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
 from .manifest import Manifest, expert_seed
 from .prefetch import PrefetchGate
+from .residency import ResidencySet
 from .store import ExpertLocation, ExpertStore, aligned_empty
 
 
@@ -58,19 +59,18 @@ class ExpertCache(ExpertSource):
     def __init__(self, manifest: Manifest, store: ExpertStore, policy, budget: int, trace: list | None = None):
         super().__init__(trace)
         _return_freed_memory()
-        self.manifest, self.store, self.policy, self.budget = manifest, store, policy, int(budget)
+        self.manifest, self.store = manifest, store
+        # which experts hold bytes (resident, in flight, spare buffers), pins and the eviction order
+        self.residency = ResidencySet(budget, policy)
         self._sizes = {key: record_footprint(record) for key, record in manifest.experts.items()}
         self.minimum = minimum_budget(manifest)  # what one layer's top-k experts need; pins must leave it free
-        self.resident: dict[tuple, ResidentExpert] = {}
-        self.inflight: dict[tuple, Future] = {}
-        self.pinned: set[tuple] = set()
-        self.used = 0  # bytes of resident experts, in-flight reads and spare buffers
+        self.resident: dict[tuple, ResidentExpert] = {}  # the payloads of self.residency's resident keys
+        self.inflight: dict[tuple, Future] = {}  # the reads of its reserved keys
         self.now = 0
         self.stats = CacheStats()
         self._protected: set[tuple] = set()
         self._buffers: dict[tuple, object] = {}  # key -> its whole aligned buffer (resident and in-flight keys)
         self._spare: dict[int, list] = {}  # footprint -> buffers of evicted experts, waiting for a read that size
-        self.spare_bytes = 0
         self._predicted: dict[int, set[tuple]] = {}  # layer still to run -> keys prefetched for it
         self._layer = None  # the layer running now
         self.gate = PrefetchGate()
@@ -78,6 +78,27 @@ class ExpertCache(ExpertSource):
 
     def size(self, key) -> int:
         return self._sizes[key]
+
+    @property
+    def budget(self) -> int:
+        return self.residency.capacity
+
+    @property
+    def used(self) -> int:
+        """Bytes of resident experts, in-flight reads and spare buffers."""
+        return self.residency.used_bytes()
+
+    @property
+    def spare_bytes(self) -> int:
+        return self.residency.spare_bytes
+
+    @property
+    def pinned(self) -> set[tuple]:
+        return self.residency.pinned
+
+    @property
+    def policy(self):
+        return self.residency.policy
 
     # The generation loop's side -------------------------------------------------------------------------
 
@@ -141,7 +162,7 @@ class ExpertCache(ExpertSource):
                 with self._lock:
                     expert = self._admit(key)
             with self._lock:
-                self.policy.on_access(key, self.now)
+                self.residency.access(key, self.now)
             yield j, expert
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
@@ -190,7 +211,7 @@ class ExpertCache(ExpertSource):
                 raise EdgeMoeError(f"pinning {len(added)} more experts would hold {pinned_bytes:,} bytes of a "
                                    f"{self.budget:,}-byte budget that needs {self.minimum:,} free for a layer's "
                                    "top-k experts; pin fewer or raise the budget")
-            self.pinned.update(added)
+            self.residency.pin(added)
             try:
                 for key in added:
                     if key not in self.resident:
@@ -200,27 +221,25 @@ class ExpertCache(ExpertSource):
                         self.inflight[key].result()
                         self._admit(key)
             except BaseException:
-                self.pinned.difference_update(added)  # they stay resident, evictable like any other
+                self.residency.unpin(added)  # they stay resident, evictable like any other
                 raise
 
     def unpin(self, keys) -> None:
         with self._lock:
-            self.pinned.difference_update(map(tuple, keys))
+            self.residency.unpin(map(tuple, keys))
 
     # Live controls and state (the demo app, the planner) ----------------------------------------------------
 
     def set_budget(self, nbytes: int) -> None:
         """Changes the budget now; shrinking evicts (policy order) down to it. Parse with budget.parse_budget."""
         with self._lock:
-            self.budget = int(nbytes)
+            self.residency.set_capacity(nbytes)
             self._make_room(0, self._protected, wait=True)
 
     def set_policy(self, policy) -> None:
         """Swaps the residency policy; the new one learns from the accesses that follow."""
         with self._lock:
-            self.policy = policy
-            for key in self.resident:
-                policy.on_admit(key, self.size(key), self.now)
+            self.residency.set_policy(policy, self.now)
 
     def snapshot(self) -> dict[tuple, str]:
         """State of every expert that is not only on flash: 'resident', 'pinned' or 'reading'."""
@@ -244,32 +263,34 @@ class ExpertCache(ExpertSource):
         spares = self._spare.get(size)
         if spares:
             buffer = spares.pop()  # its bytes are already counted
-            self.spare_bytes -= size
+            self.residency.reserve(key, size, from_spare=True)
         else:
             buffer = aligned_empty(self.store.buffer_size(key))
-            self.used += size
+            self.residency.reserve(key, size)
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.used)
         self._buffers[key] = buffer
         self.inflight[key] = self.store.submit(key, into=buffer, priority=priority)
 
     def _make_room(self, nbytes: int, keep: set, wait: bool, incoming=None) -> bool:
         """Makes room for one read of footprint `nbytes`: a spare buffer that size, or free budget. Never evicts
-        `keep` or pinned experts. False if impossible (prefetch only), or if the policy values the victim more
+        `keep` or pinned experts. False if impossible (prefetch only), or if the policy values a victim more
         than `incoming` (a prediction)."""
-        while not self._spare.get(nbytes) and self.used + nbytes > self.budget:
+        room = self.residency
+        while not self._spare.get(nbytes) and not room.fits(nbytes):
             other = next((size for size, buffers in self._spare.items() if buffers), None)
             if other is not None:  # a spare of another size is worth less than any resident expert
                 self._spare[other].pop()
-                self.spare_bytes -= other
-                self.used -= other
+                room.drop_spare(other)
                 continue
             self._reap()
-            candidates = [k for k in self.resident if k not in keep and k not in self.pinned]
-            if candidates:
-                victim = self.policy.victim(candidates)
-                if incoming is not None and not self.policy.should_replace(victim, incoming):
-                    return False
-                self._evict(victim)
+            victims = room.make_room(nbytes, keep, incoming)
+            if victims is None:
+                return False
+            for key in victims:
+                del self.resident[key]
+                self._recycle(key, nbytes)
+                self.stats.evictions += 1
+            if victims:
                 continue
             # Only in-flight prefetches remain evictable: drop one that has not started, else wait for one to land
             # (then it is resident, and the policy weighs it). A running read's buffer is never handed on.
@@ -285,7 +306,8 @@ class ExpertCache(ExpertSource):
                                         return_when=concurrent.futures.FIRST_COMPLETED)
                 continue
             del self.inflight[queued]
-            self._recycle(queued)
+            room.release(queued)
+            self._recycle(queued, nbytes)
             self.stats.prefetch_dropped += 1
         return True
 
@@ -306,22 +328,17 @@ class ExpertCache(ExpertSource):
         except BaseException:
             # the reservation goes with the failed read (its buffer is not reused): the cache stays consistent
             del self._buffers[key]
-            self.used -= self.size(key)
+            self.residency.release(key)
             raise
         expert = self.resident[key] = ResidentExpert.from_bytes(self.manifest.experts[key], buffer)
-        self.policy.on_admit(key, self.size(key), self.now)
+        self.residency.admit(key, now=self.now)
         return expert
 
-    def _evict(self, key) -> None:
-        del self.resident[key]
-        self._recycle(key)
-        self.policy.on_evict(key)
-        self.stats.evictions += 1
-
-    def _recycle(self, key) -> None:
-        """The key's buffer becomes a spare (still counted in `used`) for the next read of its size. Only called
-        for a key nobody computes with any more: evicted (never the running layer's) or cancelled before its read
-        started."""
+    def _recycle(self, key, wanted: int) -> None:
+        """The buffer of a key nobody computes with any more (evicted, never the running layer's; or cancelled
+        before its read started; its bytes are given back already): the spare the pending read of footprint
+        `wanted` lands in if it is that size, else freed (a spare of another size would only be dropped next)."""
+        buffer = self._buffers.pop(key)
         size = self.size(key)
-        self._spare.setdefault(size, []).append(self._buffers.pop(key))
-        self.spare_bytes += size
+        if size == wanted and self.residency.keep_spare(size):
+            self._spare.setdefault(size, []).append(buffer)
