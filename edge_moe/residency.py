@@ -79,7 +79,8 @@ class ResidencySet:
             raise EdgeMoeError(f"residency: {key!r} is already {'reserved' if key in self.reserved else 'resident'}")
         if from_spare:
             if nbytes > self.spare_bytes:
-                raise EdgeMoeError(f"residency: reserving {nbytes} spare bytes for {key!r}, only {self.spare_bytes} held")
+                raise EdgeMoeError(f"residency: reserving {nbytes} spare bytes for {key!r}, "
+                                   f"only {self.spare_bytes} held")
             self.spare_bytes -= nbytes
         elif not self.fits(nbytes):
             raise EdgeMoeError(self._overdraw(key, nbytes))
@@ -100,8 +101,9 @@ class ResidencySet:
         """
         if key in self.resident:
             raise EdgeMoeError(f"residency: {key!r} is already resident")
-        if key in self.reserved:
-            nbytes = self.release(key)
+        if key in self.reserved:  # its bytes move from reserved to resident: the total stays the same
+            nbytes = self.reserved.pop(key)
+            self.reserved_bytes -= nbytes
         elif nbytes is None or not self.fits(nbytes):
             raise EdgeMoeError(self._overdraw(key, nbytes or 0))
         self.resident[key] = nbytes

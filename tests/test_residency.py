@@ -4,8 +4,8 @@ with a ResidencySet that checks itself after every call:
     resident + reserved (in-flight reads) + spare bytes never exceed the capacity (only a capacity just lowered may
     be over, until the tier makes room), pinned and kept keys are never victims, and the tier's payloads match the
     core's keys.
-Then the simulator against a brute-force LRU, and the RAM tier against the simulator: the same hits and misses for
-the same trace, policy and capacity, so what the planner replays is what the runtime does."""
+Then the simulator against a brute-force LRU, and the RAM tier against the simulator: the same hits and misses (lru,
+lfu) for the same trace, policy and capacity, so what the planner replays is what the runtime does."""
 
 from __future__ import annotations
 
@@ -116,6 +116,7 @@ def test_core_alone_keeps_its_invariants(ops, policy, slots, sizes):
                     room.access(key, now)
                 now += 1
         elif op == "prefetch":
+            room.policy.on_predict(keys, now)  # as ExpertCache.prefetch does before it weighs a victim
             for key in keys:
                 if key not in room and key not in room.reserved:
                     if room.make_room(size[key], incoming=key) is not None and room.fits(size[key]):
@@ -177,10 +178,9 @@ def test_accelerator_tier_keeps_the_core_invariants(package, ops, policy, slots)
             tier._protected = {k for k in keys if k in tier.resident}  # as fetch() does: the layer's GPU experts
             for key in keys:
                 tier.now += 1
-                if key in tier.resident:
-                    tier.residency.access(key, tier.now)
-                elif fraction > 0.3 or tier._room_for(key, length):  # the cost model's upload, or a promotion
-                    tier._admit(key, SimpleNamespace(nbytes=length))
+                tier.residency.access(key, tier.now)  # as run() does, before it decides where the expert runs
+                if key not in tier.resident and (fraction > 0.3 or tier._room_for(key, length)):
+                    tier._admit(key, SimpleNamespace(nbytes=length))  # the cost model's upload, or a promotion
         elif op == "pin":  # the tier has no pinning of its own, but its core's pins hold
             tier.residency.pin(k for k in keys if k in tier.resident)
         elif op == "unpin":
@@ -230,9 +230,10 @@ def test_simulated_lru_equals_a_brute_force_lru(steps, extra, mixed):
     assert list(opt.simulate("lru", trace, sizes, capacity).hit_flags) == brute_force_lru(trace, sizes, capacity)
 
 
-# adaptive scores depend on the layer running now, which the RAM tier learns at a layer's first hand-out and the
-# simulator at its first access, after the cache has made room for all of the layer's misses: its replays agree in
-# hit rate, not hit by hit, so only the order-free policies are compared here
+# Only the order-free policies are compared. adaptive scores depend on the layer running now, which the RAM tier
+# learns at a layer's first hand-out, after it made room for all of the layer's misses, and the simulator at the
+# layer's first access, before the room for its second miss: the two differ hit by hit on 130 of 150 random traces
+# (and, replayed in the RAM tier's order, adaptive falls below LRU on test_policies' correlated trace).
 @SETTINGS
 @given(steps=st.lists(st.tuples(st.integers(0, LAYERS - 1), experts_st), min_size=1, max_size=60),
        policy=st.sampled_from(["lru", "lfu", "lfu-history"]), slots=st.integers(3, 14))
