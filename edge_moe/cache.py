@@ -284,13 +284,13 @@ class ExpertCache(ExpertSource):
                 continue
             self._reap()
             victims = room.make_room(nbytes, keep, incoming)
-            if victims is None:
+            if victims is None:  # the policy values a victim more than the prediction
                 return False
             for key in victims:
                 del self.resident[key]
                 self._recycle(key, nbytes)
                 self.stats.evictions += 1
-            if victims:
+            if victims:  # room made, or every resident candidate gone: look again, after reads that landed
                 continue
             # Only in-flight prefetches remain evictable: drop one that has not started, else wait for one to land
             # (then it is resident, and the policy weighs it). A running read's buffer is never handed on.
