@@ -56,8 +56,10 @@ class KVCache:
 
 class GqaKVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, rope_theta: float, capacity: int = 256,
-                 device: str = "cpu"):
+                 device: str = "cpu", dtype=np.float32):
+        """dtype: of the cache and the RoPE tables (float16 where the layer graphs attend in it, half_attention.py)."""
         self.offset = 0
+        self.dtype = np.dtype(dtype)
         self.num_layers, self.kv_heads, self.head_dim, self.rope_theta = num_layers, kv_heads, head_dim, rope_theta
         # with an accelerator the buffers and RoPE tables live on it, where the layer graphs run: binding host
         # buffers would copy the whole cache over and back on every call
@@ -70,15 +72,15 @@ class GqaKVCache:
 
     def _allocate(self, capacity: int) -> None:
         shape = (1, self.kv_heads, capacity, self.head_dim)
-        keys = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
-        values = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+        keys = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
+        values = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
         if self.offset:  # what the graph wrote so far; on a device the only copy is there
             old = (zip(self.keys, self.values) if self.device == "cpu"
                    else ((k.numpy(), v.numpy()) for k, v in self._kv))
             for layer, (k, v) in enumerate(old):
                 keys[layer][:, :, :self.offset] = k[:, :, :self.offset]
                 values[layer][:, :, :self.offset] = v[:, :, :self.offset]
-        self.cos, self.sin = rope_tables(self.head_dim, self.rope_theta, capacity)
+        self.cos, self.sin = (t.astype(self.dtype) for t in rope_tables(self.head_dim, self.rope_theta, capacity))
         where = () if self.device == "cpu" else (self.device, 0)
         value = lambda array: ort.OrtValue.ortvalue_from_numpy(array, *where)  # noqa: E731
         # on the CPU the OrtValues are views of the numpy buffers (no copy): bound as past and present, the graph
@@ -137,7 +139,7 @@ class GqaKVCache:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.num_layers * self.kv_heads * self.capacity * self.head_dim * 4
+        return 2 * self.num_layers * self.kv_heads * self.capacity * self.head_dim * self.dtype.itemsize
 
 
 def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,10 +149,11 @@ def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
     return np.ascontiguousarray(np.cos(angles), np.float32), np.ascontiguousarray(np.sin(angles), np.float32)
 
 
-def new_kv_cache(config: dict, device: str = "cpu"):
-    """The cache for the package's layer graphs; `device` is where they run (an OrtValue device name)."""
+def new_kv_cache(config: dict, device: str = "cpu", dtype=np.float32):
+    """The cache for the package's layer graphs; `device` is where they run (an OrtValue device name); `dtype` of a
+    "gqa" cache (float16 for graphs rewritten by half_attention.py)."""
     layers, kv_heads, head_dim = config["num_layers"], config["num_key_value_heads"], config["head_dim"]
     if config.get("attention_kernel", "generic") == "gqa":
-        return GqaKVCache(layers, kv_heads, head_dim, float(config["rope_theta"]), device=device)
+        return GqaKVCache(layers, kv_heads, head_dim, float(config["rope_theta"]), device=device, dtype=dtype)
     a = attention_spec(config)
     return KVCache(layers, a.key_heads, a.key_dim, value_shape=(a.value_heads, a.value_dim))

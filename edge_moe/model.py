@@ -18,6 +18,7 @@ import numpy as np
 from .errors import EdgeMoeError
 from .experts import ExpertKernels
 from .files import drop_page_cache
+from .half_attention import half_attention_graph
 from .kv_cache import KVCache, new_kv_cache
 from .manifest import Manifest
 from .routing import Router, group_by_expert
@@ -28,18 +29,24 @@ class Backbone:
     """The resident graphs, one session each."""
 
     def __init__(self, manifest: Manifest, clock: OrtClock, providers=("CPUExecutionProvider",), ort_device="cpu",
-                 threads: int | None = None):
-        """threads: intra-op threads of the graphs (None: the process's --threads)."""
+                 threads: int | None = None, half_attention: bool | None = None):
+        """threads: intra-op threads of the graphs (None: the process's --threads). half_attention: "gqa" layer
+        graphs attend in float16 (half_attention.py; None: on an accelerator, whose kernel has no float32)."""
         self.ort_device = ort_device  # where the graphs run: the KV cache lives there
-        def session(path):
+        gqa = manifest.config.get("attention_kernel", "generic") == "gqa"
+        self.half_attention = gqa and (ort_device != "cpu" if half_attention is None else half_attention)
+        self.kv_dtype = np.float16 if self.half_attention else np.float32
+
+        def session(path, rewrite=None):
             try:
-                return TimedSession(open_session(path, providers=providers, threads=threads), clock)
+                graph = path if rewrite is None else rewrite(path)
+                return TimedSession(open_session(graph, providers=providers, threads=threads), clock)
             except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
                 raise EdgeMoeError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]}); "
                                    "re-export the model") from None
 
         self.embed = session(manifest.embed)
-        self.layers = [session(p) for p in manifest.layers]
+        self.layers = [session(p, half_attention_graph if self.half_attention else None) for p in manifest.layers]
         self.head = session(manifest.head)
         moe = set(manifest.config["moe_layers"])
         inputs = LAYER_INPUTS[manifest.config.get("attention_kernel", "generic")]
@@ -99,7 +106,7 @@ class Forward:
         self._step_lock = threading.Lock()
 
     def new_cache(self) -> KVCache:
-        return new_kv_cache(self.config, self.backbone.ort_device)
+        return new_kv_cache(self.config, self.backbone.ort_device, self.backbone.kv_dtype)
 
     def hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """ids [T] int64 after the cached tokens -> final hidden states [T, H]; extends the cache."""

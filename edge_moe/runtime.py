@@ -41,7 +41,8 @@ class Model:
                  prefetch: int = 2, io_threads: int = 8, direct_io: bool = True, trace: bool = False,
                  progress: bool = False, baseline: str | None = None, throttle=None, device="cpu",
                  gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False,
-                 huge_pages: bool = True, thread_pool: str | None = None, fused_moe: bool | None = None):
+                 huge_pages: bool = True, thread_pool: str | None = None, fused_moe: bool | None = None,
+                 half_attention: bool | None = None):
         self.manifest = manifest
         self.config = manifest.config
         self.threads = configure_threads(threads, thread_pool or os.environ.get("EDGE_MOE_THREAD_POOL") or
@@ -61,7 +62,8 @@ class Model:
                         and int(self.config["hidden_size"]) <= SIDE_BY_SIDE_MAX_HIDDEN
                         and budget is None and not self.device.accelerator and not shared_pool())
         self.backbone = Backbone(manifest, self.clock, providers=self.device.providers,
-                                 ort_device=self.device.ort_device, threads=1 if side_by_side else None)
+                                 ort_device=self.device.ort_device, threads=1 if side_by_side else None,
+                                 half_attention=half_attention)
         self.rss_baseline_bytes = rss_bytes()
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
@@ -414,6 +416,9 @@ def load(path: str | Path | None = None, **options) -> Model:
             weights (com.microsoft.MoE; edge_moe.fused_moe). None (default): on an accelerator that holds every
             expert, where the family's router and experts allow it; True: also on the CPU (float experts stacked
             in float32, twice a float16 model's expert memory; needs every expert resident); False: never.
+        half_attention: "gqa" layer graphs attend in float16 with a float16 KV cache (edge_moe.half_attention).
+            None (default): on an accelerator (onnxruntime's CUDA GroupQueryAttention has no float32 kernel);
+            True: also on the CPU (half the KV cache's memory); False: never.
     Returns:
         A Model.
     Raises:

@@ -81,3 +81,32 @@ def test_fused_layers_report_routing_to_observers_and_the_trace(family_package):
     assert seen["fused"] == seen["per"]
     experts = lambda model: [sorted(e["experts"]) for e in model.trace]  # noqa: E731
     assert experts(fused) == experts(per_expert) and all(all(e["hit"]) for e in fused.trace)
+
+
+@pytest.fixture(scope="module")
+def gqa_package(tmp_path_factory):
+    """A head size of 16 gets GroupQueryAttention layer graphs (attention_kernel "gqa")."""
+    from edge_moe_export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("gqa")
+    hf = build_checkpoint(root / "hf", tiny_config("qwen3_moe", hidden=64, experts=8, top_k=3))
+    package = export_checkpoint(root / "hf", root / "pkg", progress=False)
+    assert edge_moe.load(package).config["attention_kernel"] == "gqa"
+    return hf, package
+
+
+def test_half_attention_follows_the_float32_graphs_over_a_long_decode(gqa_package):
+    """The accelerator's rewrite (float16 attention and KV cache, half_attention.py), run here on the CPU provider:
+    logits within float16 rounding of the float32 graphs' and of transformers', the same greedy tokens over 40
+    steps, with the fused MoE layers as on a GPU."""
+    hf, package = gqa_package
+    half = edge_moe.load(package, half_attention=True, fused_moe=True)
+    full = edge_moe.load(package)
+    assert half.backbone.half_attention and not full.backbone.half_attention
+    cache = half.forward.new_cache()
+    assert cache.keys[0].dtype == np.float16 and cache.cos.dtype == np.float16
+    a, b = half.logits(IDS), full.logits(IDS)
+    scale = np.abs(b).max()
+    assert 0 < np.abs(a - b).max() <= 2e-3 * scale  # not bit-equal: the attention really ran in float16
+    assert np.abs(a - reference_logits(hf, IDS)).max() <= 2e-3 * scale
+    assert half.generate(IDS, 40).token_ids == full.generate(IDS, 40).token_ids == reference_greedy(hf, IDS, 40)
