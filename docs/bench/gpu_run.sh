@@ -10,7 +10,7 @@ mkdir -p /tmp/pp /tmp/g
 [ -e /tmp/pp/edge_moe_export ] || ln -s "$PWD/export" /tmp/pp/edge_moe_export
 export PYTHONPATH=/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "$1" = setup ]; then
-  shift
+  shift || true
   [ -d /tmp/g/hf ] || python3 -m edge_moe.cli synth /tmp/g/hf --preset qwen3-30b-a3b-shapes --layers 6 --quiet
   [ -d /tmp/g/f16 ] || python3 -m edge_moe.cli export /tmp/g/hf /tmp/g/f16 --dtype float16 --quiet "$@"
   python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
@@ -18,6 +18,6 @@ elif [ "$1" = breakdown ]; then
   python3 docs/bench/decode_breakdown.py /tmp/g/f16 48 cuda 2>&1 | tail -1
   [ "$2" = fused ] || EDGE_MOE_FUSED=0 python3 docs/bench/decode_breakdown.py /tmp/g/f16 48 cuda 2>&1 | tail -1
 else
-  shift
+  shift || true
   python3 -m edge_moe.bench.cooperative /tmp/g/f16 --prompt 256 --decode 32 --json "$OUT/coop.json" "$@"
 fi
