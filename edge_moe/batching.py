@@ -34,8 +34,9 @@ def batched_step(forward, sequences) -> list[np.ndarray]:
             outs = [s.cache.kv.run(layer, session, h) for s, h in zip(sequences, hs)]
             if layer in forward.moe_layers:
                 residual = np.concatenate([o[0] for o in outs])  # [B, H]
+                routed = tuple(np.concatenate([o[i] for o in outs]) for i in (3, 4)) if len(outs[0]) > 3 else None
                 moe = forward.moe(layer, np.concatenate([o[1] for o in outs]),
-                                  np.concatenate([o[2] for o in outs]), residual)
+                                  np.concatenate([o[2] for o in outs]), residual, routed)
                 hs = [o[0] + moe[b:b + 1] for b, o in enumerate(outs)]
             else:
                 hs = [o[0] for o in outs]

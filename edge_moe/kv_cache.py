@@ -57,7 +57,7 @@ class KVCache:
 class GqaKVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, rope_theta: float, capacity: int = 256,
                  device: str = "cpu", dtype=np.float32):
-        """dtype: of the cache and the RoPE tables (float16 where the layer graphs attend in it, half_attention.py)."""
+        """dtype: of the cache and the RoPE tables (float16 where the layer graphs attend in it, layer_graphs.py)."""
         self.offset = 0
         self.dtype = np.dtype(dtype)
         self.num_layers, self.kv_heads, self.head_dim, self.rope_theta = num_layers, kv_heads, head_dim, rope_theta
@@ -127,8 +127,9 @@ class GqaKVCache:
         hidden_value = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(hidden))
         io.bind_ortvalue_input("hidden_states", hidden_value)
         outputs = []
-        for name, width in zip(session.output_names[:-2], session.output_widths[:-2]):
-            outputs.append(np.zeros((1, width), np.float32))
+        for name, width, dtype in zip(session.output_names[:-2], session.output_widths[:-2],
+                                      session.output_dtypes[:-2]):
+            outputs.append(np.zeros((1, width), dtype))
             io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(outputs[-1]))
         self._bind_kv(io, layer)
         self._decode[layer] = (io, hidden_value, outputs)
@@ -151,7 +152,7 @@ def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
 
 def new_kv_cache(config: dict, device: str = "cpu", dtype=np.float32):
     """The cache for the package's layer graphs; `device` is where they run (an OrtValue device name); `dtype` of a
-    "gqa" cache (float16 for graphs rewritten by half_attention.py)."""
+    "gqa" cache (float16 for graphs rewritten by layer_graphs.py)."""
     layers, kv_heads, head_dim = config["num_layers"], config["num_key_value_heads"], config["head_dim"]
     if config.get("attention_kernel", "generic") == "gqa":
         return GqaKVCache(layers, kv_heads, head_dim, float(config["rope_theta"]), device=device, dtype=dtype)

@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import EdgeMoeError
-from .experts import ExpertKernels
+from .experts import ExpertKernels, ExpertSource
 from .files import drop_page_cache
-from .half_attention import half_attention_graph
+from .family_spec import router_spec
+from .layer_graphs import rewrite_layer, routes_in_graph
 from .kv_cache import KVCache, new_kv_cache
 from .manifest import Manifest
 from .routing import Router, group_by_expert
@@ -31,28 +32,38 @@ class Backbone:
     def __init__(self, manifest: Manifest, clock: OrtClock, providers=("CPUExecutionProvider",), ort_device="cpu",
                  threads: int | None = None, half_attention: bool | None = None):
         """threads: intra-op threads of the graphs (None: the process's --threads). half_attention: "gqa" layer
-        graphs attend in float16 (half_attention.py; None: on an accelerator, whose kernel has no float32)."""
+        graphs attend in float16 (layer_graphs.py; None: on an accelerator, whose kernel has no float32)."""
         self.ort_device = ort_device  # where the graphs run: the KV cache lives there
         gqa = manifest.config.get("attention_kernel", "generic") == "gqa"
         self.half_attention = gqa and (ort_device != "cpu" if half_attention is None else half_attention)
         self.kv_dtype = np.float16 if self.half_attention else np.float32
 
-        def session(path, rewrite=None):
+        moe = set(manifest.config["moe_layers"])
+        spec = router_spec(manifest.config)
+        # MoE layers whose graph also returns each token's experts and weights (layer_graphs.py)
+        self.routed = moe if routes_in_graph(spec) else set()
+
+        def session(path, layer=None):
+            routing = spec if layer in self.routed else None
             try:
-                graph = path if rewrite is None else rewrite(path)
-                return TimedSession(open_session(graph, providers=providers, threads=threads), clock)
+                graph = None
+                if layer is not None and (routing is not None or self.half_attention):
+                    graph = rewrite_layer(path, half_attention=self.half_attention, routing=routing)
+                if graph is None:
+                    return TimedSession(open_session(path, providers=providers, threads=threads), clock)
+                return TimedSession(open_session(graph, providers=providers, threads=threads,
+                                                 weights_folder=path.parent), clock)
             except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
                 raise EdgeMoeError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]}); "
                                    "re-export the model") from None
 
         self.embed = session(manifest.embed)
-        self.layers = [session(p, half_attention_graph if self.half_attention else None) for p in manifest.layers]
+        self.layers = [session(p, layer) for layer, p in enumerate(manifest.layers)]
         self.head = session(manifest.head)
-        moe = set(manifest.config["moe_layers"])
         inputs = LAYER_INPUTS[manifest.config.get("attention_kernel", "generic")]
         _check_signature(manifest.embed, self.embed, ["input_ids"], 1)
         for layer, (path, s) in enumerate(zip(manifest.layers, self.layers)):
-            _check_signature(path, s, inputs, 5 if layer in moe else 3)
+            _check_signature(path, s, inputs, (5 + 2 * (layer in self.routed)) if layer in moe else 3)
         _check_signature(manifest.head, self.head, ["hidden_states"], 1)
         # onnxruntime holds its own copy of every weight now: the file pages read to build it are cache a memory
         # cgroup charges to this process (budget auto would count them as used) and nothing reads them again
@@ -101,6 +112,8 @@ class Forward:
         self.router = Router(manifest)  # the family's router, as the manifest declares it
         self.num_experts = int(c["num_experts"])
         self.route_observers: list = []  # callables (layer, indices [T, k]) for routing statistics
+        # the routing scores go to sources whose policy learns from them (not the all-resident one: ~5 us a layer)
+        self._wants_scores = type(experts).on_route is not ExpertSource.on_route
         # One forward step at a time per model: the cache protects the running layer's experts, and two threads
         # generating at once interleave token by token instead of evicting each other's experts mid-layer.
         self._step_lock = threading.Lock()
@@ -119,29 +132,32 @@ class Forward:
         for layer, session in enumerate(self.backbone.layers):
             outputs = cache.run(layer, session, h)
             if layer in self.moe_layers:
-                residual, moe_input, logits = outputs
-                h = residual + self.moe(layer, moe_input, logits, residual)
+                residual, moe_input, logits = outputs[:3]
+                h = residual + self.moe(layer, moe_input, logits, residual, outputs[3:5] or None)
             else:
                 h = outputs[0]
         cache.advance(ids.shape[0])
         return h
 
-    def moe(self, layer: int, x: np.ndarray, logits: np.ndarray, residual: np.ndarray) -> np.ndarray:
-        """The routed experts' weighted sum [T, H] for x [T, H] and router logits [T, E] of MoE layer `layer`."""
+    def moe(self, layer: int, x: np.ndarray, logits: np.ndarray, residual: np.ndarray, routed=None) -> np.ndarray:
+        """The routed experts' weighted sum [T, H] for x [T, H] and router logits [T, E] of MoE layer `layer`;
+        routed: (indices, weights) [T, k] where the layer graph routed already (layer_graphs.py), else None."""
+        indices, weights = routed if routed is not None else self.router(layer, logits)  # [T, k]
         if self.fused is not None:
-            return self._fused_moe(layer, x, logits)
-        return self._per_expert_moe(layer, x, logits, residual)
+            return self._fused_moe(layer, x, indices, weights)
+        return self._per_expert_moe(layer, x, indices, weights, residual)
 
-    def _per_expert_moe(self, layer: int, x: np.ndarray, logits: np.ndarray, residual: np.ndarray) -> np.ndarray:
-        indices, weights = self.router(layer, logits)  # [T, k]
+    def _per_expert_moe(self, layer: int, x: np.ndarray, indices: np.ndarray, weights: np.ndarray,
+                        residual: np.ndarray) -> np.ndarray:
         for observe in self.route_observers:
             observe(layer, indices)
-        scores = np.zeros(self.num_experts, np.float32)  # [E]: each expert's highest weight over the tokens
-        if x.shape[0] == 1:
-            scores[indices[0]] = weights[0]
-        else:
-            np.maximum.at(scores, indices.ravel(), weights.ravel())
-        self.experts.on_route(layer, scores)
+        if self._wants_scores:
+            scores = np.zeros(self.num_experts, np.float32)  # [E]: each expert's highest weight over the tokens
+            if x.shape[0] == 1:
+                scores[indices[0]] = weights[0]
+            else:
+                np.maximum.at(scores, indices.ravel(), weights.ravel())
+            self.experts.on_route(layer, scores)
         if x.shape[0] == 1:  # decode: the token's experts, best first
             groups = [(int(e), None, j) for j, e in enumerate(indices[0])]
         else:  # prefill: each expert once, on all the tokens routed to it
@@ -173,10 +189,9 @@ class Forward:
             out[rows] += y  # a token meets an expert at most once, so rows are unique and += is exact
         return out
 
-    def _fused_moe(self, layer: int, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """The layer's routed experts in one call (fused_moe.py), routed here as on the per-expert path; the trace
-        sees every chosen expert as a hit."""
-        indices, weights = self.router(layer, logits)
+    def _fused_moe(self, layer: int, x: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The layer's routed experts in one call (fused_moe.py), routed as on the per-expert path; the trace sees
+        every chosen expert as a hit."""
         for observe in self.route_observers:
             observe(layer, indices)
         if self.experts.trace is not None:

@@ -416,7 +416,7 @@ def load(path: str | Path | None = None, **options) -> Model:
             weights (com.microsoft.MoE; edge_moe.fused_moe). None (default): on an accelerator that holds every
             expert, where the family's router and experts allow it; True: also on the CPU (float experts stacked
             in float32, twice a float16 model's expert memory; needs every expert resident); False: never.
-        half_attention: "gqa" layer graphs attend in float16 with a float16 KV cache (edge_moe.half_attention).
+        half_attention: "gqa" layer graphs attend in float16 with a float16 KV cache (edge_moe.layer_graphs).
             None (default): on an accelerator (onnxruntime's CUDA GroupQueryAttention has no float32 kernel);
             True: also on the CPU (half the KV cache's memory); False: never.
     Returns:

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import onnxruntime as ort
 import psutil
 
@@ -71,10 +72,13 @@ def shared_pool() -> bool:
 
 
 def open_session(model, *, providers=("CPUExecutionProvider",), threads: int | None = None,
-                 initializers=None) -> ort.InferenceSession:
+                 initializers=None, weights_folder=None) -> ort.InferenceSession:
     """Opens a session. `model` is a path or serialized ModelProto bytes; `initializers` (name -> C-contiguous
-    array) replace the model's initializers of those names without a copy (quantized experts, experts.py)."""
+    array) replace the model's initializers of those names without a copy (quantized experts, experts.py);
+    `weights_folder`: where the external weights of a model given as bytes lie (a rewritten graph, layer_graphs.py)."""
     options = ort.SessionOptions()
+    if weights_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_folder))
     if initializers:
         options.add_external_initializers(list(initializers), [ort.OrtValue.ortvalue_from_numpy(a)
                                                               for a in initializers.values()])
@@ -102,7 +106,7 @@ def fast_run(session: ort.InferenceSession):
 class TimedSession:
     """A session whose run() adds its wall time to a shared counter (the share of time spent inside onnxruntime)."""
 
-    __slots__ = ("session", "clock", "output_names", "output_widths", "run_fast", "run_binding")
+    __slots__ = ("session", "clock", "output_names", "output_widths", "output_dtypes", "run_fast", "run_binding")
 
     def __init__(self, session: ort.InferenceSession, clock: "OrtClock"):
         self.session, self.clock = session, clock
@@ -114,6 +118,7 @@ class TimedSession:
         # the last dimension of each output where the graph fixes it (binding decode outputs to buffers)
         self.output_widths = [o.shape[-1] if o.shape and isinstance(o.shape[-1], int) else None
                               for o in session.get_outputs()]
+        self.output_dtypes = [_NUMPY_TYPES.get(o.type, np.float32) for o in session.get_outputs()]
 
     def run(self, feeds: dict) -> list:
         start = time.perf_counter()
@@ -135,6 +140,10 @@ class TimedSession:
         self.clock.seconds += time.perf_counter() - start
         self.clock.calls += 1
         return outputs
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32}
 
 
 class OrtClock:

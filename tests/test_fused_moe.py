@@ -110,3 +110,32 @@ def test_half_attention_follows_the_float32_graphs_over_a_long_decode(gqa_packag
     assert 0 < np.abs(a - b).max() <= 2e-3 * scale  # not bit-equal: the attention really ran in float16
     assert np.abs(a - reference_logits(hf, IDS)).max() <= 2e-3 * scale
     assert half.generate(IDS, 40).token_ids == full.generate(IDS, 40).token_ids == reference_greedy(hf, IDS, 40)
+
+
+def test_layer_graphs_route_as_the_family_router_does(family_package):
+    """Where the layer graph routes (softmax top-k, layer_graphs.py), its experts equal routing.Router's on the
+    same logits and its weights agree to float32 rounding, prefill and decode; other routers stay on the host."""
+    from edge_moe.layer_graphs import routes_in_graph
+
+    family, _, package = family_package
+    model = edge_moe.load(package)
+    forward = model.forward
+    assert (forward.backbone.routed == set(model.config["moe_layers"])) == routes_in_graph(forward.router.spec)
+    assert family not in ("mixtral", "qwen3_moe", "olmoe") or forward.backbone.routed
+    seen = []
+    moe = forward.moe
+
+    def spy(layer, x, logits, residual, routed=None):
+        seen.append((layer, logits.copy(), routed))
+        return moe(layer, x, logits, residual, routed)
+
+    forward.moe = spy
+    model.generate(IDS, 3)
+    assert len(seen) == 3 * len(model.config["moe_layers"])
+    for layer, logits, routed in seen:
+        if not forward.backbone.routed:
+            assert routed is None
+            continue
+        indices, weights = forward.router(layer, logits)
+        np.testing.assert_array_equal(routed[0], indices)
+        np.testing.assert_allclose(routed[1], weights, rtol=1e-5, atol=1e-7)

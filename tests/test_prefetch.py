@@ -70,9 +70,9 @@ def test_predictor_given_the_true_hidden_state_predicts_the_family_routing(famil
     seen = []
     moe = model.forward.moe
 
-    def recording_moe(layer, x, logits, residual):
+    def recording_moe(layer, x, logits, residual, routed=None):
         seen.append((layer, x.copy(), model.forward.router(layer, logits)[0]))
-        return moe(layer, x, logits, residual)
+        return moe(layer, x, logits, residual, routed)
 
     model.forward.moe = recording_moe
     model.logits(list(range(2, 12)))
