@@ -3,6 +3,7 @@ growth), and the model's keeper collapses its weights in the background and stop
 
 import ctypes
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -52,7 +53,14 @@ def test_dense_memory_moves_onto_huge_pages():
     mapping = Mapping(12 * MiB)
     try:
         mapping.bytes[:] = 7  # every page resident: at least five aligned 2 MiB blocks inside 12 MiB
-        assert huge_pages.collapse_dense() >= 5 * 2 * MiB
+        # the kernel answers EAGAIN while it has no free huge page (other processes fragmenting memory mid-suite);
+        # a later scan gets one, as the keeper's do
+        for _ in range(5):
+            if huge_pages.collapse_dense() >= 5 * 2 * MiB:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no five blocks collapsed in five scans")
         after = mapping.smaps()
         assert after["AnonHugePages"] >= 5 * 2048, after
         assert after["Rss"] <= 12 * 1024, after  # nothing outside the mapping was added to it
