@@ -27,7 +27,7 @@ from .device_kernels import DeviceExpert, DeviceKernels
 from .budget import parse_bytes
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
-from .residency import ResidencySet
+from .residency import ResidencySet, ResidencyView
 
 PROMOTE_MARGIN = 1.5  # the incoming expert's routing share over the victim's: hysteresis against churn
 
@@ -50,7 +50,7 @@ class TierStats:
     peak_resident_bytes: int = 0
 
 
-class AcceleratorTier(ExpertSource):
+class AcceleratorTier(ResidencyView, ExpertSource):
     """Experts resident on `device` under `budget` bytes, in front of the RAM source `ram`.
 
     Args:
@@ -83,18 +83,6 @@ class AcceleratorTier(ExpertSource):
         self._slots: dict[tuple, int] = {}  # key -> its index in the current trace entry
         self._entry: dict | None = None
         self._ram_trace = ram.trace = []  # the RAM tier records its hits here; we read and clear them
-
-    @property
-    def budget(self) -> int:
-        return self.residency.capacity
-
-    @property
-    def used(self) -> int:
-        return self.residency.used_bytes()
-
-    @property
-    def policy(self):
-        return self.residency.policy
 
     # The generation loop's side ---------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
 from .manifest import Manifest, expert_seed
 from .prefetch import PrefetchGate
-from .residency import ResidencySet
+from .residency import ResidencySet, ResidencyView
 from .store import ExpertLocation, ExpertStore, aligned_empty
 
 
@@ -53,7 +53,7 @@ class CacheStats:
         self.peak_resident_bytes = 0
 
 
-class ExpertCache(ExpertSource):
+class ExpertCache(ResidencyView, ExpertSource):
     """Experts resident under `budget` bytes, chosen by `policy`, read through `store`."""
 
     def __init__(self, manifest: Manifest, store: ExpertStore, policy, budget: int, trace: list | None = None):
@@ -80,25 +80,12 @@ class ExpertCache(ExpertSource):
         return self._sizes[key]
 
     @property
-    def budget(self) -> int:
-        return self.residency.capacity
-
-    @property
-    def used(self) -> int:
-        """Bytes of resident experts, in-flight reads and spare buffers."""
-        return self.residency.used_bytes()
-
-    @property
     def spare_bytes(self) -> int:
         return self.residency.spare_bytes
 
     @property
     def pinned(self) -> set[tuple]:
         return self.residency.pinned
-
-    @property
-    def policy(self):
-        return self.residency.policy
 
     # The generation loop's side -------------------------------------------------------------------------
 

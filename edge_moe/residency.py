@@ -199,3 +199,23 @@ def _checked_capacity(nbytes) -> int:
     if nbytes < 0:
         raise EdgeMoeError(f"capacity {nbytes} is negative; give bytes, '1GiB' or a share like '25%'")
     return nbytes
+
+
+class ResidencyView:
+    """What a tier built on a ResidencySet (its `residency`) reports of it: the budget, the bytes in use, the
+    policy. Shared by the RAM tier (cache.ExpertCache) and the accelerator tier."""
+
+    residency: ResidencySet
+
+    @property
+    def budget(self) -> int:
+        return self.residency.capacity
+
+    @property
+    def used(self) -> int:
+        """Bytes of resident experts, in-flight reads and spare buffers."""
+        return self.residency.used_bytes()
+
+    @property
+    def policy(self):
+        return self.residency.policy
