@@ -103,6 +103,9 @@ class ExpertCache(ResidencyView, ExpertSource):
         keys = [(layer, int(e)) for e in experts]
         with self._lock:
             self._layer = layer
+            # before any room is made for the layer's misses: the policy weighs victims from this layer on (the
+            # prefetches that follow are for later layers and do not change which layer runs)
+            self.policy.on_layer(layer, self.now)
             self._predicted.pop(layer, None)
             self._protected = set(keys)
             self.gate.observe(layer, self._protected)

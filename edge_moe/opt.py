@@ -89,20 +89,30 @@ def simulate(policy_or_name, trace, sizes: Mapping[Key, int], capacity_bytes: in
     loaded = now = 0
     flags: list[bool] = []
     for si, step in enumerate(steps):
+        # in ExpertCache's order: the layer is announced, room is made for all of its misses, then its experts are
+        # used; so the policy weighs the same candidates with the same knowledge as the runtime
+        if step:
+            policy.on_layer(_layer_of(step[0]), now)
         needed = set(step)
-        for key in step:
-            hit = key in room
-            flags.append(hit)
+        hits = [key in room for key in step]
+        for key, hit in zip(step, hits):
             if not hit:  # _prepare checked that the step fits: make_room always finds enough to evict
                 size = sizes[key]
                 room.make_room(size, keep=needed)
                 room.admit(key, size, now)
                 loaded += size
+        flags += hits
+        for key in step:
             room.access(key, now)
             now += 1
         if observe is not None:
             observe(si, room.resident)
     return _result(flags, loaded)
+
+
+def _layer_of(key: Key):
+    """The layer of a (layer, index) key; a key of another shape (the tests' plain names) is its own layer."""
+    return key[0] if isinstance(key, tuple) and key else key
 
 
 class KnownFrequencyLFU(BasePolicy):

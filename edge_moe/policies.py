@@ -5,6 +5,9 @@ evictable candidates (resident, not pinned, not needed by the current layer), na
 `victim` call is O(candidates): per-key state is O(1) to read, so no heap has to be kept in sync.
 
 Keys are (layer, index). `now` is a monotonically increasing access counter supplied by the caller.
+A caller that runs layers (the RAM tier, the simulator) announces each layer's visit with on_layer before it makes
+room for that layer's misses, so that a policy that weighs the distance to a layer weighs victims from the layer
+that is about to run, not from the one before.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ Key = Hashable  # (layer, index) in the runtime; any hashable in the simulators'
 class Policy(Protocol):
     name: str
 
+    def on_layer(self, layer: int, now: int) -> None: ...
     def on_access(self, key: Key, now: int) -> None: ...
     def on_admit(self, key: Key, nbytes: int, now: int) -> None: ...
     def on_evict(self, key: Key) -> None: ...
@@ -33,6 +37,9 @@ class BasePolicy:
     """No-op hints and a shared empty-candidates check; subclasses override what they use."""
 
     name = "base"
+
+    def on_layer(self, layer: int, now: int) -> None:
+        pass
 
     def on_access(self, key: Key, now: int) -> None:
         pass
@@ -186,16 +193,22 @@ class AdaptivePolicy(BasePolicy):
         self._pred, self._last = grow(self._pred, -1), grow(self._last, -1.0)
         self._visits, self._routed = grow(self._visits, 0), grow(self._routed, False)
 
+    def on_layer(self, layer, now):
+        """A visit of `layer` starts (every call is a new visit, as every fetch of a layer is)."""
+        self._version += 1
+        self._ensure(layer, 0)
+        self._cur = layer
+        self._visits[layer] += 1
+        self._total_visits += 1
+        if layer >= self._L:
+            self._L = layer + 1
+
     def on_access(self, key, now):
         self._version += 1
         layer, index = key
         self._ensure(layer, index)
-        if layer != self._cur:  # a new visit starts when the layer changes (layers run one after another)
-            self._cur = layer
-            self._visits[layer] += 1
-            self._total_visits += 1
-            if layer >= self._L:
-                self._L = layer + 1
+        if layer != self._cur:  # not announced by on_layer (the accelerator tier): a new layer is a new visit
+            self.on_layer(layer, now)
         v = int(self._visits[layer])
         f, at = float(self._f[layer, index]), int(self._at[layer, index])
         if at != v or f == 0.0:  # count each expert once per visit of its layer

@@ -242,6 +242,23 @@ def test_layer_distance_prefers_evicting_the_layer_just_passed():
     assert pol.victim([(0, 0), (2, 0), (3, 0)]) == (0, 0)
 
 
+def test_a_layer_announced_before_its_room_is_made_is_the_running_layer():
+    pol = AdaptivePolicy(num_layers=4)
+    now = 0
+    for _ in range(3):  # every expert used at every visit: equal frequencies
+        for layer in range(4):
+            pol.on_access((layer, 0), now)
+            now += 1
+    pol.on_access((0, 0), now)  # visiting layer 0: layer 1 comes next
+    assert pol.victim([(0, 0), (1, 0)]) == (0, 0)
+    # layer 1 starts, before its experts are used (a cache makes room for its misses first): (1, 0) is a candidate
+    # of the running layer, so this visit did not pick it, and layer 0's pick is due sooner
+    pol.on_layer(1, now + 1)
+    assert pol.victim([(0, 0), (1, 0)]) == (1, 0)
+    for policy in POLICIES.values():  # a no-op for the policies that ignore layers
+        policy().on_layer(0, 0)
+
+
 def test_prefetch_may_not_replace_an_expert_needed_sooner():
     pol = AdaptivePolicy(num_layers=4)
     now = 0
