@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .device_kernels import DeviceExpert, DeviceKernels
-from .budget import parse_bytes
+from .budget import Budget
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
 from .residency import ResidencySet, ResidencyView
@@ -257,17 +257,15 @@ class _PlacedKernels:
 
 
 def parse_gpu_budget(value, manifest) -> int:
-    """Bytes of expert weights on the accelerator from an int, '4GiB', '512MB' or '25%' (of all experts' weight
-    bytes); None means all of them. Unlike the RAM budget there is no minimum: experts the accelerator cannot
-    hold run on the CPU.
+    """Bytes of expert weights on the accelerator from a `budget.Budget` or what it parses: an int, '4GiB', '512MB'
+    or '25%' (of the expert bytes as stored, the same bytes as a RAM budget of 25%); None means all of them. Unlike
+    the RAM budget there is no minimum: experts the accelerator cannot hold run on the CPU.
 
     Raises:
-        EdgeMoeError: malformed.
+        EdgeMoeError: malformed or negative.
     """
-    total = sum(r.length for r in manifest.experts.values())
-    if value is None:
-        return total
-    return max(parse_bytes(value, total, "gpu budget"), 0)
+    budget = Budget.parse(value, "gpu budget", allow_auto=False)
+    return manifest.expert_bytes if budget.unlimited else budget.resolve(manifest.expert_bytes)
 
 
 def build_tier(model, gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False,

@@ -1,8 +1,18 @@
-"""Memory budgets: parsing `512MB`, `2GiB`, `25%` (of the model's expert bytes), and the minimum that can run."""
+"""Memory budgets: the `Budget` value (`512MB`, `2GiB`, `25%`, `auto`) that the RAM and accelerator tiers both take,
+what each tier's bytes come to, and the minimum that can run.
+
+One meaning of a percentage everywhere: a share of the package's expert weight bytes as stored
+(`Manifest.expert_bytes`, the sum of the records' lengths), so `--budget 25%` and `--gpu-budget 25%` are the same
+number of bytes. Each tier spends those bytes its own way: the accelerator on the weights alone; RAM also on every
+resident expert's page-rounded read buffer and a quantized expert's session or float32 copy (`record_footprint`),
+counted inside the budget, so a RAM share holds somewhat fewer experts than the same share on the accelerator.
+100% or more in RAM means every expert, and comes to `full_budget` (what every expert costs there).
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from .errors import EdgeMoeError
 from .manifest import ExpertRecord, Manifest
@@ -12,6 +22,78 @@ from .quant import resident_extra_bytes
 PAGE = 4096
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
+_PRINTED_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
+                  ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many expert bytes a tier may hold, as the user wrote it: bytes, a percentage of the package's expert
+    bytes as stored, 'auto' (sized from this process's memory: `auto_budget`), or no limit (every expert).
+
+    Create with `Budget.parse`; `resolve(total)` gives the bytes; `str()` prints it back in a form `parse` reads.
+    """
+
+    nbytes: int | None = None  # an absolute figure
+    percent: float | None = None  # a share of the expert bytes: 25.0 for '25%'
+    auto: bool = False
+
+    @classmethod
+    def parse(cls, value, what: str = "budget", allow_auto: bool = True) -> "Budget":
+        """A Budget from None (no limit), an int or float (bytes), '512MB', '2GiB', '1.5G', '25%', or 'auto'.
+
+        Args:
+            what: how the error names the value ('budget', 'gpu budget', '--memory-limit').
+            allow_auto: whether 'auto' is accepted (the accelerator's budget has no automatic size).
+        Raises:
+            EdgeMoeError: malformed or negative (one line naming `what`, the value and the accepted forms).
+        """
+        if isinstance(value, Budget):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value < 0:
+                raise EdgeMoeError(f"{what} {value!r} is negative; give bytes like 512MB, a share like 25%, or 0")
+            return cls(nbytes=int(value))
+        text = str(value).strip().lower().replace(" ", "")
+        if text == "auto" and allow_auto:
+            return cls(auto=True)
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)(%|[kmgt]?i?b?)", text)
+        if not match or (match.group(2) != "%" and match.group(2) not in _UNITS):
+            raise EdgeMoeError(f"{what} {value!r} is not understood; write bytes like 512MB or 2GiB, or a share "
+                               f"of the expert bytes like 25%{', or auto' if allow_auto else ''}")
+        number, unit = float(match.group(1)), match.group(2)
+        return cls(percent=number) if unit == "%" else cls(nbytes=int(number * _UNITS[unit]))
+
+    @property
+    def unlimited(self) -> bool:
+        """No limit: every expert (what None means)."""
+        return self.nbytes is None and self.percent is None and not self.auto
+
+    def resolve(self, total_bytes: int) -> int | None:
+        """Bytes, a percentage taken of `total_bytes` (the expert bytes as stored); None when unlimited.
+
+        Raises:
+            EdgeMoeError: 'auto', which is sized from memory (`auto_budget`), not from a total.
+        """
+        if self.auto:
+            raise EdgeMoeError("budget 'auto' is sized from this process's memory, not from the expert bytes; "
+                               "size it with edge_moe.budget.auto_budget")
+        if self.percent is not None:
+            return int(self.percent / 100 * total_bytes)
+        return self.nbytes
+
+    def __str__(self) -> str:
+        if self.auto:
+            return "auto"
+        if self.percent is not None:
+            return f"{self.percent:g}%"
+        if self.nbytes is None:
+            return "all"
+        # the largest unit that divides it exactly, so that parse(str(b)) == b
+        unit = next((name for name, size in _PRINTED_UNITS if self.nbytes and self.nbytes % size == 0), "")
+        return f"{self.nbytes // dict(_PRINTED_UNITS)[unit]}{unit}" if unit else str(self.nbytes)
 
 
 def expert_footprint(length: int) -> int:
@@ -35,6 +117,8 @@ def minimum_budget(manifest: Manifest) -> int:
 
 
 def full_budget(manifest: Manifest) -> int:
+    """What every expert costs resident in RAM (stored bytes, read buffers' rounding, quantized extras): the most
+    a RAM budget can use, and what 100% comes to there."""
     return sum(record_footprint(r) for r in manifest.experts.values())
 
 
@@ -42,26 +126,35 @@ def parse_bytes(value, total: int, what: str = "budget") -> int:
     """Bytes from an int, '512MB', '2GiB', '1.5G' or '25%' (a share of `total`).
 
     Raises:
-        EdgeMoeError: malformed (the message names `what` and the accepted forms).
+        EdgeMoeError: malformed, negative or missing (the message names `what` and the accepted forms).
     """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    text = str(value).strip().lower().replace(" ", "")
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(%|[kmgt]?i?b?)", text)
-    if not match or (match.group(2) != "%" and match.group(2) not in _UNITS):
-        raise EdgeMoeError(f"{what} {value!r} is not understood; write bytes like 512MB or 2GiB, or a share "
-                           "of the expert bytes like 25%")
-    number, unit = float(match.group(1)), match.group(2)
-    return int(number / 100 * total) if unit == "%" else int(number * _UNITS[unit])
+    nbytes = Budget.parse(value, what, allow_auto=False).resolve(total)
+    if nbytes is None:
+        raise EdgeMoeError(f"{what} is missing; write bytes like 512MB or 2GiB, or a share like 25%")
+    return nbytes
+
+
+def ram_budget_bytes(budget: Budget, manifest: Manifest) -> int:
+    """What a RAM budget comes to: a percentage of the expert bytes as stored; 100% or more: every expert, whose
+    read buffers and quantized extras cost more than their stored bytes (`full_budget`)."""
+    nbytes = budget.resolve(manifest.expert_bytes)
+    if budget.percent is not None and budget.percent >= 100:
+        nbytes = max(nbytes, full_budget(manifest))
+    return nbytes
 
 
 def parse_budget(value, manifest: Manifest) -> int:
-    """Bytes of the RAM expert budget from an int, '512MB', '2GiB', '1.5G' or '25%' (of the model's expert bytes).
+    """Bytes of the RAM expert budget from an int, '512MB', '2GiB', '1.5G' or '25%' (of the expert bytes as stored;
+    100% or more: every expert, see `ram_budget_bytes`). 'auto' is sized by `auto_budget` instead.
 
     Raises:
         EdgeMoeError: malformed, or below the minimum that can run (the message names the minimum).
     """
-    nbytes = parse_bytes(value, full_budget(manifest))
+    budget = Budget.parse(value, allow_auto=False)
+    if budget.unlimited:
+        raise EdgeMoeError("budget None is not a limit; leave budget out to keep every expert resident, or write "
+                           "bytes like 512MB or a share like 25%")
+    nbytes = ram_budget_bytes(budget, manifest)
     minimum = minimum_budget(manifest)
     if nbytes < minimum:
         raise EdgeMoeError(f"budget {value!r} ({nbytes:,} bytes) is below the minimum of {minimum:,} bytes "
