@@ -146,6 +146,18 @@ class AttentionSpec:
         return _from_dict(cls, data, where)
 
 
+# A MoE layer graph's outputs that carry each token's experts and weights, in front of key/value, where the router
+# is a plain softmax top-k (routes_in_graph): routing then happens inside the graph, not in numpy (layer_graphs.py)
+ROUTE_OUTPUTS = ("route_indices", "route_weights")
+
+
+def routes_in_graph(spec: RouterSpec) -> bool:
+    """Whether a layer graph can route exactly as routing.route does for this router: softmax scores, top-k (ties
+    to the lower index), renormalized or not, scaled or not; no selection bias, groups, sigmoid or sparsemixer."""
+    return (spec.scoring == "softmax" and not spec.selection_bias and spec.n_group == 1
+            and spec.weight_on == "output")
+
+
 def router_spec(config: dict) -> RouterSpec:
     """The router of a manifest `config` (packages without `router`: softmax top-k as they were exported)."""
     if "router" in config:

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto
 
 from .errors import EdgeMoeError
 from .family_spec import router_spec
 from .manifest import Manifest
-from .onnx_build import GraphBuilder
 from .sessions import OrtClock, TimedSession, open_session
 
 X, LOGITS, FC1, FC2, Y = "moe_input", "router_logits", "fc1_experts_weights", "fc2_experts_weights", "moe_output"
@@ -57,6 +55,10 @@ def unfusable_reason(manifest: Manifest) -> str | None:
 
 def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, dtype: str):
     """The layer's MoE graph: x and the chosen log-weights in float32, weights as inputs in `dtype`."""
+    from onnx import TensorProto  # onnx only where a graph is built: 9 MB of the runtime's baseline otherwise
+
+    from .onnx_build import GraphBuilder
+
     g = GraphBuilder(f"fused_moe_{experts}x{hidden}x{intermediate}_top{top_k}_{dtype}")
     g.scope = "/moe"
     x, logits = g.input(X, "float32", ["T", hidden]), g.input(LOGITS, "float32", ["T", experts])

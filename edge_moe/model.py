@@ -18,8 +18,8 @@ import numpy as np
 from .errors import EdgeMoeError
 from .experts import ExpertKernels, ExpertSource
 from .files import drop_page_cache
-from .family_spec import router_spec
-from .layer_graphs import rewrite_layer, routes_in_graph
+from .family_spec import ROUTE_OUTPUTS
+from .layer_graphs import half_attention_graph
 from .kv_cache import KVCache, new_kv_cache
 from .manifest import Manifest
 from .routing import Router, group_by_expert
@@ -39,16 +39,10 @@ class Backbone:
         self.kv_dtype = np.float16 if self.half_attention else np.float32
 
         moe = set(manifest.config["moe_layers"])
-        spec = router_spec(manifest.config)
-        # MoE layers whose graph also returns each token's experts and weights (layer_graphs.py)
-        self.routed = moe if routes_in_graph(spec) else set()
 
         def session(path, layer=None):
-            routing = spec if layer in self.routed else None
             try:
-                graph = None
-                if layer is not None and (routing is not None or self.half_attention):
-                    graph = rewrite_layer(path, half_attention=self.half_attention, routing=routing)
+                graph = half_attention_graph(path) if layer is not None and self.half_attention else None
                 if graph is None:
                     return TimedSession(open_session(path, providers=providers, threads=threads), clock)
                 return TimedSession(open_session(graph, providers=providers, threads=threads,
@@ -60,10 +54,14 @@ class Backbone:
         self.embed = session(manifest.embed)
         self.layers = [session(p, layer) for layer, p in enumerate(manifest.layers)]
         self.head = session(manifest.head)
+        # MoE layers whose graph routes (family_spec.ROUTE_OUTPUTS, exported for softmax top-k routers): numpy
+        # routing cost 60 us a layer inside decode (16 alone), 0.76 ms of a 9.8 ms token on this VM
+        self.routed = {layer for layer in moe if layer < len(self.layers)
+                       and self.layers[layer].output_names[3:5] == list(ROUTE_OUTPUTS)}
         inputs = LAYER_INPUTS[manifest.config.get("attention_kernel", "generic")]
         _check_signature(manifest.embed, self.embed, ["input_ids"], 1)
         for layer, (path, s) in enumerate(zip(manifest.layers, self.layers)):
-            _check_signature(path, s, inputs, (5 + 2 * (layer in self.routed)) if layer in moe else 3)
+            _check_signature(path, s, inputs, (7 if layer in self.routed else 5) if layer in moe else 3)
         _check_signature(manifest.head, self.head, ["hidden_states"], 1)
         # onnxruntime holds its own copy of every weight now: the file pages read to build it are cache a memory
         # cgroup charges to this process (budget auto would count them as used) and nothing reads them again

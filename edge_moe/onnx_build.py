@@ -132,3 +132,15 @@ class GraphBuilder:
     def as_float32(self, x: str, dtype: str) -> str:
         """Casts a float16/bfloat16 weight to float32 (all activations are float32)."""
         return x if dtype == "float32" else self.op("Cast", x, to=TensorProto.FLOAT)
+
+    def route_top_k(self, logits: str, top_k: int, normalize: bool, scaling_factor: float = 1.0) -> tuple[str, str]:
+        """Each token's experts and weights from router logits [T, E], as routing.route computes them for a softmax
+        top-k router: Softmax -> TopK (largest, sorted; ties to the lower index) -> (/ sum) -> (* scaling).
+        Returns (indices [T, k] int64, weights [T, k] float32)."""
+        weights, indices = self.op("TopK", self.op("Softmax", logits, axis=-1), self.const([top_k], "int64"),
+                                   outputs=2, axis=-1, largest=1, sorted=1)
+        if normalize:
+            weights = self.op("Div", weights, self.op("ReduceSum", weights, self.const([-1], "int64"), keepdims=1))
+        if scaling_factor != 1.0:
+            weights = self.op("Mul", weights, self.const(scaling_factor))
+        return indices, weights

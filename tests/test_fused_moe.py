@@ -113,9 +113,10 @@ def test_half_attention_follows_the_float32_graphs_over_a_long_decode(gqa_packag
 
 
 def test_layer_graphs_route_as_the_family_router_does(family_package):
-    """Where the layer graph routes (softmax top-k, layer_graphs.py), its experts equal routing.Router's on the
-    same logits and its weights agree to float32 rounding, prefill and decode; other routers stay on the host."""
-    from edge_moe.layer_graphs import routes_in_graph
+    """Where the exported layer graph routes (softmax top-k routers, family_spec.ROUTE_OUTPUTS), its experts equal
+    routing.Router's on the same logits and its weights agree to float32 rounding, prefill and decode; other routers
+    stay on the host."""
+    from edge_moe.family_spec import routes_in_graph
 
     family, _, package = family_package
     model = edge_moe.load(package)
@@ -139,3 +140,17 @@ def test_layer_graphs_route_as_the_family_router_does(family_package):
         indices, weights = forward.router(layer, logits)
         np.testing.assert_array_equal(routed[0], indices)
         np.testing.assert_allclose(routed[1], weights, rtol=1e-5, atol=1e-7)
+
+
+def test_packages_exported_without_route_outputs_route_on_the_host(gqa_package, tmp_path, monkeypatch):
+    """Packages from before routing moved into the graphs (or of routers it cannot express) keep numpy routing:
+    the same greedy tokens as the graph-routed package."""
+    from edge_moe_export.exporter import export_checkpoint
+    from edge_moe_export.families import base
+
+    _, package = gqa_package
+    monkeypatch.setattr(base, "routes_in_graph", lambda spec: False)
+    old = export_checkpoint(package.parent / "hf", tmp_path / "old", progress=False)
+    host, graph = edge_moe.load(old), edge_moe.load(package)
+    assert not host.backbone.routed and graph.backbone.routed == set(graph.config["moe_layers"])
+    assert host.generate(IDS, 20).token_ids == graph.generate(IDS, 20).token_ids

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_moe.errors import EdgeMoeError
-from edge_moe.family_spec import AttentionSpec, RouterSpec
+from edge_moe.family_spec import ROUTE_OUTPUTS, AttentionSpec, RouterSpec, routes_in_graph
 from edge_moe.onnx_build import GraphBuilder
 
 from .rope import inverse_frequencies, rope_parameters
@@ -217,6 +217,11 @@ class MoEFamily:
             g.output(residual, "residual", "float32", ["T", a.hidden_size])
             g.output(moe_input, "moe_input", "float32", ["T", a.hidden_size])
             g.output(logits, "router_logits", "float32", ["T", a.num_experts])
+            spec = self.arch.router
+            if spec is not None and routes_in_graph(spec):  # routing inside the graph (family_spec.ROUTE_OUTPUTS)
+                indices, weights = g.route_top_k(logits, spec.top_k, spec.normalize, spec.scaling_factor)
+                g.output(indices, ROUTE_OUTPUTS[0], "int64", ["T", spec.top_k])
+                g.output(weights, ROUTE_OUTPUTS[1], "float32", ["T", spec.top_k])
         else:
             residual = g.op("Add", h, self.scale_residual(g, self.emit_dense_mlp(g, layer, moe_input, w)))
             g.output(residual, "residual", "float32", ["T", a.hidden_size])
