@@ -91,9 +91,10 @@ class Budget:
             return f"{self.percent:g}%"
         if self.nbytes is None:
             return "all"
-        # the largest unit that divides it exactly, so that parse(str(b)) == b
-        unit = next((name for name, size in _PRINTED_UNITS if self.nbytes and self.nbytes % size == 0), "")
-        return f"{self.nbytes // dict(_PRINTED_UNITS)[unit]}{unit}" if unit else str(self.nbytes)
+        # the shortest exact form ('512MB', not '500000KiB'), so that parse(str(b)) == b
+        exact = [(self.nbytes // size, name) for name, size in _PRINTED_UNITS if self.nbytes % size == 0]
+        number, unit = min(exact, default=(self.nbytes, ""))
+        return f"{number}{unit}" if self.nbytes else "0"
 
 
 def expert_footprint(length: int) -> int:

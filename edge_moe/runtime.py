@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .baselines import MmapExperts, NoCacheExperts
-from .budget import auto_budget, check_memory, full_budget, parse_budget
+from .budget import Budget, auto_budget, check_memory, full_budget, parse_budget
 from .accelerator import build_tier, parse_gpu_budget
 from .cache import ExpertCache, store_for
 from .chat import ChatTemplate
@@ -68,9 +68,10 @@ class Model:
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
         self.budget_note = None
-        if isinstance(budget, str) and budget.strip().lower() == "auto":  # after the backbone: its memory counts
+        spec = Budget.parse(budget)
+        if spec.auto:  # after the backbone: its memory counts
             budget, self.budget_note = auto_budget(manifest)
-        self.budget = None if budget is None else self._budget_bytes(budget)
+        self.budget = None if spec.unlimited else self._budget_bytes(budget)
         self.closed = False
         self._chat_template = None
         self.batcher = None  # enable_batching
@@ -144,7 +145,12 @@ class Model:
     # Live controls: safe between tokens, or from another thread while one generation runs -----------------------
 
     def set_budget(self, budget) -> int:
-        """Changes the expert budget now (bytes, '512MB', '25%'); shrinking evicts down to it. Returns the bytes.
+        """Changes the RAM expert budget now; shrinking evicts down to it.
+
+        Args:
+            budget: bytes, '512MB', '2GiB', '25%' (of the expert bytes as stored: edge_moe.budget) or a Budget.
+        Returns:
+            The budget in bytes (also `model.budget`).
 
         Raises:
             EdgeMoeError: a malformed budget, one below the minimum, or a model loaded without a budget.
@@ -156,6 +162,39 @@ class Model:
         self.experts.set_budget(nbytes)
         self.budget = nbytes
         return nbytes
+
+    def set_policy(self, name: str) -> None:
+        """Swaps the RAM cache's residency policy now ('lru', 'lfu', 'adaptive'); the new one learns from the
+        experts resident now and the accesses that follow.
+
+        Raises:
+            EdgeMoeError: an unknown policy, or a model loaded without a budget (nothing is ever evicted).
+        """
+        policy = make_policy(name)
+        if not hasattr(self.experts, "set_policy"):
+            raise EdgeMoeError(f"policy {name!r} needs a budget: this model keeps every expert resident; load it "
+                               "with one, e.g. edge_moe.load(path, budget='50%'), to change the policy live")
+        self.experts.set_policy(policy)
+
+    @property
+    def policy(self) -> str | None:
+        """The RAM cache's residency policy by name; None without a budget."""
+        policy = getattr(self.experts, "policy", None)
+        return None if policy is None else policy.name
+
+    def residency(self) -> dict[tuple[int, int], str]:
+        """Where the experts not only on flash are now, as a new dict (a tier may change the next moment):
+        (layer, index) -> 'resident' (RAM), 'pinned' (RAM, kept for good), 'reading' (its read in flight) or 'gpu'
+        (on the accelerator). Experts only on flash are absent; the mmap and no-cache baselines hold none."""
+        if self.fused is not None:
+            where = "gpu" if self.device.accelerator else "resident"
+            return {key: where for key in self.manifest.experts}
+        tier = self.accelerator if self.accelerator is not None else self.experts
+        if hasattr(tier, "snapshot"):
+            return tier.snapshot()
+        if isinstance(self.experts, AllResidentExperts):
+            return {key: "resident" for key in self.experts.experts}
+        return {}
 
     def set_prefetch(self, depth: int) -> None:
         """Predicts and reads this many layers ahead from the next token on (0: off)."""
@@ -203,7 +242,8 @@ class Model:
         self.close()
 
     def _budget_bytes(self, budget) -> int:
-        """Parsed and checked; above what every expert needs it clamps to that, with a one-line notice."""
+        """Parsed and checked (budget.parse_budget); above what every expert needs it clamps to that, with a
+        one-line notice."""
         nbytes, full = parse_budget(budget, self.manifest), full_budget(self.manifest)
         if nbytes > full:
             print(f"edge-moe: budget {budget} is more than all experts need; using {full / 2**20:,.1f} MiB "

@@ -2,7 +2,8 @@
 logic can be tested and reused without a screen.
 
 Thread rules: the generation (worker) thread runs `stream_generate` and calls `frame()` between tokens; the UI
-thread calls the setters. Budget and policy go straight to the cache (its methods take the cache's lock).
+thread calls the setters. Budget and policy go straight to the model (Model.set_budget / set_policy: the cache
+takes its lock).
 Prefetch on/off (Model.set_prefetch) swaps the predictor, which the forward pass reads more than once per layer,
 so that swap is queued and applied by the worker between tokens (`drain()`), or at once when nothing is generating.
 """
@@ -20,13 +21,11 @@ import numpy as np
 import edge_moe
 from edge_moe.budget import full_budget, minimum_budget
 from edge_moe.errors import EdgeMoeError
-from edge_moe.policies import POLICIES, make_policy
+from edge_moe.policies import POLICIES
 
 # Cell states of the expert map, in the order of their colours in expert_map.py.
 FLASH, READING, RAM, PINNED, ACCELERATOR = range(5)
-_STATE_CODES = {"reading": READING, "resident": RAM, "pinned": PINNED,
-                # placement may later report where a resident expert lives; any of these means on the accelerator
-                "accelerator": ACCELERATOR, "device": ACCELERATOR, "gpu": ACCELERATOR}
+_STATE_CODES = {"reading": READING, "resident": RAM, "pinned": PINNED, "gpu": ACCELERATOR}  # Model.residency()
 
 DEFAULT_BUDGET = "50%"  # half the experts fit: the map shows streaming from the first token
 
@@ -69,6 +68,7 @@ class Session:
         c = self.model.config
         self.layers, self.experts = int(c["num_layers"]), int(c["num_experts"])
         self.min_budget, self.full_budget = minimum_budget(manifest), full_budget(manifest)
+        self.expert_bytes = manifest.expert_bytes  # what '25%' is a share of (edge_moe.budget)
         self.policy_name = policy
         self.prefetch = True
         self._pending: deque = deque()
@@ -83,14 +83,18 @@ class Session:
 
     @property
     def budget(self) -> int:
-        return self.model.experts.budget
+        return self.model.budget
+
+    def share(self, nbytes: int) -> float:
+        """`nbytes` as the percentage a user would type for it; every expert (full_budget) is 100%."""
+        return 100.0 if nbytes >= self.full_budget else 100 * nbytes / self.expert_bytes
 
     def set_budget(self, value) -> int:
         """Applies a budget now (bytes or text); returns the bytes. Raises EdgeMoeError below the minimum."""
         return self.model.set_budget(value)
 
     def set_policy(self, name: str) -> None:
-        self.model.experts.set_policy(make_policy(name))
+        self.model.set_policy(name)
         self.policy_name = name
 
     def set_prefetch(self, on: bool) -> None:
@@ -148,7 +152,7 @@ class Session:
 
     def states(self) -> np.ndarray:
         states = np.zeros((self.layers, self.experts), np.int8)
-        for (layer, index), state in self.model.experts.snapshot().items():
+        for (layer, index), state in self.model.residency().items():
             states[layer, index] = _STATE_CODES.get(state, RAM)
         return states
 
