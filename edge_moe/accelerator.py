@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .device_kernels import DeviceExpert, DeviceKernels
-from .budget import Budget
+from .budget import Budget, share_total
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
 from .residency import ResidencySet, ResidencyView
@@ -258,14 +258,14 @@ class _PlacedKernels:
 
 def parse_gpu_budget(value, manifest) -> int:
     """Bytes of expert weights on the accelerator from a `budget.Budget` or what it parses: an int, '4GiB', '512MB'
-    or '25%' (of the expert bytes as stored, the same bytes as a RAM budget of 25%); None means all of them. Unlike
+    or '25%' (of `budget.share_total`: the same bytes as a RAM budget of 25%); None means all of them (100%). Unlike
     the RAM budget there is no minimum: experts the accelerator cannot hold run on the CPU.
 
     Raises:
         EdgeMoeError: malformed or negative.
     """
     budget = Budget.parse(value, "gpu budget", allow_auto=False)
-    return manifest.expert_bytes if budget.unlimited else budget.resolve(manifest.expert_bytes)
+    return share_total(manifest) if budget.unlimited else budget.resolve(share_total(manifest))
 
 
 def build_tier(model, gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False,

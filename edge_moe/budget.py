@@ -1,12 +1,14 @@
 """Memory budgets: the `Budget` value (`512MB`, `2GiB`, `25%`, `auto`) that the RAM and accelerator tiers both take,
 what each tier's bytes come to, and the minimum that can run.
 
-One meaning of a percentage everywhere: a share of the package's expert weight bytes as stored
-(`Manifest.expert_bytes`, the sum of the records' lengths), so `--budget 25%` and `--gpu-budget 25%` are the same
-number of bytes. Each tier spends those bytes its own way: the accelerator on the weights alone; RAM also on every
-resident expert's page-rounded read buffer and a quantized expert's session or float32 copy (`record_footprint`),
-counted inside the budget, so a RAM share holds somewhat fewer experts than the same share on the accelerator.
-100% or more in RAM means every expert, and comes to `full_budget` (what every expert costs there).
+One meaning of a percentage everywhere: a share of what every expert costs resident (`share_total`, the same
+number for the RAM and the accelerator tier), so `--budget 25%` and `--gpu-budget 25%` are the same bytes and 100%
+holds every expert in either tier. That total is the experts' stored bytes (`Manifest.expert_bytes`) plus what RAM
+residency adds to each (`record_footprint`: the page-rounded read buffer, and a quantized expert's MatMulNBits
+session or float32 copy), because the RAM budget must cover those: for float experts a few pages (1.5% more than the
+stored bytes for the default model), for quantized ones up to several times their stored bytes. The accelerator spends
+its bytes on weights alone, so it holds a little more of the float experts than the share says (quantized experts
+run on the CPU).
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ _PRINTED_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)
 
 @dataclass(frozen=True)
 class Budget:
-    """How many expert bytes a tier may hold, as the user wrote it: bytes, a percentage of the package's expert
-    bytes as stored, 'auto' (sized from this process's memory: `auto_budget`), or no limit (every expert).
+    """How many expert bytes a tier may hold, as the user wrote it: bytes, a percentage (of `share_total`), 'auto'
+    (sized from this process's memory: `auto_budget`), or no limit (every expert).
 
-    Create with `Budget.parse`; `resolve(total)` gives the bytes; `str()` prints it back in a form `parse` reads.
+    Create with `Budget.parse`; `resolve(total)` gives the bytes; `str()` prints it back as `parse` reads it (no
+    limit prints as 'all', which only prints).
     """
 
     nbytes: int | None = None  # an absolute figure
-    percent: float | None = None  # a share of the expert bytes: 25.0 for '25%'
+    percent: float | None = None  # a share: 25.0 for '25%'
     auto: bool = False
 
     @classmethod
@@ -72,7 +75,7 @@ class Budget:
         return self.nbytes is None and self.percent is None and not self.auto
 
     def resolve(self, total_bytes: int) -> int | None:
-        """Bytes, a percentage taken of `total_bytes` (the expert bytes as stored); None when unlimited.
+        """Bytes, a percentage taken of `total_bytes` (`share_total` for a tier's budget); None when unlimited.
 
         Raises:
             EdgeMoeError: 'auto', which is sized from memory (`auto_budget`), not from a total.
@@ -119,8 +122,13 @@ def minimum_budget(manifest: Manifest) -> int:
 
 def full_budget(manifest: Manifest) -> int:
     """What every expert costs resident in RAM (stored bytes, read buffers' rounding, quantized extras): the most
-    a RAM budget can use, and what 100% comes to there."""
+    a RAM budget can use."""
     return sum(record_footprint(r) for r in manifest.experts.values())
+
+
+def share_total(manifest: Manifest) -> int:
+    """What a percentage budget is a share of, in every tier: what every expert costs resident (module docstring)."""
+    return full_budget(manifest)
 
 
 def parse_bytes(value, total: int, what: str = "budget") -> int:
@@ -135,18 +143,9 @@ def parse_bytes(value, total: int, what: str = "budget") -> int:
     return nbytes
 
 
-def ram_budget_bytes(budget: Budget, manifest: Manifest) -> int:
-    """What a RAM budget comes to: a percentage of the expert bytes as stored; 100% or more: every expert, whose
-    read buffers and quantized extras cost more than their stored bytes (`full_budget`)."""
-    nbytes = budget.resolve(manifest.expert_bytes)
-    if budget.percent is not None and budget.percent >= 100:
-        nbytes = max(nbytes, full_budget(manifest))
-    return nbytes
-
-
 def parse_budget(value, manifest: Manifest) -> int:
-    """Bytes of the RAM expert budget from an int, '512MB', '2GiB', '1.5G' or '25%' (of the expert bytes as stored;
-    100% or more: every expert, see `ram_budget_bytes`). 'auto' is sized by `auto_budget` instead.
+    """Bytes of the RAM expert budget from an int, '512MB', '2GiB', '1.5G' or '25%' (of `share_total`), or a
+    Budget. 'auto' is sized by `auto_budget` instead.
 
     Raises:
         EdgeMoeError: malformed, or below the minimum that can run (the message names the minimum).
@@ -155,7 +154,7 @@ def parse_budget(value, manifest: Manifest) -> int:
     if budget.unlimited:
         raise EdgeMoeError("budget None is not a limit; leave budget out to keep every expert resident, or write "
                            "bytes like 512MB or a share like 25%")
-    nbytes = ram_budget_bytes(budget, manifest)
+    nbytes = budget.resolve(share_total(manifest))
     minimum = minimum_budget(manifest)
     if nbytes < minimum:
         raise EdgeMoeError(f"budget {value!r} ({nbytes:,} bytes) is below the minimum of {minimum:,} bytes "

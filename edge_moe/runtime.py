@@ -148,7 +148,7 @@ class Model:
         """Changes the RAM expert budget now; shrinking evicts down to it.
 
         Args:
-            budget: bytes, '512MB', '2GiB', '25%' (of the expert bytes as stored: edge_moe.budget) or a Budget.
+            budget: bytes, '512MB', '2GiB', '25%' (of edge_moe.budget.share_total, as everywhere) or a Budget.
         Returns:
             The budget in bytes (also `model.budget`).
 

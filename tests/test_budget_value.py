@@ -1,5 +1,6 @@
-"""The `Budget` value both tiers take (one meaning of '25%': a share of the expert bytes as stored), and the public
-live controls the demo uses instead of the cache's internals: Model.budget / set_budget / set_policy / residency."""
+"""The `Budget` value both tiers take (one meaning of '25%': a share of what every expert costs resident,
+budget.share_total), and the public live controls the demo uses instead of the cache's internals: Model.budget /
+set_budget / set_policy / policy / residency."""
 
 import inspect
 import sys
@@ -9,7 +10,7 @@ import pytest
 
 import edge_moe
 from edge_moe.accelerator import parse_gpu_budget
-from edge_moe.budget import Budget, full_budget, minimum_budget, parse_budget
+from edge_moe.budget import Budget, full_budget, minimum_budget, parse_budget, share_total
 from edge_moe.devices import Device
 from edge_moe.errors import EdgeMoeError
 from edge_moe.placement import CostModel
@@ -73,8 +74,7 @@ def test_bad_values_fail_in_one_line(value, what, allow_auto, needle):
 @pytest.mark.parametrize("share", ["10%", "25%", "60%"])
 def test_ram_and_gpu_shares_are_the_same_bytes(tiny_package, share):
     manifest = edge_moe.load(tiny_package[0], budget="50%").manifest
-    stored = manifest.expert_bytes
-    expected = int(float(share[:-1]) / 100 * stored)
+    expected = int(float(share[:-1]) / 100 * share_total(manifest))
     assert parse_gpu_budget(share, manifest) == expected
     if expected >= minimum_budget(manifest):
         assert parse_budget(share, manifest) == expected
@@ -85,15 +85,16 @@ def test_ram_and_gpu_shares_are_the_same_bytes(tiny_package, share):
 
 def test_every_expert_is_100_percent_in_each_tier(tiny_package):
     manifest = edge_moe.load(tiny_package[0], budget="50%").manifest
-    assert parse_gpu_budget("100%", manifest) == parse_gpu_budget(None, manifest) == manifest.expert_bytes
-    # RAM also pays each expert's read buffer (page-rounded) inside the budget: 100% comes to what they all cost
-    assert parse_budget("100%", manifest) == full_budget(manifest) > manifest.expert_bytes
+    # the total is what every expert costs in RAM (read buffers page-rounded), more than the weights alone
+    assert share_total(manifest) == full_budget(manifest) > manifest.expert_bytes
+    assert parse_budget("100%", manifest) == parse_gpu_budget("100%", manifest) == share_total(manifest)
+    assert parse_gpu_budget(None, manifest) == share_total(manifest)  # no gpu budget: every expert
 
 
 def test_loaded_tiers_take_the_same_bytes(tiny_package):
     model = edge_moe.load(tiny_package[0], budget="25%", device=STANDIN, gpu_budget="25%", cost_model=CostModel({}))
-    assert model.budget == model.accelerator.budget == model.manifest.expert_bytes // 4
-    assert model.set_budget(Budget.parse("30%")) == int(0.3 * model.manifest.expert_bytes)
+    assert model.budget == model.accelerator.budget == share_total(model.manifest) // 4
+    assert model.set_budget(Budget.parse("30%")) == int(0.3 * share_total(model.manifest))
     model.close()
 
 
@@ -155,10 +156,8 @@ def test_demo_session_uses_the_public_controls(tiny_package, session_module):
     assert "model.experts" not in inspect.getsource(session_module)  # no internals
     session = session_module.Session(tiny_package[0], budget="50%", policy="adaptive")
     model = session.model
-    assert session.budget == model.budget == model.manifest.expert_bytes // 2
+    assert session.budget == model.budget == share_total(model.manifest) // 2
     assert session.set_budget("25%") == model.budget == parse_gpu_budget("25%", model.manifest)
-    assert session.share(model.budget) == pytest.approx(25, abs=0.01)
-    assert session.share(session.full_budget) == 100
     session.set_policy("lfu")
     assert model.policy == "lfu" and session.policy_name == "lfu"
     model.generate(PROMPT, max_new_tokens=4)

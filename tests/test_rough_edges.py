@@ -56,9 +56,9 @@ def test_close_and_context_manager(tiny_package, reference_tokens):
 
 def test_live_budget_and_prefetch_keep_tokens(tiny_package, reference_tokens):
     model = edge_moe.load(tiny_package[0], budget="100%", prefetch=1)
-    half = model.manifest.expert_bytes // 2  # a share of the expert bytes as stored (edge_moe.budget)
-    assert model.set_budget("50%") == half
-    assert model.expert_stats()["budget_bytes"] == half and model.experts.resident_bytes() <= half
+    full = full_budget(model.manifest)
+    assert model.set_budget("50%") == full // 2
+    assert model.expert_stats()["budget_bytes"] == full // 2 and model.experts.resident_bytes() <= full // 2
     model.set_prefetch(0)
     assert model.forward.predictor is None
     assert model.generate([5, 6, 7, 8], max_new_tokens=8).token_ids == reference_tokens

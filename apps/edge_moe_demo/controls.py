@@ -91,7 +91,7 @@ class Controls(QGroupBox):
         self.slider.blockSignals(True)
         self.slider.setValue(round(STEPS * (nbytes - s.min_budget) / span))
         self.slider.blockSignals(False)
-        self.budget_label.setText(f"{mib(nbytes)} = {s.share(nbytes):.0f}% of the experts "
+        self.budget_label.setText(f"{mib(nbytes)} = {100 * nbytes / s.full_budget:.0f}% of the experts "
                                   f"(minimum {mib(s.min_budget)}, all {mib(s.full_budget)})")
 
     def _apply_budget(self, value) -> None:

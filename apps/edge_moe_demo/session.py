@@ -68,7 +68,6 @@ class Session:
         c = self.model.config
         self.layers, self.experts = int(c["num_layers"]), int(c["num_experts"])
         self.min_budget, self.full_budget = minimum_budget(manifest), full_budget(manifest)
-        self.expert_bytes = manifest.expert_bytes  # what '25%' is a share of (edge_moe.budget)
         self.policy_name = policy
         self.prefetch = True
         self._pending: deque = deque()
@@ -84,10 +83,6 @@ class Session:
     @property
     def budget(self) -> int:
         return self.model.budget
-
-    def share(self, nbytes: int) -> float:
-        """`nbytes` as the percentage a user would type for it; every expert (full_budget) is 100%."""
-        return 100.0 if nbytes >= self.full_budget else 100 * nbytes / self.expert_bytes
 
     def set_budget(self, value) -> int:
         """Applies a budget now (bytes or text); returns the bytes. Raises EdgeMoeError below the minimum."""
