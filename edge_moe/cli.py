@@ -154,7 +154,8 @@ def add_runtime_arguments(p) -> None:
                                                         "flash bandwidth; a memory cgroup where allowed)")
     p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
                    help="where the backbone and the accelerator expert tier run (auto: accelerator if it loads)")
-    p.add_argument("--gpu-budget", help="expert bytes on the accelerator (4GiB, 25%%); default: all experts")
+    p.add_argument("--gpu-budget", help="expert bytes on the accelerator (4GiB, or 25%%: the same bytes as "
+                                        "--budget 25%%); default: all experts")
     p.add_argument("--gpu-policy", default="lfu", help="accelerator tier residency policy: lru, lfu, adaptive")
 
 
