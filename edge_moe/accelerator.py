@@ -106,6 +106,7 @@ class AcceleratorTier(ResidencyView, ExpertSource):
 
     def fetch(self, layer: int, experts: list[int]):
         """A generator of DeviceExpert (resident here) or ResidentExpert (from RAM), in the order of `experts`."""
+        self.policy.on_layer(layer, self.now)  # before any promotion makes room, as the RAM tier does
         keys = [(layer, int(e)) for e in experts]
         on_gpu = [k in self.resident for k in keys]
         self._protected = {k for k, g in zip(keys, on_gpu) if g}

@@ -231,24 +231,25 @@ def test_adaptive_hints_protect_predicted_and_routed_experts():
     assert off.victim([(0, 0), (0, 1)]) == (0, 1)  # default: the pick frequency alone decides
 
 
-def test_layer_distance_prefers_evicting_the_layer_just_passed():
-    pol = AdaptivePolicy(num_layers=4)
+def _adaptive_after_equal_visits(layers: int = 4) -> tuple[AdaptivePolicy, int]:
+    """An adaptive policy that saw every layer's expert 0 at each of three visits (equal frequencies); and now."""
+    pol = AdaptivePolicy(num_layers=layers)
     now = 0
-    for _ in range(3):  # every expert used at every visit: equal frequencies
-        for layer in range(4):
+    for _ in range(3):
+        for layer in range(layers):
             pol.on_access((layer, 0), now)
             now += 1
+    return pol, now
+
+
+def test_layer_distance_prefers_evicting_the_layer_just_passed():
+    pol, now = _adaptive_after_equal_visits()
     pol.on_access((1, 1), now)  # now visiting layer 1: layer 2 comes next, layer 0 was just passed
     assert pol.victim([(0, 0), (2, 0), (3, 0)]) == (0, 0)
 
 
 def test_a_layer_announced_before_its_room_is_made_is_the_running_layer():
-    pol = AdaptivePolicy(num_layers=4)
-    now = 0
-    for _ in range(3):  # every expert used at every visit: equal frequencies
-        for layer in range(4):
-            pol.on_access((layer, 0), now)
-            now += 1
+    pol, now = _adaptive_after_equal_visits()
     pol.on_access((0, 0), now)  # visiting layer 0: layer 1 comes next
     assert pol.victim([(0, 0), (1, 0)]) == (0, 0)
     # layer 1 starts, before its experts are used (a cache makes room for its misses first): (1, 0) is a candidate
