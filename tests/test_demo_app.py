@@ -92,28 +92,28 @@ def test_generate_map_budget_screenshot(app, package, tmp_path):
         assert window.output.toPlainText() == "".join(f"[{t}]" for t in expected.token_ids)
 
     # The budget slider changes the running model's budget at once.
-    slider, cache = window.controls.slider, session.model.experts
+    slider, model = window.controls.slider, session.model  # the public Model API, as the demo itself uses
     slider.setValue(0)
-    assert cache.budget == session.min_budget
+    assert model.budget == session.min_budget
     slider.setValue(slider.maximum())
-    assert cache.budget == session.full_budget
+    assert model.budget == session.full_budget
     slider.setValue(slider.maximum() // 4)
-    assert cache.budget == window.controls.budget_for(slider.maximum() // 4)
-    assert cache.resident_bytes() <= cache.budget
+    assert model.budget == window.controls.budget_for(slider.maximum() // 4)
+    assert model.expert_stats()["resident_bytes"] <= model.budget
 
     # A budget below the minimum is shown in the window, and the budget stays.
-    budget = cache.budget
+    budget = model.budget
     window.controls.budget_text.setText("1")
     window.controls.budget_text.returnPressed.emit()
     assert not window.message.isHidden() and "minimum" in window.message.text()
-    assert cache.budget == budget
+    assert model.budget == budget
 
     # Live controls during a run: policy, prefetch off, stop.
     window.controls.policy.setCurrentText("lru")
     window.controls.prefetch.setChecked(False)
     window.clear_error()
     result = run_until_done(app, window)
-    assert cache.policy.name == "lru" and session.model.forward.predictor is None
+    assert model.policy == "lru" and model.forward.predictor is None
     path = screenshot(window, f"demo_app_{package.name}.png", tmp_path)
     assert path.stat().st_size > 10_000
     print(f"screenshot: {path}")
