@@ -304,6 +304,6 @@ def build_tier(model, gpu_budget=None, gpu_policy: str = "lfu", cost_model=None,
                                        progress=(lambda line: print(f"edge-moe: {line}", file=sys.stderr))
                                        if progress else None)
     tier.cost = cost_model
-    if tier.budget >= sum(r.length for r in m.experts.values()):
+    if tier.budget >= m.expert_bytes:
         tier.warm()  # everything fits: upload at load, not during the first tokens
     return tier

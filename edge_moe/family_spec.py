@@ -147,7 +147,7 @@ class AttentionSpec:
 
 
 # A MoE layer graph's outputs that carry each token's experts and weights, in front of key/value, where the router
-# is a plain softmax top-k (routes_in_graph): routing then happens inside the graph, not in numpy (layer_graphs.py)
+# is a plain softmax top-k (routes_in_graph): routing then happens inside the graph, not in numpy (model.Backbone)
 ROUTE_OUTPUTS = ("route_indices", "route_weights")
 
 

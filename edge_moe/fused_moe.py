@@ -100,7 +100,7 @@ class FusedMoeLayers:
         clock: OrtClock.
     """
 
-    def __init__(self, manifest: Manifest, expert_weights, device, clock: OrtClock, progress=None):
+    def __init__(self, manifest: Manifest, expert_weights, device, clock: OrtClock):
         reason = unfusable_reason(manifest)
         if reason is not None:
             raise EdgeMoeError(f"{manifest.root}: the fused MoE kernel cannot run this model: {reason}; load it "
@@ -120,8 +120,6 @@ class FusedMoeLayers:
             self.stacks[layer] = tuple(ort.OrtValue.ortvalue_from_numpy(a, device.ort_device, device.device_id)
                                        for a in (fc1, fc2))
             self.nbytes += fc1.nbytes + fc2.nbytes
-            if progress is not None:
-                progress.update(self.num_experts)
         self._bindings: dict[int, object] = {}
 
     def run(self, layer: int, x: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:

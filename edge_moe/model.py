@@ -139,7 +139,8 @@ class Forward:
 
     def moe(self, layer: int, x: np.ndarray, logits: np.ndarray, residual: np.ndarray, routed=None) -> np.ndarray:
         """The routed experts' weighted sum [T, H] for x [T, H] and router logits [T, E] of MoE layer `layer`;
-        routed: (indices, weights) [T, k] where the layer graph routed already (layer_graphs.py), else None."""
+        routed: (indices, weights) [T, k] where the layer graph routed already (family_spec.ROUTE_OUTPUTS), or
+        None."""
         indices, weights = routed if routed is not None else self.router(layer, logits)  # [T, k]
         if self.fused is not None:
             return self._fused_moe(layer, x, indices, weights)

@@ -123,7 +123,7 @@ class Model:
                 raise EdgeMoeError("fused_moe needs every expert resident: drop the budget (--budget) and baseline")
             return True
         return (everything and self.device.accelerator and self.device.ort_device != "cpu"
-                and parse_gpu_budget(gpu_budget, self.manifest) >= sum(r.length for r in self.manifest.experts.values())
+                and parse_gpu_budget(gpu_budget, self.manifest) >= self.manifest.expert_bytes
                 and unfusable_reason(self.manifest) is None)
 
     def pin(self, keys) -> None:
@@ -255,8 +255,8 @@ class Model:
         s = self.store.stats
         stats = {"bytes_read": s.bytes_read, "reads": s.reads, "read_seconds": s.read_seconds,
                  "read_busy_seconds": s.busy_seconds,
-                 "checksum_seconds": s.checksum_seconds, "resident_bytes": self.fused.nbytes if self.fused else self.experts.resident_bytes(),
-                 "budget_bytes": self.budget}
+                 "checksum_seconds": s.checksum_seconds, "budget_bytes": self.budget,
+                 "resident_bytes": self.fused.nbytes if self.fused else self.experts.resident_bytes()}
         cache = getattr(self.experts, "stats", None)
         if cache is not None:
             stats.update(hits=cache.hits, misses=cache.misses, evictions=cache.evictions,

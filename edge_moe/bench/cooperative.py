@@ -52,8 +52,8 @@ def logits_match(package, prompt: list[int], steps: int = 16, gpu_budget=None, *
         agree += int(np.sum(a.argmax(-1) == b.argmax(-1)))
         total += a.shape[0]
         ids = np.asarray([int(a[-1].argmax())], dtype=np.int64)
-    return {"gpu_budget": gpu_budget or "100%", "fused": gpu.fused is not None, "max_rel_diff": rel, "argmax_agree": agree, "positions": total,
-            "ok": rel <= TOLERANCE and agree == total,
+    return {"gpu_budget": gpu_budget or "100%", "fused": gpu.fused is not None, "max_rel_diff": rel,
+            "argmax_agree": agree, "positions": total, "ok": rel <= TOLERANCE and agree == total,
             "tiers": gpu.expert_stats().get("tiers")}
 
 
@@ -159,8 +159,9 @@ def main(argv=None) -> int:
     if not args.skip_match:
         checks = [(None, {}), (None, {"fused_moe": False}), ("25%", {})]
         for m in section("match", lambda: [logits_match(args.package, prompt[:64], 16, b, **o) for b, o in checks]):
-            print(f"logits {ACCEL} vs cpu (gpu {m['gpu_budget']}{', fused' if m['fused'] else ''}): max rel diff {m['max_rel_diff']:.2e}, argmax "
-                  f"{m['argmax_agree']}/{m['positions']} ({'ok' if m['ok'] else 'OVER'} at {TOLERANCE:g})", flush=True)
+            print(f"logits {ACCEL} vs cpu (gpu {m['gpu_budget']}{', fused' if m['fused'] else ''}): max rel diff "
+                  f"{m['max_rel_diff']:.2e}, argmax {m['argmax_agree']}/{m['positions']} "
+                  f"({'ok' if m['ok'] else 'OVER'} at {TOLERANCE:g})", flush=True)
     c = section("choice", lambda: choice_accuracy(args.package, [int(t) for t in args.choice_tokens.split(",")],
                                                     args.choice_experts))
     if "share" in c:
