@@ -25,12 +25,14 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import EdgeMoeError
-from .family_spec import router_spec
+from .family_spec import ROUTE_OUTPUTS, router_spec
 from .manifest import Manifest
 from .sessions import OrtClock, TimedSession, open_session
 
 X, LOGITS, FC1, FC2, Y = "moe_input", "router_logits", "fc1_experts_weights", "fc2_experts_weights", "moe_output"
+RESIDUAL, HIDDEN = "residual", "hidden_states"
 NOT_CHOSEN = -1e4  # a log-weight whose exp is 0 in float32, and finite in float16
+ROUTE_INDICES, ROUTE_WEIGHTS = ROUTE_OUTPUTS
 
 
 def unfusable_reason(manifest: Manifest) -> str | None:
@@ -55,13 +57,42 @@ def unfusable_reason(manifest: Manifest) -> str | None:
 
 def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, dtype: str):
     """The layer's MoE graph: x and the chosen log-weights in float32, weights as inputs in `dtype`."""
-    from onnx import TensorProto  # onnx only where a graph is built: 9 MB of the runtime's baseline otherwise
-
-    from .onnx_build import GraphBuilder
+    from .onnx_build import GraphBuilder  # onnx only where a graph is built: 9 MB of the runtime's baseline
 
     g = GraphBuilder(f"fused_moe_{experts}x{hidden}x{intermediate}_top{top_k}_{dtype}")
     g.scope = "/moe"
     x, logits = g.input(X, "float32", ["T", hidden]), g.input(LOGITS, "float32", ["T", experts])
+    g.output(_moe(g, x, logits, hidden, experts, intermediate, top_k, dtype), Y, "float32", ["T", hidden])
+    return g.model()
+
+
+def build_routed_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, dtype: str):
+    """A MoE layer's second half as a graph (step_graph.py composes it after the layer graph): the layer graph's
+    residual, MoE input and routing (family_spec.ROUTE_OUTPUTS) -> residual + the routed experts' weighted sum.
+    The chosen log-weights are FusedMoeLayers.run's numpy arithmetic, in graph ops."""
+    import numpy as np
+
+    from .onnx_build import GraphBuilder
+
+    g = GraphBuilder(f"routed_moe_{experts}x{hidden}x{intermediate}_top{top_k}_{dtype}")
+    g.scope = "/moe"
+    residual, x = g.input(RESIDUAL, "float32", ["T", hidden]), g.input(X, "float32", ["T", hidden])
+    indices, weights = (g.input(ROUTE_INDICES, "int64", ["T", top_k]),
+                        g.input(ROUTE_WEIGHTS, "float32", ["T", top_k]))
+    total = g.op("ReduceSum", weights, g.const([-1], "int64"), keepdims=1)                    # [T, 1]
+    largest = g.op("Max", g.op("ReduceMax", weights, axes=[-1], keepdims=1), g.const(np.finfo(np.float32).tiny))
+    logs = g.op("Max", g.op("Log", g.op("Div", weights, largest)), g.const(NOT_CHOSEN))       # log(w / max w)
+    shape = g.op("Concat", g.op("Shape", x, end=1), g.const([experts], "int64"), axis=0)     # [T, E]
+    chosen = g.op("ScatterElements", g.op("Expand", g.const([[NOT_CHOSEN]]), shape), indices, logs, axis=1)
+    y = _moe(g, x, chosen, hidden, experts, intermediate, top_k, dtype)
+    g.output(g.op("Add", residual, g.op("Mul", y, total)), HIDDEN, "float32", ["T", hidden])
+    return g.model()
+
+
+def _moe(g, x: str, logits: str, hidden: int, experts: int, intermediate: int, top_k: int, dtype: str) -> str:
+    """The MoE kernel over stacked expert weights (graph inputs FC1 / FC2 in `dtype`); float32 in and out."""
+    from onnx import TensorProto
+
     fc1 = g.input(FC1, dtype, [experts, 2 * intermediate, hidden])
     fc2 = g.input(FC2, dtype, [experts, hidden, intermediate])
     if dtype == "float16":
@@ -69,10 +100,7 @@ def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, dt
     # activation_alpha 1 and beta 0 make the kernel's swiglu the plain silu(gate) * up (its defaults are GPT-OSS's)
     y = g.op("MoE", x, logits, fc1, "", fc2, domain="com.microsoft", k=top_k, activation_type="swiglu",
              swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1)
-    if dtype == "float16":
-        y = g.op("Cast", y, to=TensorProto.FLOAT)
-    g.output(y, Y, "float32", ["T", hidden])
-    return g.model()
+    return g.op("Cast", y, to=TensorProto.FLOAT) if dtype == "float16" else y
 
 
 def stack_layer(weights: list[dict[str, np.ndarray]], dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +138,7 @@ class FusedMoeLayers:
         dtype = "float16" if device.compute_dtype == "float16" else "float32"
         record = next(iter(manifest.experts.values()))
         self.device, self.num_experts, self.top_k = device, int(c["num_experts"]), router_spec(c).top_k
+        self.dtype = dtype
         model = build_moe_graph(record.hidden_size, self.num_experts, record.intermediate_size, self.top_k,
                                 dtype).SerializeToString()
         self.session = TimedSession(open_session(model, providers=device.providers), clock)

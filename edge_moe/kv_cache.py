@@ -93,11 +93,16 @@ class GqaKVCache:
         self.capacity = capacity
         self._decode: dict[int, tuple] = {}  # layer -> (binding, hidden buffer, output buffers), built on first use
 
-    def run(self, layer: int, session, hidden: np.ndarray) -> list:
-        total = self.offset + hidden.shape[0]
+    def prepare(self, tokens: int) -> None:
+        """Room for `tokens` more (a larger capacity means new buffers: bindings made before are stale) and the
+        sequence lengths the graphs read for them."""
+        total = self.offset + tokens
         if total > self.capacity:
             self._allocate(max(total, 2 * self.capacity))
         self._seqlens[0], self._total[()] = total - 1, total
+
+    def run(self, layer: int, session, hidden: np.ndarray) -> list:
+        self.prepare(hidden.shape[0])
         # Decode on the CPU: everything stays bound between tokens and only the numbers in the bound arrays change.
         # Not on an accelerator: a CUDA session's IOBinding copies host inputs when they are bound, so the sequence
         # length would stay the first token's (measured: logits drift from the CPU's token after token).
@@ -114,13 +119,19 @@ class GqaKVCache:
         return session.run_bound(io, len(session.output_names) - 2)
 
     def _bind_kv(self, io, layer: int) -> None:
+        self.bind(io, [layer], lambda name, _: name)
+
+    def bind(self, io, layers, named=lambda name, layer: f"{name}.{layer}") -> None:
+        """Binds the shared inputs (sequence lengths, RoPE tables) and each of `layers`' buffers as its past and
+        present, under the names `named(name, layer)` gives (a graph of several layers, step_graph.py)."""
         for name, ort_value in self._shared.items():
             io.bind_ortvalue_input(name, ort_value)
-        key, value = self._kv[layer]
-        io.bind_ortvalue_input("past_key", key)
-        io.bind_ortvalue_input("past_value", value)
-        io.bind_ortvalue_output("key", key)
-        io.bind_ortvalue_output("value", value)
+        for layer in layers:
+            key, value = self._kv[layer]
+            io.bind_ortvalue_input(named("past_key", layer), key)
+            io.bind_ortvalue_input(named("past_value", layer), value)
+            io.bind_ortvalue_output(named("key", layer), key)
+            io.bind_ortvalue_output(named("value", layer), value)
 
     def _bind_decode(self, layer: int, session, hidden: np.ndarray):
         io = session.io_binding()

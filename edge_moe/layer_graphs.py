@@ -26,13 +26,20 @@ def half_attention_graph(path: str | Path) -> bytes | None:
     """The layer graph at `path` with its attention in float16, weights external in the graph's folder; None when
     it has no GroupQueryAttention node (a graph of another kind, which the caller's signature check names)."""
     import onnx
-    from onnx import TensorProto, helper
 
     model = onnx.load(str(path), load_external_data=False)
+    return model.SerializeToString() if half_attention_model(model) else None
+
+
+def half_attention_model(model) -> bool:
+    """Rewrites a layer graph's ModelProto (read without its weights) in place to attend in float16; False when it
+    has no GroupQueryAttention node (left as it is)."""
+    from onnx import TensorProto, helper
+
     graph = model.graph
     at = next((i for i, n in enumerate(graph.node) if n.op_type == "GroupQueryAttention"), None)
     if at is None:
-        return None
+        return False
     attention = graph.node[at]
     casts = []
     for slot in range(3):  # query, key, value
@@ -50,4 +57,4 @@ def half_attention_graph(path: str | Path) -> bytes | None:
     for value in list(graph.input) + list(graph.output):
         if value.name in HALF_INPUTS + HALF_OUTPUTS:
             value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    return model.SerializeToString()
+    return True

@@ -34,6 +34,7 @@ class Backbone:
         """threads: intra-op threads of the graphs (None: the process's --threads). half_attention: "gqa" layer
         graphs attend in float16 (layer_graphs.py; None: on an accelerator, whose kernel has no float32)."""
         self.ort_device = ort_device  # where the graphs run: the KV cache lives there
+        self.threads = threads
         gqa = manifest.config.get("attention_kernel", "generic") == "gqa"
         self.half_attention = gqa and (ort_device != "cpu" if half_attention is None else half_attention)
         self.kv_dtype = np.float16 if self.half_attention else np.float32
@@ -92,14 +93,15 @@ class Forward:
     budgeted cache), with speculative prefetch of the next layers' experts when a predictor is given."""
 
     def __init__(self, manifest: Manifest, backbone: Backbone, experts, kernels: ExpertKernels, predictor=None,
-                 workers: int = 0, fused=None):
+                 workers: int = 0, fused=None, step=None):
         """workers: threads that compute a layer's experts beside the calling thread (all-resident experts on the
         CPU, --threads above 1): one expert each at a time, so a token's top-k experts run side by side.
-        fused: a fused_moe.FusedMoeLayers that runs each MoE layer's routing and experts in one call, or None."""
+        fused: a fused_moe.FusedMoeLayers that runs each MoE layer's routing and experts in one call, or None.
+        step: a step_graph.StepGraph that runs embed and every layer (fused MoE included) in one call, or None."""
         c = manifest.config
         self.config = c
         self.backbone, self.experts, self.kernels, self.predictor = backbone, experts, kernels, predictor
-        self.workers, self.fused = workers, fused
+        self.workers, self.fused, self.step = workers, fused, step
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="edge-moe-expert") if workers else None
         # In decode a handoff to a worker (~40 us here) costs more than it saves on small experts: measured at
         # 2 threads, 4-bit experts (0.5 MB) decoded 95 tok/s side by side and 103-107 one after another, 8-bit
@@ -126,6 +128,12 @@ class Forward:
 
     def _hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         self.experts.begin_step()
+        if self.step is not None:
+            h, routes = self.step.run(ids, cache, routes=bool(self.route_observers) or self.experts.trace is not None)
+            for layer, indices in routes:
+                self._note_fused_routes(layer, indices)
+            cache.advance(ids.shape[0])
+            return h
         h = self.backbone.embed.run({"input_ids": ids})[0]
         for layer, session in enumerate(self.backbone.layers):
             outputs = cache.run(layer, session, h)
@@ -191,12 +199,16 @@ class Forward:
     def _fused_moe(self, layer: int, x: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The layer's routed experts in one call (fused_moe.py), routed as on the per-expert path; the trace sees
         every chosen expert as a hit."""
+        self._note_fused_routes(layer, indices)
+        return self.fused.run(layer, x, indices, weights)
+
+    def _note_fused_routes(self, layer: int, indices: np.ndarray) -> None:
+        """Routing observers and the trace see a fused layer's choice [T, k] (every chosen expert a hit)."""
         for observe in self.route_observers:
             observe(layer, indices)
         if self.experts.trace is not None:
             chosen = sorted({int(e) for e in indices.ravel()})
             self.experts.record(layer, chosen, [True] * len(chosen))
-        return self.fused.run(layer, x, indices, weights)
 
     def _run_all(self, experts, job, parts: list, side_by_side: bool) -> None:
         """parts[i] = job(i, expert, timed) for every (i, expert). With workers, the workers take experts in turn

@@ -27,6 +27,7 @@ from .policies import make_policy
 from .prefetch import NextLayerPredictor
 from .sampling import Sampler, SamplingOptions
 from .sessions import OrtClock, configure_threads, shared_pool
+from .step_graph import StepGraph, unsupported_reason as unsupported_step_reason
 from .telemetry import peak_rss_bytes, rss_bytes
 from .tokenizer import StreamingDecoder, Tokenizer
 
@@ -42,7 +43,7 @@ class Model:
                  progress: bool = False, baseline: str | None = None, throttle=None, device="cpu",
                  gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False,
                  huge_pages: bool = True, thread_pool: str | None = None, fused_moe: bool | None = None,
-                 half_attention: bool | None = None):
+                 half_attention: bool | None = None, step_graph: bool | None = None):
         self.manifest = manifest
         self.config = manifest.config
         self.threads = configure_threads(threads, thread_pool or os.environ.get("EDGE_MOE_THREAD_POOL") or
@@ -105,8 +106,10 @@ class Model:
         elif self.device.accelerator:
             self.accelerator = build_tier(self, gpu_budget, gpu_policy, cost_model, recalibrate, progress)
             experts, kernels = self.accelerator, self.accelerator.kernels
+        self.step_graph = self._step_graph(step_graph)
         self.forward = Forward(manifest, self.backbone, experts, kernels, predictor,
-                               workers=0 if self.fused or not side_by_side else self.threads - 1, fused=self.fused)
+                               workers=0 if self.fused or not side_by_side else self.threads - 1, fused=self.fused,
+                               step=self.step_graph)
         if self.accelerator is not None:
             self.forward.route_observers.append(self.accelerator.observe_routes)
         # resident weights onto 2 MiB pages in the background (huge_pages.py: 1.5-2x decode in a VM)
@@ -125,6 +128,20 @@ class Model:
         return (everything and self.device.accelerator and self.device.ort_device != "cpu"
                 and parse_gpu_budget(gpu_budget, self.manifest) >= self.manifest.expert_bytes
                 and unfusable_reason(self.manifest) is None)
+
+    def _step_graph(self, step_graph: bool | None):
+        """With fused MoE layers, embed and every layer as one graph (step_graph.py): auto (None) where the package
+        allows it; True insists; False keeps one call a graph."""
+        if step_graph is False or (self.fused is None and step_graph is None):
+            return None
+        reason = ("it needs fused MoE layers (fused_moe=True)" if self.fused is None
+                  else unsupported_step_reason(self.manifest, self.backbone.routed))
+        if reason is not None:
+            if step_graph:
+                raise EdgeMoeError(f"{self.manifest.root}: cannot run as one graph a token: {reason}")
+            return None
+        return StepGraph(self.manifest, self.backbone.half_attention, self.fused, self.clock,
+                         threads=self.backbone.threads)
 
     def pin(self, keys) -> None:
         """Keeps these (layer, index) experts resident for good (a budgeted model only). All or nothing: when one
@@ -459,6 +476,9 @@ def load(path: str | Path | None = None, **options) -> Model:
         half_attention: "gqa" layer graphs attend in float16 with a float16 KV cache (edge_moe.layer_graphs).
             None (default): on an accelerator (onnxruntime's CUDA GroupQueryAttention has no float32 kernel);
             True: also on the CPU (half the KV cache's memory); False: never.
+        step_graph: with fused MoE layers, embed and every layer composed into one graph at load (one onnxruntime
+            call a token and the head's; edge_moe.step_graph). None (default): wherever the layer graphs route and
+            attend with GroupQueryAttention; True insists; False: one call a graph.
     Returns:
         A Model.
     Raises:

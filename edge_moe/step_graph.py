@@ -1,0 +1,192 @@
+"""One onnxruntime call a token: the embedding, every layer graph and its fused MoE composed into one graph at load.
+
+With fused MoE layers (fused_moe.py) a decoded token still made 2 + 2L calls with Python and host copies between
+them: on the H200 (6 layers) 5.6 ms a token, 1.8 ms of it outside onnxruntime. When every MoE layer routes inside
+its graph (family_spec.ROUTE_OUTPUTS) and attends with GroupQueryAttention over a KV cache updated in place, nothing
+between the layers needs Python, so the package's graphs are composed into one at load: each graph's names get its
+layer's prefix, a layer's outputs feed the routed-MoE graph (fused_moe.build_routed_moe_graph: the same routing
+arithmetic as FusedMoeLayers.run) and the next layer. A token is one call and the head's.
+
+    input_ids -> embed -> [layer i: attention, router, top-k -> MoE(stacks i) -> + residual] x L -> hidden_states
+    past/present KV of layer i: past_key.i / key.i (one buffer, bound in place); stacks: fc1.i / fc2.i (bound once)
+    route_indices.i [T, k] of every MoE layer: outputs, copied out only when someone observes the routing
+
+The graphs are read without their weights and the composed graph is opened as bytes with the backbone's folder for
+them (as layer_graphs.py does), so the backbone's weights are read again into this session: a second copy of the
+backbone beside the per-layer sessions, which batching still uses. The per-layer path stays the reference
+(`step_graph=False`).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from .errors import EdgeMoeError
+from .fused_moe import (FC1, FC2, HIDDEN, RESIDUAL, ROUTE_INDICES, ROUTE_WEIGHTS, X, FusedMoeLayers,
+                        build_routed_moe_graph)
+from .layer_graphs import half_attention_model
+from .manifest import Manifest
+from .sessions import OrtClock, TimedSession, open_session
+
+IDS = "input_ids"
+SHARED_INPUTS = ("seqlens_k", "total_sequence_length", "cos_cache", "sin_cache")  # one for every layer
+PER_LAYER = ("past_key", "past_value", "key", "value")
+
+
+def per_layer(name: str, layer: int) -> str:
+    return f"{name}.{layer}"
+
+
+def unsupported_reason(manifest: Manifest, routed: set[int]) -> str | None:
+    """Why this package's layers cannot run as one graph (None when they can): `routed` are the MoE layers whose
+    graph routes (Backbone.routed)."""
+    if manifest.config.get("attention_kernel", "generic") != "gqa":
+        return "its layer graphs attend with plain ONNX ops and a KV cache copied in numpy (export --attention auto)"
+    if not set(manifest.config["moe_layers"]) <= routed:
+        return "its layer graphs do not route (re-export it: packages route in their graphs since edge_moe 0.14)"
+    return None
+
+
+def build_step_model(manifest: Manifest, half_attention: bool, moe_dtype: str, top_k: int):
+    """The composed ModelProto (weights external, in the backbone's folder)."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.GraphProto(name="edge_moe_step")
+    declared: set[str] = set()
+    opsets: dict[str, int] = {}
+
+    def declare(values, target, rename) -> None:
+        for value in values:
+            name = rename(value.name)
+            if name not in declared:
+                declared.add(name)
+                copy = target.add()
+                copy.CopyFrom(value)
+                copy.name = name
+
+    def append(model, rename) -> None:
+        for domain, version in ((o.domain or "", o.version) for o in model.opset_import):
+            if opsets.setdefault(domain, version) != version:
+                raise EdgeMoeError(f"{manifest.root}: its graphs use {domain or 'ai.onnx'} opsets {version} and "
+                                   f"{opsets[domain]}; run it with step_graph=False or re-export it")
+        for tensor in model.graph.initializer:
+            copy = graph.initializer.add()
+            copy.CopyFrom(tensor)
+            copy.name = rename(tensor.name)
+        for node in model.graph.node:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise EdgeMoeError(f"{manifest.root}: a graph holds control flow ({node.op_type}); run it with "
+                                   "step_graph=False")
+            copy = graph.node.add()
+            copy.CopyFrom(node)
+            copy.name = rename(node.name)
+            del copy.input[:], copy.output[:]
+            copy.input.extend(rename(n) if n else n for n in node.input)  # "" is an omitted optional input
+            copy.output.extend(rename(n) if n else n for n in node.output)
+
+    def renamer(prefix: str, fixed: dict[str, str]):
+        return lambda name: fixed.get(name, f"{prefix}{name}")
+
+    embed = onnx.load(str(manifest.embed), load_external_data=False)
+    append(embed, renamer("embed/", {IDS: IDS}))
+    declare(embed.graph.input, graph.input, renamer("embed/", {IDS: IDS}))
+    hidden = f"embed/{embed.graph.output[0].name}"
+    moe_layers = set(manifest.config["moe_layers"])
+    moe_model = None
+    for layer, path in enumerate(manifest.layers):
+        model = onnx.load(str(path), load_external_data=False)
+        if half_attention:
+            half_attention_model(model)
+        names = [o.name for o in model.graph.output]
+        fixed = {"hidden_states": hidden, **{n: n for n in SHARED_INPUTS},
+                 **{n: per_layer(n, layer) for n in PER_LAYER}}
+        if layer in moe_layers:
+            fixed[names[3]] = per_layer(ROUTE_INDICES, layer)
+        rename = renamer(f"layer{layer}/", fixed)
+        append(model, rename)
+        declare([v for v in model.graph.input if v.name != "hidden_states"], graph.input, rename)
+        declare([v for v in model.graph.output if v.name in ("key", "value")
+                 or (layer in moe_layers and v.name == names[3])], graph.output, rename)
+        if layer not in moe_layers:
+            hidden = rename(names[0])
+            continue
+        if moe_model is None:
+            record = next(r for r in manifest.experts.values() if r.key[0] == layer)
+            moe_model = build_routed_moe_graph(record.hidden_size, int(manifest.config["num_experts"]),
+                                               record.intermediate_size, top_k, moe_dtype)
+        moe_rename = renamer(f"layer{layer}", {
+            RESIDUAL: rename(names[0]), X: rename(names[1]), ROUTE_INDICES: rename(names[3]),
+            ROUTE_WEIGHTS: rename(names[4]), FC1: per_layer(FC1, layer), FC2: per_layer(FC2, layer),
+            HIDDEN: f"layer{layer}/moe/{HIDDEN}"})
+        append(moe_model, moe_rename)
+        declare([v for v in moe_model.graph.input if v.name in (FC1, FC2)], graph.input, moe_rename)
+        hidden = moe_rename(HIDDEN)
+    graph.node.append(helper.make_node("Identity", [hidden], [HIDDEN], name="/step/hidden_states/Identity"))
+    width = int(manifest.config["hidden_size"])
+    graph.output.insert(0, helper.make_tensor_value_info(HIDDEN, onnx.TensorProto.FLOAT, ["T", width]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+                              producer_name="edge_moe")
+    model.ir_version = max(embed.ir_version, moe_model.ir_version if moe_model else 0)
+    return model
+
+
+class StepGraph:
+    """The composed graph's session and the binding that runs a token through it.
+
+    Args:
+        manifest: the package (unsupported_reason must be None).
+        half_attention: the layer graphs attend in float16 (Backbone.half_attention).
+        fused: the FusedMoeLayers whose stacks the graph's MoE nodes take.
+        threads: intra-op threads (None: the process's).
+        clock: OrtClock.
+    """
+
+    def __init__(self, manifest: Manifest, half_attention: bool, fused: FusedMoeLayers, clock: OrtClock,
+                 threads: int | None = None):
+        self.fused, self.device = fused, fused.device
+        self.layers = len(manifest.layers)
+        self.moe_layers = sorted(set(manifest.config["moe_layers"]))
+        model = build_step_model(manifest, half_attention, fused.dtype, fused.top_k)
+        try:
+            session = open_session(model.SerializeToString(), providers=self.device.providers, threads=threads,
+                                   weights_folder=manifest.embed.parent)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise EdgeMoeError(f"{manifest.root}: onnxruntime cannot run its layers as one graph "
+                               f"({str(exc).splitlines()[0][:200]}); load it with step_graph=False") from None
+        self.session = TimedSession(session, clock)
+        self._io = None
+        self._bound = (lambda: None, 0)  # (the cache, its capacity) the binding holds buffers of
+        self._rows = 0  # tokens of the last call: the shape of the route outputs bound
+
+    def run(self, ids: np.ndarray, cache, routes: bool = False):
+        """ids [T] int64 after the cached tokens -> (final hidden states [T, H] float32 on the host, and when
+        `routes` the chosen experts [(layer, indices [T, k])] of every MoE layer). The caller advances the cache."""
+        cache.prepare(ids.shape[0])
+        io = self._io
+        if self._bound[0]() is not cache or self._bound[1] != cache.capacity:
+            io = self._io = self.session.io_binding()
+            io.bind_output(HIDDEN, "cpu")  # first: run_bound reads outputs in binding order
+            self._bind_routes(io)
+            for layer in self.moe_layers:
+                fc1, fc2 = self.fused.stacks[layer]
+                io.bind_ortvalue_input(per_layer(FC1, layer), fc1)
+                io.bind_ortvalue_input(per_layer(FC2, layer), fc2)
+            cache.bind(io, range(self.layers), per_layer)
+            self._bound = (weakref.ref(cache), cache.capacity)
+        elif ids.shape[0] != self._rows:  # outputs onnxruntime allocated keep their shape once bound
+            self._bind_routes(io)
+        elif self.device.ort_device != "cpu":
+            # a CUDA binding copies host inputs when they are bound: the new sequence lengths need binding again
+            cache.bind(io, ())
+        io.bind_cpu_input(IDS, np.ascontiguousarray(ids, np.int64))
+        io.bind_output(HIDDEN, "cpu")
+        self._rows = ids.shape[0]
+        outputs = self.session.run_bound(io, 1 + (len(self.moe_layers) if routes else 0))
+        return outputs[0], list(zip(self.moe_layers, outputs[1:]))
+
+    def _bind_routes(self, io) -> None:
+        for layer in self.moe_layers:
+            io.bind_output(per_layer(ROUTE_INDICES, layer), self.device.ort_device, self.device.device_id)

@@ -1,0 +1,102 @@
+"""One graph a token (step_graph.py): embed and every layer with its fused MoE composed at load. Against the
+per-layer fused path (its reference), the per-expert path and transformers: logits within 1e-5, the same greedy
+tokens, across the KV cache's growth; two onnxruntime calls a decoded token; routing still observed; refused with a
+one-line reason where the package's graphs cannot be composed, and not used when not asked for."""
+
+import numpy as np
+import pytest
+
+import edge_moe
+from edge_moe.errors import EdgeMoeError
+
+from conftest import build_checkpoint, reference_greedy, reference_logits, tiny_config
+
+IDS = [5, 6, 7, 8, 30, 31, 2, 40, 41, 11]
+# softmax top-k routers: their layer graphs route (family_spec.ROUTE_OUTPUTS), which the step graph needs
+ROUTED_FAMILIES = ["mixtral", "olmoe", "qwen3_moe"]
+
+
+@pytest.fixture(scope="module", params=ROUTED_FAMILIES)
+def gqa_family(request, tmp_path_factory):
+    """A head size of 16 gets GroupQueryAttention layer graphs; 512 positions let a decode outgrow the cache's
+    first capacity (256)."""
+    from edge_moe_export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp(request.param)
+    hf = build_checkpoint(root / "hf", tiny_config(request.param, hidden=64, layers=3, experts=8, top_k=3,
+                                                   max_position_embeddings=512))
+    return request.param, hf, export_checkpoint(root / "hf", root / "pkg", progress=False)
+
+
+def test_one_graph_a_token_equals_the_per_layer_path_and_transformers(gqa_family):
+    _, hf, package = gqa_family
+    step = edge_moe.load(package, fused_moe=True)
+    layered = edge_moe.load(package, fused_moe=True, step_graph=False)
+    per_expert = edge_moe.load(package)
+    assert step.step_graph is not None and layered.step_graph is None and per_expert.step_graph is None
+    a, b = step.logits(IDS), layered.logits(IDS)
+    scale = np.abs(b).max()
+    assert np.abs(a - b).max() <= 1e-5 * scale
+    assert np.abs(a - per_expert.logits(IDS)).max() <= 1e-5 * scale
+    assert np.abs(a - reference_logits(hf, IDS)).max() <= 1e-4 * scale
+    assert step.generate(IDS, 16).token_ids == layered.generate(IDS, 16).token_ids == reference_greedy(hf, IDS, 16)
+    calls = step.clock.calls
+    step.generate(IDS[:3], 2)
+    assert step.clock.calls - calls == 2 * 2  # prefill and one decoded token: the step graph and the head each
+
+
+def test_one_graph_a_token_across_the_cache_growing(gqa_family):
+    """300 decoded tokens: the KV cache reallocates past 256 and the binding follows it; tokens stay the per-layer
+    path's, and a second generation on the same model (a new cache) starts clean."""
+    _, _, package = gqa_family
+    step = edge_moe.load(package, fused_moe=True)
+    layered = edge_moe.load(package, fused_moe=True, step_graph=False)
+    expected = layered.generate(IDS, 300).token_ids
+    assert step.generate(IDS, 300).token_ids == expected
+    assert step.generate(IDS[:4], 8).token_ids == layered.generate(IDS[:4], 8).token_ids
+
+
+def test_one_graph_a_token_reports_routing(gqa_family):
+    _, _, package = gqa_family
+    step = edge_moe.load(package, fused_moe=True, trace=True)
+    layered = edge_moe.load(package, fused_moe=True, step_graph=False, trace=True)
+    seen = {"step": [], "layered": []}
+    for name, model in (("step", step), ("layered", layered)):
+        model.forward.route_observers.append(lambda layer, ix, name=name: seen[name].append((layer, ix.tolist())))
+        model.generate(IDS, 4)
+    assert seen["step"] == seen["layered"] and len(seen["step"]) == 4 * len(step.config["moe_layers"])
+    assert [(e["layer"], e["experts"]) for e in step.trace] == [(e["layer"], e["experts"]) for e in layered.trace]
+
+
+def test_half_attention_in_one_graph(gqa_family):
+    """The accelerator's float16 attention (layer_graphs.py) inside the composed graph, on the CPU provider: what
+    the per-layer half-attention graphs compute, to float32 rounding."""
+    _, _, package = gqa_family
+    step = edge_moe.load(package, fused_moe=True, half_attention=True)
+    layered = edge_moe.load(package, fused_moe=True, half_attention=True, step_graph=False)
+    assert step.step_graph is not None
+    a, b = step.logits(IDS), layered.logits(IDS)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert step.generate(IDS, 24).token_ids == layered.generate(IDS, 24).token_ids
+
+
+def test_one_graph_a_token_is_refused_where_it_cannot_run(gqa_family, tmp_path, monkeypatch):
+    """Without fused layers, with plain-ONNX attention or without routing in the graphs: refused when asked for
+    (one line naming the reason), the per-layer path when not."""
+    from edge_moe_export.exporter import export_checkpoint
+    from edge_moe_export.families import base
+
+    _, _, package = gqa_family
+    with pytest.raises(EdgeMoeError, match="cannot run as one graph a token: it needs fused MoE layers"):
+        edge_moe.load(package, step_graph=True)
+    generic = export_checkpoint(package.parent / "hf", tmp_path / "generic", attention="generic", progress=False)
+    with pytest.raises(EdgeMoeError, match="plain ONNX ops"):
+        edge_moe.load(generic, fused_moe=True, step_graph=True)
+    assert edge_moe.load(generic, fused_moe=True).step_graph is None
+    monkeypatch.setattr(base, "routes_in_graph", lambda spec: False)
+    unrouted = export_checkpoint(package.parent / "hf", tmp_path / "unrouted", progress=False)
+    with pytest.raises(EdgeMoeError, match="do not route"):
+        edge_moe.load(unrouted, fused_moe=True, step_graph=True)
+    model = edge_moe.load(unrouted, fused_moe=True)
+    assert model.step_graph is None
+    assert model.generate(IDS, 8).token_ids == edge_moe.load(package, fused_moe=True).generate(IDS, 8).token_ids
