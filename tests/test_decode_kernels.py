@@ -89,6 +89,34 @@ def test_peer_side_bench_decodes_at_a_context_depth(tiny_package):
     assert stats["decode"] > 0 and stats["prefill"] > 0 and stats["calls_per_token"] >= model.config["num_layers"]
 
 
+@pytest.mark.parametrize("attention", ["gqa", "generic"])
+def test_peer_side_bench_times_no_kv_cache_growth(checkpoint, attention, monkeypatch):
+    """The timed decode starts at position `depth` on a cache that already holds room for every timed token (a
+    KV cache that doubles mid-window copies itself inside the timing: llama-bench sizes its cache up front), after
+    an untimed one-token step; here depth 250 + 10 tokens would cross the caches' first capacity, 256."""
+    from edge_moe.bench import peer
+
+    root, _ = checkpoint
+    model = edge_moe.load(export_checkpoint(root / "hf", root / f"bench-{attention}", progress=False,
+                                            attention="auto" if attention == "gqa" else attention))
+    assert model.config["attention_kernel"] == attention
+    forward, steps = model.forward, []
+    hidden = forward.hidden
+
+    def recorded(ids, cache):
+        before = (cache.offset, cache.nbytes)
+        out = hidden(ids, cache)
+        steps.append((len(ids), *before, cache.nbytes))
+        return out
+
+    monkeypatch.setattr(forward, "hidden", recorded)
+    peer.our_bench(model, prompt=8, tokens=10, depth=250, seed=0)
+    decode = [s for s in steps[1:] if s[0] == 1]  # steps[0]: the timed prefill, on its own cache
+    assert [offset for _, offset, _, _ in decode] == list(range(249, 260))  # warm-up at 249, timed from 250
+    assert len({nbytes for s in decode for nbytes in s[2:]}) == 1  # no step grew the cache
+    assert decode[0][2] >= 2 * steps[0][3]  # it grew while filling the context, untimed
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="side by side needs two CPUs")
 @pytest.mark.parametrize("bits", [None, 4])
 def test_experts_side_by_side_give_the_tokens_of_one_thread(checkpoint, monkeypatch, bits):
