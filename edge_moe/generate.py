@@ -98,6 +98,9 @@ class PromptCachePool:
             del self._free[:max(0, len(self._free) - self.size)]  # the oldest go
 
 
+RESERVE_LIMIT = 8192  # tokens a generation reserves in its KV cache at most
+
+
 class Sequence:
     """One generation between tokens: its prompt, KV cache, sampler, stop strings and text so far. The solo loop
     (`stream_tokens`) and the batched one (batching.py) drive it the same way: `prefill`, then `emit(logits)`
@@ -115,6 +118,10 @@ class Sequence:
     def prefill(self, forward) -> np.ndarray:
         """Runs the prompt after what the cache holds; returns the logits [V] of its last token."""
         self.cached = self.cache.reuse(self.prompt_ids)
+        # the whole generation's KV rows up front (a growth mid-decode stalls one token), up to RESERVE_LIMIT: past
+        # it the cache doubles as it fills (a device cache and the RoPE tables are paid for when reserved)
+        limit = int(forward.config.get("max_position_embeddings") or RESERVE_LIMIT)
+        self.cache.kv.reserve(min(len(self.prompt_ids) + self.max_new_tokens, limit, RESERVE_LIMIT))
         h = forward.hidden(np.asarray(self.prompt_ids[self.cached:], dtype=np.int64), self.cache.kv)
         self.cache.ids.extend(self.prompt_ids[self.cached:])
         logits = forward.logits(h[-1:])[0]

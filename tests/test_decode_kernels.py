@@ -30,7 +30,7 @@ def test_in_place_kv_equals_the_copied_cache_over_300_tokens(checkpoint):
     for model in (fused, plain):
         model.config["eos_token_ids"] = []  # 300 tokens whatever they are
     ids = np.random.default_rng(3).integers(2, 128, 12).tolist()
-    # 312 positions: the in-place buffer starts at 256 and grows once mid-generation
+    # 312 positions: past the caches' first capacity (256), reserved before the prefill
     a = fused.generate(ids, max_new_tokens=300, temperature=0.9, seed=7)
     b = plain.generate(ids, max_new_tokens=300, temperature=0.9, seed=7)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 300
@@ -189,3 +189,29 @@ def test_shared_pool_gives_the_tokens_of_per_session_pools(checkpoint, tmp_path)
     expected = alone.generate(ids, max_new_tokens=16).token_ids
     assert child["tokens"] == expected and child["budgeted"] == expected
     assert "shared pool of 2 threads" in child["refused"] and "\n" not in child["refused"]
+
+
+@pytest.mark.parametrize("attention", ["gqa", "generic"])
+def test_a_generation_reserves_its_kv_cache_up_front(checkpoint, attention, monkeypatch):
+    """Prompt + max_new_tokens past the caches' first capacity (256): the cache is sized once before the prefill
+    and never grows while decoding, and the tokens are those of a cache left to double as it fills."""
+    from edge_moe import generate, kv_cache
+
+    root, _ = checkpoint
+    model = edge_moe.load(export_checkpoint(root / "hf", root / f"reserve-{attention}", progress=False,
+                                            attention="auto" if attention == "gqa" else attention))
+    model.config["eos_token_ids"] = []  # all 230 tokens whatever they are
+    sizes = []
+    hidden = model.forward.hidden
+    monkeypatch.setattr(model.forward, "hidden", lambda ids, cache: (sizes.append(cache.nbytes), hidden(ids, cache))[1])
+    prompt = list(range(5, 45))
+    reserved = model.generate(prompt, 230).token_ids
+    assert len(set(sizes)) == 1 and len(sizes) == 230  # prefill + 229 decode steps on one allocation
+    per_token = sizes[0] // (len(prompt) + 230)
+    assert sizes[0] == per_token * (len(prompt) + 230)  # exactly the generation's rows
+    monkeypatch.setattr(kv_cache.GqaKVCache, "reserve", lambda self, total: None)
+    monkeypatch.setattr(kv_cache.KVCache, "reserve", lambda self, total: None)
+    sizes.clear()
+    assert model.generate(prompt, 230).token_ids == reserved
+    assert len(set(sizes)) == 2  # without the reservation the cache doubled mid-decode
+    assert generate.RESERVE_LIMIT >= 4096
