@@ -47,7 +47,14 @@ class BackboneWeights:
         g.linear may consume)."""
         used: dict[str, str] = {}
 
-        def weight(key: str) -> str:
+        def weight(key: str, stored: bool = False):
+            """stored: (name, dtype) of the tensor as the package stores it, no cast (an embedding table gathers
+            first and casts the rows: cast first, onnxruntime folds the cast into a float32 copy of the table)."""
+            if stored:
+                dtype, shape, offset, length = self.write(key)
+                name = used.get(f"{key}#stored") or g.external(key, dtype, shape, self.blob.path.name, offset, length)
+                used[f"{key}#stored"] = name
+                return name, dtype
             if key in used:
                 return used[key]
             if self.bits and self.quantizable(key):
@@ -58,8 +65,7 @@ class BackboneWeights:
                 g.quantized[key] = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size}
                 used[key] = key
             else:
-                dtype, shape, offset, length = self.write(key)
-                name = g.external(key, dtype, shape, self.blob.path.name, offset, length)
+                name, dtype = weight(key, stored=True)
                 used[key] = g.as_float32(name, dtype)
             return used[key]
 
