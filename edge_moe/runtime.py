@@ -140,8 +140,13 @@ class Model:
             if step_graph:
                 raise EdgeMoeError(f"{self.manifest.root}: cannot run as one graph a token: {reason}")
             return None
-        return StepGraph(self.manifest, self.backbone.half_attention, self.fused, self.clock,
-                         threads=self.backbone.threads)
+        try:
+            return StepGraph(self.manifest, self.backbone.half_attention, self.fused, self.clock,
+                             threads=self.backbone.threads)
+        except EdgeMoeError:  # graphs that do not compose (mixed opsets, control flow): one call a graph then
+            if step_graph:
+                raise
+            return None
 
     def pin(self, keys) -> None:
         """Keeps these (layer, index) experts resident for good (a budgeted model only). All or nothing: when one

@@ -100,3 +100,24 @@ def test_one_graph_a_token_is_refused_where_it_cannot_run(gqa_family, tmp_path, 
     model = edge_moe.load(unrouted, fused_moe=True)
     assert model.step_graph is None
     assert model.generate(IDS, 8).token_ids == edge_moe.load(package, fused_moe=True).generate(IDS, 8).token_ids
+
+
+def test_graphs_that_do_not_compose_fall_back_or_are_refused(gqa_family, monkeypatch):
+    """A package whose graphs cannot be composed (here: the embedding graph declares another opset than the layer
+    graphs) runs one call a graph when not asked, and is refused with the reason when asked."""
+    import onnx
+
+    _, _, package = gqa_family
+    real = onnx.load
+
+    def other_opset(path, *args, **kwargs):
+        model = real(path, *args, **kwargs)
+        if str(path).endswith("embed.onnx"):
+            model.opset_import[0].version += 1
+        return model
+
+    monkeypatch.setattr(onnx, "load", other_opset)
+    with pytest.raises(EdgeMoeError, match="opsets"):
+        edge_moe.load(package, fused_moe=True, step_graph=True)
+    model = edge_moe.load(package, fused_moe=True)
+    assert model.step_graph is None and model.fused is not None
