@@ -181,33 +181,31 @@ def limited_runs(limit: int, bench: Path, gguf: Path, package: str, threads: int
 
 
 def our_bench(model, prompt: int, tokens: int, depth: int, seed: int) -> dict:
-    """Prefill `prompt` random tokens (timed) on a fresh cache; then, after `depth` more tokens in the cache
-    (untimed), decode `tokens` one at a time (timed), with the generation loop's greedy argmax.
+    """With `depth` random tokens in the cache (untimed), prefill `prompt` more (timed), then decode `tokens` one at
+    a time (timed) from position `depth` on, with the generation loop's greedy argmax: what llama-bench times with
+    `-d DEPTH -p PROMPT` and `-d DEPTH -n TOKENS`.
 
-    The timed decode pays no one-off cost llama-bench does not: llama-bench sizes its KV cache for depth + prompt
-    + tokens when it makes the context and warms up before timing, where our KV cache grows by doubling, a copy of
-    every layer's cache into new memory (measured on the 2-core VM: 140-160 ms at 2048 -> 4096, which at --depths
-    2048 landed on the first timed token and was 5 ms a token of 32, most of the "outside onnxruntime" share), and
-    a cache builds its decode bindings at its first one-token step (~3 ms). So the context is filled `tokens` past
-    the depth (the cache grows to hold them all), rewound to depth - 1, and its last token is run as a one-token
-    step, untimed; the timed tokens then sit at positions depth .. depth + tokens - 1 as before."""
+    The timed steps pay no one-off cost llama-bench does not: llama-bench sizes its KV cache when it makes the
+    context and warms up before timing, so the cache is reserved for every timed token first (a cache that grows
+    copies every layer's rows into new memory: 140-160 ms at 2048 -> 4096 on the 2-core VM, which once landed on the
+    first timed token and made most of the "outside onnxruntime" share), and the decode bindings are built by an
+    untimed one-token step at position depth - 1 (the cache rewound there after the prefill; rows past the offset
+    are written over)."""
     rng = np.random.default_rng(seed)
     vocab = model.config["vocab_size"]
     forward = model.forward
     cache = forward.new_cache()
+    cache.reserve(depth + max(prompt, tokens + 1))
+    context = rng.integers(2, vocab, max(depth, 1)).astype(np.int64)
+    for chunk in range(0, depth, 512):
+        forward.hidden(context[chunk:min(chunk + 512, depth)], cache)
     ids = rng.integers(2, vocab, prompt).astype(np.int64)
     start = time.perf_counter()
     forward.logits(forward.hidden(ids, cache)[-1:])
     prefill = prompt / (time.perf_counter() - start)
-    cache = forward.new_cache()
-    depth = max(depth, 1)
-    context = rng.integers(2, vocab, depth + tokens).astype(np.int64)
-    for chunk in range(0, len(context), 512):
-        forward.hidden(context[chunk:chunk + 512], cache)
-    # the rows past the offset are stale and written over: the graphs attend to the first offset + 1 rows only
-    cache.offset = depth - 1
-    h = forward.hidden(context[depth - 1:depth], cache)
-    token = int(np.argmax(forward.logits(h)[0]))
+    warm = max(depth, 1) - 1
+    cache.offset = warm
+    token = int(np.argmax(forward.logits(forward.hidden(context[warm:warm + 1], cache))[0]))
     ort_seconds, calls = model.clock.seconds, model.clock.calls
     start = time.perf_counter()
     for _ in range(tokens):
