@@ -139,5 +139,6 @@ def test_weight_on_input_scales_what_the_expert_sees():
     kernels = SimpleNamespace(run=lambda expert, x: np.tanh(x) * 3.0)
     x, w = np.array([[0.5, -2.0, 1.5]], np.float32), np.float32(0.25)
     for weight_on, expected in (("output", np.tanh(x) * 3.0 * w), ("input", np.tanh(x * w) * 3.0)):
-        stub = SimpleNamespace(kernels=kernels, router=SimpleNamespace(spec=RouterSpec(4, 2, weight_on=weight_on)))
+        spec = RouterSpec(4, 2, weight_on=weight_on)
+        stub = SimpleNamespace(kernels=kernels, _weight_on_input=spec.weight_on == "input")  # as Forward sets it
         np.testing.assert_allclose(Forward._weighted(stub, None, x, w), expected, rtol=1e-6)
