@@ -12,8 +12,10 @@ from edge_moe.errors import EdgeMoeError
 from conftest import build_checkpoint, reference_greedy, reference_logits, tiny_config
 
 IDS = [5, 6, 7, 8, 30, 31, 2, 40, 41, 11]
-# softmax top-k routers: their layer graphs route (family_spec.ROUTE_OUTPUTS), which the step graph needs
-ROUTED_FAMILIES = ["mixtral", "olmoe", "qwen3_moe"]
+# softmax top-k routers: their layer graphs route (family_spec.ROUTE_OUTPUTS), which the step graph needs; Qwen2-MoE
+# with its shared expert inside the layer graph, Granite with its multipliers, and a Qwen3-MoE whose first layer is
+# dense (a layer graph without experts between two MoE layers)
+ROUTED_FAMILIES = ["mixtral", "olmoe", "qwen3_moe", "qwen2_moe", "granitemoe", "qwen3_moe+dense"]
 
 
 @pytest.fixture(scope="module", params=ROUTED_FAMILIES)
@@ -22,17 +24,20 @@ def gqa_family(request, tmp_path_factory):
     first capacity (256)."""
     from edge_moe_export.exporter import export_checkpoint
 
-    root = tmp_path_factory.mktemp(request.param)
-    hf = build_checkpoint(root / "hf", tiny_config(request.param, hidden=64, layers=3, experts=8, top_k=3,
-                                                   max_position_embeddings=512))
+    family, _, variant = request.param.partition("+")
+    extra = {"mlp_only_layers": [0]} if variant == "dense" else {}
+    root = tmp_path_factory.mktemp(family)
+    hf = build_checkpoint(root / "hf", tiny_config(family, hidden=64, layers=3, experts=8, top_k=3,
+                                                   max_position_embeddings=512, **extra))
     return request.param, hf, export_checkpoint(root / "hf", root / "pkg", progress=False)
 
 
 def test_one_graph_a_token_equals_the_per_layer_path_and_transformers(gqa_family):
-    _, hf, package = gqa_family
+    family, hf, package = gqa_family
     step = edge_moe.load(package, fused_moe=True)
     layered = edge_moe.load(package, fused_moe=True, step_graph=False)
     per_expert = edge_moe.load(package)
+    assert step.config["moe_layers"] == ([1, 2] if family.endswith("+dense") else [0, 1, 2])
     assert step.step_graph is not None and layered.step_graph is None and per_expert.step_graph is None
     a, b = step.logits(IDS), layered.logits(IDS)
     scale = np.abs(b).max()
