@@ -27,6 +27,10 @@ from .quantize import BLOCK_SIZES, QuantizedMatrix, quantize
 from .writer import BlobWriter, ExpertWriter, StagedDirectory
 
 DTYPES = ("float32", "float16")
+# What the exporter writes, beyond the package format: bumped when the graphs it emits change in a way a cached
+# export should not miss (3: routing inside the layer graphs, GroupQueryAttention for small heads, the embedding
+# gathered before its cast). The default model's cache key carries it (edge_moe.default_model).
+REVISION = 3
 
 
 class BackboneWeights:

@@ -54,6 +54,23 @@ def test_load_without_path_uses_the_cache(cache_dir):
     assert again == model.manifest.root  # reused, not exported twice
 
 
+def test_an_export_by_an_older_exporter_is_not_reused(cache_dir, monkeypatch):
+    """Same edge_moe version, a newer exporter revision: the default model is exported again under a new name and
+    the new export has what the revision brought (routing inside the layer graphs)."""
+    from edge_moe_export import exporter
+    from edge_moe_export.families import base
+
+    monkeypatch.setattr(exporter, "REVISION", exporter.REVISION - 1)
+    monkeypatch.setattr(base, "routes_in_graph", lambda spec: False)  # what an older exporter wrote
+    old = default_model.default_model_path(progress=False)
+    assert not edge_moe.load(old).backbone.routed
+    monkeypatch.undo()
+    monkeypatch.setenv("EDGE_MOE_CACHE", str(cache_dir))
+    new = default_model.default_model_path(progress=False)
+    assert new != old and f"-x{exporter.REVISION}-" in new.name
+    assert edge_moe.load(new).backbone.routed == set(edge_moe.load(new).config["moe_layers"])
+
+
 def test_killed_first_use_export_is_redone(cache_dir):
     code = "from edge_moe.default_model import default_model_path; default_model_path(progress=False)"
     process = subprocess.Popen([sys.executable, "-c", code], env={**os.environ})
