@@ -45,7 +45,7 @@ def unsupported_reason(manifest: Manifest, routed: set[int]) -> str | None:
     if manifest.config.get("attention_kernel", "generic") != "gqa":
         return "its layer graphs attend with plain ONNX ops and a KV cache copied in numpy (export --attention auto)"
     if not set(manifest.config["moe_layers"]) <= routed:
-        return "its layer graphs do not route (re-export it: packages route in their graphs since edge_moe 0.14)"
+        return "its layer graphs do not route (re-export it: exports route in their layer graphs since revision 3)"
     return None
 
 
