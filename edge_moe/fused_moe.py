@@ -8,15 +8,17 @@ experts can run as one kernel. It needs all of a layer's experts in one stacked 
 all-resident accelerator (or forced, for tests and measurements), never for a budget that streams experts; the
 per-expert path stays the reference (`fused_moe=False`) and the fallback for what the kernel cannot express.
 
-Routing stays the family's own, in float32 on the host (routing.Router, as the per-expert path): the kernel's
-"router probabilities" input gets log(w / max w) for the chosen experts and -1e4 for the rest, so its softmax and
-top-k return exactly the chosen experts with weights w / sum(w), and the output is scaled back by sum(w). Fed the
-raw logits instead, a float16 kernel rounds them before its softmax: measured on the H200, near-ties then chose
-other experts and logits moved by 9e-3 of their largest magnitude (2.9e-4 per expert).
+Routing stays the family's own, in float32 (routing.Router on the host, or the layer graph's route outputs): the
+graph turns the chosen experts and weights into the kernel's "router probabilities", log(w / max w) for the chosen
+experts and -1e4 for the rest, so its softmax and top-k return exactly the chosen experts with weights w / sum(w),
+and scales the output back by sum(w). Fed the raw logits instead, a float16 kernel rounds them before its softmax:
+measured on the H200, near-ties then chose other experts and logits moved by 9e-3 of their largest magnitude (2.9e-4
+per expert).
 
     # T = tokens, H = hidden, F = expert intermediate size, E = experts of the layer, k = experts per token
-    x [T, H], chosen log-weights [T, E] -> (Cast to the compute dtype) -> MoE(k, softmax top-k, renormalize,
-        SwiGLU with gate and up interleaved in fc1 [E, 2F, H], fc2 [E, H, F]) -> (Cast to float32) -> [T, H]
+    x [T, H], indices and weights [T, k] -> chosen log-weights [T, E] -> (Cast to the compute dtype) -> MoE(k,
+        softmax top-k, renormalize, SwiGLU with gate and up interleaved in fc1 [E, 2F, H], fc2 [E, H, F])
+        -> (Cast to float32) -> * sum(w) -> [T, H]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .family_spec import ROUTE_OUTPUTS, router_spec
 from .manifest import Manifest
 from .sessions import OrtClock, TimedSession, open_session
 
-X, LOGITS, FC1, FC2, Y = "moe_input", "router_logits", "fc1_experts_weights", "fc2_experts_weights", "moe_output"
+X, FC1, FC2, Y = "moe_input", "fc1_experts_weights", "fc2_experts_weights", "moe_output"
 RESIDUAL, HIDDEN = "residual", "hidden_states"
 NOT_CHOSEN = -1e4  # a log-weight whose exp is 0 in float32, and finite in float16
 ROUTE_INDICES, ROUTE_WEIGHTS = ROUTE_OUTPUTS
@@ -55,52 +57,42 @@ def unfusable_reason(manifest: Manifest) -> str | None:
     return None
 
 
-def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, dtype: str):
-    """The layer's MoE graph: x and the chosen log-weights in float32, weights as inputs in `dtype`."""
+def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, dtype: str, residual: bool = False):
+    """A MoE layer's routed experts as a graph: x [T, H] and the router's choice (indices and weights [T, k]) -> the
+    weighted sum of the chosen experts [T, H] (with `residual`: residual + that sum, the layer's output, as
+    step_graph.py composes it after the layer graph). Weights are graph inputs FC1 / FC2 in `dtype`. The kernel gets
+    log(w / max w) for the chosen experts and NOT_CHOSEN for the rest, so its softmax and top-k give back exactly the
+    chosen experts with weights w / sum w; the output is scaled back by sum w."""
+    from onnx import TensorProto
+
     from .onnx_build import GraphBuilder  # onnx only where a graph is built: 9 MB of the runtime's baseline
 
-    g = GraphBuilder(f"fused_moe_{experts}x{hidden}x{intermediate}_top{top_k}_{dtype}")
+    g = GraphBuilder(f"{'routed_' if residual else 'fused_'}moe_{experts}x{hidden}x{intermediate}_top{top_k}_{dtype}")
     g.scope = "/moe"
-    x, logits = g.input(X, "float32", ["T", hidden]), g.input(LOGITS, "float32", ["T", experts])
-    g.output(_moe(g, x, logits, hidden, experts, intermediate, top_k, dtype), Y, "float32", ["T", hidden])
-    return g.model()
-
-
-def build_routed_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, dtype: str):
-    """A MoE layer's second half as a graph (step_graph.py composes it after the layer graph): the layer graph's
-    residual, MoE input and routing (family_spec.ROUTE_OUTPUTS) -> residual + the routed experts' weighted sum.
-    The chosen log-weights are FusedMoeLayers.run's numpy arithmetic, in graph ops."""
-    import numpy as np
-
-    from .onnx_build import GraphBuilder
-
-    g = GraphBuilder(f"routed_moe_{experts}x{hidden}x{intermediate}_top{top_k}_{dtype}")
-    g.scope = "/moe"
-    residual, x = g.input(RESIDUAL, "float32", ["T", hidden]), g.input(X, "float32", ["T", hidden])
+    base = g.input(RESIDUAL, "float32", ["T", hidden]) if residual else None
+    x = g.input(X, "float32", ["T", hidden])
     indices, weights = (g.input(ROUTE_INDICES, "int64", ["T", top_k]),
                         g.input(ROUTE_WEIGHTS, "float32", ["T", top_k]))
+    fc1 = g.input(FC1, dtype, [experts, 2 * intermediate, hidden])
+    fc2 = g.input(FC2, dtype, [experts, hidden, intermediate])
     total = g.op("ReduceSum", weights, g.const([-1], "int64"), keepdims=1)                    # [T, 1]
     largest = g.op("Max", g.op("ReduceMax", weights, axes=[-1], keepdims=1), g.const(np.finfo(np.float32).tiny))
     logs = g.op("Max", g.op("Log", g.op("Div", weights, largest)), g.const(NOT_CHOSEN))       # log(w / max w)
     shape = g.op("Concat", g.op("Shape", x, end=1), g.const([experts], "int64"), axis=0)     # [T, E]
     chosen = g.op("ScatterElements", g.op("Expand", g.const([[NOT_CHOSEN]]), shape), indices, logs, axis=1)
-    y = _moe(g, x, chosen, hidden, experts, intermediate, top_k, dtype)
-    g.output(g.op("Add", residual, g.op("Mul", y, total)), HIDDEN, "float32", ["T", hidden])
-    return g.model()
-
-
-def _moe(g, x: str, logits: str, hidden: int, experts: int, intermediate: int, top_k: int, dtype: str) -> str:
-    """The MoE kernel over stacked expert weights (graph inputs FC1 / FC2 in `dtype`); float32 in and out."""
-    from onnx import TensorProto
-
-    fc1 = g.input(FC1, dtype, [experts, 2 * intermediate, hidden])
-    fc2 = g.input(FC2, dtype, [experts, hidden, intermediate])
     if dtype == "float16":
-        x, logits = (g.op("Cast", v, to=TensorProto.FLOAT16) for v in (x, logits))
+        x, chosen = (g.op("Cast", v, to=TensorProto.FLOAT16) for v in (x, chosen))
     # activation_alpha 1 and beta 0 make the kernel's swiglu the plain silu(gate) * up (its defaults are GPT-OSS's)
-    y = g.op("MoE", x, logits, fc1, "", fc2, domain="com.microsoft", k=top_k, activation_type="swiglu",
+    y = g.op("MoE", x, chosen, fc1, "", fc2, domain="com.microsoft", k=top_k, activation_type="swiglu",
              swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1)
-    return g.op("Cast", y, to=TensorProto.FLOAT) if dtype == "float16" else y
+    if dtype == "float16":
+        y = g.op("Cast", y, to=TensorProto.FLOAT)
+    y = g.op("Mul", y, total)
+    if residual:
+        g.output(g.op("Add", base, y), HIDDEN, "float32", ["T", hidden])
+    else:
+        g.output(y, Y, "float32", ["T", hidden])
+    return g.model()
 
 
 def stack_layer(weights: list[dict[str, np.ndarray]], dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -154,18 +146,14 @@ class FusedMoeLayers:
     def run(self, layer: int, x: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """x [T, H] and the router's choice (indices, weights [T, k], float32, host) -> the layer's routed-experts
         output [T, H] (host)."""
-        total = weights.sum(axis=-1, keepdims=True)                                           # [T, 1]
-        chosen = np.full((x.shape[0], self.num_experts), NOT_CHOSEN, np.float32)
-        with np.errstate(divide="ignore"):  # a weight of 0 (sigmoid underflow) is simply not chosen
-            logs = np.log(weights / np.maximum(weights.max(axis=-1, keepdims=True), np.finfo(np.float32).tiny))
-        np.put_along_axis(chosen, indices, np.maximum(logs, NOT_CHOSEN), axis=-1)
         io = self._bindings.get(layer)
-        if io is None:  # the stacks stay bound between calls; only x and the logits change
+        if io is None:  # the stacks stay bound between calls; only x and the routing change
             io = self._bindings[layer] = self.session.io_binding()
             fc1, fc2 = self.stacks[layer]
             io.bind_ortvalue_input(FC1, fc1)
             io.bind_ortvalue_input(FC2, fc2)
         io.bind_cpu_input(X, np.ascontiguousarray(x, np.float32))
-        io.bind_cpu_input(LOGITS, chosen)
+        io.bind_cpu_input(ROUTE_INDICES, np.ascontiguousarray(indices, np.int64))
+        io.bind_cpu_input(ROUTE_WEIGHTS, np.ascontiguousarray(weights, np.float32))
         io.bind_output(Y, "cpu")
-        return self.session.run_bound(io, 1)[0] * total
+        return self.session.run_bound(io, 1)[0]

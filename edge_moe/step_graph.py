@@ -4,8 +4,8 @@ With fused MoE layers (fused_moe.py) a decoded token still made 2 + 2L calls wit
 them: on the H200 (6 layers) 5.6 ms a token, 1.8 ms of it outside onnxruntime. When every MoE layer routes inside
 its graph (family_spec.ROUTE_OUTPUTS) and attends with GroupQueryAttention over a KV cache updated in place, nothing
 between the layers needs Python, so the package's graphs are composed into one at load: each graph's names get its
-layer's prefix, a layer's outputs feed the routed-MoE graph (fused_moe.build_routed_moe_graph: the same routing
-arithmetic as FusedMoeLayers.run) and the next layer. A token is one call and the head's.
+layer's prefix, a layer's outputs feed the MoE graph (fused_moe.build_moe_graph with the residual: the same graph
+FusedMoeLayers runs per layer) and the next layer. A token is one call and the head's.
 
     input_ids -> embed -> [layer i: attention, router, top-k -> MoE(stacks i) -> + residual] x L -> hidden_states
     past/present KV of layer i: past_key.i / key.i (one buffer, bound in place); stacks: fc1.i / fc2.i (bound once)
@@ -24,8 +24,7 @@ import weakref
 import numpy as np
 
 from .errors import EdgeMoeError
-from .fused_moe import (FC1, FC2, HIDDEN, RESIDUAL, ROUTE_INDICES, ROUTE_WEIGHTS, X, FusedMoeLayers,
-                        build_routed_moe_graph)
+from .fused_moe import FC1, FC2, HIDDEN, RESIDUAL, ROUTE_INDICES, ROUTE_WEIGHTS, X, FusedMoeLayers, build_moe_graph
 from .layer_graphs import half_attention_model
 from .manifest import Manifest
 from .sessions import OrtClock, TimedSession, open_session
@@ -115,8 +114,8 @@ def build_step_model(manifest: Manifest, half_attention: bool, moe_dtype: str, t
             continue
         if moe_model is None:
             record = next(r for r in manifest.experts.values() if r.key[0] == layer)
-            moe_model = build_routed_moe_graph(record.hidden_size, int(manifest.config["num_experts"]),
-                                               record.intermediate_size, top_k, moe_dtype)
+            moe_model = build_moe_graph(record.hidden_size, int(manifest.config["num_experts"]),
+                                        record.intermediate_size, top_k, moe_dtype, residual=True)
         moe_rename = renamer(f"layer{layer}", {
             RESIDUAL: rename(names[0]), X: rename(names[1]), ROUTE_INDICES: rename(names[3]),
             ROUTE_WEIGHTS: rename(names[4]), FC1: per_layer(FC1, layer), FC2: per_layer(FC2, layer),
