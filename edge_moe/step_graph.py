@@ -175,11 +175,12 @@ class StepGraph:
                 io.bind_ortvalue_input(per_layer(FC2, layer), fc2)
             cache.bind(io, range(self.layers), per_layer)
             self._bound = (weakref.ref(cache), cache.capacity)
-        elif ids.shape[0] != self._rows:  # outputs onnxruntime allocated keep their shape once bound
-            self._bind_routes(io)
-        elif self.device.ort_device != "cpu":
-            # a CUDA binding copies host inputs when they are bound: the new sequence lengths need binding again
-            cache.bind(io, ())
+        else:
+            if ids.shape[0] != self._rows:  # outputs onnxruntime allocated keep their shape once bound
+                self._bind_routes(io)
+            if self.device.ort_device != "cpu":
+                # a CUDA binding copies host inputs when they are bound: the new sequence lengths need binding again
+                cache.bind(io, ())
         io.bind_cpu_input(IDS, np.ascontiguousarray(ids, np.int64))
         io.bind_output(HIDDEN, "cpu")
         self._rows = ids.shape[0]
