@@ -38,11 +38,7 @@ class KVCache:
         """Stores this call's [T, kvH, D] entries after the cached ones (committed by `advance`)."""
         end = self.offset + key.shape[0]
         if end > self.keys[layer].shape[0]:
-            capacity = max(end, 2 * self.keys[layer].shape[0])
-            for store, shape in zip((self.keys, self.values), self._shapes):
-                grown = np.zeros((capacity, *shape), np.float32)
-                grown[:self.offset] = store[layer][:self.offset]
-                store[layer] = grown
+            self._grow(layer, max(end, 2 * self.keys[layer].shape[0]))
         self.keys[layer][self.offset:end] = key
         self.values[layer][self.offset:end] = value
 
@@ -51,12 +47,16 @@ class KVCache:
 
     def reserve(self, total: int) -> None:
         """Room for `total` tokens in all, now (a growth copies every layer's cache: see GqaKVCache.reserve)."""
-        if total > self.keys[0].shape[0]:
-            for layer in range(len(self.keys)):
-                for store, shape in zip((self.keys, self.values), self._shapes):
-                    grown = np.zeros((total, *shape), np.float32)
-                    grown[:self.offset] = store[layer][:self.offset]
-                    store[layer] = grown
+        for layer in range(len(self.keys)):
+            if total > self.keys[layer].shape[0]:
+                self._grow(layer, total)
+
+    def _grow(self, layer: int, capacity: int) -> None:
+        """The layer's buffers at `capacity` rows, the cached ones copied over."""
+        for store, shape in zip((self.keys, self.values), self._shapes):
+            grown = np.zeros((capacity, *shape), np.float32)
+            grown[:self.offset] = store[layer][:self.offset]
+            store[layer] = grown
 
     @property
     def nbytes(self) -> int:
