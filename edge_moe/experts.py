@@ -41,9 +41,7 @@ class ResidentExpert:
     def from_bytes(cls, record: ExpertRecord, buffer: np.ndarray) -> "ResidentExpert":
         """Views the tensors inside `buffer` (uint8, the expert's `length` bytes) without copying; a quantized
         expert's session is created here (it prepacks its own copy and no longer reads `buffer`)."""
-        weights = {}
-        for t in record.tensors:
-            weights[t.name] = buffer[t.offset:t.offset + t.nbytes].view(t.dtype).reshape(t.shape)
+        weights = stored_tensors(record, buffer)
         shape = expert_shape(record)
         if not shape.quantized:
             return cls(record, weights, int(buffer.nbytes), shape)
@@ -52,6 +50,11 @@ class ResidentExpert:
             return cls(record, {}, int(buffer.nbytes) + extra, shape, _quant_session(record, shape, weights))
         return cls(record, quant.dequantized_weights(shape, weights), int(buffer.nbytes) + extra,
                    ExpertShape(shape.kind, shape.hidden_size, shape.intermediate_size, "float32"))
+
+
+def stored_tensors(record: ExpertRecord, buffer: np.ndarray) -> dict[str, np.ndarray]:
+    """The expert's tensors as the package stores them: views into `buffer` (its `length` bytes), no copy."""
+    return {t.name: buffer[t.offset:t.offset + t.nbytes].view(t.dtype).reshape(t.shape) for t in record.tensors}
 
 
 def expert_shape(record: ExpertRecord) -> ExpertShape:
@@ -142,10 +145,11 @@ class ExpertSource:
 class AllResidentExperts(ExpertSource):
     """Every expert read once at load (checksum verified) and kept: the reference the budgeted cache must match."""
 
-    def __init__(self, manifest: Manifest, store, progress=None, trace: list | None = None):
+    def __init__(self, manifest: Manifest, store, progress=None, trace: list | None = None, load: bool = True):
+        """load=False keeps none here: fused MoE layers (fused_moe.py) hold every expert, stacked, instead."""
         super().__init__(trace)
         self.experts: dict[tuple[int, int], ResidentExpert] = {}
-        for record in manifest.experts.values():
+        for record in manifest.experts.values() if load else ():
             self.experts[record.key] = ResidentExpert.from_bytes(record, store.read(record.key))
             if progress is not None:
                 progress.update()

@@ -8,7 +8,8 @@ layer's prefix, a layer's outputs feed the MoE graph (fused_moe.build_moe_graph 
 FusedMoeLayers runs per layer) and the next layer. A token is one call and the head's.
 
     input_ids -> embed -> [layer i: attention, router, top-k -> MoE(stacks i) -> + residual] x L -> hidden_states
-    past/present KV of layer i: past_key.i / key.i (one buffer, bound in place); stacks: fc1.i / fc2.i (bound once)
+    past/present KV of layer i: past_key.i / key.i (one buffer, bound in place); stacks: fc1.i / fc2.i (bound once;
+    quantized experts' stacks and scales are the session's initializers, given at load)
     route_indices.i [T, k] of every MoE layer: outputs, copied out only when someone observes the routing
 
 The graphs are read without their weights and the composed graph is opened as bytes with the backbone's folder for
@@ -24,7 +25,8 @@ import weakref
 import numpy as np
 
 from .errors import EdgeMoeError
-from .fused_moe import FC1, FC2, HIDDEN, RESIDUAL, ROUTE_INDICES, ROUTE_WEIGHTS, X, FusedMoeLayers, build_moe_graph
+from .fused_moe import (FC1, FC1_SCALES, FC2, FC2_SCALES, HIDDEN, RESIDUAL, ROUTE_INDICES, ROUTE_WEIGHTS, X,
+                        FusedMoeLayers, build_moe_graph)
 from .layer_graphs import half_attention_model
 from .manifest import Manifest
 from .sessions import OrtClock, TimedSession, open_session
@@ -48,8 +50,9 @@ def unsupported_reason(manifest: Manifest, routed: set[int]) -> str | None:
     return None
 
 
-def build_step_model(manifest: Manifest, half_attention: bool, moe_dtype: str, top_k: int):
-    """The composed ModelProto (weights external, in the backbone's folder)."""
+def build_step_model(manifest: Manifest, half_attention: bool, moe_dtype: str, top_k: int, block_size: int = 0):
+    """The composed ModelProto (weights external, in the backbone's folder; quantized experts' stacks, named
+    per_layer(FC1, layer) and so on, given to the session at load)."""
     import onnx
     from onnx import helper
 
@@ -115,11 +118,12 @@ def build_step_model(manifest: Manifest, half_attention: bool, moe_dtype: str, t
         if moe_model is None:
             record = next(r for r in manifest.experts.values() if r.key[0] == layer)
             moe_model = build_moe_graph(record.hidden_size, int(manifest.config["num_experts"]),
-                                        record.intermediate_size, top_k, moe_dtype, residual=True)
+                                        record.intermediate_size, top_k, moe_dtype, residual=True,
+                                        block_size=block_size)
         moe_rename = renamer(f"layer{layer}", {
             RESIDUAL: rename(names[0]), X: rename(names[1]), ROUTE_INDICES: rename(names[3]),
-            ROUTE_WEIGHTS: rename(names[4]), FC1: per_layer(FC1, layer), FC2: per_layer(FC2, layer),
-            HIDDEN: f"layer{layer}/moe/{HIDDEN}"})
+            ROUTE_WEIGHTS: rename(names[4]), HIDDEN: f"layer{layer}/moe/{HIDDEN}",
+            **{n: per_layer(n, layer) for n in (FC1, FC2, FC1_SCALES, FC2_SCALES)}})
         append(moe_model, moe_rename)
         declare([v for v in moe_model.graph.input if v.name in (FC1, FC2)], graph.input, moe_rename)
         hidden = moe_rename(HIDDEN)
@@ -148,10 +152,12 @@ class StepGraph:
         self.fused, self.device = fused, fused.device
         self.layers = len(manifest.layers)
         self.moe_layers = sorted(set(manifest.config["moe_layers"]))
-        model = build_step_model(manifest, half_attention, fused.dtype, fused.top_k)
+        model = build_step_model(manifest, half_attention, fused.dtype, fused.top_k, fused.block_size)
+        stacks = {per_layer(name, layer): array for layer in self.moe_layers if fused.quantized
+                  for name, array in fused.layer_stacks(layer).items()}
         try:
             session = open_session(model.SerializeToString(), providers=self.device.providers, threads=threads,
-                                   weights_folder=manifest.embed.parent)
+                                   weights_folder=manifest.embed.parent, initializers=stacks)
         except Exception as exc:  # onnxruntime's own exception types
             raise EdgeMoeError(f"{manifest.root}: onnxruntime cannot run its layers as one graph "
                                f"({str(exc).splitlines()[0][:200]}); load it with step_graph=False") from None
@@ -169,7 +175,7 @@ class StepGraph:
             io = self._io = self.session.io_binding()
             io.bind_output(HIDDEN, "cpu")  # first: run_bound reads outputs in binding order
             self._bind_routes(io)
-            for layer in self.moe_layers:
+            for layer in self.moe_layers if not self.fused.quantized else ():  # quantized: initializers
                 fc1, fc2 = self.fused.stacks[layer]
                 io.bind_ortvalue_input(per_layer(FC1, layer), fc1)
                 io.bind_ortvalue_input(per_layer(FC2, layer), fc2)

@@ -48,8 +48,9 @@ def add_arguments(p) -> None:
     p.add_argument("--memory-limit", metavar="SIZE", help="run both engines under a memory cgroup of SIZE (page "
                    "cache counted; 166MiB, 25%% of the first GGUF) where the machine allows it, each run in a fresh "
                    "process started inside it; ours with budget auto")
-    p.add_argument("--fused-moe", action="store_true", help="packages of float experts run fused MoE layers "
-                   "(edge_moe.fused_moe: float32 stacks, twice a float16 model's expert memory)")
+    p.add_argument("--fused-moe", action="store_true", help="packages of float experts run fused MoE layers too "
+                   "(edge_moe.fused_moe: float32 stacks, twice a float16 model's expert memory); quantized experts "
+                   "run fused without it")
 
 
 def run_peer(args) -> dict:
@@ -83,14 +84,16 @@ def run_peer(args) -> dict:
         from ..fused_moe import unfusable_reason
         from ..manifest import Manifest
 
-        # --fused-moe applies to the packages the fused kernel can run (float experts); the others run per expert
+        # --fused-moe applies to the packages the fused kernel can run; the others run as load decides
         fused = [args.fused_moe and unfusable_reason(Manifest.load(p, verify_backbone=False)) is None
                  for p in packages]
         models = [edge_moe.load(p, threads=threads, fused_moe=f or None) for p, f in zip(packages, fused)]
         for package, model in zip(packages, models):
             model.settle()
             if model.fused is not None:
-                print(f"edge-moe: {package}: fused MoE layers (float32 stacks)", file=sys.stderr)
+                stacks = "quantized" if model.fused.quantized else model.fused.dtype
+                print(f"edge-moe: {package}: fused MoE layers ({stacks} stacks"
+                      f"{', one graph a token' if model.step_graph is not None else ''})", file=sys.stderr)
     rows: dict[tuple, list[dict]] = {}
     for round_index in range(args.rounds):
         for package, model, kind in zip(packages, models, types):

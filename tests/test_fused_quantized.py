@@ -1,0 +1,97 @@
+"""Quantized experts fused: a layer's q4 / q8 experts in onnxruntime's QMoE (fused_moe.py) against their MatMulNBits
+sessions one by one, the per-expert path that stays the reference. Both quantize the activations to int8 per block
+(accuracy_level 4), so a token's layer output agrees to float32 rounding given the same input (batches of tokens
+to an int8 step); over a whole prompt a
+rounding difference can move an activation across an int8 step, so there the test bounds the distance to the
+float model instead: the fused path may not be further from it than the per-expert path is, by more than a margin."""
+
+import numpy as np
+import pytest
+
+import edge_moe
+from edge_moe.errors import EdgeMoeError
+from edge_moe.fused_moe import unfusable_reason
+
+from conftest import build_checkpoint, reference_logits, tiny_config
+
+IDS = [5, 6, 7, 8, 30, 31, 2, 40, 41, 11]
+# experts large enough to run in their own MatMulNBits session (quant.uses_session), rows of whole 128-blocks
+SHAPE = dict(hidden=256, ffn=640, heads=4, kv_heads=2, experts=8, top_k=3)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused_quantized")
+    return root, build_checkpoint(root / "hf", tiny_config("qwen3_moe", **SHAPE), seed=21)
+
+
+def export(checkpoint, name, **options):
+    from edge_moe_export.exporter import export_checkpoint
+
+    root, _ = checkpoint
+    return export_checkpoint(root / "hf", root / name, progress=False, **options)
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 32)])
+def test_fused_quantized_layers_compute_what_their_experts_do(checkpoint, bits, block):
+    package = export(checkpoint, f"q{bits}b{block}", bits=bits, block_size=block)
+    fused = edge_moe.load(package, step_graph=False)  # fused by default: quantized, every expert resident, a CPU
+    stepped = edge_moe.load(package)
+    per_expert = edge_moe.load(package, fused_moe=False)
+    assert fused.fused is not None and fused.fused.quantized and stepped.step_graph is not None
+    assert per_expert.fused is None
+    rng = np.random.default_rng(bits + block)
+    hidden, experts, k = SHAPE["hidden"], SHAPE["experts"], SHAPE["top_k"]
+    for layer in range(2):
+        # one token: the same kernels, float32 rounding apart. Several: both run an expert's tokens as one batch,
+        # but from some batch size on (block 32) the two kernels quantize activations differently: an int8 step
+        for tokens, tolerance in ((1, 1e-5), (7, 1e-3), (32, 1e-3)):
+            x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+            indices = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)])
+            weights = rng.random((tokens, k)).astype(np.float32)
+            a = fused.fused.run(layer, x, indices, weights)
+            b = per_expert.forward.moe(layer, x, None, x, (indices, weights))
+            assert np.abs(a - b).max() <= tolerance * np.abs(b).max()
+    # a first token, whole model: the same int8 steps on both paths, one graph or one call a layer
+    one = per_expert.logits(IDS[:1])
+    for model in (fused, stepped):
+        assert np.abs(model.logits(IDS[:1]) - one).max() <= 1e-5 * np.abs(one).max()
+    # a whole prompt: no further from the float model than the per-expert path, give or take an int8 step
+    _, hf = checkpoint
+    exact = reference_logits(hf, IDS)
+    scale = np.abs(exact).max()
+    reference_error = np.abs(per_expert.logits(IDS) - exact).max()
+    for model in (fused, stepped):
+        assert np.abs(model.logits(IDS) - exact).max() <= 1.5 * reference_error + 0.01 * scale
+    # one onnxruntime call a layer (with a step graph, one a token) and the head's
+    for model, calls_per_token in ((fused, 2 + 2 * 2), (stepped, 2)):
+        before = model.clock.calls
+        model.generate(IDS[:3], 2)
+        assert model.clock.calls - before == 2 * calls_per_token
+
+
+def test_a_budget_or_zero_points_keep_quantized_experts_one_by_one(checkpoint):
+    package = export(checkpoint, "q4", bits=4)
+    assert edge_moe.load(package, budget="50%").fused is None  # streaming experts: nothing to stack
+    with pytest.raises(EdgeMoeError, match="needs every expert resident"):
+        edge_moe.load(package, budget="50%", fused_moe=True)
+    asymmetric = export(checkpoint, "q4z", bits=4, zero_points=True)
+    model = edge_moe.load(asymmetric)
+    assert "zero points" in unfusable_reason(model.manifest) and model.fused is None
+    with pytest.raises(EdgeMoeError, match="zero points.*fused_moe=False"):
+        edge_moe.load(asymmetric, fused_moe=True)
+    np.testing.assert_allclose(model.logits(IDS), edge_moe.load(asymmetric, fused_moe=False).logits(IDS))
+
+
+def test_small_quantized_experts_fuse_as_the_float32_they_run_as(tmp_path):
+    """Experts too small for a session of their own are dequantized to float32 on load; fused, they are stacked as
+    float32 and give the per-expert path's logits (QMoE would quantize their activations to int8)."""
+    from edge_moe_export.exporter import export_checkpoint
+
+    build_checkpoint(tmp_path / "hf", tiny_config("mixtral", hidden=64, ffn=64, experts=4, top_k=2), seed=3)
+    package = export_checkpoint(tmp_path / "hf", tmp_path / "q8", bits=8, progress=False)
+    assert edge_moe.load(package).fused is None  # not by default: nothing to gain over the float32 kernel
+    fused = edge_moe.load(package, fused_moe=True)
+    assert fused.fused is not None and not fused.fused.quantized and fused.fused.dtype == "float32"
+    a, b = fused.logits(IDS), edge_moe.load(package, fused_moe=False).logits(IDS)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
