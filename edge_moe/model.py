@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -54,6 +55,7 @@ class Backbone:
 
         self.embed = session(manifest.embed)
         self.layers = [session(p, layer) for layer, p in enumerate(manifest.layers)]
+        self._open_layer = lambda layer: session(manifest.layers[layer], layer)
         self.head = session(manifest.head)
         # MoE layers whose graph routes (family_spec.ROUTE_OUTPUTS, exported for softmax top-k routers): numpy
         # routing cost 60 us a layer inside decode (16 alone), 0.76 ms of a 9.8 ms token on this VM
@@ -68,6 +70,26 @@ class Backbone:
         # cgroup charges to this process (budget auto would count them as used) and nothing reads them again
         drop_page_cache([manifest.embed, *manifest.layers, manifest.head, manifest.backbone_blob])
 
+    def open_layers_on_use(self) -> None:
+        """Closes the per-layer sessions and opens each again when first used: where one graph runs every token
+        (step_graph.py) only batching and measurements use them, and each holds a copy of its layer's weights."""
+        self.layers = LazySessions(self._open_layer, len(self.layers))
+
+
+class LazySessions(Sequence):
+    """A list of sessions, each opened on first access."""
+
+    def __init__(self, open_one, count: int):
+        self._open, self._sessions = open_one, [None] * count
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __getitem__(self, index: int):
+        session = self._sessions[index]
+        if session is None:
+            session = self._sessions[index] = self._open(index)
+        return session
 
 
 # a layer graph's inputs per config.attention_kernel (kv_cache.py feeds them)

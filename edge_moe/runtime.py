@@ -111,6 +111,8 @@ class Model:
             self.accelerator = build_tier(self, gpu_budget, gpu_policy, cost_model, recalibrate, progress)
             experts, kernels = self.accelerator, self.accelerator.kernels
         self.step_graph = self._step_graph(step_graph)
+        if self.step_graph is not None:  # its session holds the backbone's weights: the per-layer ones go
+            self.backbone.open_layers_on_use()
         if self.fused is not None and self.fused.quantized and self.step_graph is None:
             self.fused.open_all()
         bar.close()

@@ -13,9 +13,9 @@ FusedMoeLayers runs per layer) and the next layer. A token is one call and the h
     route_indices.i [T, k] of every MoE layer: outputs, copied out only when someone observes the routing
 
 The graphs are read without their weights and the composed graph is opened as bytes with the backbone's folder for
-them (as layer_graphs.py does), so the backbone's weights are read again into this session: a second copy of the
-backbone beside the per-layer sessions, which batching still uses. The per-layer path stays the reference
-(`step_graph=False`).
+them (as layer_graphs.py does). The per-layer sessions, which hold the same weights, are closed once this session
+is open and reopened when batching first runs one call a layer (Backbone.open_layers_on_use). The per-layer path
+stays the reference (`step_graph=False`).
 """
 
 from __future__ import annotations

@@ -126,3 +126,32 @@ def test_graphs_that_do_not_compose_fall_back_or_are_refused(gqa_family, monkeyp
         edge_moe.load(package, fused_moe=True, step_graph=True)
     model = edge_moe.load(package, fused_moe=True)
     assert model.step_graph is None and model.fused is not None
+
+
+def test_per_layer_sessions_open_when_batching_first_needs_them(gqa_family):
+    """With one graph a token the per-layer sessions (a second copy of the backbone) are closed after load; a batched
+    decode step, which runs one call a layer, opens them again and decodes what each request decodes alone."""
+    import threading
+
+    _, _, package = gqa_family
+    model = edge_moe.load(package, fused_moe=True)
+    prompts, lengths = (IDS, IDS[:4], IDS[3:]), (10, 14, 8)
+    alone = [model.generate(p, n).token_ids for p, n in zip(prompts, lengths)]
+    assert len(model.backbone.layers) == model.config["num_layers"]
+    assert all(s is None for s in model.backbone.layers._sessions)  # one graph a token needed none of them
+    model.enable_batching(max_batch=3)
+    results, start = [None] * 3, threading.Barrier(3)
+
+    def worker(i):
+        start.wait()
+        results[i] = model.generate(prompts[i], lengths[i]).token_ids
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == alone
+    batched = model.batcher.largest_batch >= 2
+    assert batched == all(s is not None for s in model.backbone.layers._sessions)
+    model.close()
