@@ -8,14 +8,13 @@
     Every byte of a resident expert, an in-flight read or a spare buffer counts against the budget (page-rounded
     buffers plus alignment slack). An evicted expert's buffer is the spare the next read of the same size lands in:
     a fresh buffer costs a page fault per page when O_DIRECT pins it and an munmap when it goes; spares of other
-    sizes are freed before anything resident is evicted. Large buffers are mmap-backed (see _return_freed_memory),
+    sizes are freed before anything resident is evicted. Large buffers are mmap-backed (see memory_limits.return_freed_memory),
     so a freed buffer really gives memory back instead of staying in glibc's heap.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import threading
 import time
 from concurrent.futures import Future
@@ -24,19 +23,10 @@ from .budget import minimum_budget, record_footprint
 from .errors import EdgeMoeError
 from .experts import ExpertSource, ResidentExpert
 from .manifest import Manifest, expert_seed
+from .memory_limits import return_freed_memory
 from .prefetch import PrefetchGate
 from .residency import ResidencySet, ResidencyView
 from .store import ExpertLocation, ExpertStore, aligned_empty
-
-
-def _return_freed_memory() -> None:
-    """Fix glibc's mmap threshold at 256 KiB: expert buffers then come from mmap and go back to the OS on free.
-    (By default the threshold grows after each large free, and freed experts would stay in the heap.)"""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
 
 
 def store_for(manifest: Manifest, io_threads: int = 8, direct: bool = True, throttle=None) -> ExpertStore:
@@ -58,7 +48,7 @@ class ExpertCache(ResidencyView, ExpertSource):
 
     def __init__(self, manifest: Manifest, store: ExpertStore, policy, budget: int, trace: list | None = None):
         super().__init__(trace)
-        _return_freed_memory()
+        return_freed_memory()
         self.manifest, self.store = manifest, store
         # which experts hold bytes (resident, in flight, spare buffers), pins and the eviction order
         self.residency = ResidencySet(budget, policy)

@@ -14,6 +14,7 @@ from .baselines import MmapExperts, NoCacheExperts
 from .budget import Budget, auto_budget, check_memory, full_budget, parse_budget
 from .accelerator import build_tier, parse_gpu_budget
 from .cache import ExpertCache, store_for
+from .memory_limits import return_freed_memory
 from .chat import ChatTemplate
 from .devices import resolve_device
 from .errors import EdgeMoeError
@@ -46,6 +47,7 @@ class Model:
                  half_attention: bool | None = None, step_graph: bool | None = None):
         self.manifest = manifest
         self.config = manifest.config
+        return_freed_memory()  # stacks and read buffers freed during load go back to the OS, not to the heap
         self.threads = configure_threads(threads, thread_pool or os.environ.get("EDGE_MOE_THREAD_POOL") or
                                          "per-session")
         self.clock = OrtClock()
