@@ -153,6 +153,8 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--step-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="with fused MoE layers, embed and every layer as one onnxruntime graph: one call a token "
                         "and the head's (default: where the package allows it)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="with one graph a token on CUDA, decoded tokens replay a captured CUDA graph (default: on)")
     p.add_argument("--emulate", metavar="PROFILE", help="run under a device profile's limits (threads, RAM budget, "
                                                         "flash bandwidth; a memory cgroup where allowed)")
     p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
@@ -196,7 +198,8 @@ def check_runtime_arguments(args) -> None:
 def load_options(args) -> dict:
     return dict(threads=args.threads, budget=args.budget, policy=args.policy, prefetch=args.prefetch,
                 device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy, huge_pages=args.huge_pages,
-                thread_pool=args.thread_pool, fused_moe=args.fused_moe, step_graph=args.step_graph)
+                thread_pool=args.thread_pool, fused_moe=args.fused_moe, step_graph=args.step_graph,
+                cuda_graph=args.cuda_graph)
 
 
 @contextlib.contextmanager

@@ -9,9 +9,16 @@
 - GqaKVCache ("gqa" graphs, com.microsoft.GroupQueryAttention): per layer one [1, kvH, M, D] buffer bound as both
   past and present through IOBinding, so the graph writes the new rows in place and nothing is copied per token;
   the RoPE tables (cos/sin [M, D/2]) are computed here once per capacity and shared by every layer.
+
+On an accelerator a GqaKVCache's capacity is a power of two and its buffers come from a pool they return to when
+the cache goes or grows, as do the RoPE tables: a decode step captured as a CUDA graph (step_graph.py) replays over
+the addresses it was captured with, so the next generation's cache must get the same buffers, not new ones.
 """
 
 from __future__ import annotations
+
+import threading
+import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -80,27 +87,46 @@ class GqaKVCache:
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
+        pooled = pooled_on(self.device)
+        if pooled:
+            capacity = 1 << (capacity - 1).bit_length()  # few capacities: pooled buffers and captured graphs recur
         shape = (1, self.kv_heads, capacity, self.head_dim)
-        keys = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
-        values = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
-        if self.offset:  # what the graph wrote so far; on a device the only copy is there
-            old = (zip(self.keys, self.values) if self.device == "cpu"
-                   else ((k.numpy(), v.numpy()) for k, v in self._kv))
-            for layer, (k, v) in enumerate(old):
+        if not pooled:
+            # the OrtValues are views of the numpy buffers (no copy): bound as past and present, the graph writes
+            # the new rows in place
+            keys = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
+            values = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
+            for layer, (k, v) in enumerate(zip(self.keys, self.values)):
                 keys[layer][:, :, :self.offset] = k[:, :, :self.offset]
                 values[layer][:, :, :self.offset] = v[:, :, :self.offset]
-        self.cos, self.sin = (t.astype(self.dtype) for t in rope_tables(self.head_dim, self.rope_theta, capacity))
-        where = () if self.device == "cpu" else (self.device, 0)
-        value = lambda array: ort.OrtValue.ortvalue_from_numpy(array, *where)  # noqa: E731
-        # on the CPU the OrtValues are views of the numpy buffers (no copy): bound as past and present, the graph
-        # writes the new rows in place; on a device they are the buffers, and the host arrays are dropped
-        self._kv = [(value(k), value(v)) for k, v in zip(keys, values)]
+            self._kv = [(ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))
+                        for k, v in zip(keys, values)]
+            self.keys, self.values = keys, values
+            self.cos, self.sin = (t.astype(self.dtype) for t in rope_tables(self.head_dim, self.rope_theta, capacity))
+            cos, sin = ort.OrtValue.ortvalue_from_numpy(self.cos), ort.OrtValue.ortvalue_from_numpy(self.sin)
+        else:  # the buffers are on the device, the only copy of what the graphs wrote: copied over through the host
+            kv = _DEVICE_POOL.take((self.device, shape, self.dtype.str), self.num_layers, self.dtype)
+            if self.offset:
+                for (old_k, old_v), (k, v) in zip(self._kv, kv):
+                    for old, new in ((old_k, k), (old_v, v)):
+                        rows = new.numpy()
+                        rows[:, :, :self.offset] = old.numpy()[:, :, :self.offset]
+                        new.update_inplace(rows)
+            if getattr(self, "_release", None) is not None:
+                self._release()  # the old buffers back to the pool
+            self._kv = kv
+            self._release = weakref.finalize(self, _DEVICE_POOL.give, (self.device, shape, self.dtype.str), kv)
+            cos, sin = _DEVICE_POOL.rope(self.device, self.head_dim, self.rope_theta, capacity, self.dtype)
         self._shared = {"seqlens_k": ort.OrtValue.ortvalue_from_numpy(self._seqlens),
                         "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(self._total),
-                        "cos_cache": value(self.cos), "sin_cache": value(self.sin)}
-        self.keys, self.values = (keys, values) if self.device == "cpu" else ([], [])
+                        "cos_cache": cos, "sin_cache": sin}
         self.capacity = capacity
         self._decode: dict[int, tuple] = {}  # layer -> (binding, hidden buffer, output buffers), built on first use
+
+    def buffer_addresses(self) -> tuple:
+        """Where the buffers a graph binds lie (each layer's KV, the RoPE tables): what a captured graph keeps."""
+        values = [v for kv in self._kv for v in kv] + [self._shared["cos_cache"], self._shared["sin_cache"]]
+        return tuple(v.data_ptr() for v in values)
 
     def reserve(self, total: int) -> None:
         """Room for `total` tokens in all, now: a generation reserves its prompt and output up front, since growing
@@ -168,6 +194,47 @@ class GqaKVCache:
     @property
     def nbytes(self) -> int:
         return 2 * self.num_layers * self.kv_heads * self.capacity * self.head_dim * self.dtype.itemsize
+
+
+class _DevicePool:
+    """KV buffer sets and RoPE tables on accelerators, kept for the next cache of the same shape. A set goes back
+    when its cache is collected or grows; a pool holds at most as many sets of a shape as caches of it were alive at
+    once (generations side by side)."""
+
+    def __init__(self):
+        self._free: dict[tuple, list] = {}
+        self._tables: dict[tuple, tuple] = {}
+        self._lock = threading.Lock()  # caches are collected on whatever thread drops them
+
+    def take(self, key: tuple, layers: int, dtype) -> list:
+        device, shape, _ = key
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        new = lambda: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0)  # noqa: E731
+        return [(new(), new()) for _ in range(layers)]
+
+    def give(self, key: tuple, kv: list) -> None:
+        with self._lock:
+            self._free.setdefault(key, []).append(kv)
+
+    def rope(self, device: str, head_dim: int, theta: float, capacity: int, dtype) -> tuple:
+        key = (device, head_dim, theta, capacity, np.dtype(dtype).str)
+        with self._lock:
+            tables = self._tables.get(key)
+            if tables is None:
+                tables = self._tables[key] = tuple(ort.OrtValue.ortvalue_from_numpy(t.astype(dtype), device, 0)
+                                                   for t in rope_tables(head_dim, theta, capacity))
+            return tables
+
+
+_DEVICE_POOL = _DevicePool()
+
+
+def pooled_on(device: str) -> bool:
+    """Whether caches on this OrtValue device take pooled buffers (accelerators: the KV cache lives there)."""
+    return device != "cpu"
 
 
 def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,8 @@ class Model:
                  progress: bool = False, baseline: str | None = None, throttle=None, device="cpu",
                  gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False,
                  huge_pages: bool = True, thread_pool: str | None = None, fused_moe: bool | None = None,
-                 half_attention: bool | None = None, step_graph: bool | None = None):
+                 half_attention: bool | None = None, step_graph: bool | None = None,
+                 cuda_graph: bool | None = None):
         self.manifest = manifest
         self.config = manifest.config
         return_freed_memory()  # stacks and read buffers freed during load go back to the OS, not to the heap
@@ -112,7 +113,7 @@ class Model:
         elif self.device.accelerator:
             self.accelerator = build_tier(self, gpu_budget, gpu_policy, cost_model, recalibrate, progress)
             experts, kernels = self.accelerator, self.accelerator.kernels
-        self.step_graph = self._step_graph(step_graph)
+        self.step_graph = self._step_graph(step_graph, cuda_graph)
         if self.step_graph is not None:  # its session holds the backbone's weights: the per-layer ones go
             self.backbone.open_layers_on_use()
         if self.fused is not None and self.fused.quantized and self.step_graph is None:
@@ -144,7 +145,7 @@ class Model:
         # their MatMulNBits sessions one by one, with the same int8 activations, in half their memory (fused_moe.py)
         return not self.device.accelerator and runs_quantized(expert_shape(next(iter(self.manifest.experts.values()))))
 
-    def _step_graph(self, step_graph: bool | None):
+    def _step_graph(self, step_graph: bool | None, cuda_graph: bool | None):
         """With fused MoE layers, embed and every layer as one graph (step_graph.py): auto (None) where the package
         allows it; True insists; False keeps one call a graph."""
         if step_graph is False or (self.fused is None and step_graph is None):
@@ -157,7 +158,7 @@ class Model:
             return None
         try:
             return StepGraph(self.manifest, self.backbone.half_attention, self.fused, self.clock,
-                             threads=self.backbone.threads)
+                             threads=self.backbone.threads, cuda_graphs=cuda_graph)
         except EdgeMoeError:  # graphs that do not compose (mixed opsets, control flow): one call a graph then
             if step_graph:
                 raise
@@ -499,6 +500,9 @@ def load(path: str | Path | None = None, **options) -> Model:
         step_graph: with fused MoE layers, embed and every layer composed into one graph at load (one onnxruntime
             call a token and the head's; edge_moe.step_graph). None (default): wherever the layer graphs route and
             attend with GroupQueryAttention; True insists; False: one call a graph.
+        cuda_graph: with one graph a token on CUDA, decoded tokens replay a captured CUDA graph
+            (edge_moe.step_graph.Replay). None (default): on CUDA; False: never; True on the CPU provider runs the
+            same fixed-buffer step without capture (for tests).
     Returns:
         A Model.
     Raises:

@@ -112,7 +112,7 @@ class TimedSession:
         self.session, self.clock = session, clock
         self.run_fast = fast_run(session)
         inner = getattr(session, "_sess", None)  # run_with_iobinding's wrapper adds nothing for our bindings
-        self.run_binding = ((lambda io: inner.run_with_iobinding(io._iobinding, None))
+        self.run_binding = ((lambda io, options=None: inner.run_with_iobinding(io._iobinding, options))
                             if hasattr(inner, "run_with_iobinding") else session.run_with_iobinding)
         self.output_names = [o.name for o in session.get_outputs()]
         # the last dimension of each output where the graph fixes it (binding decode outputs to buffers)
@@ -130,11 +130,11 @@ class TimedSession:
     def io_binding(self):
         return self.session.io_binding()
 
-    def run_bound(self, io, count: int) -> list:
-        """Runs with inputs and outputs bound in `io`; returns the first `count` outputs as arrays (the rest are
-        buffers bound in place, such as the KV cache, which need no copy out)."""
+    def run_bound(self, io, count: int, options: ort.RunOptions | None = None) -> list:
+        """Runs with inputs and outputs bound in `io` (and these run options); returns the first `count` outputs as
+        arrays (the rest are buffers bound in place, such as the KV cache, which need no copy out)."""
         start = time.perf_counter()
-        self.run_binding(io)
+        self.run_binding(io, options)
         # get_outputs() wraps every bound output (~5 us): only when some are read out
         outputs = [value.numpy() for value in io.get_outputs()[:count]] if count else []
         self.clock.seconds += time.perf_counter() - start

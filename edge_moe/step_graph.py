@@ -23,6 +23,7 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
+import onnxruntime as ort
 
 from .errors import EdgeMoeError
 from .fused_moe import (FC1, FC1_SCALES, FC2, FC2_SCALES, HIDDEN, RESIDUAL, ROUTE_INDICES, ROUTE_WEIGHTS, X,
@@ -32,6 +33,8 @@ from .manifest import Manifest
 from .sessions import OrtClock, TimedSession, open_session
 
 IDS = "input_ids"
+GRAPH_ID = "gpu_graph_id"  # onnxruntime's run option naming the CUDA graph a run captures or replays (-1: none)
+MAX_REPLAYS = 8
 SHARED_INPUTS = ("seqlens_k", "total_sequence_length", "cos_cache", "sin_cache")  # one for every layer
 PER_LAYER = ("past_key", "past_value", "key", "value")
 
@@ -148,15 +151,25 @@ class StepGraph:
     """
 
     def __init__(self, manifest: Manifest, half_attention: bool, fused: FusedMoeLayers, clock: OrtClock,
-                 threads: int | None = None):
+                 threads: int | None = None, cuda_graphs: bool | None = None):
         self.fused, self.device = fused, fused.device
+        self.hidden_size = int(manifest.config["hidden_size"])
+        # decode steps replay captured CUDA graphs (Replay): auto on CUDA; True on the CPU provider binds the same
+        # fixed buffers without capturing (tests)
+        self.replays = self.device.ort_device == "cuda" if cuda_graphs is None else cuda_graphs
+        providers = list(self.device.providers)
+        self._eager = None  # run options of the calls not captured
+        if self.replays and self.device.ort_device == "cuda":
+            providers = [(p, {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p for p in providers]
+            self._eager = ort.RunOptions()
+            self._eager.add_run_config_entry(GRAPH_ID, "-1")
         self.layers = len(manifest.layers)
         self.moe_layers = sorted(set(manifest.config["moe_layers"]))
         model = build_step_model(manifest, half_attention, fused.dtype, fused.top_k, fused.block_size)
         stacks = {per_layer(name, layer): array for layer in self.moe_layers if fused.quantized
                   for name, array in fused.layer_stacks(layer).items()}
         try:
-            session = open_session(model.SerializeToString(), providers=self.device.providers, threads=threads,
+            session = open_session(model.SerializeToString(), providers=providers, threads=threads,
                                    weights_folder=manifest.embed.parent, initializers=stacks)
         except Exception as exc:  # onnxruntime's own exception types
             raise EdgeMoeError(f"{manifest.root}: onnxruntime cannot run its layers as one graph "
@@ -165,11 +178,16 @@ class StepGraph:
         self._io = None
         self._bound = (lambda: None, 0)  # (the cache, its capacity) the binding holds buffers of
         self._rows = 0  # tokens of the last call: the shape of the route outputs bound
+        self._replays: dict[tuple, Replay] = {}  # by the addresses of the cache buffers they were captured over
 
     def run(self, ids: np.ndarray, cache, routes: bool = False):
         """ids [T] int64 after the cached tokens -> (final hidden states [T, H] float32 on the host, and when
         `routes` the chosen experts [(layer, indices [T, k])] of every MoE layer). The caller advances the cache."""
         cache.prepare(ids.shape[0])
+        if self.replays and ids.shape[0] == 1 and not routes:
+            replay = self._replay(cache)
+            if replay is not None:
+                return replay.run(int(ids[0]), cache.offset), []
         io = self._io
         if self._bound[0]() is not cache or self._bound[1] != cache.capacity:
             io = self._io = self.session.io_binding()
@@ -190,9 +208,61 @@ class StepGraph:
         io.bind_cpu_input(IDS, np.ascontiguousarray(ids, np.int64))
         io.bind_output(HIDDEN, "cpu")
         self._rows = ids.shape[0]
-        outputs = self.session.run_bound(io, 1 + (len(self.moe_layers) if routes else 0))
+        outputs = self.session.run_bound(io, 1 + (len(self.moe_layers) if routes else 0), self._eager)
         return outputs[0], list(zip(self.moe_layers, outputs[1:]))
+
+    def _replay(self, cache) -> "Replay | None":
+        """The replay over this cache's buffers: one exists for every buffer set seen, up to MAX_REPLAYS (a CUDA
+        graph cannot be released from its session); beyond, None and the step runs uncaptured."""
+        key = cache.buffer_addresses()
+        replay = self._replays.get(key)
+        if replay is None and len(self._replays) < MAX_REPLAYS:
+            replay = self._replays[key] = Replay(self, cache, len(self._replays) + 1)
+        return replay
 
     def _bind_routes(self, io) -> None:
         for layer in self.moe_layers:
             io.bind_output(per_layer(ROUTE_INDICES, layer), self.device.ort_device, self.device.device_id)
+
+
+class Replay:
+    """A decoded token over fixed buffers: the token and its position are written into buffers bound once, the
+    hidden state and the routes come out in others, and total_sequence_length is held at the cache's capacity
+    (GroupQueryAttention takes it on the host, where a captured graph would keep the value it saw at capture;
+    seqlens_k, on the device, carries the length). On CUDA the session captures the step as a CUDA graph on its
+    first runs under this replay's graph id and replays it after (stop 16, H200, 6 layers of Qwen3-30B-A3B shapes:
+    1.03 ms a step against 1.76). A graph keeps the addresses it was captured with, so the cache's buffers must be
+    the same ones each time: on a device they come from a pool (kv_cache._DevicePool)."""
+
+    def __init__(self, step: StepGraph, cache, graph_id: int):
+        device = step.device
+        where = (device.ort_device, device.device_id)
+        self.session = step.session
+        self.ids, self.position = np.zeros(1, np.int64), np.zeros(1, np.int32)
+        self._ids, self._position = (ort.OrtValue.ortvalue_from_numpy(a, *where) for a in (self.ids, self.position))
+        self._hidden = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, step.hidden_size), np.float32), *where)
+        io = self.io = step.session.io_binding()
+        io.bind_ortvalue_output(HIDDEN, self._hidden)
+        for layer in step.moe_layers:  # the routes, which nobody reads here, into buffers of their own
+            io.bind_ortvalue_output(per_layer(ROUTE_INDICES, layer), ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((1, step.fused.top_k), np.int64), *where))
+            if not step.fused.quantized:
+                fc1, fc2 = step.fused.stacks[layer]
+                io.bind_ortvalue_input(per_layer(FC1, layer), fc1)
+                io.bind_ortvalue_input(per_layer(FC2, layer), fc2)
+        cache.bind(io, range(step.layers), per_layer)
+        io.bind_ortvalue_input(IDS, self._ids)
+        io.bind_ortvalue_input("seqlens_k", self._position)
+        io.bind_ortvalue_input("total_sequence_length",
+                               ort.OrtValue.ortvalue_from_numpy(np.array(cache.capacity, np.int32)))
+        self.options = ort.RunOptions()
+        if device.ort_device == "cuda":
+            self.options.add_run_config_entry(GRAPH_ID, str(graph_id))
+
+    def run(self, token: int, position: int) -> np.ndarray:
+        """The final hidden state [1, H] (host) of `token` at `position` (the cached tokens before it)."""
+        self.ids[0], self.position[0] = token, position
+        self._ids.update_inplace(self.ids)
+        self._position.update_inplace(self.position)
+        self.session.run_bound(self.io, 0, self.options)
+        return self._hidden.numpy()

@@ -155,3 +155,30 @@ def test_per_layer_sessions_open_when_batching_first_needs_them(gqa_family):
     batched = model.batcher.largest_batch >= 2
     assert batched == all(s is not None for s in model.backbone.layers._sessions)
     model.close()
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_decoded_tokens_replay_over_fixed_buffers(gqa_family, monkeypatch, pooled):
+    """The decode step a CUDA graph captures (step_graph.Replay), run on the CPU provider without capture: token and
+    position written into buffers bound once, total_sequence_length held at the capacity. Tokens equal one graph a
+    token run the usual way, over the cache growing mid-decode (new buffers: a new replay) and over generations.
+    With pooled cache buffers (as on an accelerator) later generations reuse the first one's buffers and replay."""
+    from edge_moe import kv_cache
+
+    monkeypatch.setattr(kv_cache, "pooled_on", lambda device: pooled)
+    _, _, package = gqa_family
+    replayed = edge_moe.load(package, fused_moe=True, cuda_graph=True)
+    usual = edge_moe.load(package, fused_moe=True, cuda_graph=False)
+    assert replayed.step_graph.replays and not usual.step_graph.replays
+    forward, cache = replayed.forward, replayed.forward.new_cache()  # no reservation: it grows past 256 rows
+    expected, h, got = usual.generate(IDS, 290).token_ids, forward.hidden(np.array(IDS), cache), []
+    for _ in range(290):
+        got.append(int(np.argmax(forward.logits(h[-1:])[0])))
+        h = forward.hidden(np.array(got[-1:]), cache)
+    assert got == expected and cache.capacity >= 512
+    assert len(replayed.step_graph._replays) == 2  # one over the first buffers, one over the grown ones
+    for prompt, length in ((IDS[:4], 8), (IDS[2:], 12), (IDS[:4], 8)):
+        assert replayed.generate(prompt, length).token_ids == usual.generate(prompt, length).token_ids
+    # pooled: the generations' caches took the buffers the first cache gave back when it grew, and replayed the
+    # first replay; else each cache is new
+    assert len(replayed.step_graph._replays) == (2 if pooled else 5)

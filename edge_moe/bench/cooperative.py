@@ -30,6 +30,7 @@ CONFIGS = [  # name, device (None: ACCEL), RAM budget, GPU budget, other load op
     ("cpu-only, RAM all", "cpu", None, None, {}),
     ("cpu-only, RAM 50%", "cpu", "50%", None, {}),
     ("gpu all-resident", None, None, None, {}),  # fused MoE layers (fused_moe.py) where the family allows
+    ("gpu all-resident, no CUDA graph", None, None, None, {"cuda_graph": False}),  # one graph, never captured
     ("gpu all-resident per-layer", None, None, None, {"step_graph": False}),  # fused, one call a graph
     ("gpu all-resident per-expert", None, None, None, {"fused_moe": False}),
     ("coop gpu 10%, RAM 50%", None, "50%", "10%", {}),
