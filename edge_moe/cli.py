@@ -285,8 +285,12 @@ def generate(args, model, report: list[str]) -> None:
         last = response
     sys.stdout.write("\n")
     stats = model.expert_stats()
+    if model.fused is not None:  # every expert resident, stacked: nothing is fetched, so no hits to count
+        experts = "experts fused" + (", one graph a token" if model.step_graph is not None else "")
+    else:
+        experts = f"expert hits {stats['hits']}/{stats['hits'] + stats['misses']}"
     print(f"[{last.prompt_tokens} prompt tokens, {last.index + 1} generated, decode {last.decode_tps:.1f} "
-          f"tok/s, expert hits {stats['hits']}/{stats['hits'] + stats['misses']}]", file=sys.stderr)
+          f"tok/s, {experts}]", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
