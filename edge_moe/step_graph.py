@@ -30,12 +30,13 @@ from .fused_moe import (FC1, FC1_SCALES, FC2, FC2_SCALES, HIDDEN, RESIDUAL, ROUT
                         FusedMoeLayers, build_moe_graph)
 from .layer_graphs import half_attention_model
 from .manifest import Manifest
+from .model import LAYER_INPUTS
 from .sessions import OrtClock, TimedSession, open_session
 
 IDS = "input_ids"
 GRAPH_ID = "gpu_graph_id"  # onnxruntime's run option naming the CUDA graph a run captures or replays (-1: none)
 MAX_REPLAYS = 8
-SHARED_INPUTS = ("seqlens_k", "total_sequence_length", "cos_cache", "sin_cache")  # one for every layer
+SHARED_INPUTS = tuple(LAYER_INPUTS["gqa"][3:])  # sequence lengths and RoPE tables: one for every layer
 PER_LAYER = ("past_key", "past_value", "key", "value")
 
 

@@ -40,6 +40,10 @@ def test_fused_quantized_layers_compute_what_their_experts_do(checkpoint, bits, 
     per_expert = edge_moe.load(package, fused_moe=False)
     assert fused.fused is not None and fused.fused.quantized and stepped.step_graph is not None
     assert per_expert.fused is None
+    # quantized experts attend in float16 by default (GroupQueryAttention graphs), fused or not
+    assert stepped.config["attention_kernel"] == "gqa"
+    assert fused.backbone.half_attention and per_expert.backbone.half_attention
+    assert not edge_moe.load(package, half_attention=False).backbone.half_attention
     rng = np.random.default_rng(bits + block)
     hidden, experts, k = SHAPE["hidden"], SHAPE["experts"], SHAPE["top_k"]
     for layer in range(2):
@@ -93,5 +97,6 @@ def test_small_quantized_experts_fuse_as_the_float32_they_run_as(tmp_path):
     assert edge_moe.load(package).fused is None  # not by default: nothing to gain over the float32 kernel
     fused = edge_moe.load(package, fused_moe=True)
     assert fused.fused is not None and not fused.fused.quantized and fused.fused.dtype == "float32"
+    assert not fused.backbone.half_attention  # they run as float32: so does their attention
     a, b = fused.logits(IDS), edge_moe.load(package, fused_moe=False).logits(IDS)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
