@@ -60,8 +60,8 @@ def logits_match(package, prompt: list[int], steps: int = 16, gpu_budget=None, *
 
 
 def speed(package, device, budget, gpu_budget, prompt: list[int], decode: int, runs: int = 2, **options) -> dict:
-    """Load, a warm-up generation of the full prompt, then `runs` timed generations on rotated prompts; tier counters are
-    those of the timed runs only."""
+    """Load, a warm-up generation of the full prompt, then `runs` timed generations on rotated prompts; tier
+    counters are those of the timed runs only."""
     start = time.perf_counter()
     model = load(package, device=device or ACCEL, budget=budget, gpu_budget=gpu_budget, **options)
     model.settle()
