@@ -137,7 +137,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-match", action="store_true")
     p.add_argument("--choice-tokens", default="1,2,4,8,16,32,64,128,256,512,1024",
                    help="token counts at which both paths are timed")
-    p.add_argument("--choice-experts", type=int, default=4, help="sample experts timed at each token count")
+    p.add_argument("--choice-experts", type=int, default=4, help="sample experts timed at each token count "
+                   "(0: skip the cost model's check)")
+    p.add_argument("--only", help="time only the configurations whose name contains one of these comma-separated "
+                   "words (e.g. 'RAM 50%%')")
     args = p.parse_args(argv)
     from ..manifest import Manifest
 
@@ -168,12 +171,15 @@ def main(argv=None) -> int:
                   f"{m['max_rel_diff']:.2e}, argmax {m['argmax_agree']}/{m['positions']} "
                   f"({'ok' if m['ok'] else 'OVER'} at {TOLERANCE:g})", flush=True)
     c = section("choice", lambda: choice_accuracy(args.package, [int(t) for t in args.choice_tokens.split(",")],
-                                                    args.choice_experts))
+                                                    args.choice_experts)) if args.choice_experts else {}
     if "share" in c:
         print(f"cost model right {c['right']}/{c['total']} ({c['share']:.0%}); upload wins from "
               f"T={c['crossover_tokens']}", flush=True)
     speeds = results["speed"] = {}
+    wanted = [w.strip() for w in args.only.split(",")] if args.only else None
     for name, device, budget, gpu_budget, options in CONFIGS:
+        if wanted and not any(w in name for w in wanted):
+            continue
         s = section("last", lambda: speed(args.package, device, budget, gpu_budget, prompt, args.decode, **options))
         speeds[name] = results.pop("last")
         if "decode_tps" in s:
