@@ -14,7 +14,7 @@ from .baselines import MmapExperts, NoCacheExperts
 from .budget import Budget, auto_budget, check_memory, full_budget, parse_budget
 from .accelerator import build_tier, parse_gpu_budget
 from .cache import ExpertCache, store_for
-from .memory_limits import return_freed_memory
+from .memory_limits import memory_headroom, return_freed_memory
 from .chat import ChatTemplate
 from .devices import resolve_device
 from .errors import EdgeMoeError
@@ -34,6 +34,11 @@ from .tokenizer import StreamingDecoder, Tokenizer
 
 
 SIDE_BY_SIDE_MAX_HIDDEN = 1024  # measured gains at hidden 512 (2 threads), losses at 2048 (16 threads)
+
+
+# Peak memory of loading quantized experts fused, per stored expert byte: the stacks (1x) beside onnxruntime's packed
+# copy (1.38x at 8 bits block 32, 1.68x at 4 bits block 128: stop 16, this VM), before the stacks go
+FUSED_LOAD_PEAK = 2.7
 
 
 class Model:
@@ -136,14 +141,20 @@ class Model:
         if fused_moe:
             if not everything:
                 raise EdgeMoeError("fused_moe needs every expert resident: drop the budget (--budget) and baseline")
+            if runs_quantized(expert_shape(next(iter(self.manifest.experts.values())))):
+                check_memory(int(FUSED_LOAD_PEAK * self.manifest.expert_bytes), "loading the quantized experts "
+                             "fused", "load them one session each (fused_moe=False, --no-fused-moe)")
             return True
         if unfusable_reason(self.manifest, self.device) is not None or not everything:
             return False
         if self.device.accelerator and self.device.ort_device != "cpu":
             return parse_gpu_budget(gpu_budget, self.manifest) >= self.manifest.expert_bytes
         # without an accelerator quantized experts fuse by default: QMoE runs a layer's experts 1.9x faster than
-        # their MatMulNBits sessions one by one, with the same int8 activations, in half their memory (fused_moe.py)
-        return not self.device.accelerator and runs_quantized(expert_shape(next(iter(self.manifest.experts.values()))))
+        # their MatMulNBits sessions one by one, with the same int8 activations (fused_moe.py); where the memory
+        # allows its load, which holds the stacks beside onnxruntime's packed copy of them
+        if self.device.accelerator or not runs_quantized(expert_shape(next(iter(self.manifest.experts.values())))):
+            return False
+        return FUSED_LOAD_PEAK * self.manifest.expert_bytes <= memory_headroom().nbytes
 
     def _step_graph(self, step_graph: bool | None, cuda_graph: bool | None):
         """With fused MoE layers, embed and every layer as one graph (step_graph.py): auto (None) where the package

@@ -100,3 +100,19 @@ def test_small_quantized_experts_fuse_as_the_float32_they_run_as(tmp_path):
     assert not fused.backbone.half_attention  # they run as float32: so does their attention
     a, b = fused.logits(IDS), edge_moe.load(package, fused_moe=False).logits(IDS)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_quantized_experts_fuse_only_where_the_memory_allows_loading_them(checkpoint, monkeypatch):
+    """Loading fused holds the stacks beside onnxruntime's packed copy (runtime.FUSED_LOAD_PEAK times the experts'
+    bytes): with less room the default is one session per expert, and insisting is refused with the fix."""
+    from edge_moe import runtime
+    from edge_moe.memory_limits import Headroom
+
+    package = export(checkpoint, "q4tight", bits=4)
+    expert_bytes = edge_moe.load(package, fused_moe=False).manifest.expert_bytes
+    tight = Headroom(int(2 * expert_bytes), "a test's limit")
+    monkeypatch.setattr(runtime, "memory_headroom", lambda: tight)  # what the default's choice sees
+    assert edge_moe.load(package).fused is None
+    monkeypatch.setattr("edge_moe.memory_limits.memory_headroom", lambda: tight)  # and every check
+    with pytest.raises(EdgeMoeError, match="quantized experts fused.*--no-fused-moe"):
+        edge_moe.load(package, fused_moe=True)
