@@ -1,15 +1,16 @@
-"""Experiment, not wired into the runtime: the step graph (edge_moe/step_graph.py) decoding under onnxruntime's CUDA
-graph capture (`enable_cuda_graph`, static shapes through free-dimension overrides T=1 and M=capacity, every input
-and output bound to fixed device buffers), beside the normal step on its own cache, token for token.
+"""The experiment behind step_graph.Replay (the runtime's CUDA-graph decode since stop 16), kept to compare the
+captured step with the uncaptured one on a fixed-shape session: the step graph under onnxruntime's CUDA graph capture
+(`enable_cuda_graph`, free-dimension overrides T=1 and M=capacity, every input and output bound to fixed device
+buffers), beside the normal step on its own cache, token for token; each with GroupQueryAttention's
+total_sequence_length at the current length and at the capacity.
 
 `python docs/bench/cuda_graph_step.py PACKAGE cuda` (after gpu_run.sh setup: /tmp/g/f16); `... cpu` checks the
 binding logic on the CPU provider (fused, float16 attention, no capture).
 
-Measured on the H200 (stop 15): the captured step takes 1.08 ms against 1.67-1.77 for the same fixed-shape graph
-uncaptured, but only the first replayed token is right (1e-4 of the normal step); later ones drift to 1e-2 - 6e-2:
-the capture freezes what the kernels read on the host at capture time, most likely GroupQueryAttention's
-total_sequence_length (a CPU input). Next: capture with it at the capacity (seqlens_k, on the device, carries the
-real lengths), or one capture per length bucket."""
+Measured on the H200: stop 15, the captured step 1.08 ms against 1.67-1.77 uncaptured, but only the first replayed
+token right (later ones 1e-2 - 6e-2 off). Stop 16: that was total_sequence_length, a host input the capture freezes;
+held at the capacity (seqlens_k, on the device, carries the lengths) every replayed token matches (1e-4, as
+uncaptured) at 1.03 ms against 1.76."""
 import sys, time, numpy as np, onnxruntime as ort, edge_moe
 from edge_moe.step_graph import build_step_model, per_layer, IDS
 from edge_moe.fused_moe import HIDDEN, FC1, FC2, ROUTE_INDICES
