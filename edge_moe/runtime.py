@@ -67,9 +67,12 @@ class Model:
         # thread, it is much slower (H200 CPU, 16 threads, Qwen3-30B-A3B shapes: 4.8 tok/s against 24.5). Not under
         # a budget (the cache may evict an expert once handed out), with an accelerator tier (it places experts
         # itself), or on the shared pool (it spins: one expert at a time on all its threads is faster).
+        # Nor with fused MoE layers, which run a layer's experts in one call on the graphs' own threads.
+        spec = Budget.parse(budget)
+        fuse = self._fuse(fused_moe, baseline, gpu_budget, everything=spec.unlimited and baseline is None)
         side_by_side = (1 < self.threads <= int(self.config.get("top_k") or 1)
                         and int(self.config["hidden_size"]) <= SIDE_BY_SIDE_MAX_HIDDEN
-                        and budget is None and not self.device.accelerator and not shared_pool())
+                        and budget is None and not self.device.accelerator and not shared_pool() and not fuse)
         self.backbone = Backbone(manifest, self.clock, providers=self.device.providers,
                                  ort_device=self.device.ort_device, threads=1 if side_by_side else None,
                                  half_attention=half_attention)
@@ -77,7 +80,6 @@ class Model:
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
         self.budget_note = None
-        spec = Budget.parse(budget)
         if spec.auto:  # after the backbone: its memory counts
             budget, self.budget_note = auto_budget(manifest)
         self.budget = None if spec.unlimited else self._budget_bytes(budget)
@@ -86,7 +88,6 @@ class Model:
         self.batcher = None  # enable_batching
         self.kernels = ExpertKernels(self.clock, parallel=side_by_side)  # before experts load: sets their threads
         predictor = None
-        fuse = self._fuse(fused_moe, baseline, gpu_budget)
         if baseline == "mmap":
             self.experts = MmapExperts(manifest, trace=self.trace)
         elif baseline == "no-cache":
@@ -132,12 +133,12 @@ class Model:
         # resident weights onto 2 MiB pages in the background (huge_pages.py: 1.5-2x decode in a VM)
         self.huge_pages = HugePageKeeper(lambda: self.clock.calls) if huge_pages else None
 
-    def _fuse(self, fused_moe: bool | None, baseline, gpu_budget) -> bool:
+    def _fuse(self, fused_moe: bool | None, baseline, gpu_budget, everything: bool) -> bool:
         """Whether MoE layers run as one fused call each (fused_moe.py). Auto (None): on a real accelerator that
-        holds every expert, when the kernel can express the family; True insists (any device, all resident)."""
+        holds every expert, and for quantized experts on the CPU, when the kernel can express the family; True
+        insists (any device, all resident). everything: no budget and no baseline (every expert resident)."""
         if fused_moe is False:
             return False
-        everything = self.budget is None and baseline is None
         if fused_moe:
             if not everything:
                 raise EdgeMoeError("fused_moe needs every expert resident: drop the budget (--budget) and baseline")
