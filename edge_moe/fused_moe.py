@@ -38,11 +38,11 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from . import quant
 from .errors import EdgeMoeError
+from .experts import expert_shape
 from .family_spec import ROUTE_OUTPUTS, router_spec
 from .manifest import Manifest
-from . import quant
-from .experts import expert_shape
 from .quant_graph import ACCURACY_LEVEL
 from .sessions import OrtClock, TimedSession, open_session
 
@@ -60,6 +60,12 @@ def runs_quantized(shape) -> bool:
     return shape.quantized and quant.uses_session(shape)
 
 
+def experts_run_quantized(manifest: Manifest) -> bool:
+    """runs_quantized for the package's experts (its first one: a model whose experts differ is not fused)."""
+    record = next(iter(manifest.experts.values()), None)
+    return record is not None and runs_quantized(expert_shape(record))
+
+
 def unfusable_reason(manifest: Manifest, device=None) -> str | None:
     """Why the fused kernel cannot run this package's layers exactly as its experts define them, or None when it
     can: weights on the experts' outputs, SwiGLU experts of one dtype, float or small quantized ones on any device,
@@ -74,7 +80,7 @@ def unfusable_reason(manifest: Manifest, device=None) -> str | None:
     if len(kinds) > 1 or any(kind != "swiglu" for kind, _ in kinds):
         return f"its experts are {sorted(kinds)}; the fused kernel takes one kind of SwiGLU expert a model"
     dtype = records[0].dtype
-    if runs_quantized(expert_shape(records[0])):
+    if experts_run_quantized(manifest):
         if dtype not in QUANT_BITS:
             return f"its experts are {dtype}; the quantized fused kernel takes q4 and q8"
         if device is not None and device.ort_device != "cpu":
@@ -102,7 +108,7 @@ def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, dt
     log(w / max w) for the chosen experts and NOT_CHOSEN for the rest, so its softmax and top-k give back exactly the
     chosen experts with weights w / sum w; the output is scaled back by sum w.
     Quantized experts (`dtype` q4 / q8, `block_size`): FC1, FC1_SCALES, FC2, FC2_SCALES are initializers whose bytes
-    the session is given at load (sessions.open_session's `initializers`; see quantized_stacks)), with
+    the session is given at load (sessions.open_session's `initializers`; see quantized_stacks), with
     int8 activations as the experts' MatMulNBits sessions (onnxruntime's QMoE does so at any accuracy_level)."""
     from onnx import TensorProto
 

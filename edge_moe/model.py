@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import EdgeMoeError
-from .experts import ExpertKernels, ExpertSource, expert_shape
+from .experts import ExpertKernels, ExpertSource
 from .files import drop_page_cache
-from .fused_moe import runs_quantized
+from .fused_moe import experts_run_quantized
 from .family_spec import ROUTE_OUTPUTS
 from .layer_graphs import half_attention_graph
 from .kv_cache import KVCache, new_kv_cache
@@ -43,8 +43,7 @@ class Backbone:
             # Quantized experts already quantize their activations to int8 (a relative error near 1e-2); a float16
             # KV cache (as llama.cpp keeps by default) adds little to that and reads half the bytes: at 2,048
             # tokens of context on the 2-core VM, 4-bit decode 70-79 -> 75-89 tok/s; no change at short context.
-            records = list(manifest.experts.values())
-            half_attention = ort_device != "cpu" or bool(records) and runs_quantized(expert_shape(records[0]))
+            half_attention = ort_device != "cpu" or experts_run_quantized(manifest)
         self.half_attention = gqa and half_attention
         self.kv_dtype = np.float16 if self.half_attention else np.float32
 

@@ -18,8 +18,8 @@ from .memory_limits import memory_headroom, return_freed_memory
 from .chat import ChatTemplate
 from .devices import resolve_device
 from .errors import EdgeMoeError
-from .experts import AllResidentExperts, ExpertKernels, expert_shape, stored_tensors
-from .fused_moe import FusedMoeLayers, runs_quantized, unfusable_reason
+from .experts import AllResidentExperts, ExpertKernels, stored_tensors
+from .fused_moe import FusedMoeLayers, experts_run_quantized, unfusable_reason
 from .generate import GenerationResponse, GenerationResult, PromptCache, Sequence, stream_tokens
 from .huge_pages import HugePageKeeper
 from .manifest import Manifest
@@ -142,7 +142,7 @@ class Model:
         if fused_moe:
             if not everything:
                 raise EdgeMoeError("fused_moe needs every expert resident: drop the budget (--budget) and baseline")
-            if runs_quantized(expert_shape(next(iter(self.manifest.experts.values())))):
+            if experts_run_quantized(self.manifest):
                 check_memory(int(FUSED_LOAD_PEAK * self.manifest.expert_bytes), "loading the quantized experts "
                              "fused", "load them one session each (fused_moe=False, --no-fused-moe)")
             return True
@@ -153,7 +153,7 @@ class Model:
         # without an accelerator quantized experts fuse by default: QMoE runs a layer's experts 1.9x faster than
         # their MatMulNBits sessions one by one, with the same int8 activations (fused_moe.py); where the memory
         # allows its load, which holds the stacks beside onnxruntime's packed copy of them
-        if self.device.accelerator or not runs_quantized(expert_shape(next(iter(self.manifest.experts.values())))):
+        if self.device.accelerator or not experts_run_quantized(self.manifest):
             return False
         return FUSED_LOAD_PEAK * self.manifest.expert_bytes <= memory_headroom().nbytes
 
