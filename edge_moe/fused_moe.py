@@ -259,6 +259,14 @@ class FusedMoeLayers:
         self._advance(self.num_experts)
         return stacks
 
+    def bind_stacks(self, io, layer: int, named=lambda name: name) -> None:
+        """Binds the layer's float stacks as the inputs `named(FC1)` / `named(FC2)` of a binding; quantized stacks
+        are their sessions' initializers, so nothing to bind."""
+        if not self.quantized:
+            fc1, fc2 = self.stacks[layer]
+            io.bind_ortvalue_input(named(FC1), fc1)
+            io.bind_ortvalue_input(named(FC2), fc2)
+
     def open_all(self) -> None:
         """Opens every quantized layer's session now, so that no token waits for one."""
         for layer in self.layers:
@@ -283,10 +291,7 @@ class FusedMoeLayers:
         io = self._bindings.get(layer)
         if io is None:  # the float stacks stay bound between calls; only x and the routing change
             io = self._bindings[layer] = session.io_binding()
-            if not self.quantized:
-                fc1, fc2 = self.stacks[layer]
-                io.bind_ortvalue_input(FC1, fc1)
-                io.bind_ortvalue_input(FC2, fc2)
+            self.bind_stacks(io, layer)
         io.bind_cpu_input(X, np.ascontiguousarray(x, np.float32))
         io.bind_cpu_input(ROUTE_INDICES, np.ascontiguousarray(indices, np.int64))
         io.bind_cpu_input(ROUTE_WEIGHTS, np.ascontiguousarray(weights, np.float32))

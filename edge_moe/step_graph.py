@@ -194,10 +194,8 @@ class StepGraph:
             io = self._io = self.session.io_binding()
             io.bind_output(HIDDEN, "cpu")  # first: run_bound reads outputs in binding order
             self._bind_routes(io)
-            for layer in self.moe_layers if not self.fused.quantized else ():  # quantized: initializers
-                fc1, fc2 = self.fused.stacks[layer]
-                io.bind_ortvalue_input(per_layer(FC1, layer), fc1)
-                io.bind_ortvalue_input(per_layer(FC2, layer), fc2)
+            for layer in self.moe_layers:
+                self.fused.bind_stacks(io, layer, lambda name, layer=layer: per_layer(name, layer))
             cache.bind(io, range(self.layers), per_layer)
             self._bound = (weakref.ref(cache), cache.capacity)
         else:
@@ -247,10 +245,7 @@ class Replay:
         for layer in step.moe_layers:  # the routes, which nobody reads here, into buffers of their own
             io.bind_ortvalue_output(per_layer(ROUTE_INDICES, layer), ort.OrtValue.ortvalue_from_numpy(
                 np.zeros((1, step.fused.top_k), np.int64), *where))
-            if not step.fused.quantized:
-                fc1, fc2 = step.fused.stacks[layer]
-                io.bind_ortvalue_input(per_layer(FC1, layer), fc1)
-                io.bind_ortvalue_input(per_layer(FC2, layer), fc2)
+            step.fused.bind_stacks(io, layer, lambda name, layer=layer: per_layer(name, layer))
         cache.bind(io, range(step.layers), per_layer)
         io.bind_ortvalue_input(IDS, self._ids)
         io.bind_ortvalue_input("seqlens_k", self._position)

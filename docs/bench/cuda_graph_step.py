@@ -13,7 +13,7 @@ held at the capacity (seqlens_k, on the device, carries the lengths) every repla
 uncaptured) at 1.03 ms against 1.76."""
 import sys, time, numpy as np, onnxruntime as ort, edge_moe
 from edge_moe.step_graph import build_step_model, per_layer, IDS
-from edge_moe.fused_moe import HIDDEN, FC1, FC2, ROUTE_INDICES
+from edge_moe.fused_moe import HIDDEN, ROUTE_INDICES
 pkg, dev = sys.argv[1], sys.argv[2]
 kw = {"device": "cuda"} if dev == "cuda" else {"fused_moe": True, "half_attention": True}
 m = edge_moe.load(pkg, **kw); m.settle()
@@ -45,8 +45,7 @@ def trial(graph, tot_cap=False):
         for n, val in (("past_key", k), ("past_value", v)): io.bind_ortvalue_input(per_layer(n, layer), val)
         for n, val in (("key", k), ("value", v)): io.bind_ortvalue_output(per_layer(n, layer), val)
     for layer in sg.moe_layers:
-        fc1, fc2 = sg.fused.stacks[layer]
-        io.bind_ortvalue_input(per_layer(FC1, layer), fc1); io.bind_ortvalue_input(per_layer(FC2, layer), fc2)
+        sg.fused.bind_stacks(io, layer, lambda name, layer=layer: per_layer(name, layer))
         io.bind_ortvalue_output(per_layer(ROUTE_INDICES, layer), ort.OrtValue.ortvalue_from_numpy(np.zeros((1, sg.fused.top_k), np.int64), *where))
     io.bind_ortvalue_output(HIDDEN, hid_v)
     def step_b(token):
