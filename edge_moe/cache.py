@@ -8,8 +8,8 @@
     Every byte of a resident expert, an in-flight read or a spare buffer counts against the budget (page-rounded
     buffers plus alignment slack). An evicted expert's buffer is the spare the next read of the same size lands in:
     a fresh buffer costs a page fault per page when O_DIRECT pins it and an munmap when it goes; spares of other
-    sizes are freed before anything resident is evicted. Large buffers are mmap-backed (see memory_limits.return_freed_memory),
-    so a freed buffer really gives memory back instead of staying in glibc's heap.
+    sizes are freed before anything resident is evicted. Large buffers are mmap-backed (see
+    memory_limits.return_freed_memory), so a freed buffer really gives memory back instead of staying in glibc's heap.
 """
 
 from __future__ import annotations

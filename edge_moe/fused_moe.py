@@ -123,8 +123,9 @@ def build_moe_graph(hidden: int, experts: int, intermediate: int, top_k: int, dt
     shape = g.op("Concat", g.op("Shape", x, end=1), g.const([experts], "int64"), axis=0)     # [T, E]
     if dtype in QUANT_BITS:
         bits = QUANT_BITS[dtype]
-        for name, (array_dtype, dims) in quantized_stack_shapes(hidden, experts, intermediate, bits, block_size).items():
-            g.external(name, array_dtype, dims, "unused.bin", 0, int(np.prod(dims)) * np.dtype(array_dtype).itemsize)
+        stacks = quantized_stack_shapes(hidden, experts, intermediate, bits, block_size)
+        for name, (array_dtype, dims) in stacks.items():
+            g.external(name, array_dtype, dims, "unused.bin", 0, array_bytes(array_dtype, dims))
         zeros = g.op("Expand", g.const([[0.0]]), shape)
         picked = g.op("ScatterElements", zeros, indices, g.op("Expand", g.const([[1.0]]), g.op("Shape", weights)),
                       axis=1)
@@ -161,6 +162,10 @@ def quantized_stack_shapes(hidden: int, experts: int, intermediate: int, bits: i
             FC1_SCALES: ("float32", [experts, 2 * intermediate, hidden // block_size]),
             FC2: ("uint8", [experts, hidden, intermediate * bits // 8]),
             FC2_SCALES: ("float32", [experts, hidden, intermediate // block_size])}
+
+
+def array_bytes(dtype: str, dims: list[int]) -> int:
+    return int(np.prod(dims)) * np.dtype(dtype).itemsize
 
 
 def quantized_stacks(tensors: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -237,8 +242,7 @@ class FusedMoeLayers:
         if self.quantized:
             shapes = quantized_stack_shapes(record.hidden_size, self.num_experts, record.intermediate_size,
                                             QUANT_BITS[self.dtype], self.block_size)
-            self.nbytes = len(self.layers) * sum(int(np.prod(dims)) * np.dtype(dt).itemsize
-                                                 for dt, dims in shapes.values())
+            self.nbytes = len(self.layers) * sum(array_bytes(dt, dims) for dt, dims in shapes.values())
             self.session = None
             return
         self.session = TimedSession(open_session(self.model, providers=device.providers), clock)

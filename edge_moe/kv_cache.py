@@ -105,7 +105,8 @@ class GqaKVCache:
             self.cos, self.sin = (t.astype(self.dtype) for t in rope_tables(self.head_dim, self.rope_theta, capacity))
             cos, sin = ort.OrtValue.ortvalue_from_numpy(self.cos), ort.OrtValue.ortvalue_from_numpy(self.sin)
         else:  # the buffers are on the device, the only copy of what the graphs wrote: copied over through the host
-            kv = _DEVICE_POOL.take((self.device, shape, self.dtype.str), self.num_layers, self.dtype)
+            key = (self.device, shape, self.dtype.str)
+            kv = _DEVICE_POOL.take(key, self.num_layers)
             if self.offset:
                 for (old_k, old_v), (k, v) in zip(self._kv, kv):
                     for old, new in ((old_k, k), (old_v, v)):
@@ -115,7 +116,7 @@ class GqaKVCache:
             if getattr(self, "_release", None) is not None:
                 self._release()  # the old buffers back to the pool
             self._kv = kv
-            self._release = weakref.finalize(self, _DEVICE_POOL.give, (self.device, shape, self.dtype.str), kv)
+            self._release = weakref.finalize(self, _DEVICE_POOL.give, key, kv)
             cos, sin = _DEVICE_POOL.rope(self.device, self.head_dim, self.rope_theta, capacity, self.dtype)
         self._shared = {"seqlens_k": ort.OrtValue.ortvalue_from_numpy(self._seqlens),
                         "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(self._total),
@@ -206,8 +207,9 @@ class _DevicePool:
         self._tables: dict[tuple, tuple] = {}
         self._lock = threading.Lock()  # caches are collected on whatever thread drops them
 
-    def take(self, key: tuple, layers: int, dtype) -> list:
-        device, shape, _ = key
+    def take(self, key: tuple, layers: int) -> list:
+        """A set of `layers` (key, value) buffers; key: (device, shape, dtype.str)."""
+        device, shape, dtype = key
         with self._lock:
             free = self._free.get(key)
             if free:
