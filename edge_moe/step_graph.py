@@ -157,10 +157,10 @@ class StepGraph:
         self.hidden_size = int(manifest.config["hidden_size"])
         # decode steps replay captured CUDA graphs (Replay): auto on CUDA; True on the CPU provider binds the same
         # fixed buffers without capturing (tests)
-        self.replays = self.device.ort_device == "cuda" if cuda_graphs is None else cuda_graphs
+        self.replay_decode = self.device.ort_device == "cuda" if cuda_graphs is None else cuda_graphs
         providers = list(self.device.providers)
         self._eager = None  # run options of the calls not captured
-        if self.replays and self.device.ort_device == "cuda":
+        if self.replay_decode and self.device.ort_device == "cuda":
             providers = [(p, {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p for p in providers]
             self._eager = ort.RunOptions()
             self._eager.add_run_config_entry(GRAPH_ID, "-1")
@@ -185,7 +185,7 @@ class StepGraph:
         """ids [T] int64 after the cached tokens -> (final hidden states [T, H] float32 on the host, and when
         `routes` the chosen experts [(layer, indices [T, k])] of every MoE layer). The caller advances the cache."""
         cache.prepare(ids.shape[0])
-        if self.replays and ids.shape[0] == 1 and not routes:
+        if self.replay_decode and ids.shape[0] == 1 and not routes:
             replay = self._replay(cache)
             if replay is not None:
                 return replay.run(int(ids[0]), cache.offset), []

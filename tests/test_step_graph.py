@@ -169,7 +169,7 @@ def test_decoded_tokens_replay_over_fixed_buffers(gqa_family, monkeypatch, poole
     _, _, package = gqa_family
     replayed = edge_moe.load(package, fused_moe=True, cuda_graph=True)
     usual = edge_moe.load(package, fused_moe=True, cuda_graph=False)
-    assert replayed.step_graph.replays and not usual.step_graph.replays
+    assert replayed.step_graph.replay_decode and not usual.step_graph.replay_decode
     forward, cache = replayed.forward, replayed.forward.new_cache()  # no reservation: it grows past 256 rows
     expected, h, got = usual.generate(IDS, 290).token_ids, forward.hidden(np.array(IDS), cache), []
     for _ in range(290):
