@@ -147,9 +147,12 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                    help="keep resident weights on 4 KiB pages (default: moved onto 2 MiB pages in the background)")
     p.add_argument("--fused-moe", action=argparse.BooleanOptionalAction, default=None,
-                   help="each MoE layer's experts as one onnxruntime call over stacked weights (needs every expert "
-                        "resident; float experts are stacked in float32 on the CPU, twice a float16 model's memory); "
-                        "default: on for an accelerator that holds every expert, else off")
+                   help="each MoE layer's experts as one call over stacked weights (needs every expert resident); "
+                        "default: on for an accelerator that holds every expert and on the CPU for quantized and "
+                        "float16 experts, else off")
+    p.add_argument("--native-kernel", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused float16 experts on the CPU in edge_moe's own kernel, which reads float16 weights "
+                        "(default: where it was built); --no-native-kernel: onnxruntime over float32 stacks")
     p.add_argument("--step-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="with fused MoE layers, embed and every layer as one onnxruntime graph: one call a token "
                         "and the head's (default: where the package allows it)")
@@ -199,7 +202,7 @@ def load_options(args) -> dict:
     return dict(threads=args.threads, budget=args.budget, policy=args.policy, prefetch=args.prefetch,
                 device=args.device, gpu_budget=args.gpu_budget, gpu_policy=args.gpu_policy, huge_pages=args.huge_pages,
                 thread_pool=args.thread_pool, fused_moe=args.fused_moe, step_graph=args.step_graph,
-                cuda_graph=args.cuda_graph)
+                cuda_graph=args.cuda_graph, native_kernel=args.native_kernel)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from .chat import ChatTemplate
 from .devices import resolve_device
 from .errors import EdgeMoeError
 from .experts import AllResidentExperts, ExpertKernels, stored_tensors
-from .fused_moe import FusedMoeLayers, experts_run_quantized, unfusable_reason
+from .fused_moe import FusedMoeLayers, experts_run_native, experts_run_quantized, unfusable_reason
 from .generate import GenerationResponse, GenerationResult, PromptCache, Sequence, stream_tokens
 from .huge_pages import HugePageKeeper
 from .manifest import Manifest
@@ -50,7 +50,7 @@ class Model:
                  gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False,
                  huge_pages: bool = True, thread_pool: str | None = None, fused_moe: bool | None = None,
                  half_attention: bool | None = None, step_graph: bool | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, native_kernel: bool | None = None):
         self.manifest = manifest
         self.config = manifest.config
         return_freed_memory()  # stacks and read buffers freed during load go back to the OS, not to the heap
@@ -69,7 +69,8 @@ class Model:
         # itself), or on the shared pool (it spins: one expert at a time on all its threads is faster).
         # Nor with fused MoE layers, which run a layer's experts in one call on the graphs' own threads.
         spec = Budget.parse(budget)
-        fuse = self._fuse(fused_moe, baseline, gpu_budget, everything=spec.unlimited and baseline is None)
+        fuse = self._fuse(fused_moe, baseline, gpu_budget, everything=spec.unlimited and baseline is None,
+                          native_kernel=native_kernel)
         side_by_side = (1 < self.threads <= int(self.config.get("top_k") or 1)
                         and int(self.config["hidden_size"]) <= SIDE_BY_SIDE_MAX_HIDDEN
                         and budget is None and not self.device.accelerator and not shared_pool() and not fuse)
@@ -115,7 +116,8 @@ class Model:
             # place them, and no per-expert copy beside the stacks
             store = self.store
             self.fused = FusedMoeLayers(manifest, lambda layer, e: stored_tensors(
-                manifest.experts[(layer, e)], store.read((layer, e))), self.device, self.clock, bar)
+                manifest.experts[(layer, e)], store.read((layer, e))), self.device, self.clock, bar,
+                native_kernel=native_kernel, threads=self.threads)
         elif self.device.accelerator:
             self.accelerator = build_tier(self, gpu_budget, gpu_policy, cost_model, recalibrate, progress)
             experts, kernels = self.accelerator, self.accelerator.kernels
@@ -133,7 +135,7 @@ class Model:
         # resident weights onto 2 MiB pages in the background (huge_pages.py: 1.5-2x decode in a VM)
         self.huge_pages = HugePageKeeper(lambda: self.clock.calls) if huge_pages else None
 
-    def _fuse(self, fused_moe: bool | None, baseline, gpu_budget, everything: bool) -> bool:
+    def _fuse(self, fused_moe: bool | None, baseline, gpu_budget, everything: bool, native_kernel=None) -> bool:
         """Whether MoE layers run as one fused call each (fused_moe.py). Auto (None): on a real accelerator that
         holds every expert, and for quantized experts on the CPU, when the kernel can express the family; True
         insists (any device, all resident). everything: no budget and no baseline (every expert resident)."""
@@ -153,9 +155,15 @@ class Model:
         # without an accelerator quantized experts fuse by default: QMoE runs a layer's experts 1.9x faster than
         # their MatMulNBits sessions one by one, with the same int8 activations (fused_moe.py); where the memory
         # allows its load, which holds the stacks beside onnxruntime's packed copy of them
-        if self.device.accelerator or not experts_run_quantized(self.manifest):
+        if self.device.accelerator:
             return False
-        return FUSED_LOAD_PEAK * self.manifest.expert_bytes <= memory_headroom().nbytes
+        if experts_run_quantized(self.manifest):
+            return FUSED_LOAD_PEAK * self.manifest.expert_bytes <= memory_headroom().nbytes
+        # float16 experts fuse by default where edge_moe's own kernel runs (native.py: it reads the float16 bytes,
+        # 1.8x onnxruntime's float32 stacks a layer at one token); its stacks are the experts' bytes, read one layer
+        # at a time
+        return native_kernel is not False and experts_run_native(self.manifest) and \
+            self.manifest.expert_bytes <= memory_headroom().nbytes
 
     def _step_graph(self, step_graph: bool | None, cuda_graph: bool | None):
         """With fused MoE layers, embed and every layer as one graph (step_graph.py): auto (None) where the package
@@ -163,7 +171,8 @@ class Model:
         if step_graph is False or (self.fused is None and step_graph is None):
             return None
         reason = ("it needs fused MoE layers (fused_moe=True)" if self.fused is None
-                  else unsupported_step_reason(self.manifest, self.backbone.routed))
+                  else "its float16 experts run in edge_moe's own kernel, outside onnxruntime (native.py)"
+                  if self.fused.native else unsupported_step_reason(self.manifest, self.backbone.routed))
         if reason is not None:
             if step_graph:
                 raise EdgeMoeError(f"{self.manifest.root}: cannot run as one graph a token: {reason}")
@@ -502,10 +511,14 @@ def load(path: str | Path | None = None, **options) -> Model:
             not opt in, the embedding program's own too. The command line uses 'shared'.
         huge_pages: move resident weights onto 2 MiB pages in a background thread (Linux 6.1+; edge_moe.huge_pages;
             `model.settle()` waits for the first pass).
-        fused_moe: run each MoE layer's routing and experts as one onnxruntime call over the layer's stacked
-            weights (com.microsoft.MoE; edge_moe.fused_moe). None (default): on an accelerator that holds every
-            expert, where the family's router and experts allow it; True: also on the CPU (float experts stacked
-            in float32, twice a float16 model's expert memory; needs every expert resident); False: never.
+        fused_moe: run each MoE layer's routing and experts as one call over the layer's stacked weights
+            (edge_moe.fused_moe: onnxruntime's MoE / QMoE, or edge_moe's float16 kernel). None (default): on an
+            accelerator that holds every expert, and on the CPU for quantized experts and for float16 ones where
+            edge_moe's kernel was built, where the family's router and experts allow it and every expert is
+            resident; True: also for float32 experts (needs every expert resident); False: never.
+        native_kernel: fused float16 experts on the CPU in edge_moe's own kernel (edge_moe.native: it reads the
+            float16 weights; onnxruntime has no such CPU kernel). None (default): where it was built; False:
+            onnxruntime's MoE over float32 stacks (twice the memory; one graph a token); True insists.
         half_attention: "gqa" layer graphs attend in float16 with a float16 KV cache (edge_moe.layer_graphs).
             None (default): on an accelerator (onnxruntime's CUDA GroupQueryAttention has no float32 kernel) and
             where the experts run quantized (they quantize activations to int8 already; float16 attention reads

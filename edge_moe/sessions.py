@@ -147,8 +147,19 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "ten
 
 
 class OrtClock:
-    """Seconds and calls spent inside onnxruntime, for telemetry."""
+    """Seconds and calls spent inside kernels, for telemetry: onnxruntime's sessions and edge_moe's own (native.py;
+    `native_calls` of the calls are those)."""
 
     def __init__(self):
         self.seconds = 0.0
         self.calls = 0
+        self.native_calls = 0
+
+    def time_native(self, kernel, *args):
+        """kernel(*args), its wall time and call counted."""
+        start = time.perf_counter()
+        result = kernel(*args)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self.native_calls += 1
+        return result

@@ -1,0 +1,226 @@
+/* A MoE layer's routed SwiGLU experts over float16 weights on an x86 CPU: float32 activations and sums, float16
+ * weights converted eight at a time as they are read (F16C).
+ *
+ * Why it exists: onnxruntime (1.32) has no x86 CPU kernel that reads float16 weights, so float16 experts ran as
+ * float32 stacks, twice the bytes a decoded token reads (edge_moe/native.py has the figures). This kernel reads
+ * the float16 bytes once.
+ *
+ * T = tokens, H = hidden, F = expert intermediate size, E = experts, k = experts per token
+ *   fc1 [E, 2F, H] float16, gate and up rows interleaved (row 2j gate j, row 2j + 1 up j: fused_moe.stack_layer)
+ *   fc2 [E, H, F] float16
+ *   x [T, H], indices [T, k] int64, weights [T, k] float32  ->  y [T, H] = sum_k w * down(silu(gate x) * up x)
+ *
+ * Each expert runs once on the tokens routed to it: h = silu(x fc1_gate^T) * (x fc1_up^T) [n, F], out = h fc2^T
+ * [n, H]; a token's outputs are summed in its routing order. With threads > 1 the rows of every expert's matrices
+ * are split between threads (the same sums whatever the split: every output element is one thread's dot product).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define KERNEL __attribute__((target("avx2,fma,f16c")))
+#define ROW_BLOCK 16 /* rows a thread takes at a time: 4 groups of 4 */
+#define PREFETCH_ROWS 8 /* a decoded token's rows are read once, cold: ask for the rows two groups ahead (+15-20 %) */
+
+int edge_moe_f16_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+KERNEL static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+KERNEL static inline __m256 load_f16(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* The last K % 8 terms of a dot product, one at a time. */
+KERNEL static inline float tail_f16(const uint16_t *w, const float *x, int from, int K) {
+    float s = 0.0f;
+    for (int c = from; c < K; c++) s += _cvtsh_ss(w[c]) * x[c];
+    return s;
+}
+
+static inline float tail(const float *w, const float *x, int from, int K) {
+    float s = 0.0f;
+    for (int c = from; c < K; c++) s += w[c] * x[c];
+    return s;
+}
+
+/* out[t * ldo + r] = W[r] . X[t] for rows r0 <= r < r1 of W [rows, K] (float16) and tokens t < n of X [n, K]
+ * (float32). One token reads the float16 rows directly, four at a time (memory bound); more
+ * tokens convert four rows into `buf` [4 K] once and reuse them from L1 for three tokens at a time. */
+KERNEL static void rows_times(const uint16_t *W, int rows, int K, int r0, int r1, const float *X, int n, float *out,
+                              int ldo, float *buf) {
+    int r = r0, K8 = K & ~7;
+    for (; r + 4 <= r1; r += 4) {
+        const uint16_t *w0 = W + (size_t)r * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        if (n == 1) {
+            int ahead = r + PREFETCH_ROWS + 4 <= rows;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int c = 0; c < K8; c += 8) {
+                if (ahead && (c & 31) == 0) { /* 32 float16 weights: a cache line */
+                    _mm_prefetch((const char *)(w0 + c + PREFETCH_ROWS * (size_t)K), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(w1 + c + PREFETCH_ROWS * (size_t)K), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(w2 + c + PREFETCH_ROWS * (size_t)K), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(w3 + c + PREFETCH_ROWS * (size_t)K), _MM_HINT_T0);
+                }
+                __m256 xv = _mm256_loadu_ps(X + c);
+                a0 = _mm256_fmadd_ps(load_f16(w0 + c), xv, a0);
+                a1 = _mm256_fmadd_ps(load_f16(w1 + c), xv, a1);
+                a2 = _mm256_fmadd_ps(load_f16(w2 + c), xv, a2);
+                a3 = _mm256_fmadd_ps(load_f16(w3 + c), xv, a3);
+            }
+            out[r] = hsum(a0) + tail_f16(w0, X, K8, K), out[r + 1] = hsum(a1) + tail_f16(w1, X, K8, K);
+            out[r + 2] = hsum(a2) + tail_f16(w2, X, K8, K), out[r + 3] = hsum(a3) + tail_f16(w3, X, K8, K);
+            continue;
+        }
+        for (int c = 0; c < K8; c += 8) {
+            _mm256_storeu_ps(buf + c, load_f16(w0 + c));
+            _mm256_storeu_ps(buf + K + c, load_f16(w1 + c));
+            _mm256_storeu_ps(buf + 2 * K + c, load_f16(w2 + c));
+            _mm256_storeu_ps(buf + 3 * K + c, load_f16(w3 + c));
+        }
+        for (int c = K8; c < K; c++)
+            buf[c] = _cvtsh_ss(w0[c]), buf[K + c] = _cvtsh_ss(w1[c]), buf[2 * K + c] = _cvtsh_ss(w2[c]),
+            buf[3 * K + c] = _cvtsh_ss(w3[c]);
+        const float *b0 = buf, *b1 = buf + K, *b2 = buf + 2 * K, *b3 = buf + 3 * K;
+        int t = 0;
+        for (; t + 3 <= n; t += 3) {
+            const float *x0 = X + (size_t)t * K, *x1 = x0 + K, *x2 = x1 + K;
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
+            __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
+            for (int c = 0; c < K8; c += 8) {
+                __m256 v0 = _mm256_loadu_ps(x0 + c), v1 = _mm256_loadu_ps(x1 + c), v2 = _mm256_loadu_ps(x2 + c);
+                __m256 w = _mm256_loadu_ps(b0 + c);
+                a00 = _mm256_fmadd_ps(w, v0, a00), a01 = _mm256_fmadd_ps(w, v1, a01), a02 = _mm256_fmadd_ps(w, v2, a02);
+                w = _mm256_loadu_ps(b1 + c);
+                a10 = _mm256_fmadd_ps(w, v0, a10), a11 = _mm256_fmadd_ps(w, v1, a11), a12 = _mm256_fmadd_ps(w, v2, a12);
+                w = _mm256_loadu_ps(b2 + c);
+                a20 = _mm256_fmadd_ps(w, v0, a20), a21 = _mm256_fmadd_ps(w, v1, a21), a22 = _mm256_fmadd_ps(w, v2, a22);
+                w = _mm256_loadu_ps(b3 + c);
+                a30 = _mm256_fmadd_ps(w, v0, a30), a31 = _mm256_fmadd_ps(w, v1, a31), a32 = _mm256_fmadd_ps(w, v2, a32);
+            }
+            float *o0 = out + (size_t)t * ldo + r, *o1 = o0 + ldo, *o2 = o1 + ldo;
+            o0[0] = hsum(a00) + tail(b0, x0, K8, K), o0[1] = hsum(a10) + tail(b1, x0, K8, K);
+            o0[2] = hsum(a20) + tail(b2, x0, K8, K), o0[3] = hsum(a30) + tail(b3, x0, K8, K);
+            o1[0] = hsum(a01) + tail(b0, x1, K8, K), o1[1] = hsum(a11) + tail(b1, x1, K8, K);
+            o1[2] = hsum(a21) + tail(b2, x1, K8, K), o1[3] = hsum(a31) + tail(b3, x1, K8, K);
+            o2[0] = hsum(a02) + tail(b0, x2, K8, K), o2[1] = hsum(a12) + tail(b1, x2, K8, K);
+            o2[2] = hsum(a22) + tail(b2, x2, K8, K), o2[3] = hsum(a32) + tail(b3, x2, K8, K);
+        }
+        for (; t < n; t++) {
+            const float *x0 = X + (size_t)t * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int c = 0; c < K8; c += 8) {
+                __m256 v = _mm256_loadu_ps(x0 + c);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(b0 + c), v, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(b1 + c), v, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(b2 + c), v, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(b3 + c), v, a3);
+            }
+            float *o = out + (size_t)t * ldo + r;
+            o[0] = hsum(a0) + tail(b0, x0, K8, K), o[1] = hsum(a1) + tail(b1, x0, K8, K);
+            o[2] = hsum(a2) + tail(b2, x0, K8, K), o[3] = hsum(a3) + tail(b3, x0, K8, K);
+        }
+    }
+    for (; r < r1; r++) { /* rows past the last group of four */
+        const uint16_t *w0 = W + (size_t)r * K;
+        for (int t = 0; t < n; t++) {
+            const float *x0 = X + (size_t)t * K;
+            __m256 a = _mm256_setzero_ps();
+            for (int c = 0; c < K8; c += 8)
+                a = _mm256_fmadd_ps(load_f16(w0 + c), _mm256_loadu_ps(x0 + c), a);
+            out[(size_t)t * ldo + r] = hsum(a) + tail_f16(w0, x0, K8, K);
+        }
+    }
+}
+
+/* Returns 0, or -1 when memory for the scratch buffers could not be had (y untouched then). */
+KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int H, int F, const float *x, int T,
+                            const int64_t *indices, const float *weights, int k, float *y, int threads) {
+    int pairs = T * k;
+    /* group the (token, slot) pairs by expert: rows start[e] .. start[e + 1] of the scratch are expert e's */
+    int *count = calloc((size_t)E + 1, sizeof(int)), *start = calloc((size_t)E + 1, sizeof(int));
+    int *slot_row = malloc(sizeof(int) * (size_t)(pairs ? pairs : 1));
+    float *xs = malloc(sizeof(float) * (size_t)pairs * H + 32), *gu = malloc(sizeof(float) * (size_t)pairs * 2 * F + 32);
+    float *h = malloc(sizeof(float) * (size_t)pairs * F + 32), *outs = malloc(sizeof(float) * (size_t)pairs * H + 32);
+    int *active = malloc(sizeof(int) * (size_t)(E ? E : 1));
+    if (threads < 1) threads = 1;
+    size_t buf_floats = 4 * (size_t)(H > F ? H : F) + 8; /* four rows converted, per thread */
+    float *bufs = malloc(sizeof(float) * buf_floats * (size_t)threads);
+    int ok = count && start && slot_row && xs && gu && h && outs && active && bufs;
+    if (ok) {
+        for (int p = 0; p < pairs; p++) {
+            int64_t e = indices[p];
+            count[(e >= 0 && e < E) ? e : E]++; /* an index out of range selects nothing (the caller checks) */
+        }
+        for (int e = 0; e < E; e++) start[e + 1] = start[e] + count[e];
+        memset(count, 0, sizeof(int) * (size_t)E);
+        for (int p = 0; p < pairs; p++) {
+            int64_t e = indices[p];
+            if (e < 0 || e >= E) continue;
+            int row = start[e] + count[e]++;
+            slot_row[p] = row;    /* where (token, slot) p's output lands */
+            memcpy(xs + (size_t)row * H, x + (size_t)(p / k) * H, sizeof(float) * H);
+        }
+        int n_active = 0;
+        for (int e = 0; e < E; e++)
+            if (start[e + 1] > start[e]) active[n_active++] = e;
+        int blocks1 = (2 * F + ROW_BLOCK - 1) / ROW_BLOCK, blocks2 = (H + ROW_BLOCK - 1) / ROW_BLOCK;
+        int items1 = n_active * blocks1, items2 = n_active * blocks2;
+        /* work items take as long as their expert has tokens: handed out in turn, not split in advance */
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            int thread = 0;
+#ifdef _OPENMP
+            thread = omp_get_thread_num();
+#endif
+            float *buf = bufs + (size_t)thread * buf_floats;
+            /* gate and up rows of every active expert, for its tokens */
+#pragma omp for schedule(dynamic, 2)
+            for (int item = 0; item < items1; item++) {
+                int e = active[item / blocks1], r0 = (item % blocks1) * ROW_BLOCK;
+                int r1 = r0 + ROW_BLOCK < 2 * F ? r0 + ROW_BLOCK : 2 * F, n = start[e + 1] - start[e];
+                rows_times(fc1 + (size_t)e * 2 * F * H, 2 * F, H, r0, r1, xs + (size_t)start[e] * H, n,
+                           gu + (size_t)start[e] * 2 * F, 2 * F, buf);
+                for (int t = 0; t < n; t++) { /* silu(gate) * up for the rows done here (r0 is even) */
+                    const float *g = gu + (size_t)(start[e] + t) * 2 * F;
+                    float *ht = h + (size_t)(start[e] + t) * F;
+                    for (int r = r0; r < r1; r += 2) ht[r / 2] = g[r] / (1.0f + expf(-g[r])) * g[r + 1];
+                }
+            }
+#pragma omp for schedule(dynamic, 2)
+            for (int item = 0; item < items2; item++) {
+                int e = active[item / blocks2], r0 = (item % blocks2) * ROW_BLOCK;
+                int r1 = r0 + ROW_BLOCK < H ? r0 + ROW_BLOCK : H, n = start[e + 1] - start[e];
+                rows_times(fc2 + (size_t)e * H * F, H, F, r0, r1, h + (size_t)start[e] * F, n,
+                           outs + (size_t)start[e] * H, H, buf);
+            }
+            /* each token's outputs weighted and summed in its routing order */
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) {
+                float *yt = y + (size_t)t * H;
+                memset(yt, 0, sizeof(float) * H);
+                for (int s = 0; s < k; s++) {
+                    int p = t * k + s;
+                    if (indices[p] < 0 || indices[p] >= E) continue;
+                    const float *o = outs + (size_t)slot_row[p] * H;
+                    float w = weights[p];
+                    for (int c = 0; c < H; c++) yt[c] += w * o[c];
+                }
+            }
+        }
+    }
+    free(count), free(start), free(slot_row), free(xs), free(gu), free(h), free(outs), free(active), free(bufs);
+    return ok ? 0 : -1;
+}
