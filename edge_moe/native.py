@@ -1,4 +1,4 @@
-"""edge_moe's own CPU kernel for float16 experts (edge_moe/native/moe_f16.c), loaded with ctypes.
+"""edge_moe's own CPU kernel for float16 experts (edge_moe/csrc/moe_f16.c), loaded with ctypes.
 
 onnxruntime (1.32) has no x86 CPU kernel that reads float16 weights: a float16 MatMul costs what a float32 one
 does, so float16 experts ran as float32 stacks and a decoded token read twice the bytes llama.cpp reads. Measured
