@@ -54,11 +54,20 @@ class Model:
         self.manifest = manifest
         self.config = manifest.config
         return_freed_memory()  # stacks and read buffers freed during load go back to the OS, not to the heap
-        self.threads = configure_threads(threads, thread_pool or os.environ.get("EDGE_MOE_THREAD_POOL") or
-                                         "per-session")
+        spec = Budget.parse(budget)
+        # edge_moe's float16 kernel runs on its own threads between onnxruntime's calls: a shared pool would spin
+        # through it (2 threads, q3-f16e: decode 54-68 tok/s, against 79-85 with per-session pools that spin only
+        # while a call lasts; prefill 187 against 319-403). Chosen before the device is probed: its probe opens a
+        # session, and the pool must be set before any.
+        native = device in (None, "cpu") and spec.unlimited and baseline is None and fused_moe is not False and \
+            native_kernel is not False and experts_run_native(manifest)
+        self.threads = configure_threads(threads, thread_pool or ("per-session-spinning" if native else None) or
+                                         os.environ.get("EDGE_MOE_THREAD_POOL") or "per-session")
         self.clock = OrtClock()
         self.tokenizer = Tokenizer(manifest.tokenizer) if manifest.tokenizer else None
         self.device = resolve_device(device)
+        fuse = self._fuse(fused_moe, baseline, gpu_budget, everything=spec.unlimited and baseline is None,
+                          native_kernel=native_kernel)
         # Side by side (Forward's workers): a layer's resident experts on several threads, a whole expert each, and
         # every graph on one intra-op thread, because per-session pools sleep between calls and waking them costs
         # more than it gives on decode's small products (2 threads, 8-bit experts: 84-89 tok/s against 96 at one
@@ -68,9 +77,6 @@ class Model:
         # a budget (the cache may evict an expert once handed out), with an accelerator tier (it places experts
         # itself), or on the shared pool (it spins: one expert at a time on all its threads is faster).
         # Nor with fused MoE layers, which run a layer's experts in one call on the graphs' own threads.
-        spec = Budget.parse(budget)
-        fuse = self._fuse(fused_moe, baseline, gpu_budget, everything=spec.unlimited and baseline is None,
-                          native_kernel=native_kernel)
         side_by_side = (1 < self.threads <= int(self.config.get("top_k") or 1)
                         and int(self.config["hidden_size"]) <= SIDE_BY_SIDE_MAX_HIDDEN
                         and budget is None and not self.device.accelerator and not shared_pool() and not fuse)
@@ -117,7 +123,7 @@ class Model:
             store = self.store
             self.fused = FusedMoeLayers(manifest, lambda layer, e: stored_tensors(
                 manifest.experts[(layer, e)], store.read((layer, e))), self.device, self.clock, bar,
-                native_kernel=native_kernel, threads=self.threads)
+                native_kernel=native_kernel, threads=1 if shared_pool() else self.threads)
         elif self.device.accelerator:
             self.accelerator = build_tier(self, gpu_budget, gpu_policy, cost_model, recalibrate, progress)
             experts, kernels = self.accelerator, self.accelerator.kernels
@@ -508,7 +514,9 @@ def load(path: str | Path | None = None, **options) -> Model:
         thread_pool: 'per-session' (default; EDGE_MOE_THREAD_POOL sets another): each session its own sleeping
             pool, experts side by side on the threads; 'shared': one spinning pool for every onnxruntime session
             in the process, faster (sessions.py) but process-wide: onnxruntime then refuses any session that does
-            not opt in, the embedding program's own too. The command line uses 'shared'.
+            not opt in, the embedding program's own too. The command line uses 'shared'. 'per-session-spinning':
+            pools that spin while a call lasts, the default where edge_moe's float16 kernel runs (between the
+            calls, on its own threads; on a shared pool created earlier in the process it runs on one thread).
         huge_pages: move resident weights onto 2 MiB pages in a background thread (Linux 6.1+; edge_moe.huge_pages;
             `model.settle()` waits for the first pass).
         fused_moe: run each MoE layer's routing and experts as one call over the layer's stacked weights

@@ -28,7 +28,11 @@ from .errors import EdgeMoeError
 _lock = threading.Lock()
 _threads: int | None = None
 _shared_threads: int | None = None  # the shared pool's size once created; then every session must use it
-POOLS = ("per-session", "shared")
+_spinning = False  # per-session pools spin while a run lasts (and stop when it returns)
+# per-session: each session its own pool, sleeping between calls; shared: one process-wide pool that spins;
+# per-session-spinning: each session's pool spins during its run and stops when the run returns, so that work
+# between runs (edge_moe's own kernel, native.py, on its threads) has the cores
+POOLS = ("per-session", "shared", "per-session-spinning")
 
 
 def default_threads() -> int:
@@ -39,7 +43,7 @@ def default_threads() -> int:
 def configure_threads(threads: int | None, pool: str = "per-session") -> int:
     """The intra-op thread count of sessions opened from now on (default: physical cores); returns it. pool
     'shared' creates the process's shared pool with that many threads (once: a later size is refused)."""
-    global _threads, _shared_threads
+    global _threads, _shared_threads, _spinning
     if threads is not None:
         cpus = os.cpu_count() or 1
         if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
@@ -63,6 +67,7 @@ def configure_threads(threads: int | None, pool: str = "per-session") -> int:
                 raise EdgeMoeError(f"thread pool shared: onnxruntime refuses it in this process "
                                    f"({str(exc).splitlines()[0][:120]}); use thread_pool='per-session'") from None
             _shared_threads = _threads
+        _spinning = pool == "per-session-spinning"
         return _threads
 
 
@@ -87,7 +92,9 @@ def open_session(model, *, providers=("CPUExecutionProvider",), threads: int | N
     else:
         options.intra_op_num_threads = threads or _threads or default_threads()
         options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if _spinning else "0")
+        if _spinning:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
