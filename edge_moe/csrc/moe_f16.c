@@ -59,6 +59,22 @@ static inline float tail(const float *w, const float *x, int from, int K) {
     return s;
 }
 
+/* o[i] = b[i K ..] . x for four float32 rows b [4, K] (converted from float16) and one token x [K]. */
+KERNEL static void four_rows_times(const float *b, int K, const float *x, float *o) {
+    const float *b0 = b, *b1 = b + K, *b2 = b + 2 * K, *b3 = b + 3 * K;
+    int K8 = K & ~7;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int c = 0; c < K8; c += 8) {
+        __m256 v = _mm256_loadu_ps(x + c);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(b0 + c), v, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(b1 + c), v, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(b2 + c), v, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(b3 + c), v, a3);
+    }
+    o[0] = hsum(a0) + tail(b0, x, K8, K), o[1] = hsum(a1) + tail(b1, x, K8, K);
+    o[2] = hsum(a2) + tail(b2, x, K8, K), o[3] = hsum(a3) + tail(b3, x, K8, K);
+}
+
 /* Several tokens with AVX-512 (twice the lanes, 32 registers: tiles of 4 rows x 4 tokens): the groups of four
  * rows in [r0, r1) as rows_times does them; returns the first row not done. Prefill is compute bound: 64 tokens
  * of 12 layers (q3-f16e) took 150 ms in the AVX2 tiles on one thread. */
@@ -99,22 +115,8 @@ __attribute__((target("avx512f,f16c,fma"))) static int rows_times_512(const uint
                 for (int i = 0; i < 4; i++)
                     out[(size_t)(t + j) * ldo + r + i] = _mm512_reduce_add_ps(a[i][j]) + tail(rows[i], xs[j], K16, K);
         }
-        for (; t < n; t++) {
-            const float *x0 = X + (size_t)t * K;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int c = 0; c < K16; c += 16) {
-                __m512 v = _mm512_loadu_ps(x0 + c);
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(b0 + c), v, a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(b1 + c), v, a1);
-                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(b2 + c), v, a2);
-                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(b3 + c), v, a3);
-            }
-            float *o = out + (size_t)t * ldo + r;
-            o[0] = _mm512_reduce_add_ps(a0) + tail(b0, x0, K16, K);
-            o[1] = _mm512_reduce_add_ps(a1) + tail(b1, x0, K16, K);
-            o[2] = _mm512_reduce_add_ps(a2) + tail(b2, x0, K16, K);
-            o[3] = _mm512_reduce_add_ps(a3) + tail(b3, x0, K16, K);
-        }
+        for (; t < n; t++) /* the last tokens, fewer than a tile */
+            four_rows_times(buf, K, X + (size_t)t * K, out + (size_t)t * ldo + r);
     }
     return r;
 }
@@ -182,20 +184,8 @@ KERNEL static void rows_times(const uint16_t *W, int rows, int K, int r0, int r1
             o2[0] = hsum(a02) + tail(b0, x2, K8, K), o2[1] = hsum(a12) + tail(b1, x2, K8, K);
             o2[2] = hsum(a22) + tail(b2, x2, K8, K), o2[3] = hsum(a32) + tail(b3, x2, K8, K);
         }
-        for (; t < n; t++) {
-            const float *x0 = X + (size_t)t * K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int c = 0; c < K8; c += 8) {
-                __m256 v = _mm256_loadu_ps(x0 + c);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(b0 + c), v, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(b1 + c), v, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(b2 + c), v, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(b3 + c), v, a3);
-            }
-            float *o = out + (size_t)t * ldo + r;
-            o[0] = hsum(a0) + tail(b0, x0, K8, K), o[1] = hsum(a1) + tail(b1, x0, K8, K);
-            o[2] = hsum(a2) + tail(b2, x0, K8, K), o[3] = hsum(a3) + tail(b3, x0, K8, K);
-        }
+        for (; t < n; t++) /* the last tokens, fewer than three */
+            four_rows_times(buf, K, X + (size_t)t * K, out + (size_t)t * ldo + r);
     }
     for (; r < r1; r++) { /* rows past the last group of four */
         const uint16_t *w0 = W + (size_t)r * K;
