@@ -55,19 +55,19 @@ class Model:
         self.config = manifest.config
         return_freed_memory()  # stacks and read buffers freed during load go back to the OS, not to the heap
         spec = Budget.parse(budget)
+        everything = spec.unlimited and baseline is None  # every expert resident
+        native = native_kernel is not False and experts_run_native(manifest)  # float16 experts, the kernel built
         # edge_moe's float16 kernel runs on its own threads between onnxruntime's calls: a shared pool would spin
         # through it (2 threads, q3-f16e: decode 54-68 tok/s, against 79-85 with per-session pools that spin only
         # while a call lasts; prefill 187 against 319-403). Chosen before the device is probed: its probe opens a
         # session, and the pool must be set before any.
-        native = device in (None, "cpu") and spec.unlimited and baseline is None and fused_moe is not False and \
-            native_kernel is not False and experts_run_native(manifest)
-        self.threads = configure_threads(threads, thread_pool or ("per-session-spinning" if native else None) or
+        spinning = native and everything and fused_moe is not False and device in (None, "cpu")
+        self.threads = configure_threads(threads, thread_pool or ("per-session-spinning" if spinning else None) or
                                          os.environ.get("EDGE_MOE_THREAD_POOL") or "per-session")
         self.clock = OrtClock()
         self.tokenizer = Tokenizer(manifest.tokenizer) if manifest.tokenizer else None
         self.device = resolve_device(device)
-        fuse = self._fuse(fused_moe, baseline, gpu_budget, everything=spec.unlimited and baseline is None,
-                          native_kernel=native_kernel)
+        fuse = self._fuse(fused_moe, baseline, gpu_budget, everything, native)
         # Side by side (Forward's workers): a layer's resident experts on several threads, a whole expert each, and
         # every graph on one intra-op thread, because per-session pools sleep between calls and waking them costs
         # more than it gives on decode's small products (2 threads, 8-bit experts: 84-89 tok/s against 96 at one
@@ -141,10 +141,11 @@ class Model:
         # resident weights onto 2 MiB pages in the background (huge_pages.py: 1.5-2x decode in a VM)
         self.huge_pages = HugePageKeeper(lambda: self.clock.calls) if huge_pages else None
 
-    def _fuse(self, fused_moe: bool | None, baseline, gpu_budget, everything: bool, native_kernel=None) -> bool:
+    def _fuse(self, fused_moe: bool | None, baseline, gpu_budget, everything: bool, native: bool) -> bool:
         """Whether MoE layers run as one fused call each (fused_moe.py). Auto (None): on a real accelerator that
-        holds every expert, and for quantized experts on the CPU, when the kernel can express the family; True
-        insists (any device, all resident). everything: no budget and no baseline (every expert resident)."""
+        holds every expert, and on the CPU for quantized experts and for float16 ones in edge_moe's kernel, when the
+        kernel can express the family; True insists (any device, all resident). everything: no budget and no
+        baseline (every expert resident); native: float16 experts that edge_moe's kernel may run."""
         if fused_moe is False:
             return False
         if fused_moe:
@@ -168,8 +169,7 @@ class Model:
         # float16 experts fuse by default where edge_moe's own kernel runs (native.py: it reads the float16 bytes,
         # 1.8x onnxruntime's float32 stacks a layer at one token); its stacks are the experts' bytes, read one layer
         # at a time
-        return native_kernel is not False and experts_run_native(self.manifest) and \
-            self.manifest.expert_bytes <= memory_headroom().nbytes
+        return native and self.manifest.expert_bytes <= memory_headroom().nbytes
 
     def _step_graph(self, step_graph: bool | None, cuda_graph: bool | None):
         """With fused MoE layers, embed and every layer as one graph (step_graph.py): auto (None) where the package
