@@ -146,6 +146,8 @@ class GqaKVCache:
 
     def run(self, layer: int, session, hidden: np.ndarray) -> list:
         self.prepare(hidden.shape[0])
+        if getattr(session, "runs_natively", False):  # edge_moe's layer kernel (native_layer.py), on these buffers
+            return session.run_in(self.keys[layer], self.values[layer], self.cos, self.sin, self.offset, hidden)
         # Decode on the CPU: everything stays bound between tokens and only the numbers in the bound arrays change.
         # Not on an accelerator: a CUDA session's IOBinding copies host inputs when they are bound, so the sequence
         # length would stay the first token's (measured: logits drift from the CPU's token after token).

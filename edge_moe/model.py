@@ -24,6 +24,7 @@ from .family_spec import ROUTE_OUTPUTS
 from .layer_graphs import half_attention_graph
 from .kv_cache import KVCache, new_kv_cache
 from .manifest import Manifest
+from .native_layer import load_native_head, load_native_layers
 from .routing import Router, group_by_expert
 from .sessions import OrtClock, TimedSession, open_session
 
@@ -32,10 +33,12 @@ class Backbone:
     """The resident graphs, one session each."""
 
     def __init__(self, manifest: Manifest, clock: OrtClock, providers=("CPUExecutionProvider",), ort_device="cpu",
-                 threads: int | None = None, half_attention: bool | None = None):
+                 threads: int | None = None, half_attention: bool | None = None, native_kernel: bool | None = None,
+                 native_threads: int = 1):
         """threads: intra-op threads of the graphs (None: the process's --threads). half_attention: "gqa" layer
         graphs attend in float16 (layer_graphs.py; None: on an accelerator, whose kernel has no float32, and where
-        the experts run quantized: see below)."""
+        the experts run quantized: see below). native_kernel: False keeps the layer graphs where edge_moe's layer
+        kernel could run the layers (native_layer.py; None: it does where it can), on `native_threads` threads."""
         self.ort_device = ort_device  # where the graphs run: the KV cache lives there
         self.threads = threads
         gqa = manifest.config.get("attention_kernel", "generic") == "gqa"
@@ -61,18 +64,28 @@ class Backbone:
                                    "re-export the model") from None
 
         self.embed = session(manifest.embed)
-        self.layers = [session(p, layer) for layer, p in enumerate(manifest.layers)]
+        # A float16 backbone's layers in edge_moe's own kernel where it expresses them (it reads the float16 bytes;
+        # the graphs' sessions would each hold a float32 copy); else one graph session a layer
+        self.native_layers, self.native_reason = None, "native_kernel=False"
+        if native_kernel is not False:
+            self.native_reason = ("the layer graphs run on an accelerator" if ort_device != "cpu" else
+                                  "attention in float16 (half_attention) is the layer graphs'" if self.half_attention
+                                  else None)
+            if self.native_reason is None:
+                self.native_layers, self.native_reason = load_native_layers(manifest, clock, native_threads)
+        self.layers = self.native_layers or [session(p, layer) for layer, p in enumerate(manifest.layers)]
         self._open_layer = lambda layer: session(manifest.layers[layer], layer)
-        self.head = session(manifest.head)
+        self.head = (self.native_layers and load_native_head(manifest, clock, native_threads)) or session(manifest.head)
         # MoE layers whose graph routes (family_spec.ROUTE_OUTPUTS, exported for softmax top-k routers): numpy
         # routing cost 60 us a layer inside decode (16 alone), 0.76 ms of a 9.8 ms token on this VM
         self.routed = {layer for layer in moe if layer < len(self.layers)
                        and self.layers[layer].output_names[3:5] == list(ROUTE_OUTPUTS)}
         inputs = LAYER_INPUTS[manifest.config.get("attention_kernel", "generic")]
         _check_signature(manifest.embed, self.embed, ["input_ids"], 1)
-        for layer, (path, s) in enumerate(zip(manifest.layers, self.layers)):
+        for layer, (path, s) in enumerate(zip(manifest.layers, [] if self.native_layers else self.layers)):
             _check_signature(path, s, inputs, (7 if layer in self.routed else 5) if layer in moe else 3)
-        _check_signature(manifest.head, self.head, ["hidden_states"], 1)
+        if isinstance(self.head, TimedSession):
+            _check_signature(manifest.head, self.head, ["hidden_states"], 1)
         # onnxruntime holds its own copy of every weight now: the file pages read to build it are cache a memory
         # cgroup charges to this process (budget auto would count them as used) and nothing reads them again
         drop_page_cache([manifest.embed, *manifest.layers, manifest.head, manifest.backbone_blob])

@@ -1,4 +1,5 @@
-"""edge_moe's own CPU kernel for float16 experts (edge_moe/csrc/moe_f16.c), loaded with ctypes.
+"""edge_moe's own CPU kernels over float16 weights (edge_moe/csrc/), loaded with ctypes: a MoE layer's routed
+experts (moe_f16.c) and a decoder layer's attention block and router (layer_f16.c, driven by native_layer.py).
 
 onnxruntime (1.32) has no x86 CPU kernel that reads float16 weights: a float16 MatMul costs what a float32 one
 does, so float16 experts ran as float32 stacks and a decoded token read twice the bytes llama.cpp reads. Measured
@@ -28,6 +29,17 @@ _library = None
 _reason: str | None = None
 
 
+class LayerParams(ctypes.Structure):
+    """layer_f16.c's edge_moe_layer: one decoder layer's sizes and weights (float16 [out, in] matrices, float32
+    norms). The arrays must outlive it (NativeLayer keeps them)."""
+
+    _fields_ = [(name, ctypes.c_int) for name in ("hidden", "heads", "kv_heads", "head_dim", "experts", "top_k",
+                                                   "head_norm", "normalize")] + \
+               [(name, ctypes.c_float) for name in ("eps", "scale", "routing_scale")] + \
+               [(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "wq", "wk", "wv",
+                                                     "wo", "router")]
+
+
 def _load():
     global _library, _reason
     if _library is not None or _reason is not None:
@@ -52,6 +64,10 @@ def _load():
     p, i = ctypes.c_void_p, ctypes.c_int
     library.edge_moe_moe_f16.argtypes = [p, p, i, i, i, p, i, p, p, i, p, i]
     library.edge_moe_moe_f16.restype = i
+    library.edge_moe_layer_f16.argtypes = [ctypes.POINTER(LayerParams), p, i, p, p, i, i, p, p, p, p, p, p, p, i]
+    library.edge_moe_layer_f16.restype = i
+    library.edge_moe_head_f16.argtypes = [p, ctypes.c_float, p, i, i, p, i, p, i]
+    library.edge_moe_head_f16.restype = i
     _library = library
     return library
 
@@ -96,3 +112,37 @@ def moe_f16(fc1: np.ndarray, fc2: np.ndarray, x: np.ndarray, indices: np.ndarray
                                 tokens, indices.ctypes.data, weights.ctypes.data, k, y.ctypes.data, threads):
         raise MemoryError(f"edge_moe's float16 kernel could not allocate scratch for {tokens} tokens")
     return y
+
+
+def layer_f16(params: LayerParams, x: np.ndarray, keys: np.ndarray, values: np.ndarray, past: int, cos: np.ndarray,
+              sin: np.ndarray, threads: int = 1) -> list[np.ndarray]:
+    """A decoder layer's attention block and router (layer_f16.c) on x [T, H] float32 C-contiguous after `past`
+    cached tokens: writes this call's keys and values into `keys`/`values` ([1, kvH, M, D] float32, the GqaKVCache
+    buffers) and returns [residual [T, H], moe_input [T, H], router_logits [T, E], indices [T, k] int64, weights
+    [T, k]], what the layer graph returns. cos, sin: [M, D/2] float32. NativeLayer checks the shapes once at load."""
+    library = _load()
+    tokens = x.shape[0]
+    hidden, experts, k = params.hidden, params.experts, params.top_k
+    outputs = [np.empty((tokens, hidden), np.float32), np.empty((tokens, hidden), np.float32),
+               np.empty((tokens, experts), np.float32), np.empty((tokens, k), np.int64),
+               np.empty((tokens, k), np.float32)]
+    status = library.edge_moe_layer_f16(ctypes.byref(params), x.ctypes.data, tokens, keys.ctypes.data,
+                                        values.ctypes.data, keys.shape[2], past, cos.ctypes.data, sin.ctypes.data,
+                                        *(o.ctypes.data for o in outputs), threads)
+    if status == -2:
+        raise ValueError(f"{past} cached + {tokens} new tokens exceed the KV cache's {keys.shape[2]}")
+    if status:
+        raise MemoryError(f"edge_moe's layer kernel could not allocate scratch for {tokens} tokens")
+    return outputs
+
+
+def head_f16(norm: np.ndarray, eps: float, weight: np.ndarray, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Logits [T, V] = RMSNorm(x [T, H], norm [H] float32) weight^T, weight [V, H] float16 C-contiguous (the head's
+    lm_head; NativeHead checks the shapes once at load)."""
+    library = _load()
+    x = np.ascontiguousarray(x, np.float32)
+    logits = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    if library.edge_moe_head_f16(norm.ctypes.data, eps, weight.ctypes.data, weight.shape[0], weight.shape[1],
+                                 x.ctypes.data, x.shape[0], logits.ctypes.data, threads):
+        raise MemoryError(f"edge_moe's head kernel could not allocate scratch for {x.shape[0]} tokens")
+    return logits

@@ -82,7 +82,8 @@ class Model:
                         and budget is None and not self.device.accelerator and not shared_pool() and not fuse)
         self.backbone = Backbone(manifest, self.clock, providers=self.device.providers,
                                  ort_device=self.device.ort_device, threads=1 if side_by_side else None,
-                                 half_attention=half_attention)
+                                 half_attention=half_attention, native_kernel=native_kernel,
+                                 native_threads=1 if shared_pool() else self.threads)
         self.rss_baseline_bytes = rss_bytes()
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)

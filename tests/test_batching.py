@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import edge_moe
+from edge_moe import native
 from edge_moe.budget import full_budget, minimum_budget
 
 from conftest import EXPERT_KEY, build_checkpoint, tiny_config
@@ -16,19 +17,23 @@ PROMPTS = [[5, 6, 7, 8], [9, 3], [11, 12, 13, 14, 15, 16], [2, 40, 41], [7], [30
 LENGTHS = [9, 14, 5, 11, 7, 12]  # different lengths: sequences leave the batch at different steps
 
 
-@pytest.fixture(scope="module", params=sorted(EXPERT_KEY) + ["qwen3_moe-gqa"])
+@pytest.fixture(scope="module", params=sorted(EXPERT_KEY) + ["qwen3_moe-gqa", "qwen3_moe-gqa-float16"])
 def package(request, tmp_path_factory):
-    """Every family with plain-ONNX attention; a head size of 16 gets the GroupQueryAttention kernel."""
+    """Every family with plain-ONNX attention; a head size of 16 gets the GroupQueryAttention kernel, and in float16
+    edge_moe's layer kernel (native_layer.py) where this CPU runs it."""
     from edge_moe_export.exporter import export_checkpoint
 
     family, _, kernel = request.param.partition("-")
+    kernel, _, dtype = kernel.partition("-")
     root = tmp_path_factory.mktemp(request.param)
     extra = {"hidden": 64} if kernel else {}
     if family == "deepseek_v3":  # group-limited routing needs whole groups of at least two experts
         extra.update(n_group=2, topk_group=1)
     build_checkpoint(root / "hf", tiny_config(family, experts=8, **extra))
-    package = export_checkpoint(root / "hf", root / "pkg", progress=False)
-    assert edge_moe.load(package).config.get("attention_kernel", "generic") == (kernel or "generic")
+    package = export_checkpoint(root / "hf", root / "pkg", progress=False, **({"dtype": dtype} if dtype else {}))
+    model = edge_moe.load(package)
+    assert model.config.get("attention_kernel", "generic") == (kernel or "generic")
+    assert (model.backbone.native_layers is not None) == (dtype == "float16" and native.unavailable_reason() is None)
     return package
 
 
@@ -80,7 +85,8 @@ def test_experts_side_by_side_equal_one_thread_on_every_family(package, monkeypa
     from edge_moe import model as model_module
 
     monkeypatch.setattr(model_module, "DECODE_SIDE_BY_SIDE_BYTES", 0)
-    side, alone = edge_moe.load(package, threads=2), edge_moe.load(package, threads=1)
+    # float16 experts fuse in one call a layer by default: one at a time here, as every other family's
+    side, alone = (edge_moe.load(package, threads=t, fused_moe=False) for t in (2, 1))
     assert side.forward.workers == 1 and alone.forward.workers == 0
     ids = PROMPTS[2] + PROMPTS[5]
     np.testing.assert_array_equal(side.logits(ids), alone.logits(ids))

@@ -14,7 +14,6 @@
  * [n, H]; a token's outputs are summed in its routing order. With threads > 1 the rows of every expert's matrices
  * are split between threads (the same sums whatever the split: every output element is one thread's dot product).
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,181 +22,7 @@
 #include <omp.h>
 #endif
 
-#define KERNEL __attribute__((target("avx2,fma,f16c")))
-#define ROW_BLOCK 16 /* rows a thread takes at a time: 4 groups of 4 */
-#define PREFETCH_ROWS 8 /* a decoded token's rows are read once, cold: ask for the rows two groups ahead (+15-20 %) */
-
-static int have_avx512; /* set by edge_moe_f16_supported, which the loader calls first */
-
-int edge_moe_f16_supported(void) {
-    __builtin_cpu_init();
-    have_avx512 = __builtin_cpu_supports("avx512f");
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
-KERNEL static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-KERNEL static inline __m256 load_f16(const uint16_t *p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-}
-
-/* The last K % 8 terms of a dot product, one at a time. */
-KERNEL static inline float tail_f16(const uint16_t *w, const float *x, int from, int K) {
-    float s = 0.0f;
-    for (int c = from; c < K; c++) s += _cvtsh_ss(w[c]) * x[c];
-    return s;
-}
-
-static inline float tail(const float *w, const float *x, int from, int K) {
-    float s = 0.0f;
-    for (int c = from; c < K; c++) s += w[c] * x[c];
-    return s;
-}
-
-/* o[i] = b[i K ..] . x for four float32 rows b [4, K] (converted from float16) and one token x [K]. */
-KERNEL static void four_rows_times(const float *b, int K, const float *x, float *o) {
-    const float *b0 = b, *b1 = b + K, *b2 = b + 2 * K, *b3 = b + 3 * K;
-    int K8 = K & ~7;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int c = 0; c < K8; c += 8) {
-        __m256 v = _mm256_loadu_ps(x + c);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(b0 + c), v, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(b1 + c), v, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(b2 + c), v, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(b3 + c), v, a3);
-    }
-    o[0] = hsum(a0) + tail(b0, x, K8, K), o[1] = hsum(a1) + tail(b1, x, K8, K);
-    o[2] = hsum(a2) + tail(b2, x, K8, K), o[3] = hsum(a3) + tail(b3, x, K8, K);
-}
-
-/* Several tokens with AVX-512 (twice the lanes, 32 registers: tiles of 4 rows x 4 tokens): the groups of four
- * rows in [r0, r1) as rows_times does them; returns the first row not done. Prefill is compute bound: 64 tokens
- * of 12 layers (q3-f16e) took 150 ms in the AVX2 tiles on one thread. */
-__attribute__((target("avx512f,f16c,fma"))) static int rows_times_512(const uint16_t *W, int K, int r0, int r1,
-                                                                      const float *X, int n, float *out, int ldo,
-                                                                      float *buf) {
-    int r = r0, K16 = K & ~15;
-    for (; r + 4 <= r1; r += 4) {
-        const uint16_t *w0 = W + (size_t)r * K;
-        if (r + 8 <= r1) /* the next four rows come into L2 while these four are multiplied */
-            for (int c = 0; c < 4 * K; c += 32) _mm_prefetch((const char *)(w0 + 4 * (size_t)K + c), _MM_HINT_T1);
-        for (int row = 0; row < 4; row++) {
-            int c = 0;
-            for (; c + 16 <= K; c += 16)
-                _mm512_storeu_ps(buf + row * K + c,
-                                 _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w0 + (size_t)row * K + c))));
-            for (; c < K; c++) buf[row * K + c] = _cvtsh_ss(w0[(size_t)row * K + c]);
-        }
-        const float *b0 = buf, *b1 = buf + K, *b2 = buf + 2 * K, *b3 = buf + 3 * K;
-        int t = 0;
-        for (; t + 4 <= n; t += 4) {
-            const float *x0 = X + (size_t)t * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
-            __m512 a[4][4];
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
-            for (int c = 0; c < K16; c += 16) {
-                __m512 v0 = _mm512_loadu_ps(x0 + c), v1 = _mm512_loadu_ps(x1 + c), v2 = _mm512_loadu_ps(x2 + c),
-                       v3 = _mm512_loadu_ps(x3 + c);
-                const float *rows[4] = {b0, b1, b2, b3};
-                for (int i = 0; i < 4; i++) {
-                    __m512 w = _mm512_loadu_ps(rows[i] + c);
-                    a[i][0] = _mm512_fmadd_ps(w, v0, a[i][0]), a[i][1] = _mm512_fmadd_ps(w, v1, a[i][1]);
-                    a[i][2] = _mm512_fmadd_ps(w, v2, a[i][2]), a[i][3] = _mm512_fmadd_ps(w, v3, a[i][3]);
-                }
-            }
-            const float *xs[4] = {x0, x1, x2, x3}, *rows[4] = {b0, b1, b2, b3};
-            for (int j = 0; j < 4; j++)
-                for (int i = 0; i < 4; i++)
-                    out[(size_t)(t + j) * ldo + r + i] = _mm512_reduce_add_ps(a[i][j]) + tail(rows[i], xs[j], K16, K);
-        }
-        for (; t < n; t++) /* the last tokens, fewer than a tile */
-            four_rows_times(buf, K, X + (size_t)t * K, out + (size_t)t * ldo + r);
-    }
-    return r;
-}
-
-/* out[t * ldo + r] = W[r] . X[t] for rows r0 <= r < r1 of W [rows, K] (float16) and tokens t < n of X [n, K]
- * (float32). One token reads the float16 rows directly, four at a time (memory bound); more
- * tokens convert four rows into `buf` [4 K] once and reuse them from L1 for three tokens at a time. */
-KERNEL static void rows_times(const uint16_t *W, int rows, int K, int r0, int r1, const float *X, int n, float *out,
-                              int ldo, float *buf) {
-    int r = r0, K8 = K & ~7;
-    if (n > 1 && have_avx512) r = rows_times_512(W, K, r0, r1, X, n, out, ldo, buf);
-    for (; r + 4 <= r1; r += 4) {
-        const uint16_t *w0 = W + (size_t)r * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        if (n == 1) {
-            int ahead = r + PREFETCH_ROWS + 4 <= rows;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int c = 0; c < K8; c += 8) {
-                if (ahead && (c & 31) == 0) { /* 32 float16 weights: a cache line */
-                    _mm_prefetch((const char *)(w0 + c + PREFETCH_ROWS * (size_t)K), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(w1 + c + PREFETCH_ROWS * (size_t)K), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(w2 + c + PREFETCH_ROWS * (size_t)K), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(w3 + c + PREFETCH_ROWS * (size_t)K), _MM_HINT_T0);
-                }
-                __m256 xv = _mm256_loadu_ps(X + c);
-                a0 = _mm256_fmadd_ps(load_f16(w0 + c), xv, a0);
-                a1 = _mm256_fmadd_ps(load_f16(w1 + c), xv, a1);
-                a2 = _mm256_fmadd_ps(load_f16(w2 + c), xv, a2);
-                a3 = _mm256_fmadd_ps(load_f16(w3 + c), xv, a3);
-            }
-            out[r] = hsum(a0) + tail_f16(w0, X, K8, K), out[r + 1] = hsum(a1) + tail_f16(w1, X, K8, K);
-            out[r + 2] = hsum(a2) + tail_f16(w2, X, K8, K), out[r + 3] = hsum(a3) + tail_f16(w3, X, K8, K);
-            continue;
-        }
-        for (int c = 0; c < K8; c += 8) {
-            _mm256_storeu_ps(buf + c, load_f16(w0 + c));
-            _mm256_storeu_ps(buf + K + c, load_f16(w1 + c));
-            _mm256_storeu_ps(buf + 2 * K + c, load_f16(w2 + c));
-            _mm256_storeu_ps(buf + 3 * K + c, load_f16(w3 + c));
-        }
-        for (int c = K8; c < K; c++)
-            buf[c] = _cvtsh_ss(w0[c]), buf[K + c] = _cvtsh_ss(w1[c]), buf[2 * K + c] = _cvtsh_ss(w2[c]),
-            buf[3 * K + c] = _cvtsh_ss(w3[c]);
-        const float *b0 = buf, *b1 = buf + K, *b2 = buf + 2 * K, *b3 = buf + 3 * K;
-        int t = 0;
-        for (; t + 3 <= n; t += 3) {
-            const float *x0 = X + (size_t)t * K, *x1 = x0 + K, *x2 = x1 + K;
-            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
-            __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
-            for (int c = 0; c < K8; c += 8) {
-                __m256 v0 = _mm256_loadu_ps(x0 + c), v1 = _mm256_loadu_ps(x1 + c), v2 = _mm256_loadu_ps(x2 + c);
-                __m256 w = _mm256_loadu_ps(b0 + c);
-                a00 = _mm256_fmadd_ps(w, v0, a00), a01 = _mm256_fmadd_ps(w, v1, a01), a02 = _mm256_fmadd_ps(w, v2, a02);
-                w = _mm256_loadu_ps(b1 + c);
-                a10 = _mm256_fmadd_ps(w, v0, a10), a11 = _mm256_fmadd_ps(w, v1, a11), a12 = _mm256_fmadd_ps(w, v2, a12);
-                w = _mm256_loadu_ps(b2 + c);
-                a20 = _mm256_fmadd_ps(w, v0, a20), a21 = _mm256_fmadd_ps(w, v1, a21), a22 = _mm256_fmadd_ps(w, v2, a22);
-                w = _mm256_loadu_ps(b3 + c);
-                a30 = _mm256_fmadd_ps(w, v0, a30), a31 = _mm256_fmadd_ps(w, v1, a31), a32 = _mm256_fmadd_ps(w, v2, a32);
-            }
-            float *o0 = out + (size_t)t * ldo + r, *o1 = o0 + ldo, *o2 = o1 + ldo;
-            o0[0] = hsum(a00) + tail(b0, x0, K8, K), o0[1] = hsum(a10) + tail(b1, x0, K8, K);
-            o0[2] = hsum(a20) + tail(b2, x0, K8, K), o0[3] = hsum(a30) + tail(b3, x0, K8, K);
-            o1[0] = hsum(a01) + tail(b0, x1, K8, K), o1[1] = hsum(a11) + tail(b1, x1, K8, K);
-            o1[2] = hsum(a21) + tail(b2, x1, K8, K), o1[3] = hsum(a31) + tail(b3, x1, K8, K);
-            o2[0] = hsum(a02) + tail(b0, x2, K8, K), o2[1] = hsum(a12) + tail(b1, x2, K8, K);
-            o2[2] = hsum(a22) + tail(b2, x2, K8, K), o2[3] = hsum(a32) + tail(b3, x2, K8, K);
-        }
-        for (; t < n; t++) /* the last tokens, fewer than three */
-            four_rows_times(buf, K, X + (size_t)t * K, out + (size_t)t * ldo + r);
-    }
-    for (; r < r1; r++) { /* rows past the last group of four */
-        const uint16_t *w0 = W + (size_t)r * K;
-        for (int t = 0; t < n; t++) {
-            const float *x0 = X + (size_t)t * K;
-            __m256 a = _mm256_setzero_ps();
-            for (int c = 0; c < K8; c += 8)
-                a = _mm256_fmadd_ps(load_f16(w0 + c), _mm256_loadu_ps(x0 + c), a);
-            out[(size_t)t * ldo + r] = hsum(a) + tail_f16(w0, x0, K8, K);
-        }
-    }
-}
+#include "f16_rows.h"
 
 /* Returns 0, or -1 when memory for the scratch buffers could not be had (y untouched then). */
 KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int H, int F, const float *x, int T,
@@ -246,7 +71,7 @@ KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int
             for (int item = 0; item < items1; item++) {
                 int e = active[item / blocks1], r0 = (item % blocks1) * ROW_BLOCK;
                 int r1 = r0 + ROW_BLOCK < 2 * F ? r0 + ROW_BLOCK : 2 * F, n = start[e + 1] - start[e];
-                rows_times(fc1 + (size_t)e * 2 * F * H, 2 * F, H, r0, r1, xs + (size_t)start[e] * H, n,
+                edge_moe_rows_times(fc1 + (size_t)e * 2 * F * H, 2 * F, H, r0, r1, xs + (size_t)start[e] * H, n,
                            gu + (size_t)start[e] * 2 * F, 2 * F, buf);
                 for (int t = 0; t < n; t++) { /* silu(gate) * up for the rows done here (r0 is even) */
                     const float *g = gu + (size_t)(start[e] + t) * 2 * F;
@@ -258,7 +83,7 @@ KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int
             for (int item = 0; item < items2; item++) {
                 int e = active[item / blocks2], r0 = (item % blocks2) * ROW_BLOCK;
                 int r1 = r0 + ROW_BLOCK < H ? r0 + ROW_BLOCK : H, n = start[e + 1] - start[e];
-                rows_times(fc2 + (size_t)e * H * F, H, F, r0, r1, h + (size_t)start[e] * F, n,
+                edge_moe_rows_times(fc2 + (size_t)e * H * F, H, F, r0, r1, h + (size_t)start[e] * F, n,
                            outs + (size_t)start[e] * H, H, buf);
             }
             /* each token's outputs weighted and summed in its routing order */

@@ -1,0 +1,51 @@
+/* Float16 weight rows times float32 activations on an x86 CPU (AVX2/FMA/F16C, AVX-512 where the CPU has it): what
+ * edge_moe's own kernels share (moe_f16.c: a MoE layer's routed experts; layer_f16.c: a decoder layer's attention
+ * block and router). Weights are [rows, K] float16, Hugging Face's [out, in] layout; activations [n, K] float32.
+ */
+#ifndef EDGE_MOE_F16_ROWS_H
+#define EDGE_MOE_F16_ROWS_H
+#include <immintrin.h>
+#include <stdint.h>
+
+#define KERNEL __attribute__((target("avx2,fma,f16c")))
+#define ROW_BLOCK 16 /* rows a thread takes at a time: 4 groups of 4 */
+
+/* Whether this CPU has AVX2, FMA and F16C (and notes AVX-512 for the tiles); call once before the rest. */
+int edge_moe_f16_supported(void);
+
+/* out[t * ldo + r] = W[r] . X[t] for rows r0 <= r < r1 of W [rows, K] and tokens t < n of X [n, K]; buf: scratch of
+ * 4 K + 8 floats (the caller's thread's own). */
+void edge_moe_rows_times(const uint16_t *W, int rows, int K, int r0, int r1, const float *X, int n, float *out,
+                         int ldo, float *buf);
+
+KERNEL static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+KERNEL static inline __m256 load_f16(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* e^x for eight floats: x = n ln2 + r, 2^n from the exponent bits, e^r by Cephes' expf polynomial (relative error
+ * near 1e-7); x is clamped to [-87, 88] (e^-87 ~ 1.6e-38: nothing a softmax or SiLU sees). */
+KERNEL static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln 2 in two parts: r stays exact */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+#endif

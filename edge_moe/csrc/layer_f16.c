@@ -1,0 +1,218 @@
+/* A decoder layer's attention block and router over float16 weights, on the CPU, for T tokens after `past` cached:
+ *
+ *   x [T, H] -> RMSNorm -> q, k, v (float16 projections) -> head norms -> RoPE -> k, v into the cache at past..
+ *     -> causal attention over the cache -> o projection -> residual = x + o -> RMSNorm -> moe_input
+ *     -> router logits [T, E] -> softmax top-k (renormalized, scaled) -> indices, weights [T, k]
+ *
+ * What the exported layer graph of a "gqa" family computes (export/families/base.py: emit_layer with
+ * GroupQueryAttention), with the same KV cache buffers ([kvH, M, D] float32, kv_cache.GqaKVCache) and RoPE tables
+ * ([M, D/2]), so either may run any step. Why it exists: onnxruntime (1.32) reads float16 weights as float32 copies
+ * (a float16 package's backbone is 55 MB a token instead of 27), and its matrix-vector products and attention for one
+ * token barely gain from a second thread; this reads the float16 bytes once, on every thread.
+ *
+ * Every output element is one thread's sum in a fixed order: the results do not depend on the thread count.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "f16_rows.h"
+
+/* One layer's parameters (native_layer.py fills it with ctypes; keep the two in step). */
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, experts, top_k;
+    int head_norm;   /* 0: none; 1: RMSNorm over each head's D (Qwen3); 2: over all heads' width at once (OLMoE) */
+    int normalize;   /* renormalize the chosen experts' weights to sum to 1 */
+    float eps, scale, routing_scale; /* RMSNorm epsilon, q.k scale, factor on the routing weights */
+    const float *input_norm, *post_norm, *q_norm, *k_norm; /* float32 */
+    const uint16_t *wq, *wk, *wv, *wo, *router;            /* float16 [out, in] */
+} edge_moe_layer;
+
+/* A product of float16 rows with n tokens, whose row blocks the threads take in turn. */
+typedef struct {
+    const uint16_t *w;
+    int rows, k;
+    const float *x;
+    float *out;
+    int ldo;
+} product;
+
+/* Called inside a parallel region (every thread): the row blocks of `count` products, handed out dynamically. */
+static void run_products(const product *ps, int count, int n, float *buf) {
+    int first[8], total = 0;
+    for (int i = 0; i < count; i++) first[i] = total, total += (ps[i].rows + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp for schedule(dynamic, 1)
+    for (int item = 0; item < total; item++) {
+        int i = count - 1;
+        while (first[i] > item) i--;
+        const product *p = ps + i;
+        int r0 = (item - first[i]) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < p->rows ? r0 + ROW_BLOCK : p->rows;
+        edge_moe_rows_times(p->w, p->rows, p->k, r0, r1, p->x, n, p->out, p->ldo, buf);
+    }
+}
+
+KERNEL static float dot(const float *a, const float *b, int n) {
+    __m256 s = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+    float r = hsum(s);
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w over n values (y may be x). */
+KERNEL static void rms_norm(const float *x, const float *w, int n, float eps, float *y) {
+    float inv = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
+}
+
+/* Hugging Face's non-interleaved RoPE on one head: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). */
+static void rope(float *v, const float *cos, const float *sin, int half) {
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+/* out [D] = softmax(q . K[0..n) * scale) V[0..n), K and V [n, D] rows of one KV head; s: scratch of n + 8 floats. */
+KERNEL static void attend(const float *q, const float *K, const float *V, int n, int D, float scale, float *s,
+                          float *out) {
+    float best = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        s[j] = dot(q, K + (size_t)j * D, D) * scale;
+        if (s[j] > best) best = s[j];
+    }
+    __m256 total = _mm256_setzero_ps(), shift = _mm256_set1_ps(best);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
+        _mm256_storeu_ps(s + j, e);
+        total = _mm256_add_ps(total, e);
+    }
+    float sum = hsum(total);
+    for (; j < n; j++) s[j] = expf(s[j] - best), sum += s[j];
+    memset(out, 0, sizeof(float) * D);
+    for (j = 0; j < n; j++) {
+        __m256 p = _mm256_set1_ps(s[j] / sum);
+        const float *v = V + (size_t)j * D;
+        for (int d = 0; d < D; d += 8) /* D is a multiple of 8 (the caller checks) */
+            _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(out + d)));
+    }
+}
+
+/* Softmax over E logits, the top k (ties to the lower index), renormalized where asked, times `factor`. */
+static void route(const float *logits, int E, int k, int normalize, float factor, float *probs, int64_t *indices,
+                  float *weights) {
+    float best = -INFINITY, sum = 0.0f, chosen = 0.0f;
+    for (int e = 0; e < E; e++) best = logits[e] > best ? logits[e] : best;
+    for (int e = 0; e < E; e++) probs[e] = expf(logits[e] - best), sum += probs[e];
+    for (int e = 0; e < E; e++) probs[e] /= sum;
+    for (int s = 0; s < k; s++) {
+        int top = -1;
+        for (int e = 0; e < E; e++)
+            if (probs[e] >= 0.0f && (top < 0 || probs[e] > probs[top])) top = e;
+        indices[s] = top, weights[s] = probs[top], chosen += probs[top];
+        probs[top] = -1.0f; /* taken */
+    }
+    for (int s = 0; s < k; s++) weights[s] = (normalize ? weights[s] / chosen : weights[s]) * factor;
+}
+
+/* Returns 0; -1 when scratch memory could not be had; -2 when past + T exceeds the cache's capacity (nothing
+ * written then). kc, vc: this layer's cache [kvH, capacity, D]; cos, sin: [capacity, D/2]. */
+KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, float *kc, float *vc, int capacity,
+                              int past, const float *cos, const float *sin, float *residual, float *moe_input,
+                              float *logits, int64_t *indices, float *weights, int threads) {
+    if (past + T > capacity) return -2;
+    int H = L->hidden, nH = L->heads, kvH = L->kv_heads, D = L->head_dim, E = L->experts, half = D / 2;
+    int qw = nH * D, kw = kvH * D, width = qw + 2 * kw, group = nH / kvH, n = past + T;
+    if (threads < 1) threads = 1;
+    size_t widest = (size_t)(H > qw ? H : qw), buf_floats = 4 * widest + 8, score_floats = (size_t)n + 8 + E;
+    float *xn = malloc(sizeof(float) * (size_t)T * H + 32), *qkv = malloc(sizeof(float) * (size_t)T * width + 32);
+    float *attn = malloc(sizeof(float) * (size_t)T * qw + 32);
+    float *bufs = malloc(sizeof(float) * buf_floats * threads), *scores = malloc(sizeof(float) * score_floats * threads);
+    int ok = xn && qkv && attn && bufs && scores;
+    if (ok) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            int thread = 0;
+#ifdef _OPENMP
+            thread = omp_get_thread_num();
+#endif
+            float *buf = bufs + buf_floats * thread, *s = scores + score_floats * thread;
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) rms_norm(x + (size_t)t * H, L->input_norm, H, L->eps, xn + (size_t)t * H);
+            product qkv_products[3] = {{L->wq, qw, H, xn, qkv, width},
+                                       {L->wk, kw, H, xn, qkv + qw, width},
+                                       {L->wv, kw, H, xn, qkv + qw + kw, width}};
+            run_products(qkv_products, 3, T, buf);
+            /* head norms and RoPE, then this token's key and value into the cache */
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) {
+                float *q = qkv + (size_t)t * width, *k = q + qw, *v = k + kw;
+                if (L->head_norm == 2) rms_norm(q, L->q_norm, qw, L->eps, q), rms_norm(k, L->k_norm, kw, L->eps, k);
+                const float *c = cos + (size_t)(past + t) * half, *sn = sin + (size_t)(past + t) * half;
+                for (int h = 0; h < nH + kvH; h++) {
+                    float *head = q + (size_t)h * D; /* the q heads, then the k heads (k follows q in the row) */
+                    if (L->head_norm == 1) rms_norm(head, h < nH ? L->q_norm : L->k_norm, D, L->eps, head);
+                    rope(head, c, sn, half);
+                }
+                for (int g = 0; g < kvH; g++) {
+                    size_t row = ((size_t)g * capacity + past + t) * D;
+                    memcpy(kc + row, k + (size_t)g * D, sizeof(float) * D);
+                    memcpy(vc + row, v + (size_t)g * D, sizeof(float) * D);
+                }
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int item = 0; item < T * nH; item++) {
+                int t = item / nH, h = item % nH, g = h / group;
+                attend(qkv + (size_t)t * width + (size_t)h * D, kc + (size_t)g * capacity * D,
+                       vc + (size_t)g * capacity * D, past + t + 1, D, L->scale, s, attn + (size_t)t * qw + h * D);
+            }
+            product o_product = {L->wo, H, qw, attn, residual, H};
+            run_products(&o_product, 1, T, buf);
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) {
+                float *r = residual + (size_t)t * H;
+                for (int i = 0; i < H; i++) r[i] += x[(size_t)t * H + i];
+                rms_norm(r, L->post_norm, H, L->eps, moe_input + (size_t)t * H);
+            }
+            product router_product = {L->router, E, H, moe_input, logits, E};
+            run_products(&router_product, 1, T, buf);
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++)
+                route(logits + (size_t)t * E, E, L->top_k, L->normalize, L->routing_scale, s + n + 8,
+                      indices + (size_t)t * L->top_k, weights + (size_t)t * L->top_k);
+        }
+    }
+    free(xn), free(qkv), free(attn), free(bufs), free(scores);
+    return ok ? 0 : -1;
+}
+
+/* The head: logits [T, V] = RMSNorm(x [T, H]) W^T for the float16 lm_head W [V, H]. Returns 0, or -1 without memory. */
+KERNEL int edge_moe_head_f16(const float *norm, float eps, const uint16_t *W, int V, int H, const float *x, int T,
+                             float *logits, int threads) {
+    if (threads < 1) threads = 1;
+    size_t buf_floats = 4 * (size_t)H + 8;
+    float *xn = malloc(sizeof(float) * (size_t)T * H + 32), *bufs = malloc(sizeof(float) * buf_floats * threads);
+    int ok = xn && bufs;
+    if (ok) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            int thread = 0;
+#ifdef _OPENMP
+            thread = omp_get_thread_num();
+#endif
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) rms_norm(x + (size_t)t * H, norm, H, eps, xn + (size_t)t * H);
+            product head = {W, V, H, xn, logits, V};
+            run_products(&head, 1, T, bufs + buf_floats * thread);
+        }
+    }
+    free(xn), free(bufs);
+    return ok ? 0 : -1;
+}

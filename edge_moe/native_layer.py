@@ -1,0 +1,176 @@
+"""Decoder layers in edge_moe's own kernel (csrc/layer_f16.c): a float16 backbone's attention block and router on
+the CPU, in place of the exported layer graph, where the family's layer is one the kernel expresses.
+
+    hidden [T, H] -> RMSNorm -> q/k/v -> head norms -> RoPE -> KV cache -> attention -> o_proj -> + hidden = residual
+      -> RMSNorm = moe_input -> router logits -> softmax top-k = (indices, weights)      (the layer graph's outputs)
+
+Why: onnxruntime (1.32) holds a float16 backbone as float32 copies and reads them every token (55 MB of q3-f16e's
+130 MB a token), and its products and attention for one token barely gain from a second thread; the kernel reads
+the float16 bytes on every thread. It writes the same KV cache buffers and reads the same RoPE tables as the graph
+(kv_cache.GqaKVCache), so the results are the graph's to float32 rounding (tests/test_native_layer.py).
+
+Expressed: Qwen3-MoE (per-head q/k norms), OLMoE (q/k norms over all heads, no clipping) and Mixtral (none), with
+GroupQueryAttention graphs (head_dim a multiple of 16, plain RoPE), full attention, every layer a MoE layer, a
+softmax top-k router, float16 projections without biases, float32 attention (not `half_attention`). Anything else
+keeps the layer graphs; `unsupported_reason` says why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import native
+from .family_spec import ROUTE_OUTPUTS, router_spec, routes_in_graph
+from .layer_graphs import external_weights
+from .errors import EdgeMoeError
+from .manifest import Manifest
+
+# family -> (head norms: 0 none, 1 per head, 2 over all heads; the router's key in a layer)
+FAMILIES = {"qwen3_moe": (1, "mlp.gate.weight"), "olmoe": (2, "mlp.gate.weight"),
+            "mixtral": (0, "block_sparse_moe.gate.weight")}
+_FLOAT16, _FLOAT32 = 10, 1  # onnx TensorProto data types
+
+
+def unsupported_reason(manifest: Manifest) -> str | None:
+    """None where every layer of the package runs in the layer kernel here, else why not (one line)."""
+    reason = native.unavailable_reason()
+    if reason is not None:
+        return reason
+    c = manifest.config
+    if manifest.family not in FAMILIES:
+        return f"the kernel expresses {', '.join(sorted(FAMILIES))} layers, not {manifest.family}"
+    if c.get("attention_kernel") != "gqa":
+        return "its layer graphs attend without GroupQueryAttention"
+    if any(c.get("sliding_windows") or []):
+        return "it attends within sliding windows"
+    if sorted(c["moe_layers"]) != list(range(int(c["num_layers"]))):
+        return "it has layers without routed experts"
+    spec = router_spec(c)
+    if not routes_in_graph(spec):
+        return f"its router ({spec.scoring}) is not a plain softmax top-k"
+    if manifest.source_config.get("clip_qkv") is not None:
+        return "it clips q, k and v"
+    if manifest.backbone_quantization:
+        return "its backbone is quantized"
+    return None
+
+
+class NativeLayer:
+    """One decoder layer run by the kernel; GqaKVCache.run calls `run_in` with its buffers."""
+
+    runs_natively = True
+    output_names = ["residual", "moe_input", "router_logits", *ROUTE_OUTPUTS]
+
+    def __init__(self, params: native.LayerParams, arrays: list[np.ndarray], clock, threads: int):
+        self.params, self._arrays, self.clock, self.threads = params, arrays, clock, threads
+
+    def run_in(self, keys: np.ndarray, values: np.ndarray, cos: np.ndarray, sin: np.ndarray, past: int,
+               hidden: np.ndarray) -> list[np.ndarray]:
+        x = np.ascontiguousarray(hidden, np.float32)
+        return self.clock.time_native(native.layer_f16, self.params, x, keys, values, past, cos, sin, self.threads)
+
+
+def load_native_layers(manifest: Manifest, clock, threads: int) -> tuple[list[NativeLayer] | None, str | None]:
+    """Every layer's weights read from the backbone blob for the kernel: (layers, None), or (None, why not) where a
+    layer's graph holds other weights than the kernel's (biases, quantized or float32 projections)."""
+    reason = unsupported_reason(manifest)
+    if reason is not None:
+        return None, reason
+    c = manifest.config
+    head_norm, router_key = FAMILIES[manifest.family]
+    hidden, heads, kv_heads, d = (int(c[k]) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                                      "head_dim"))
+    spec = router_spec(c)
+    norm_widths = {0: (None, None), 1: (d, d), 2: (heads * d, kv_heads * d)}[head_norm]
+    wanted = {"input_norm": ("input_layernorm.weight", (hidden,)),
+              "post_norm": ("post_attention_layernorm.weight", (hidden,)),
+              "wq": ("self_attn.q_proj.weight", (heads * d, hidden)),
+              "wk": ("self_attn.k_proj.weight", (kv_heads * d, hidden)),
+              "wv": ("self_attn.v_proj.weight", (kv_heads * d, hidden)),
+              "wo": ("self_attn.o_proj.weight", (hidden, heads * d)),
+              "router": (router_key, (spec.num_experts, hidden))}
+    if head_norm:
+        wanted["q_norm"] = ("self_attn.q_norm.weight", (norm_widths[0],))
+        wanted["k_norm"] = ("self_attn.k_norm.weight", (norm_widths[1],))
+    plans = []
+    for layer, path in enumerate(manifest.layers):
+        stored = external_weights(path, manifest.backbone_blob)
+        prefix = f"model.layers.{layer}."
+        if any(name.startswith(prefix + "self_attn.") and name.endswith(".bias") for name in stored):
+            return None, "its attention projections have biases"
+        plan = _plan(path, stored, {field: (prefix + key, shape) for field, (key, shape) in wanted.items()})
+        if isinstance(plan, str):
+            return None, plan
+        plans.append(plan)
+    layers = []
+    for arrays in _read(manifest.backbone_blob, plans):
+        params = native.LayerParams(
+            hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=d, experts=spec.num_experts, top_k=spec.top_k,
+            head_norm=head_norm, normalize=int(spec.normalize), eps=float(c["rms_norm_eps"]), scale=d ** -0.5,
+            routing_scale=float(spec.scaling_factor),
+            **{field: array.ctypes.data for field, array in arrays.items()})
+        layers.append(NativeLayer(params, list(arrays.values()), clock, threads))
+    return layers, None
+
+
+class NativeHead:
+    """The head (final RMSNorm and the float16 lm_head) in the kernel: Forward calls `run` as it would the graph's."""
+
+    def __init__(self, norm: np.ndarray, weight: np.ndarray, eps: float, clock, threads: int):
+        self.norm, self.weight, self.eps, self.clock, self.threads = norm, weight, eps, clock, threads
+
+    def run(self, feeds: dict) -> list[np.ndarray]:
+        return [self.clock.time_native(native.head_f16, self.norm, self.eps, self.weight, feeds["hidden_states"],
+                                       self.threads)]
+
+
+def load_native_head(manifest: Manifest, clock, threads: int) -> NativeHead | None:
+    """The head for the kernel where its graph is a plain RMSNorm and float16 lm_head (the layers' families; no
+    bias, no logit scale), else None: the graph stays."""
+    c = manifest.config
+    lm_head = "model.embed_tokens.weight" if c.get("tie_word_embeddings") else "lm_head.weight"
+    stored = external_weights(manifest.head, manifest.backbone_blob)
+    if set(stored) != {"model.norm.weight", lm_head}:
+        return None
+    plan = _plan(manifest.head, stored, {"norm": ("model.norm.weight", (int(c["hidden_size"]),)),
+                                         "weight": (lm_head, (int(c["vocab_size"]), int(c["hidden_size"])))})
+    if isinstance(plan, str):
+        return None
+    arrays = _read(manifest.backbone_blob, [plan])[0]
+    return NativeHead(arrays["norm"], arrays["weight"], float(c["rms_norm_eps"]), clock, threads)
+
+
+def _plan(path, stored: dict, wanted: dict) -> dict | str:
+    """field -> (offset, length, numpy type, shape) of the weights `wanted` (field -> (name, shape)) in the blob,
+    matrices float16 and vectors float16 or float32; or why not (a weight missing, of another shape or type)."""
+    plan = {}
+    for field, (name, shape) in wanted.items():
+        entry, allowed = stored.get(name), (_FLOAT16,) if len(shape) == 2 else (_FLOAT16, _FLOAT32)
+        if entry is None or entry[3] != shape or entry[2] not in allowed:
+            return f"{path.name}: {name} is not a float16 {list(shape)} weight"
+        offset, length, dtype, _ = entry
+        plan[field] = (offset, length, np.float16 if dtype == _FLOAT16 else np.float32, shape)
+    return plan
+
+
+def _read(blob, plans: list[dict]) -> list[dict[str, np.ndarray]]:
+    """The planned weights read into one buffer (one mapping, which huge_pages.py backs with 2 MiB pages: a decoded
+    token reads every matrix once, cold), 64-byte aligned; vectors as float32 copies."""
+    ALIGN = 64
+    total = sum(-(-length // ALIGN) * ALIGN for plan in plans for _, length, _, _ in plan.values())
+    buffer = np.empty(total + ALIGN, np.uint8)
+    at = -buffer.ctypes.data % ALIGN
+    read = []
+    with open(blob, "rb") as f:
+        for plan in plans:
+            arrays = {}
+            for field, (offset, length, dtype, shape) in plan.items():
+                f.seek(offset)
+                view = buffer[at:at + length]
+                if f.readinto(view) != length:
+                    raise EdgeMoeError(f"{blob}: ends before byte {offset + length}; re-export the model")
+                array = view.view(dtype).reshape(shape)
+                arrays[field] = array if len(shape) == 2 else np.ascontiguousarray(array, np.float32)
+                at += -(-length // ALIGN) * ALIGN
+            read.append(arrays)
+    return read

@@ -1,0 +1,123 @@
+"""edge_moe's layer kernel (native_layer.py, csrc/layer_f16.c): a float16 backbone's attention block and router in
+place of the exported layer graphs, against those graphs (onnxruntime over the same weights in float32) and
+transformers, on every family it expresses; and the packages it leaves to the graphs, with the reason."""
+
+import numpy as np
+import pytest
+
+import edge_moe
+from edge_moe import native_layer
+from edge_moe.errors import EdgeMoeError
+
+from conftest import build_checkpoint, reference_greedy, reference_logits, tiny_config
+from test_native_kernel import _cpu_has_f16c
+
+pytestmark = pytest.mark.skipif(not _cpu_has_f16c(), reason="this CPU lacks AVX2/FMA/F16C; the kernel is not used")
+
+IDS = [5, 6, 7, 8, 30, 31, 2, 40, 41, 11]
+
+
+def export_float16(root, family, **extra):
+    """A head size of 16 (GroupQueryAttention graphs), saved in float16 so transformers runs the package's weights."""
+    import torch
+    from edge_moe_export.exporter import export_checkpoint
+
+    config = tiny_config(family, hidden=64, heads=4, kv_heads=2, experts=8, top_k=3, ffn=44, layers=3,
+                         max_position_embeddings=512, **({"head_dim": 16} if family == "qwen3_moe" else {}), **extra)
+    hf = build_checkpoint(root / "hf", config, dtype=torch.float16)
+    return hf, export_checkpoint(root / "hf", root / "pkg", dtype="float16", progress=False)
+
+
+@pytest.fixture(scope="module", params=sorted(native_layer.FAMILIES))
+def package(request, tmp_path_factory):
+    return (request.param, *export_float16(tmp_path_factory.mktemp(request.param), request.param))
+
+
+def test_layers_run_in_the_kernel_and_compute_what_the_graphs_and_transformers_do(package):
+    family, hf, path = package
+    model = edge_moe.load(path)
+    assert model.backbone.native_layers is not None and model.backbone.native_reason is None
+    graphs = edge_moe.load(path, native_kernel=False)
+    assert graphs.backbone.native_layers is None and graphs.backbone.native_reason == "native_kernel=False"
+    a, b = model.logits(IDS), graphs.logits(IDS)
+    scale = np.abs(b).max()
+    assert np.abs(a - b).max() <= 1e-5 * scale
+    assert np.abs(a - reference_logits(hf, IDS)).max() <= 1e-4 * scale
+    tokens = model.generate(IDS, 12).token_ids
+    assert tokens == graphs.generate(IDS, 12).token_ids
+    reference = reference_greedy(hf, IDS, 12)
+    assert tokens == reference[:len(tokens)] and (len(tokens) == 12 or tokens[-1] == hf.config.eos_token_id)
+    # a token: the embedding in onnxruntime; a layer-kernel and an expert-kernel call a layer, and the head's
+    calls, natives = model.clock.calls, model.clock.native_calls
+    model.generate(IDS[:3], 2)
+    layers = model.config["num_layers"]
+    assert isinstance(model.backbone.head, native_layer.NativeHead)
+    assert model.clock.native_calls - natives == 2 * (2 * layers + 1)
+    assert model.clock.calls - calls == 2 * (2 + 2 * layers)
+
+
+def test_three_hundred_steps_through_the_growing_cache_equal_the_graphs(package):
+    """Prefill, then token after token past the cache's first capacity (256): every step's logits as the graphs
+    give them, fed the same tokens."""
+    _, _, path = package
+    models = [edge_moe.load(path), edge_moe.load(path, native_kernel=False)]
+    caches = [m.forward.new_cache() for m in models]
+    ids = np.array(IDS * 5, np.int64)
+    for step in range(300):
+        logits = [m.forward.logits(m.forward.hidden(ids, c)[-1:])[0] for m, c in zip(models, caches)]
+        assert np.abs(logits[0] - logits[1]).max() <= 1e-5 * np.abs(logits[1]).max(), f"step {step}"
+        ids = np.array([int(np.argmax(logits[0]))], np.int64)
+    assert caches[0].capacity > 256 and caches[0].offset == 299 + 5 * len(IDS)
+
+
+def test_the_thread_count_changes_no_bit(package):
+    _, _, path = package
+    one, two = edge_moe.load(path, threads=1), edge_moe.load(path, threads=2)
+    assert two.backbone.native_layers[0].threads == 2
+    assert np.array_equal(one.logits(IDS), two.logits(IDS))
+    assert one.generate(IDS, 8).token_ids == two.generate(IDS, 8).token_ids
+
+
+def test_under_a_budget_the_layers_run_in_the_kernel_and_experts_stream(package):
+    _, _, path = package
+    budgeted, graphs = edge_moe.load(path, budget="50%"), edge_moe.load(path, native_kernel=False)
+    assert budgeted.backbone.native_layers is not None and budgeted.fused is None
+    a, b = budgeted.logits(IDS), graphs.logits(IDS)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+@pytest.fixture(scope="module")
+def qwen3(package):
+    if package[0] != "qwen3_moe":
+        pytest.skip("one family is enough")
+    return package[2]
+
+
+def test_what_the_kernel_leaves_to_the_graphs_says_why(qwen3, tmp_path, monkeypatch):
+    assert edge_moe.load(qwen3, half_attention=True).backbone.native_reason == \
+        "attention in float16 (half_attention) is the layer graphs'"
+    _, biased = export_float16(tmp_path / "bias", "qwen3_moe", attention_bias=True)
+    model = edge_moe.load(biased)
+    assert model.backbone.native_layers is None and model.backbone.native_reason == \
+        "its attention projections have biases"
+    _, qwen2 = export_float16(tmp_path / "qwen2", "qwen2_moe")
+    assert edge_moe.load(qwen2).backbone.native_reason == \
+        "the kernel expresses mixtral, olmoe, qwen3_moe layers, not qwen2_moe"
+    monkeypatch.setattr(native_layer.native, "unavailable_reason", lambda: "edge_moe's float16 kernel was not built")
+    assert edge_moe.load(qwen3).backbone.native_reason == "edge_moe's float16 kernel was not built"
+
+
+def test_a_layer_weight_outside_the_backbone_blob_is_refused(qwen3, tmp_path):
+    import onnx
+
+    from edge_moe.layer_graphs import external_weights
+
+    manifest = edge_moe.load(qwen3).manifest
+    graph = onnx.load(str(manifest.layers[0]), load_external_data=False)
+    entry = next(e for e in graph.graph.initializer[1].external_data if e.key == "offset")
+    entry.value = str(manifest.backbone_blob.stat().st_size)
+    bad = tmp_path / "layer.onnx"
+    onnx.save(graph, str(bad))
+    with pytest.raises(EdgeMoeError, match="layer.onnx: initializer .* lies at bytes .* of weights.bin, which has .*; "
+                                           "re-export the model"):
+        external_weights(bad, manifest.backbone_blob)
