@@ -4,8 +4,10 @@ the loop obtains experts (`fetch(layer, experts)`), and `ExpertKernels.run` comp
 A resident expert is its weight arrays (views into one buffer holding the expert's blob bytes); the kernel for
 its shape is one shared onnxruntime session that takes the weights as inputs. A quantized (q4/q8) expert is the
 exception: it gets its own MatMulNBits session at admission (edge_moe.quant_graph), or, when it is so small that a
-session costs more than its float32 copy, is dequantized for the shared float32 kernel (edge_moe.quant). The all-resident source reads
-every expert at load; the budgeted cache (edge_moe.cache) implements the same `get`.
+session costs more than its float32 copy, is dequantized for the shared float32 kernel (edge_moe.quant). A float16
+SwiGLU expert runs in edge_moe's own kernel where it is built (native.expert_f16, on the same views: onnxruntime's
+graph cast the float16 weights to float32 every call). The all-resident source reads every expert at load; the
+budgeted cache (edge_moe.cache) implements the same `get`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import quant
+from . import native, quant
 from .expert_graph import INPUT, OUTPUT, ExpertShape, build_expert_graph
 from .manifest import ExpertRecord, Manifest
 from .sessions import OrtClock, TimedSession, fast_run, open_session
@@ -84,11 +86,15 @@ def _quant_session(record: ExpertRecord, shape: ExpertShape, weights: dict[str, 
 class ExpertKernels:
     """One session per expert shape, built from the same graph the exporter writes, with weights as inputs."""
 
-    def __init__(self, clock: OrtClock, providers=("CPUExecutionProvider",), parallel: bool = False):
+    def __init__(self, clock: OrtClock, providers=("CPUExecutionProvider",), parallel: bool = False,
+                 native_threads: int | None = None):
         """parallel: Forward will call run() from several threads at once, one expert each; expert sessions then
-        get one intra-op thread (set before any expert loads: quantized experts open their sessions at load)."""
+        get one intra-op thread (set before any expert loads: quantized experts open their sessions at load).
+        native_threads: float16 SwiGLU experts run in edge_moe's own kernel (native.expert_f16) on that many threads,
+        reading the float16 bytes where onnxruntime's graph casts them to float32 every call; None: onnxruntime."""
         global _session_threads
         self.clock, self.providers, self.parallel = clock, providers, parallel
+        self.native_threads = native_threads
         self._sessions: dict[ExpertShape, TimedSession] = {}
         self._lock = threading.Lock()
         _session_threads = 1 if parallel else None
@@ -97,7 +103,11 @@ class ExpertKernels:
         """x [T, H] float32 -> [T, H] float32. timed=False leaves the clock alone (a worker thread's call: the
         caller times its wait instead, so the clock stays a share of wall time)."""
         start = time.perf_counter()
-        if expert.session is not None:
+        if self.native_threads and _runs_native(expert):
+            y = native.expert_f16(expert.weights["gate_up_proj"], expert.weights["down_proj"], x, self.native_threads)
+            if timed:
+                self.clock.native_calls += 1
+        elif expert.session is not None:
             y = expert.run_fast(_OUTPUTS, {INPUT: x})[0]
         else:
             y = self._shared_session(expert.shape).run_fast(_OUTPUTS, {INPUT: x, **expert.weights})[0]
@@ -116,6 +126,17 @@ class ExpertKernels:
                     session = self._sessions[shape] = TimedSession(open_session(
                         model, providers=self.providers, threads=1 if self.parallel else None), self.clock)
         return session
+
+
+def _runs_native(expert: ResidentExpert) -> bool:
+    """A float16 SwiGLU expert whose stored tensors are the kernel's gate_up [H, 2F] and down [F, H]."""
+    shape = expert.shape
+    if shape.dtype != "float16" or shape.kind != "swiglu" or expert.session is not None:
+        return False
+    hidden, intermediate = shape.hidden_size, shape.intermediate_size
+    gate_up, down = expert.weights.get("gate_up_proj"), expert.weights.get("down_proj")
+    return (gate_up is not None and down is not None and gate_up.shape == (hidden, 2 * intermediate)
+            and down.shape == (intermediate, hidden) and gate_up.flags.c_contiguous and down.flags.c_contiguous)
 
 
 class ExpertSource:

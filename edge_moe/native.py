@@ -68,6 +68,8 @@ def _load():
     library.edge_moe_layer_f16.restype = i
     library.edge_moe_head_f16.argtypes = [p, ctypes.c_float, p, i, i, p, i, p, i]
     library.edge_moe_head_f16.restype = i
+    library.edge_moe_expert_f16.argtypes = [p, p, i, i, p, i, p, i]
+    library.edge_moe_expert_f16.restype = i
     _library = library
     return library
 
@@ -146,3 +148,17 @@ def head_f16(norm: np.ndarray, eps: float, weight: np.ndarray, x: np.ndarray, th
                                  x.ctypes.data, x.shape[0], logits.ctypes.data, threads):
         raise MemoryError(f"edge_moe's head kernel could not allocate scratch for {x.shape[0]} tokens")
     return logits
+
+
+def expert_f16(gate_up: np.ndarray, down: np.ndarray, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """One routed SwiGLU expert in the package's layout (moe_f16.c): y [T, H] = (silu(x gate) * (x up)) down for
+    gate_up [H, 2F] (gate | up) and down [F, H], float16 C-contiguous (an expert cache's views of its read buffer;
+    ExpertKernels checks the layout once an expert), x [T, H] float32."""
+    library = _load()
+    x = np.ascontiguousarray(x, np.float32)
+    hidden, intermediate = down.shape[1], down.shape[0]
+    y = np.empty((x.shape[0], hidden), np.float32)
+    if library.edge_moe_expert_f16(gate_up.ctypes.data, down.ctypes.data, hidden, intermediate, x.ctypes.data,
+                                   x.shape[0], y.ctypes.data, threads):
+        raise MemoryError(f"edge_moe's expert kernel could not allocate scratch for {x.shape[0]} tokens")
+    return y

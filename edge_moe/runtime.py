@@ -80,10 +80,17 @@ class Model:
         side_by_side = (1 < self.threads <= int(self.config.get("top_k") or 1)
                         and int(self.config["hidden_size"]) <= SIDE_BY_SIDE_MAX_HIDDEN
                         and budget is None and not self.device.accelerator and not shared_pool() and not fuse)
+        # edge_moe's own kernels (native.py) run on OpenMP threads that sleep between calls after a short spin (a
+        # longer one takes the core the next onnxruntime call or the readers need). On the shared pool, which spins
+        # through them, on one thread. Streaming experts, on one thread fewer than --threads: the readers and their
+        # checksums need a core, and with the cache's bookkeeping between expert calls every call woke a sleeping
+        # thread (2-core VM, q3-f16e at budget 100%: 2 kernel threads decode 64-85 tok/s, prefill 195-202; 1 thread
+        # 138 and 228).
+        kernel_threads = 1 if shared_pool() else self.threads if everything else max(1, self.threads - 1)
         self.backbone = Backbone(manifest, self.clock, providers=self.device.providers,
                                  ort_device=self.device.ort_device, threads=1 if side_by_side else None,
                                  half_attention=half_attention, native_kernel=native_kernel,
-                                 native_threads=1 if shared_pool() else self.threads)
+                                 native_threads=kernel_threads)
         self.rss_baseline_bytes = rss_bytes()
         self.trace: list | None = [] if trace else None
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
@@ -94,7 +101,9 @@ class Model:
         self.closed = False
         self._chat_template = None
         self.batcher = None  # enable_batching
-        self.kernels = ExpertKernels(self.clock, parallel=side_by_side)  # before experts load: sets their threads
+        # before experts load (sets their threads); float16 experts one at a time in the kernel, where it runs
+        self.kernels = ExpertKernels(self.clock, parallel=side_by_side, native_threads=(
+            1 if side_by_side else kernel_threads) if native else None)
         predictor = None
         if baseline == "mmap":
             self.experts = MmapExperts(manifest, trace=self.trace)
@@ -124,7 +133,7 @@ class Model:
             store = self.store
             self.fused = FusedMoeLayers(manifest, lambda layer, e: stored_tensors(
                 manifest.experts[(layer, e)], store.read((layer, e))), self.device, self.clock, bar,
-                native_kernel=native_kernel, threads=1 if shared_pool() else self.threads)
+                native_kernel=native_kernel, threads=kernel_threads)
         elif self.device.accelerator:
             self.accelerator = build_tier(self, gpu_budget, gpu_policy, cost_model, recalibrate, progress)
             experts, kernels = self.accelerator, self.accelerator.kernels

@@ -59,6 +59,28 @@ def test_kernel_equals_the_experts_it_stacks(threads, hidden, intermediate, toke
     assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+def oracle_one(gate_up, down, x):
+    """One expert in the package's layout, float64: gate_up [H, 2F] (gate | up), down [F, H]."""
+    f = down.shape[0]
+    g = x.astype(np.float64) @ gate_up.astype(np.float64)
+    return (g[:, :f] / (1 + np.exp(-g[:, :f])) * g[:, f:]) @ down.astype(np.float64)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hidden,intermediate", [(64, 48), (22, 13), (40, 70)])  # columns past strips of 32 and 8
+@pytest.mark.parametrize("tokens", [1, 3, 9])
+def test_one_expert_in_the_packages_layout_equals_the_oracle(threads, hidden, intermediate, tokens):
+    rng = np.random.default_rng(tokens * 100 + hidden)
+    gate_up = (rng.standard_normal((hidden, 2 * intermediate)) * 0.3).astype(np.float16)
+    down = (rng.standard_normal((intermediate, hidden)) * 0.3).astype(np.float16)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    y = native.expert_f16(gate_up, down, x, threads)
+    expected = oracle_one(gate_up, down, x)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert np.array_equal(y, native.expert_f16(gate_up, down, x, 3 - threads))  # the thread count changes no bit
+
+
 def test_kernel_refuses_what_it_cannot_read():
     fc1, fc2 = np.zeros((2, 8, 8), np.float16), np.zeros((2, 8, 4), np.float16)
     x, w = np.zeros((1, 8), np.float32), np.ones((1, 1), np.float32)
@@ -141,3 +163,19 @@ def test_a_budget_or_a_missing_kernel_keeps_float16_experts_one_by_one(qwen3_flo
     with pytest.raises(EdgeMoeError, match="float16 kernel cannot run these experts: edge_moe's float16 kernel was "
                                            "not built"):
         edge_moe.load(package, fused_moe=True, native_kernel=True)
+
+
+def test_streamed_float16_experts_run_in_the_kernel_one_by_one(float16_package):
+    """Under a budget the cache's experts (views of their read buffers, the package's layout) run in the kernel one
+    call each: the logits and tokens of onnxruntime's per-expert graphs, and transformers'."""
+    family, hf, package = float16_package
+    budgeted = edge_moe.load(package, budget="50%")
+    graphs = edge_moe.load(package, budget="50%", native_kernel=False)
+    assert budgeted.fused is None and budgeted.kernels.native_threads and graphs.kernels.native_threads is None
+    natives = budgeted.clock.native_calls
+    a, b = budgeted.logits(IDS), graphs.logits(IDS)
+    assert budgeted.clock.native_calls > natives and graphs.clock.native_calls == 0
+    scale = np.abs(b).max()
+    assert np.abs(a - b).max() <= 1e-5 * scale
+    assert np.abs(a - reference_logits(hf, IDS)).max() <= 1e-4 * scale
+    assert budgeted.generate(IDS, 10).token_ids == graphs.generate(IDS, 10).token_ids

@@ -171,3 +171,64 @@ KERNEL void edge_moe_rows_times(const uint16_t *W, int rows, int K, int r0, int 
     }
 }
 
+
+/* out[t * ldo + c] = X[t] . W[:, c] for columns c0 <= c < c1 of W [K, N] (float16, the package's [in, out] expert
+ * layout) and tokens t < n of X [n, K]. One token streams W's rows in order (memory bound: each row's columns
+ * c0..c1 are read once, contiguously, into sums kept in `out`); more tokens take tiles of 4 tokens x 32 columns
+ * whose sums stay in registers while the strip of W (K x 64 bytes) is reused from cache for every tile. */
+KERNEL void edge_moe_xw(const uint16_t *W, int K, int N, int c0, int c1, const float *X, int n, float *out, int ldo) {
+    if (n == 1) {
+        int c8 = c0 + ((c1 - c0) & ~7), k = 0;
+        memset(out + c0, 0, sizeof(float) * (size_t)(c1 - c0));
+        for (; k + 4 <= K; k += 4) { /* four rows a pass: the sums are loaded and stored once for four products */
+            const uint16_t *w0 = W + (size_t)k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+            if (k + 8 + 4 <= K) /* rows two passes ahead, as the row kernel does */
+                for (int r = 8; r < 12; r++)
+                    for (int c = c0; c < c1; c += 32) _mm_prefetch((const char *)(w0 + (size_t)r * N + c), _MM_HINT_T0);
+            __m256 x0 = _mm256_set1_ps(X[k]), x1 = _mm256_set1_ps(X[k + 1]), x2 = _mm256_set1_ps(X[k + 2]),
+                   x3 = _mm256_set1_ps(X[k + 3]);
+            for (int c = c0; c < c8; c += 8) {
+                __m256 a = _mm256_fmadd_ps(load_f16(w0 + c), x0, _mm256_loadu_ps(out + c));
+                a = _mm256_fmadd_ps(load_f16(w1 + c), x1, a);
+                a = _mm256_fmadd_ps(load_f16(w2 + c), x2, a);
+                _mm256_storeu_ps(out + c, _mm256_fmadd_ps(load_f16(w3 + c), x3, a));
+            }
+            for (int c = c8; c < c1; c++)
+                out[c] += _cvtsh_ss(w0[c]) * X[k] + _cvtsh_ss(w1[c]) * X[k + 1] + _cvtsh_ss(w2[c]) * X[k + 2] +
+                          _cvtsh_ss(w3[c]) * X[k + 3];
+        }
+        for (; k < K; k++) {
+            const uint16_t *w = W + (size_t)k * N;
+            __m256 xk = _mm256_set1_ps(X[k]);
+            for (int c = c0; c < c8; c += 8)
+                _mm256_storeu_ps(out + c, _mm256_fmadd_ps(load_f16(w + c), xk, _mm256_loadu_ps(out + c)));
+            for (int c = c8; c < c1; c++) out[c] += _cvtsh_ss(w[c]) * X[k];
+        }
+        return;
+    }
+    int c = c0;
+    for (; c + 32 <= c1; c += 32)
+        for (int t = 0; t < n; t += 4) {
+            int m = n - t < 4 ? n - t : 4;
+            __m256 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();
+            for (int k = 0; k < K; k++) {
+                const uint16_t *w = W + (size_t)k * N + c;
+                __m256 w0 = load_f16(w), w1 = load_f16(w + 8), w2 = load_f16(w + 16), w3 = load_f16(w + 24);
+                for (int i = 0; i < m; i++) {
+                    __m256 xb = _mm256_set1_ps(X[(size_t)(t + i) * K + k]);
+                    acc[i][0] = _mm256_fmadd_ps(w0, xb, acc[i][0]), acc[i][1] = _mm256_fmadd_ps(w1, xb, acc[i][1]);
+                    acc[i][2] = _mm256_fmadd_ps(w2, xb, acc[i][2]), acc[i][3] = _mm256_fmadd_ps(w3, xb, acc[i][3]);
+                }
+            }
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < 4; j++) _mm256_storeu_ps(out + (size_t)(t + i) * ldo + c + 8 * j, acc[i][j]);
+        }
+    for (; c < c1; c++) /* columns past the last strip of 32 */
+        for (int t = 0; t < n; t++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s += X[(size_t)t * K + k] * _cvtsh_ss(W[(size_t)k * N + c]);
+            out[(size_t)t * ldo + c] = s;
+        }
+}

@@ -18,6 +18,10 @@ int edge_moe_f16_supported(void);
 void edge_moe_rows_times(const uint16_t *W, int rows, int K, int r0, int r1, const float *X, int n, float *out,
                          int ldo, float *buf);
 
+/* out[t * ldo + c] = X[t] . W[:, c] for columns c0 <= c < c1 of W [K, N] (float16 [in, out], the package's expert
+ * layout) and tokens t < n of X [n, K]. */
+void edge_moe_xw(const uint16_t *W, int K, int N, int c0, int c1, const float *X, int n, float *out, int ldo);
+
 KERNEL static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

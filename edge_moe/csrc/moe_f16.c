@@ -115,3 +115,52 @@ KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int
     free(count), free(start), free(slot_row), free(xs), free(gu), free(h), free(outs), free(active), free(bufs);
     return ok ? 0 : -1;
 }
+
+/* Column ranges of an [in, out] product for `threads`: one contiguous share each for a single token (each thread
+ * streams its part of every row), strips of 32 handed out in turn for several (compute bound). */
+static int xw_chunk(int N, int n, int threads) {
+    if (n > 1) return 32;
+    int share = (N + threads - 1) / threads;
+    return (share + 7) & ~7;
+}
+
+/* One routed SwiGLU expert in the package's own layout (what an expert cache holds: experts.stored_tensors):
+ * y [n, H] = (silu(x GU[:, :F]) * (x GU[:, F:])) D for gate_up GU [H, 2F] and down D [F, H], float16.
+ * Returns 0, or -1 without memory for the scratch. */
+KERNEL int edge_moe_expert_f16(const uint16_t *gate_up, const uint16_t *down, int H, int F, const float *x, int n,
+                               float *y, int threads) {
+    if (threads < 1) threads = 1;
+    float *gu = malloc(sizeof(float) * (size_t)n * 2 * F + 32), *h = malloc(sizeof(float) * (size_t)n * F + 32);
+    int ok = gu && h;
+    if (ok) {
+        int chunk1 = xw_chunk(2 * F, n, threads), chunk2 = xw_chunk(H, n, threads);
+        int items1 = (2 * F + chunk1 - 1) / chunk1, items2 = (H + chunk2 - 1) / chunk2;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+#pragma omp for schedule(dynamic, 1)
+            for (int item = 0; item < items1; item++) {
+                int c0 = item * chunk1, c1 = c0 + chunk1 < 2 * F ? c0 + chunk1 : 2 * F;
+                edge_moe_xw(gate_up, H, 2 * F, c0, c1, x, n, gu, 2 * F);
+            }
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++) {
+                const float *g = gu + (size_t)t * 2 * F, *u = g + F;
+                float *ht = h + (size_t)t * F;
+                int j = 0;
+                for (; j + 8 <= F; j += 8) {
+                    __m256 v = _mm256_loadu_ps(g + j), e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+                    __m256 silu = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+                    _mm256_storeu_ps(ht + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
+                }
+                for (; j < F; j++) ht[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int item = 0; item < items2; item++) {
+                int c0 = item * chunk2, c1 = c0 + chunk2 < H ? c0 + chunk2 : H;
+                edge_moe_xw(down, F, H, c0, c1, h, n, y, H);
+            }
+        }
+    }
+    free(gu), free(h);
+    return ok ? 0 : -1;
+}
