@@ -133,6 +133,8 @@ def layer_f16(params: LayerParams, x: np.ndarray, keys: np.ndarray, values: np.n
                                         *(o.ctypes.data for o in outputs), threads)
     if status == -2:
         raise ValueError(f"{past} cached + {tokens} new tokens exceed the KV cache's {keys.shape[2]}")
+    if status == -3:
+        raise ValueError(f"head_dim {params.head_dim} / {params.heads} heads over {params.kv_heads}: not the kernel's")
     if status:
         raise MemoryError(f"edge_moe's layer kernel could not allocate scratch for {tokens} tokens")
     return outputs

@@ -41,6 +41,9 @@ def unsupported_reason(manifest: Manifest) -> str | None:
         return f"the kernel expresses {', '.join(sorted(FAMILIES))} layers, not {manifest.family}"
     if c.get("attention_kernel") != "gqa":
         return "its layer graphs attend without GroupQueryAttention"
+    heads, kv_heads, head_dim = (int(c[k]) for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    if head_dim % 8 or kv_heads < 1 or heads % kv_heads:  # the kernel's vectors of 8; whole groups of query heads
+        return f"head_dim {head_dim} is not a multiple of 8 or {heads} heads do not group over {kv_heads}"
     if any(c.get("sliding_windows") or []):
         return "it attends within sliding windows"
     if sorted(c["moe_layers"]) != list(range(int(c["num_layers"]))):

@@ -79,28 +79,55 @@ static void rope(float *v, const float *cos, const float *sin, int half) {
     }
 }
 
-/* out [D] = softmax(q . K[0..n) * scale) V[0..n), K and V [n, D] rows of one KV head; s: scratch of n + 8 floats. */
+/* The eight sums of a[0..8) in one vector: (sum a[0], ..., sum a[7]). */
+KERNEL static inline __m256 hsum8(const __m256 *a) {
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* out [D] = softmax(q . K[0..n) * scale) V[0..n), K and V [n, D] rows of one KV head; s: scratch of n + 8 floats.
+ * Eight keys' dot products at a time (one reduction for eight), four value rows a pass over `out`. */
 KERNEL static void attend(const float *q, const float *K, const float *V, int n, int D, float scale, float *s,
                           float *out) {
-    float best = -INFINITY;
-    for (int j = 0; j < n; j++) {
-        s[j] = dot(q, K + (size_t)j * D, D) * scale;
-        if (s[j] > best) best = s[j];
-    }
-    __m256 total = _mm256_setzero_ps(), shift = _mm256_set1_ps(best);
     int j = 0;
     for (; j + 8 <= n; j += 8) {
+        __m256 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 8) { /* D is a multiple of 8 (the caller checks) */
+            __m256 qd = _mm256_loadu_ps(q + d);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(K + (size_t)(j + i) * D + d), a[i]);
+        }
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(hsum8(a), _mm256_set1_ps(scale)));
+    }
+    for (; j < n; j++) s[j] = dot(q, K + (size_t)j * D, D) * scale;
+    float best = -INFINITY;
+    for (j = 0; j < n; j++) best = s[j] > best ? s[j] : best;
+    __m256 total = _mm256_setzero_ps(), shift = _mm256_set1_ps(best);
+    for (j = 0; j + 8 <= n; j += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
         _mm256_storeu_ps(s + j, e);
         total = _mm256_add_ps(total, e);
     }
     float sum = hsum(total);
     for (; j < n; j++) s[j] = expf(s[j] - best), sum += s[j];
+    float inv = 1.0f / sum;
     memset(out, 0, sizeof(float) * D);
-    for (j = 0; j < n; j++) {
-        __m256 p = _mm256_set1_ps(s[j] / sum);
+    for (j = 0; j + 4 <= n; j += 4) {
+        __m256 p0 = _mm256_set1_ps(s[j] * inv), p1 = _mm256_set1_ps(s[j + 1] * inv),
+               p2 = _mm256_set1_ps(s[j + 2] * inv), p3 = _mm256_set1_ps(s[j + 3] * inv);
+        const float *v0 = V + (size_t)j * D, *v1 = v0 + D, *v2 = v1 + D, *v3 = v2 + D;
+        for (int d = 0; d < D; d += 8) {
+            __m256 o = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + d), _mm256_loadu_ps(out + d));
+            o = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + d), o);
+            o = _mm256_fmadd_ps(p2, _mm256_loadu_ps(v2 + d), o);
+            _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p3, _mm256_loadu_ps(v3 + d), o));
+        }
+    }
+    for (; j < n; j++) {
+        __m256 p = _mm256_set1_ps(s[j] * inv);
         const float *v = V + (size_t)j * D;
-        for (int d = 0; d < D; d += 8) /* D is a multiple of 8 (the caller checks) */
+        for (int d = 0; d < D; d += 8)
             _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(out + d)));
     }
 }
@@ -122,19 +149,21 @@ static void route(const float *logits, int E, int k, int normalize, float factor
     for (int s = 0; s < k; s++) weights[s] = (normalize ? weights[s] / chosen : weights[s]) * factor;
 }
 
-/* Returns 0; -1 when scratch memory could not be had; -2 when past + T exceeds the cache's capacity (nothing
- * written then). kc, vc: this layer's cache [kvH, capacity, D]; cos, sin: [capacity, D/2]. */
+/* Returns 0; -1 when scratch memory could not be had; -2 when past + T exceeds the cache's capacity, -3 for a head
+ * size not a multiple of 8 or heads that do not group (nothing written then). kc, vc: this layer's cache
+ * [kvH, capacity, D]; cos, sin: [capacity, D/2]. */
 KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, float *kc, float *vc, int capacity,
                               int past, const float *cos, const float *sin, float *residual, float *moe_input,
                               float *logits, int64_t *indices, float *weights, int threads) {
     if (past + T > capacity) return -2;
+    if (L->head_dim % 8 || L->kv_heads < 1 || L->heads % L->kv_heads) return -3; /* native_layer.py refuses these */
     int H = L->hidden, nH = L->heads, kvH = L->kv_heads, D = L->head_dim, E = L->experts, half = D / 2;
     int qw = nH * D, kw = kvH * D, width = qw + 2 * kw, group = nH / kvH, n = past + T;
     if (threads < 1) threads = 1;
     size_t widest = (size_t)(H > qw ? H : qw), buf_floats = 4 * widest + 8, score_floats = (size_t)n + 8 + E;
     float *xn = malloc(sizeof(float) * (size_t)T * H + 32), *qkv = malloc(sizeof(float) * (size_t)T * width + 32);
-    float *attn = malloc(sizeof(float) * (size_t)T * qw + 32);
-    float *bufs = malloc(sizeof(float) * buf_floats * threads), *scores = malloc(sizeof(float) * score_floats * threads);
+    float *attn = malloc(sizeof(float) * (size_t)T * qw + 32), *bufs = malloc(sizeof(float) * buf_floats * threads);
+    float *scores = malloc(sizeof(float) * score_floats * threads);
     int ok = xn && qkv && attn && bufs && scores;
     if (ok) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
