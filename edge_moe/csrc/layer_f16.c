@@ -198,7 +198,7 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
             }
 #pragma omp for schedule(dynamic, 1)
             for (int item = 0; item < T * nH; item++) {
-                int t = item / nH, h = item % nH, g = h / group;
+                int h = item / T, t = item % T, g = h / group; /* head-major: a KV head stays in L2 */
                 attend(qkv + (size_t)t * width + (size_t)h * D, kc + (size_t)g * capacity * D,
                        vc + (size_t)g * capacity * D, past + t + 1, D, L->scale, s, attn + (size_t)t * qw + h * D);
             }
