@@ -24,7 +24,7 @@ from .family_spec import ROUTE_OUTPUTS
 from .layer_graphs import half_attention_graph
 from .kv_cache import KVCache, new_kv_cache
 from .manifest import Manifest
-from .native_layer import load_native_head, load_native_layers
+from .native_layer import load_native_embed, load_native_head, load_native_layers
 from .routing import Router, group_by_expert
 from .sessions import OrtClock, TimedSession, open_session
 
@@ -63,7 +63,6 @@ class Backbone:
                 raise EdgeMoeError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]}); "
                                    "re-export the model") from None
 
-        self.embed = session(manifest.embed)
         # A float16 backbone's layers in edge_moe's own kernel where it expresses them (it reads the float16 bytes;
         # the graphs' sessions would each hold a float32 copy); else one graph session a layer
         self.native_layers, self.native_reason = None, "native_kernel=False"
@@ -73,6 +72,7 @@ class Backbone:
                                   else None)
             if self.native_reason is None:
                 self.native_layers, self.native_reason = load_native_layers(manifest, clock, native_threads)
+        self.embed = (self.native_layers and load_native_embed(manifest, clock)) or session(manifest.embed)
         self.layers = self.native_layers or [session(p, layer) for layer, p in enumerate(manifest.layers)]
         self._open_layer = lambda layer: session(manifest.layers[layer], layer)
         self.head = (self.native_layers and load_native_head(manifest, clock, native_threads)) or session(manifest.head)
@@ -81,7 +81,8 @@ class Backbone:
         self.routed = {layer for layer in moe if layer < len(self.layers)
                        and self.layers[layer].output_names[3:5] == list(ROUTE_OUTPUTS)}
         inputs = LAYER_INPUTS[manifest.config.get("attention_kernel", "generic")]
-        _check_signature(manifest.embed, self.embed, ["input_ids"], 1)
+        if isinstance(self.embed, TimedSession):
+            _check_signature(manifest.embed, self.embed, ["input_ids"], 1)
         for layer, (path, s) in enumerate(zip(manifest.layers, [] if self.native_layers else self.layers)):
             _check_signature(path, s, inputs, (7 if layer in self.routed else 5) if layer in moe else 3)
         if isinstance(self.head, TimedSession):

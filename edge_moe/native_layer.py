@@ -143,6 +143,34 @@ def load_native_head(manifest: Manifest, clock, threads: int) -> NativeHead | No
     return NativeHead(arrays["norm"], arrays["weight"], float(c["rms_norm_eps"]), clock, threads)
 
 
+class NativeEmbed:
+    """The embedding (a float16 table's rows as float32) in numpy: with the layers and head in the kernel no
+    onnxruntime session is left on a float16 token's path (its first session's set-up alone was ~10 MiB of RSS)."""
+
+    def __init__(self, table: np.ndarray, clock):
+        self.table, self.clock = table, clock
+
+    def run(self, feeds: dict) -> list[np.ndarray]:
+        return [self.clock.time_native(self._rows, feeds["input_ids"])]
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.table.shape[0]):  # numpy would wrap a negative id
+            raise ValueError(f"token ids outside [0, {self.table.shape[0]})")
+        return self.table[ids].astype(np.float32)
+
+
+def load_native_embed(manifest: Manifest, clock) -> NativeEmbed | None:
+    """The embedding where its graph is a plain gather of a float16 table (the layers' families), else None."""
+    c = manifest.config
+    stored = external_weights(manifest.embed, manifest.backbone_blob)
+    if set(stored) != {"model.embed_tokens.weight"}:
+        return None
+    plan = _plan(manifest.embed, stored, {"table": ("model.embed_tokens.weight", (int(c["vocab_size"]),
+                                                                                 int(c["hidden_size"])))})
+    return None if isinstance(plan, str) else NativeEmbed(_read(manifest.backbone_blob, [plan])[0]["table"], clock)
+
+
 def _plan(path, stored: dict, wanted: dict) -> dict | str:
     """field -> (offset, length, numpy type, shape) of the weights `wanted` (field -> (name, shape)) in the blob,
     matrices float16 and vectors float16 or float32; or why not (a weight missing, of another shape or type)."""

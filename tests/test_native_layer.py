@@ -28,9 +28,19 @@ def export_float16(root, family, **extra):
     return hf, export_checkpoint(root / "hf", root / "pkg", dtype="float16", progress=False)
 
 
+_exported: dict = {}
+
+
+def exported(family, tmp_path_factory):
+    """(family, transformers model, package), exported once a module run."""
+    if family not in _exported:
+        _exported[family] = (family, *export_float16(tmp_path_factory.mktemp(family), family))
+    return _exported[family]
+
+
 @pytest.fixture(scope="module", params=sorted(native_layer.FAMILIES))
 def package(request, tmp_path_factory):
-    return (request.param, *export_float16(tmp_path_factory.mktemp(request.param), request.param))
+    return exported(request.param, tmp_path_factory)
 
 
 def test_layers_run_in_the_kernel_and_compute_what_the_graphs_and_transformers_do(package):
@@ -47,13 +57,15 @@ def test_layers_run_in_the_kernel_and_compute_what_the_graphs_and_transformers_d
     assert tokens == graphs.generate(IDS, 12).token_ids
     reference = reference_greedy(hf, IDS, 12)
     assert tokens == reference[:len(tokens)] and (len(tokens) == 12 or tokens[-1] == hf.config.eos_token_id)
-    # a token: the embedding in onnxruntime; a layer-kernel and an expert-kernel call a layer, and the head's
+    # a token: the embedding, a layer-kernel and an expert-kernel call a layer, the head; none in onnxruntime
     calls, natives = model.clock.calls, model.clock.native_calls
     model.generate(IDS[:3], 2)
     layers = model.config["num_layers"]
     assert isinstance(model.backbone.head, native_layer.NativeHead)
-    assert model.clock.native_calls - natives == 2 * (2 * layers + 1)
-    assert model.clock.calls - calls == 2 * (2 + 2 * layers)
+    assert isinstance(model.backbone.embed, native_layer.NativeEmbed)
+    assert model.clock.native_calls - natives == model.clock.calls - calls == 2 * (2 + 2 * layers)
+    with pytest.raises(ValueError, match="token ids outside"):
+        model.forward.hidden(np.array([-1]), model.forward.new_cache())
 
 
 def test_three_hundred_steps_through_the_growing_cache_equal_the_graphs(package):
@@ -87,10 +99,8 @@ def test_under_a_budget_the_layers_run_in_the_kernel_and_experts_stream(package)
 
 
 @pytest.fixture(scope="module")
-def qwen3(package):
-    if package[0] != "qwen3_moe":
-        pytest.skip("one family is enough")
-    return package[2]
+def qwen3(tmp_path_factory):
+    return exported("qwen3_moe", tmp_path_factory)[2]
 
 
 def test_what_the_kernel_leaves_to_the_graphs_says_why(qwen3, tmp_path, monkeypatch):
@@ -103,6 +113,10 @@ def test_what_the_kernel_leaves_to_the_graphs_says_why(qwen3, tmp_path, monkeypa
     _, qwen2 = export_float16(tmp_path / "qwen2", "qwen2_moe")
     assert edge_moe.load(qwen2).backbone.native_reason == \
         "the kernel expresses mixtral, olmoe, qwen3_moe layers, not qwen2_moe"
+    manifest = edge_moe.load(qwen3).manifest  # a config the exporter never writes: GQA with a head size of 12
+    manifest.config["head_dim"] = 12
+    assert native_layer.unsupported_reason(manifest) == "head_dim 12 is not a multiple of 8 or 4 heads do not group " \
+                                                         "over 2"
     monkeypatch.setattr(native_layer.native, "unavailable_reason", lambda: "edge_moe's float16 kernel was not built")
     assert edge_moe.load(qwen3).backbone.native_reason == "edge_moe's float16 kernel was not built"
 
@@ -121,3 +135,24 @@ def test_a_layer_weight_outside_the_backbone_blob_is_refused(qwen3, tmp_path):
     with pytest.raises(EdgeMoeError, match="layer.onnx: initializer .* lies at bytes .* of weights.bin, which has .*; "
                                            "re-export the model"):
         external_weights(bad, manifest.backbone_blob)
+
+
+def test_the_weights_the_kernel_reads_are_those_onnx_reads_and_a_torn_graph_is_refused(qwen3, tmp_path):
+    """external_weights reads the graphs' protobuf itself (importing onnx cost 8.8 MiB of the baseline)."""
+    import onnx
+
+    from edge_moe.layer_graphs import external_weights
+
+    manifest = edge_moe.load(qwen3).manifest
+    for path in [*manifest.layers, manifest.head]:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        expected = {}
+        for t in graph.initializer:
+            entry = {e.key: e.value for e in t.external_data}
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                expected[t.name] = (int(entry.get("offset", 0)), int(entry["length"]), t.data_type, tuple(t.dims))
+        assert external_weights(path, manifest.backbone_blob) == expected and expected
+    torn = tmp_path / "torn.onnx"
+    torn.write_bytes(manifest.layers[0].read_bytes()[:-7])
+    with pytest.raises(EdgeMoeError, match="torn.onnx: not a readable ONNX graph .*; re-export the model"):
+        external_weights(torn, manifest.backbone_blob)
