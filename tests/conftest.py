@@ -64,6 +64,19 @@ def reference_greedy(model, ids, steps: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def assert_agrees(model, other, hf, ids, new_tokens: int = 12) -> None:
+    """`model` computes what `other` does (the same weights on another path: logits within 1e-5 of their largest) and
+    what transformers' `hf` does (within 1e-4), with the same greedy tokens as both."""
+    a, b = model.logits(ids), other.logits(ids)
+    scale = np.abs(b).max()
+    assert np.abs(a - b).max() <= 1e-5 * scale
+    assert np.abs(a - reference_logits(hf, ids)).max() <= 1e-4 * scale
+    tokens = model.generate(ids, new_tokens).token_ids
+    assert tokens == other.generate(ids, new_tokens).token_ids
+    reference = reference_greedy(hf, ids, new_tokens)  # goes on past the end-of-sequence token, where generate stops
+    assert tokens == reference[:len(tokens)] and (len(tokens) == new_tokens or tokens[-1] == hf.config.eos_token_id)
+
+
 def fake_expert_record(layer: int, length: int):
     """What budget arithmetic reads of a float32 expert record, for tests that need no package."""
     from types import SimpleNamespace

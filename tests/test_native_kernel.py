@@ -8,7 +8,7 @@ import edge_moe
 from edge_moe import native
 from edge_moe.errors import EdgeMoeError
 
-from conftest import EXPERT_KEY, build_checkpoint, reference_greedy, reference_logits, tiny_config
+from conftest import EXPERT_KEY, assert_agrees, build_checkpoint, tiny_config
 
 IDS = [5, 6, 7, 8, 30, 31, 2, 40, 41, 11]
 
@@ -123,15 +123,7 @@ def test_float16_experts_fuse_in_the_kernel_by_default_and_compute_what_their_ex
     fused = edge_moe.load(package)
     assert fused.fused is not None and fused.fused.native and fused.step_graph is None
     assert fused.fused.nbytes == fused.manifest.expert_bytes  # the float16 bytes, not a float32 copy
-    per_expert = edge_moe.load(package, fused_moe=False)
-    a, b = fused.logits(IDS), per_expert.logits(IDS)
-    scale = np.abs(b).max()
-    assert np.abs(a - b).max() <= 1e-5 * scale
-    assert np.abs(a - reference_logits(hf, IDS)).max() <= 1e-4 * scale
-    tokens = fused.generate(IDS, 12).token_ids
-    assert tokens == per_expert.generate(IDS, 12).token_ids
-    reference = reference_greedy(hf, IDS, 12)  # goes on past the end-of-sequence token, where generate stops
-    assert tokens == reference[:len(tokens)] and (len(tokens) == 12 or tokens[-1] == hf.config.eos_token_id)
+    assert_agrees(fused, edge_moe.load(package, fused_moe=False), hf, IDS)
     # one kernel call a MoE layer (outside onnxruntime) beside embed, the layer graphs and the head
     calls, natives = fused.clock.calls, fused.clock.native_calls
     fused.generate(IDS[:3], 2)
@@ -173,9 +165,5 @@ def test_streamed_float16_experts_run_in_the_kernel_one_by_one(float16_package):
     graphs = edge_moe.load(package, budget="50%", native_kernel=False)
     assert budgeted.fused is None and budgeted.kernels.native_threads and graphs.kernels.native_threads is None
     natives = budgeted.clock.native_calls
-    a, b = budgeted.logits(IDS), graphs.logits(IDS)
+    assert_agrees(budgeted, graphs, hf, IDS)
     assert budgeted.clock.native_calls > natives and graphs.clock.native_calls == 0
-    scale = np.abs(b).max()
-    assert np.abs(a - b).max() <= 1e-5 * scale
-    assert np.abs(a - reference_logits(hf, IDS)).max() <= 1e-4 * scale
-    assert budgeted.generate(IDS, 10).token_ids == graphs.generate(IDS, 10).token_ids

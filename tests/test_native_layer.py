@@ -9,7 +9,7 @@ import edge_moe
 from edge_moe import native_layer
 from edge_moe.errors import EdgeMoeError
 
-from conftest import build_checkpoint, reference_greedy, reference_logits, tiny_config
+from conftest import assert_agrees, build_checkpoint, tiny_config
 from test_native_kernel import _cpu_has_f16c
 
 pytestmark = pytest.mark.skipif(not _cpu_has_f16c(), reason="this CPU lacks AVX2/FMA/F16C; the kernel is not used")
@@ -49,14 +49,7 @@ def test_layers_run_in_the_kernel_and_compute_what_the_graphs_and_transformers_d
     assert model.backbone.native_layers is not None and model.backbone.native_reason is None
     graphs = edge_moe.load(path, native_kernel=False)
     assert graphs.backbone.native_layers is None and graphs.backbone.native_reason == "native_kernel=False"
-    a, b = model.logits(IDS), graphs.logits(IDS)
-    scale = np.abs(b).max()
-    assert np.abs(a - b).max() <= 1e-5 * scale
-    assert np.abs(a - reference_logits(hf, IDS)).max() <= 1e-4 * scale
-    tokens = model.generate(IDS, 12).token_ids
-    assert tokens == graphs.generate(IDS, 12).token_ids
-    reference = reference_greedy(hf, IDS, 12)
-    assert tokens == reference[:len(tokens)] and (len(tokens) == 12 or tokens[-1] == hf.config.eos_token_id)
+    assert_agrees(model, graphs, hf, IDS)
     # a token: the embedding, a layer-kernel and an expert-kernel call a layer, the head; none in onnxruntime
     calls, natives = model.clock.calls, model.clock.native_calls
     model.generate(IDS[:3], 2)

@@ -6,9 +6,21 @@
 #define EDGE_MOE_F16_ROWS_H
 #include <immintrin.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define KERNEL __attribute__((target("avx2,fma,f16c")))
 #define ROW_BLOCK 16 /* rows a thread takes at a time: 4 groups of 4 */
+
+/* This thread's number in the OpenMP team running it (0 without OpenMP): which scratch slice is its own. */
+static inline int team_thread(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
 
 /* Whether this CPU has AVX2, FMA and F16C (and notes AVX-512 for the tiles); call once before the rest. */
 int edge_moe_f16_supported(void);

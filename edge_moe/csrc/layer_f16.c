@@ -16,10 +16,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "f16_rows.h"
 
 /* One layer's parameters (native_layer.py fills it with ctypes; keep the two in step). */
@@ -168,10 +164,7 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
     if (ok) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
-            int thread = 0;
-#ifdef _OPENMP
-            thread = omp_get_thread_num();
-#endif
+            int thread = team_thread();
             float *buf = bufs + buf_floats * thread, *s = scores + score_floats * thread;
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) rms_norm(x + (size_t)t * H, L->input_norm, H, L->eps, xn + (size_t)t * H);
@@ -232,10 +225,7 @@ KERNEL int edge_moe_head_f16(const float *norm, float eps, const uint16_t *W, in
     if (ok) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
-            int thread = 0;
-#ifdef _OPENMP
-            thread = omp_get_thread_num();
-#endif
+            int thread = team_thread();
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) rms_norm(x + (size_t)t * H, norm, H, eps, xn + (size_t)t * H);
             product head = {W, V, H, xn, logits, V};

@@ -18,10 +18,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "f16_rows.h"
 
 /* h[r / 2] = silu(g[r]) * g[r + 1] for the interleaved gate/up rows r0 <= r < r1 (r0 even): eight rows' exponentials
@@ -75,10 +71,7 @@ KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int
         /* work items take as long as their expert has tokens: handed out in turn, not split in advance */
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
-            int thread = 0;
-#ifdef _OPENMP
-            thread = omp_get_thread_num();
-#endif
+            int thread = team_thread();
             float *buf = bufs + (size_t)thread * buf_floats;
             /* gate and up rows of every active expert, for its tokens */
 #pragma omp for schedule(dynamic, 2)
