@@ -18,11 +18,11 @@ import numpy as np
 
 from .errors import EdgeMoeError
 from .experts import ExpertKernels, ExpertSource
+from .family_spec import ROUTE_OUTPUTS
 from .files import drop_page_cache
 from .fused_moe import experts_run_quantized
-from .family_spec import ROUTE_OUTPUTS
-from .layer_graphs import half_attention_graph
 from .kv_cache import KVCache, new_kv_cache
+from .layer_graphs import half_attention_graph
 from .manifest import Manifest
 from .native_layer import load_native_embed, load_native_head, load_native_layers
 from .routing import Router, group_by_expert
@@ -93,8 +93,11 @@ class Backbone:
 
     def open_layers_on_use(self) -> None:
         """Closes the per-layer sessions and opens each again when first used: where one graph runs every token
-        (step_graph.py) only batching and measurements use them, and each holds a copy of its layer's weights."""
+        (step_graph.py) only batching and measurements use them, and each holds a copy of its layer's weights. The
+        layer kernel's weights go too (a quantized package asked for float32 attention has both)."""
         self.layers = LazySessions(self._open_layer, len(self.layers))
+        if self.native_layers:
+            self.native_layers, self.native_reason = None, "one graph runs every step (step_graph)"
 
 
 class LazySessions(Sequence):

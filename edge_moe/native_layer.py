@@ -1,5 +1,6 @@
-"""Decoder layers in edge_moe's own kernel (csrc/layer_f16.c): a float16 backbone's attention block and router on
-the CPU, in place of the exported layer graph, where the family's layer is one the kernel expresses.
+"""A float16 backbone in edge_moe's own kernel (csrc/layer_f16.c) on the CPU, in place of its exported graphs, where
+the family's layer is one the kernel expresses: each decoder layer's attention block and router (NativeLayer), the
+head (NativeHead) and the embedding (NativeEmbed, numpy). A token then makes no onnxruntime call.
 
     hidden [T, H] -> RMSNorm -> q/k/v -> head norms -> RoPE -> KV cache -> attention -> o_proj -> + hidden = residual
       -> RMSNorm = moe_input -> router logits -> softmax top-k = (indices, weights)      (the layer graph's outputs)
@@ -20,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import native
+from .errors import EdgeMoeError
 from .family_spec import ROUTE_OUTPUTS, router_spec, routes_in_graph
 from .layer_graphs import external_weights
-from .errors import EdgeMoeError
 from .manifest import Manifest
 
 # family -> (head norms: 0 none, 1 per head, 2 over all heads; the router's key in a layer)

@@ -534,9 +534,11 @@ def load(path: str | Path | None = None, **options) -> Model:
             accelerator that holds every expert, and on the CPU for quantized experts and for float16 ones where
             edge_moe's kernel was built, where the family's router and experts allow it and every expert is
             resident; True: also for float32 experts (needs every expert resident); False: never.
-        native_kernel: fused float16 experts on the CPU in edge_moe's own kernel (edge_moe.native: it reads the
-            float16 weights; onnxruntime has no such CPU kernel). None (default): where it was built; False:
-            onnxruntime's MoE over float32 stacks (twice the memory; one graph a token); True insists.
+        native_kernel: float16 weights on the CPU in edge_moe's own kernels (edge_moe.native: they read the
+            float16 bytes; onnxruntime has no such CPU kernel): fused or streamed experts, and a float16 backbone's
+            embedding, layers and head where the family allows (edge_moe.native_layer; `backbone.native_reason` says
+            why not). None (default): where they were built; False: onnxruntime everywhere (float32 copies, twice
+            the memory; the reference path); True insists on the fused experts' kernel.
         half_attention: "gqa" layer graphs attend in float16 with a float16 KV cache (edge_moe.layer_graphs).
             None (default): on an accelerator (onnxruntime's CUDA GroupQueryAttention has no float32 kernel) and
             where the experts run quantized (they quantize activations to int8 already; float16 attention reads
