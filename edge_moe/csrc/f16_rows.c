@@ -172,10 +172,39 @@ KERNEL void edge_moe_rows_times(const uint16_t *W, int rows, int K, int r0, int 
 }
 
 
+/* Several tokens with AVX-512: tiles of 4 tokens x 64 columns of W [K, N] over the strips of 64 in [c0, c1), as
+ * edge_moe_xw's AVX2 tiles do them (the same sums in the same order); returns the first column not done. */
+__attribute__((target("avx512f,f16c,fma"))) static int xw_tiles_512(const uint16_t *W, int K, int N, int c0, int c1,
+                                                                    const float *X, int n, float *out, int ldo) {
+    int c = c0;
+    for (; c + 64 <= c1; c += 64)
+        for (int t = 0; t < n; t += 4) {
+            int m = n - t < 4 ? n - t : 4;
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+            for (int k = 0; k < K; k++) {
+                const uint16_t *w = W + (size_t)k * N + c;
+                __m512 w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)w)),
+                       w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 16))),
+                       w2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 32))),
+                       w3 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 48)));
+                for (int i = 0; i < m; i++) {
+                    __m512 xb = _mm512_set1_ps(X[(size_t)(t + i) * K + k]);
+                    acc[i][0] = _mm512_fmadd_ps(w0, xb, acc[i][0]), acc[i][1] = _mm512_fmadd_ps(w1, xb, acc[i][1]);
+                    acc[i][2] = _mm512_fmadd_ps(w2, xb, acc[i][2]), acc[i][3] = _mm512_fmadd_ps(w3, xb, acc[i][3]);
+                }
+            }
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < 4; j++) _mm512_storeu_ps(out + (size_t)(t + i) * ldo + c + 16 * j, acc[i][j]);
+        }
+    return c;
+}
+
 /* out[t * ldo + c] = X[t] . W[:, c] for columns c0 <= c < c1 of W [K, N] (float16, the package's [in, out] expert
  * layout) and tokens t < n of X [n, K]. One token streams W's rows in order (memory bound: each row's columns
- * c0..c1 are read once, contiguously, into sums kept in `out`); more tokens take tiles of 4 tokens x 32 columns
- * whose sums stay in registers while the strip of W (K x 64 bytes) is reused from cache for every tile. */
+ * c0..c1 are read once, contiguously, into sums kept in `out`); more tokens take tiles of 4 tokens x 64 columns
+ * (AVX-512) or 32 (AVX2) whose sums stay in registers while the strip of W is reused from cache for every tile. */
 KERNEL void edge_moe_xw(const uint16_t *W, int K, int N, int c0, int c1, const float *X, int n, float *out, int ldo) {
     if (n == 1) {
         int c8 = c0 + ((c1 - c0) & ~7), k = 0;
@@ -206,7 +235,7 @@ KERNEL void edge_moe_xw(const uint16_t *W, int K, int N, int c0, int c1, const f
         }
         return;
     }
-    int c = c0;
+    int c = have_avx512 ? xw_tiles_512(W, K, N, c0, c1, X, n, out, ldo) : c0;
     for (; c + 32 <= c1; c += 32)
         for (int t = 0; t < n; t += 4) {
             int m = n - t < 4 ? n - t : 4;

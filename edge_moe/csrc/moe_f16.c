@@ -110,9 +110,9 @@ KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int
 }
 
 /* Column ranges of an [in, out] product for `threads`: one contiguous share each for a single token (each thread
- * streams its part of every row), strips of 32 handed out in turn for several (compute bound). */
+ * streams its part of every row), strips of 64 (a tile's width) handed out in turn for several (compute bound). */
 static int xw_chunk(int N, int n, int threads) {
-    if (n > 1) return 32;
+    if (n > 1) return 64;
     int share = (N + threads - 1) / threads;
     return (share + 7) & ~7;
 }
