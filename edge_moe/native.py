@@ -37,7 +37,9 @@ class LayerParams(ctypes.Structure):
                                                    "head_norm", "normalize")] + \
                [(name, ctypes.c_float) for name in ("eps", "scale", "routing_scale")] + \
                [(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "wq", "wk", "wv",
-                                                     "wo", "router")]
+                                                     "wo", "router", "bq", "bk", "bv", "bo")] + \
+               [("shared_ffn", ctypes.c_int)] + \
+               [(name, ctypes.c_void_p) for name in ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")]
 
 
 def _load():

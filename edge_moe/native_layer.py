@@ -10,10 +10,10 @@ Why: onnxruntime (1.32) holds a float16 backbone as float32 copies and reads the
 the float16 bytes on every thread. It writes the same KV cache buffers and reads the same RoPE tables as the graph
 (kv_cache.GqaKVCache), so the results are the graph's to float32 rounding (tests/test_native_layer.py).
 
-Expressed: Qwen3-MoE (per-head q/k norms), OLMoE (q/k norms over all heads, no clipping) and Mixtral (none), with
-GroupQueryAttention graphs (head_dim a multiple of 16, plain RoPE), full attention, every layer a MoE layer, a
-softmax top-k router, float16 projections without biases, float32 attention (not `half_attention`). Anything else
-keeps the layer graphs; `unsupported_reason` says why.
+Expressed: Qwen3-MoE (per-head q/k norms), OLMoE (q/k norms over all heads, no clipping), Mixtral (none) and
+Qwen2-MoE (q/k/v biases, a gated shared expert), with GroupQueryAttention graphs (head_dim a multiple of 16, plain
+RoPE), full attention, every layer a MoE layer, a softmax top-k router, float16 projections (with biases or
+without), float32 attention (not `half_attention`). Anything else keeps the layer graphs; the reason says why.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from .family_spec import ROUTE_OUTPUTS, router_spec, routes_in_graph
 from .layer_graphs import external_weights
 from .manifest import Manifest
 
-# family -> (head norms: 0 none, 1 per head, 2 over all heads; the router's key in a layer)
+# family -> (head norms: 0 none, 1 per head, 2 over all heads; the router's key in a layer). q/k/v biases and a
+# shared expert (Qwen2-MoE's, gated by sigmoid(shared_expert_gate . x)) are taken where a layer's graph has them.
 FAMILIES = {"qwen3_moe": (1, "mlp.gate.weight"), "olmoe": (2, "mlp.gate.weight"),
-            "mixtral": (0, "block_sparse_moe.gate.weight")}
+            "mixtral": (0, "block_sparse_moe.gate.weight"), "qwen2_moe": (0, "mlp.gate.weight")}
+SHARED = "mlp.shared_expert."
 _FLOAT16, _FLOAT32 = 10, 1  # onnx TensorProto data types
 
 
@@ -100,9 +102,20 @@ def load_native_layers(manifest: Manifest, clock, threads: int) -> tuple[list[Na
     for layer, path in enumerate(manifest.layers):
         stored = external_weights(path, manifest.backbone_blob)
         prefix = f"model.layers.{layer}."
-        if any(name.startswith(prefix + "self_attn.") and name.endswith(".bias") for name in stored):
-            return None, "its attention projections have biases"
-        plan = _plan(path, stored, {field: (prefix + key, shape) for field, (key, shape) in wanted.items()})
+        layer_wants = dict(wanted)
+        biases = {p for p in ("q", "k", "v", "o") if prefix + f"self_attn.{p}_proj.bias" in stored}
+        if biases - {"o"} not in (set(), {"q", "k", "v"}):
+            return None, f"its attention has biases on {', '.join(sorted(biases))}, not on all of q, k and v"
+        widths = {"q": heads * d, "k": kv_heads * d, "v": kv_heads * d, "o": hidden}
+        layer_wants.update({f"b{p}": (f"self_attn.{p}_proj.bias", (widths[p],)) for p in biases})
+        shared = stored.get(prefix + SHARED + "gate_proj.weight")
+        if shared is not None:
+            ffn = (shared[3][:1] or (0,))[0]  # a malformed shape fails the plan below
+            layer_wants.update({"shared_gate": (SHARED + "gate_proj.weight", (ffn, hidden)),
+                                "shared_up": (SHARED + "up_proj.weight", (ffn, hidden)),
+                                "shared_down": (SHARED + "down_proj.weight", (hidden, ffn)),
+                                "shared_expert_gate": ("mlp.shared_expert_gate.weight", (1, hidden))})
+        plan = _plan(path, stored, {field: (prefix + key, shape) for field, (key, shape) in layer_wants.items()})
         if isinstance(plan, str):
             return None, plan
         plans.append(plan)
@@ -112,6 +125,7 @@ def load_native_layers(manifest: Manifest, clock, threads: int) -> tuple[list[Na
             hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=d, experts=spec.num_experts, top_k=spec.top_k,
             head_norm=head_norm, normalize=int(spec.normalize), eps=float(c["rms_norm_eps"]), scale=d ** -0.5,
             routing_scale=float(spec.scaling_factor),
+            shared_ffn=arrays["shared_down"].shape[1] if "shared_down" in arrays else 0,
             **{field: array.ctypes.data for field, array in arrays.items()})
         layers.append(NativeLayer(params, list(arrays.values()), clock, threads))
     return layers, None

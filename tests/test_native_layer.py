@@ -75,6 +75,14 @@ def test_three_hundred_steps_through_the_growing_cache_equal_the_graphs(package)
     assert caches[0].capacity > 256 and caches[0].offset == 299 + 5 * len(IDS)
 
 
+def test_q_k_v_biases_run_in_the_kernel(tmp_path):
+    """Qwen3-MoE with attention_bias (Qwen2-MoE's biases are covered by its family's package)."""
+    hf, biased = export_float16(tmp_path, "qwen3_moe", attention_bias=True)
+    model = edge_moe.load(biased)
+    assert model.backbone.native_layers is not None and model.backbone.native_layers[0].params.bq
+    assert_agrees(model, edge_moe.load(biased, native_kernel=False), hf, IDS)
+
+
 def test_the_thread_count_changes_no_bit(package):
     _, _, path = package
     one, two = edge_moe.load(path, threads=1), edge_moe.load(path, threads=2)
@@ -99,13 +107,9 @@ def qwen3(tmp_path_factory):
 def test_what_the_kernel_leaves_to_the_graphs_says_why(qwen3, tmp_path, monkeypatch):
     assert edge_moe.load(qwen3, half_attention=True).backbone.native_reason == \
         "attention in float16 (half_attention) is the layer graphs'"
-    _, biased = export_float16(tmp_path / "bias", "qwen3_moe", attention_bias=True)
-    model = edge_moe.load(biased)
-    assert model.backbone.native_layers is None and model.backbone.native_reason == \
-        "its attention projections have biases"
-    _, qwen2 = export_float16(tmp_path / "qwen2", "qwen2_moe")
-    assert edge_moe.load(qwen2).backbone.native_reason == \
-        "the kernel expresses mixtral, olmoe, qwen3_moe layers, not qwen2_moe"
+    _, granite = export_float16(tmp_path / "granite", "granitemoe")
+    assert edge_moe.load(granite).backbone.native_reason == \
+        "the kernel expresses mixtral, olmoe, qwen2_moe, qwen3_moe layers, not granitemoe"
     manifest = edge_moe.load(qwen3).manifest  # a config the exporter never writes: GQA with a head size of 12
     manifest.config["head_dim"] = 12
     assert native_layer.unsupported_reason(manifest) == "head_dim 12 is not a multiple of 8 or 4 heads do not group " \

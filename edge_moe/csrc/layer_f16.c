@@ -26,6 +26,9 @@ typedef struct {
     float eps, scale, routing_scale; /* RMSNorm epsilon, q.k scale, factor on the routing weights */
     const float *input_norm, *post_norm, *q_norm, *k_norm; /* float32 */
     const uint16_t *wq, *wk, *wv, *wo, *router;            /* float16 [out, in] */
+    const float *bq, *bk, *bv, *bo;                        /* biases (Qwen2-MoE: q, k, v) or NULL */
+    int shared_ffn; /* a shared expert's intermediate size (Qwen2-MoE: gated by sigmoid(gate . x)), 0 for none */
+    const uint16_t *shared_gate, *shared_up, *shared_down, *shared_expert_gate; /* [Fs, H], [Fs, H], [H, Fs], [1, H] */
 } edge_moe_layer;
 
 /* A product of float16 rows with n tokens, whose row blocks the threads take in turn. */
@@ -154,13 +157,16 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
     if (past + T > capacity) return -2;
     if (L->head_dim % 8 || L->kv_heads < 1 || L->heads % L->kv_heads) return -3; /* native_layer.py refuses these */
     int H = L->hidden, nH = L->heads, kvH = L->kv_heads, D = L->head_dim, E = L->experts, half = D / 2;
-    int qw = nH * D, kw = kvH * D, width = qw + 2 * kw, group = nH / kvH, n = past + T;
+    int qw = nH * D, kw = kvH * D, width = qw + 2 * kw, group = nH / kvH, n = past + T, Fs = L->shared_ffn;
     if (threads < 1) threads = 1;
-    size_t widest = (size_t)(H > qw ? H : qw), buf_floats = 4 * widest + 8, score_floats = (size_t)n + 8 + E;
+    size_t widest = (size_t)(H > qw ? H : qw), score_floats = (size_t)n + 8 + E;
+    widest = widest > (size_t)Fs ? widest : (size_t)Fs;
+    size_t buf_floats = 4 * widest + 8, shared_floats = Fs ? (size_t)T * (3 * (size_t)Fs + 1 + H) : 0;
     float *xn = malloc(sizeof(float) * (size_t)T * H + 32), *qkv = malloc(sizeof(float) * (size_t)T * width + 32);
     float *attn = malloc(sizeof(float) * (size_t)T * qw + 32), *bufs = malloc(sizeof(float) * buf_floats * threads);
     float *scores = malloc(sizeof(float) * score_floats * threads);
-    int ok = xn && qkv && attn && bufs && scores;
+    float *shared = malloc(sizeof(float) * shared_floats + 32);
+    int ok = xn && qkv && attn && bufs && scores && shared;
     if (ok) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
@@ -176,6 +182,10 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) {
                 float *q = qkv + (size_t)t * width, *k = q + qw, *v = k + kw;
+                if (L->bq)
+                    for (int i = 0; i < qw; i++) q[i] += L->bq[i];
+                if (L->bk)
+                    for (int i = 0; i < kw; i++) k[i] += L->bk[i], v[i] += L->bv[i];
                 if (L->head_norm == 2) rms_norm(q, L->q_norm, qw, L->eps, q), rms_norm(k, L->k_norm, kw, L->eps, k);
                 const float *c = cos + (size_t)(past + t) * half, *sn = sin + (size_t)(past + t) * half;
                 for (int h = 0; h < nH + kvH; h++) {
@@ -200,8 +210,29 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) {
                 float *r = residual + (size_t)t * H;
-                for (int i = 0; i < H; i++) r[i] += x[(size_t)t * H + i];
+                for (int i = 0; i < H; i++) r[i] += x[(size_t)t * H + i] + (L->bo ? L->bo[i] : 0.0f);
                 rms_norm(r, L->post_norm, H, L->eps, moe_input + (size_t)t * H);
+            }
+            if (Fs) { /* the shared expert joins the residual: + sigmoid(gate . x) down(silu(gate x) * up x) */
+                float *in = shared, *h = in + (size_t)T * (2 * Fs + 1), *out = h + (size_t)T * Fs;
+                int ld = 2 * Fs + 1;
+                product shared_in[3] = {{L->shared_gate, Fs, H, moe_input, in, ld},
+                                        {L->shared_up, Fs, H, moe_input, in + Fs, ld},
+                                        {L->shared_expert_gate, 1, H, moe_input, in + 2 * Fs, ld}};
+                run_products(shared_in, 3, T, buf);
+#pragma omp for schedule(static)
+                for (int t = 0; t < T; t++)
+                    for (int j = 0; j < Fs; j++) {
+                        float g = in[(size_t)t * ld + j];
+                        h[(size_t)t * Fs + j] = g / (1.0f + expf(-g)) * in[(size_t)t * ld + Fs + j];
+                    }
+                product shared_out = {L->shared_down, H, Fs, h, out, H};
+                run_products(&shared_out, 1, T, buf);
+#pragma omp for schedule(static)
+                for (int t = 0; t < T; t++) {
+                    float gate = 1.0f / (1.0f + expf(-in[(size_t)t * ld + 2 * Fs]));
+                    for (int i = 0; i < H; i++) residual[(size_t)t * H + i] += gate * out[(size_t)t * H + i];
+                }
             }
             product router_product = {L->router, E, H, moe_input, logits, E};
             run_products(&router_product, 1, T, buf);
@@ -211,7 +242,7 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
                       indices + (size_t)t * L->top_k, weights + (size_t)t * L->top_k);
         }
     }
-    free(xn), free(qkv), free(attn), free(bufs), free(scores);
+    free(xn), free(qkv), free(attn), free(bufs), free(scores), free(shared);
     return ok ? 0 : -1;
 }
 

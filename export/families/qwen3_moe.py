@@ -8,7 +8,8 @@ class Family(MoEFamily):
     qkv_bias = False
 
     def __init__(self, config: dict):
-        self.qkv_bias = bool(config.get("attention_bias", False))
+        # attention_bias puts a bias on o_proj too (transformers' Qwen3MoeAttention): it was dropped before
+        self.qkv_bias = self.o_bias = bool(config.get("attention_bias", False))
         super().__init__(config)
 
     def emit_head_norms(self, g, layer, q, k, w):
