@@ -127,6 +127,8 @@ def layer_f16(params: LayerParams, x: np.ndarray, keys: np.ndarray, values: np.n
     library = _load()
     tokens = x.shape[0]
     hidden, experts, k = params.hidden, params.experts, params.top_k
+    if x.ndim != 2 or x.shape[1] != hidden:
+        raise ValueError(f"hidden states {x.shape} are not [T, {hidden}]")
     outputs = [np.empty((tokens, hidden), np.float32), np.empty((tokens, hidden), np.float32),
                np.empty((tokens, experts), np.float32), np.empty((tokens, k), np.int64),
                np.empty((tokens, k), np.float32)]
@@ -147,6 +149,8 @@ def head_f16(norm: np.ndarray, eps: float, weight: np.ndarray, x: np.ndarray, th
     lm_head; NativeHead checks the shapes once at load)."""
     library = _load()
     x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] != weight.shape[1] or norm.shape != (weight.shape[1],):
+        raise ValueError(f"hidden states {x.shape} do not match the head {weight.shape} / norm {norm.shape}")
     logits = np.empty((x.shape[0], weight.shape[0]), np.float32)
     if library.edge_moe_head_f16(norm.ctypes.data, eps, weight.ctypes.data, weight.shape[0], weight.shape[1],
                                  x.ctypes.data, x.shape[0], logits.ctypes.data, threads):
@@ -161,6 +165,8 @@ def expert_f16(gate_up: np.ndarray, down: np.ndarray, x: np.ndarray, threads: in
     library = _load()
     x = np.ascontiguousarray(x, np.float32)
     hidden, intermediate = down.shape[1], down.shape[0]
+    if x.ndim != 2 or x.shape[1] != hidden or gate_up.shape != (hidden, 2 * intermediate):
+        raise ValueError(f"x {x.shape}, gate_up {gate_up.shape} and down {down.shape} do not match")
     y = np.empty((x.shape[0], hidden), np.float32)
     if library.edge_moe_expert_f16(gate_up.ctypes.data, down.ctypes.data, hidden, intermediate, x.ctypes.data,
                                    x.shape[0], y.ctypes.data, threads):

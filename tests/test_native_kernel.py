@@ -90,6 +90,11 @@ def test_kernel_refuses_what_it_cannot_read():
         native.moe_f16(fc1.astype(np.float32), fc2, x, np.array([[1]]), w)
     with pytest.raises(ValueError, match="do not match"):
         native.moe_f16(fc1, fc2, np.zeros((2, 8), np.float32), np.array([[1]]), w)
+    gate_up, down = np.zeros((8, 6), np.float16), np.zeros((3, 8), np.float16)
+    with pytest.raises(ValueError, match="do not match"):
+        native.expert_f16(gate_up, down, np.zeros((1, 7), np.float32))
+    with pytest.raises(ValueError, match="do not match"):
+        native.head_f16(np.ones(8, np.float32), 1e-6, np.zeros((5, 8), np.float16), np.zeros((1, 6), np.float32))
 
 
 FUSABLE = sorted(set(EXPERT_KEY) - {"gpt_oss"})  # GPT-OSS's clamped, biased SwiGLU is not the kernel's
