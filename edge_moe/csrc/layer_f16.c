@@ -85,50 +85,65 @@ KERNEL static inline __m256 hsum8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* out [D] = softmax(q . K[0..n) * scale) V[0..n), K and V [n, D] rows of one KV head; s: scratch of n + 8 floats.
- * Eight keys' dot products at a time (one reduction for eight), four value rows a pass over `out`. */
-KERNEL static void attend(const float *q, const float *K, const float *V, int n, int D, float scale, float *s,
-                          float *out) {
+/* out [G, D] = softmax(q . K[0..n) * scale) V[0..n) for the G query heads q [G, D] that share one KV head, K and V
+ * [n, D] its rows; s: scratch of G rows of `ls` >= n + 8 floats. Eight keys' dot products at a time (one reduction
+ * for eight), for every head of the group while those keys are in L1 (the cache is read once a group, not once a
+ * head: at 2,048 tokens it was half of a decoded token's bytes); four value rows a pass over `out`. */
+KERNEL static void attend(const float *q, int G, const float *K, const float *V, int n, int D, float scale, float *s,
+                          int ls, float *out) {
     int j = 0;
-    for (; j + 8 <= n; j += 8) {
-        __m256 a[8];
-        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 8) { /* D is a multiple of 8 (the caller checks) */
-            __m256 qd = _mm256_loadu_ps(q + d);
-            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(K + (size_t)(j + i) * D + d), a[i]);
+    for (; j + 8 <= n; j += 8)
+        for (int h = 0; h < G; h++) {
+            const float *qh = q + (size_t)h * D;
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8) { /* D is a multiple of 8 (the caller checks) */
+                __m256 qd = _mm256_loadu_ps(qh + d);
+                for (int i = 0; i < 8; i++)
+                    a[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(K + (size_t)(j + i) * D + d), a[i]);
+            }
+            _mm256_storeu_ps(s + (size_t)h * ls + j, _mm256_mul_ps(hsum8(a), _mm256_set1_ps(scale)));
         }
-        _mm256_storeu_ps(s + j, _mm256_mul_ps(hsum8(a), _mm256_set1_ps(scale)));
+    for (; j < n; j++)
+        for (int h = 0; h < G; h++) s[(size_t)h * ls + j] = dot(q + (size_t)h * D, K + (size_t)j * D, D) * scale;
+    for (int h = 0; h < G; h++) { /* each head's softmax, in place */
+        float *sh = s + (size_t)h * ls, best = -INFINITY;
+        for (j = 0; j < n; j++) best = sh[j] > best ? sh[j] : best;
+        __m256 total = _mm256_setzero_ps(), shift = _mm256_set1_ps(best);
+        for (j = 0; j + 8 <= n; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sh + j), shift));
+            _mm256_storeu_ps(sh + j, e);
+            total = _mm256_add_ps(total, e);
+        }
+        float sum = hsum(total);
+        for (; j < n; j++) sh[j] = expf(sh[j] - best), sum += sh[j];
+        float inv = 1.0f / sum;
+        for (j = 0; j < n; j++) sh[j] *= inv;
     }
-    for (; j < n; j++) s[j] = dot(q, K + (size_t)j * D, D) * scale;
-    float best = -INFINITY;
-    for (j = 0; j < n; j++) best = s[j] > best ? s[j] : best;
-    __m256 total = _mm256_setzero_ps(), shift = _mm256_set1_ps(best);
-    for (j = 0; j + 8 <= n; j += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
-        _mm256_storeu_ps(s + j, e);
-        total = _mm256_add_ps(total, e);
-    }
-    float sum = hsum(total);
-    for (; j < n; j++) s[j] = expf(s[j] - best), sum += s[j];
-    float inv = 1.0f / sum;
-    memset(out, 0, sizeof(float) * D);
+    memset(out, 0, sizeof(float) * (size_t)G * D);
     for (j = 0; j + 4 <= n; j += 4) {
-        __m256 p0 = _mm256_set1_ps(s[j] * inv), p1 = _mm256_set1_ps(s[j + 1] * inv),
-               p2 = _mm256_set1_ps(s[j + 2] * inv), p3 = _mm256_set1_ps(s[j + 3] * inv);
         const float *v0 = V + (size_t)j * D, *v1 = v0 + D, *v2 = v1 + D, *v3 = v2 + D;
-        for (int d = 0; d < D; d += 8) {
-            __m256 o = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + d), _mm256_loadu_ps(out + d));
-            o = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + d), o);
-            o = _mm256_fmadd_ps(p2, _mm256_loadu_ps(v2 + d), o);
-            _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p3, _mm256_loadu_ps(v3 + d), o));
+        for (int h = 0; h < G; h++) {
+            const float *sh = s + (size_t)h * ls + j;
+            float *oh = out + (size_t)h * D;
+            __m256 p0 = _mm256_set1_ps(sh[0]), p1 = _mm256_set1_ps(sh[1]), p2 = _mm256_set1_ps(sh[2]),
+                   p3 = _mm256_set1_ps(sh[3]);
+            for (int d = 0; d < D; d += 8) {
+                __m256 o = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + d), _mm256_loadu_ps(oh + d));
+                o = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + d), o);
+                o = _mm256_fmadd_ps(p2, _mm256_loadu_ps(v2 + d), o);
+                _mm256_storeu_ps(oh + d, _mm256_fmadd_ps(p3, _mm256_loadu_ps(v3 + d), o));
+            }
         }
     }
-    for (; j < n; j++) {
-        __m256 p = _mm256_set1_ps(s[j] * inv);
-        const float *v = V + (size_t)j * D;
-        for (int d = 0; d < D; d += 8)
-            _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(out + d)));
-    }
+    for (; j < n; j++)
+        for (int h = 0; h < G; h++) {
+            __m256 p = _mm256_set1_ps(s[(size_t)h * ls + j]);
+            const float *v = V + (size_t)j * D;
+            float *oh = out + (size_t)h * D;
+            for (int d = 0; d < D; d += 8)
+                _mm256_storeu_ps(oh + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(oh + d)));
+        }
 }
 
 /* Softmax over E logits, the top k (ties to the lower index), renormalized where asked, times `factor`. */
@@ -159,7 +174,7 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
     int H = L->hidden, nH = L->heads, kvH = L->kv_heads, D = L->head_dim, E = L->experts, half = D / 2;
     int qw = nH * D, kw = kvH * D, width = qw + 2 * kw, group = nH / kvH, n = past + T, Fs = L->shared_ffn;
     if (threads < 1) threads = 1;
-    size_t widest = (size_t)(H > qw ? H : qw), score_floats = (size_t)n + 8 + E;
+    size_t widest = (size_t)(H > qw ? H : qw), score_floats = (size_t)group * (n + 8) + E;
     widest = widest > (size_t)Fs ? widest : (size_t)Fs;
     size_t buf_floats = 4 * widest + 8, shared_floats = Fs ? (size_t)T * (3 * (size_t)Fs + 1 + H) : 0;
     float *xn = malloc(sizeof(float) * (size_t)T * H + 32), *qkv = malloc(sizeof(float) * (size_t)T * width + 32);
@@ -200,10 +215,11 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
                 }
             }
 #pragma omp for schedule(dynamic, 1)
-            for (int item = 0; item < T * nH; item++) {
-                int h = item / T, t = item % T, g = h / group; /* head-major: a KV head stays in L2 */
-                attend(qkv + (size_t)t * width + (size_t)h * D, kc + (size_t)g * capacity * D,
-                       vc + (size_t)g * capacity * D, past + t + 1, D, L->scale, s, attn + (size_t)t * qw + h * D);
+            for (int item = 0; item < T * kvH; item++) { /* KV-head-major: a KV head stays in L2 across tokens */
+                int g = item / T, t = item % T, h = g * group; /* the group's query heads h .. h + group - 1 */
+                attend(qkv + (size_t)t * width + (size_t)h * D, group, kc + (size_t)g * capacity * D,
+                       vc + (size_t)g * capacity * D, past + t + 1, D, L->scale, s, n + 8,
+                       attn + (size_t)t * qw + (size_t)h * D);
             }
             product o_product = {L->wo, H, qw, attn, residual, H};
             run_products(&o_product, 1, T, buf);
@@ -238,7 +254,7 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
             run_products(&router_product, 1, T, buf);
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++)
-                route(logits + (size_t)t * E, E, L->top_k, L->normalize, L->routing_scale, s + n + 8,
+                route(logits + (size_t)t * E, E, L->top_k, L->normalize, L->routing_scale, s + (size_t)group * (n + 8),
                       indices + (size_t)t * L->top_k, weights + (size_t)t * L->top_k);
         }
     }
