@@ -36,6 +36,8 @@ _FLOAT16, _FLOAT32 = 10, 1  # onnx TensorProto data types
 
 def unsupported_reason(manifest: Manifest) -> str | None:
     """None where every layer of the package runs in the layer kernel here, else why not (one line)."""
+    if manifest.dtype != "float16":
+        return f"its weights are {manifest.dtype}; the kernel reads float16"
     reason = native.unavailable_reason()
     if reason is not None:
         return reason

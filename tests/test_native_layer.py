@@ -110,6 +110,9 @@ def test_what_the_kernel_leaves_to_the_graphs_says_why(qwen3, tmp_path, monkeypa
     _, granite = export_float16(tmp_path / "granite", "granitemoe")
     assert edge_moe.load(granite).backbone.native_reason == \
         "the kernel expresses mixtral, olmoe, qwen2_moe, qwen3_moe layers, not granitemoe"
+    float32 = edge_moe.load(qwen3).manifest
+    float32.dtype = "float32"
+    assert native_layer.unsupported_reason(float32) == "its weights are float32; the kernel reads float16"
     manifest = edge_moe.load(qwen3).manifest  # a config the exporter never writes: GQA with a head size of 12
     manifest.config["head_dim"] = 12
     assert native_layer.unsupported_reason(manifest) == "head_dim 12 is not a multiple of 8 or 4 heads do not group " \
