@@ -5,6 +5,7 @@
 #ifndef EDGE_MOE_F16_ROWS_H
 #define EDGE_MOE_F16_ROWS_H
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -62,6 +63,20 @@ KERNEL static inline __m256 exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* silu(v) = v / (1 + e^-v) for eight floats. */
+KERNEL static inline __m256 silu8(__m256 v) {
+    return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+}
+
+/* h[j] = silu(gate[j]) * up[j] for j < F: a SwiGLU whose gate and up values lie in two runs (an expert's gate | up
+ * columns, a shared expert's gate and up rows). */
+KERNEL static inline void swiglu(const float *gate, const float *up, int F, float *h) {
+    int j = 0;
+    for (; j + 8 <= F; j += 8)
+        _mm256_storeu_ps(h + j, _mm256_mul_ps(silu8(_mm256_loadu_ps(gate + j)), _mm256_loadu_ps(up + j)));
+    for (; j < F; j++) h[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
 }
 
 #endif

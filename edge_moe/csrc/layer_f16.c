@@ -238,10 +238,7 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
                 run_products(shared_in, 3, T, buf);
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++)
-                    for (int j = 0; j < Fs; j++) {
-                        float g = in[(size_t)t * ld + j];
-                        h[(size_t)t * Fs + j] = g / (1.0f + expf(-g)) * in[(size_t)t * ld + Fs + j];
-                    }
+                    swiglu(in + (size_t)t * ld, in + (size_t)t * ld + Fs, Fs, h + (size_t)t * Fs);
                 product shared_out = {L->shared_down, H, Fs, h, out, H};
                 run_products(&shared_out, 1, T, buf);
 #pragma omp for schedule(static)

@@ -26,9 +26,7 @@ KERNEL static void swiglu_rows(const float *g, int r0, int r1, float *h) {
     int r = r0;
     float silu[8];
     for (; r + 8 <= r1; r += 8) {
-        __m256 v = _mm256_loadu_ps(g + r);
-        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
-        _mm256_storeu_ps(silu, _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+        _mm256_storeu_ps(silu, silu8(_mm256_loadu_ps(g + r)));
         for (int j = 0; j < 8; j += 2) h[(r + j) / 2] = silu[j] * g[r + j + 1];
     }
     for (; r < r1; r += 2) h[r / 2] = g[r] / (1.0f + expf(-g[r])) * g[r + 1];
@@ -136,17 +134,8 @@ KERNEL int edge_moe_expert_f16(const uint16_t *gate_up, const uint16_t *down, in
                 edge_moe_xw(gate_up, H, 2 * F, c0, c1, x, n, gu, 2 * F);
             }
 #pragma omp for schedule(static)
-            for (int t = 0; t < n; t++) {
-                const float *g = gu + (size_t)t * 2 * F, *u = g + F;
-                float *ht = h + (size_t)t * F;
-                int j = 0;
-                for (; j + 8 <= F; j += 8) {
-                    __m256 v = _mm256_loadu_ps(g + j), e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
-                    __m256 silu = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-                    _mm256_storeu_ps(ht + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
-                }
-                for (; j < F; j++) ht[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-            }
+            for (int t = 0; t < n; t++)
+                swiglu(gu + (size_t)t * 2 * F, gu + (size_t)t * 2 * F + F, F, h + (size_t)t * F);
 #pragma omp for schedule(dynamic, 1)
             for (int item = 0; item < items2; item++) {
                 int c0 = item * chunk2, c1 = c0 + chunk2 < H ? c0 + chunk2 : H;
