@@ -34,10 +34,12 @@ class ResidentExpert:
     shape: "ExpertShape"
     session: object = None  # its own onnxruntime session (quantized experts), else None: the shared kernel
     run_fast: object = None  # session's run without the wrapper's checks (sessions.fast_run)
+    native: bool = False  # its weights are what edge_moe's float16 expert kernel reads (set once, not per call)
 
     def __post_init__(self):
         if self.session is not None:
             self.run_fast = fast_run(self.session)
+        self.native = _native_layout(self)
 
     @classmethod
     def from_bytes(cls, record: ExpertRecord, buffer: np.ndarray) -> "ResidentExpert":
@@ -103,7 +105,7 @@ class ExpertKernels:
         """x [T, H] float32 -> [T, H] float32. timed=False leaves the clock alone (a worker thread's call: the
         caller times its wait instead, so the clock stays a share of wall time)."""
         start = time.perf_counter()
-        if self.native_threads and _runs_native(expert):
+        if self.native_threads and expert.native:
             y = native.expert_f16(expert.weights["gate_up_proj"], expert.weights["down_proj"], x, self.native_threads)
             if timed:
                 self.clock.native_calls += 1
@@ -128,7 +130,7 @@ class ExpertKernels:
         return session
 
 
-def _runs_native(expert: ResidentExpert) -> bool:
+def _native_layout(expert: ResidentExpert) -> bool:
     """A float16 SwiGLU expert whose stored tensors are the kernel's gate_up [H, 2F] and down [F, H]."""
     shape = expert.shape
     if shape.dtype != "float16" or shape.kind != "swiglu" or expert.session is not None:

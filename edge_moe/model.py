@@ -81,14 +81,13 @@ class Backbone:
         self.routed = {layer for layer in moe if layer < len(self.layers)
                        and self.layers[layer].output_names[3:5] == list(ROUTE_OUTPUTS)}
         inputs = LAYER_INPUTS[manifest.config.get("attention_kernel", "generic")]
-        if isinstance(self.embed, TimedSession):
-            _check_signature(manifest.embed, self.embed, ["input_ids"], 1)
-        for layer, (path, s) in enumerate(zip(manifest.layers, [] if self.native_layers else self.layers)):
+        _check_signature(manifest.embed, self.embed, ["input_ids"], 1)
+        for layer, (path, s) in enumerate(zip(manifest.layers, self.layers)):
             _check_signature(path, s, inputs, (7 if layer in self.routed else 5) if layer in moe else 3)
-        if isinstance(self.head, TimedSession):
-            _check_signature(manifest.head, self.head, ["hidden_states"], 1)
-        # onnxruntime holds its own copy of every weight now: the file pages read to build it are cache a memory
-        # cgroup charges to this process (budget auto would count them as used) and nothing reads them again
+        _check_signature(manifest.head, self.head, ["hidden_states"], 1)
+        # onnxruntime (or the layer kernel) holds its own copy of every weight now: the file pages read to build it
+        # are cache a memory cgroup charges to this process (budget auto would count them as used) and nothing reads
+        # them again
         drop_page_cache([manifest.embed, *manifest.layers, manifest.head, manifest.backbone_blob])
 
     def open_layers_on_use(self) -> None:
@@ -124,7 +123,10 @@ LAYER_INPUTS = {"generic": ["hidden_states", "past_key", "past_value"],
 
 def _check_signature(path, session: TimedSession, inputs: list[str], outputs: int) -> None:
     """Once at load: a graph of the wrong kind (a head where a layer belongs, a layer without its router) would
-    otherwise fail at the first generate with onnxruntime's own error."""
+    otherwise fail at the first generate with onnxruntime's own error. What edge_moe's layer kernel runs instead of
+    a graph (native_layer.py) was checked weight by weight as it was read."""
+    if not isinstance(session, TimedSession):
+        return
     names = [i.name for i in session.session.get_inputs()]
     if names != inputs or len(session.output_names) != outputs:
         raise EdgeMoeError(f"{path}: takes {names[:6]} and gives {len(session.output_names)} outputs where the "
