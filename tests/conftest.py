@@ -64,6 +64,15 @@ def reference_greedy(model, ids, steps: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def export_float16(root, config):
+    """(transformers model, package) of `config`, the checkpoint saved in float16 so that transformers (reading it
+    back in float32) runs the very weights the float16 package holds."""
+    from edge_moe_export.exporter import export_checkpoint
+
+    hf = build_checkpoint(root / "hf", config, dtype=torch.float16)
+    return hf, export_checkpoint(root / "hf", root / "pkg", dtype="float16", progress=False)
+
+
 def assert_agrees(model, other, hf, ids, new_tokens: int = 12) -> None:
     """`model` computes what `other` does (the same weights on another path: logits within 1e-5 of their largest) and
     what transformers' `hf` does (within 1e-4), with the same greedy tokens as both."""

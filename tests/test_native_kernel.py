@@ -8,7 +8,7 @@ import edge_moe
 from edge_moe import native
 from edge_moe.errors import EdgeMoeError
 
-from conftest import EXPERT_KEY, assert_agrees, build_checkpoint, tiny_config
+from conftest import EXPERT_KEY, assert_agrees, export_float16, tiny_config
 
 IDS = [5, 6, 7, 8, 30, 31, 2, 40, 41, 11]
 
@@ -100,27 +100,21 @@ def test_kernel_refuses_what_it_cannot_read():
 FUSABLE = sorted(set(EXPERT_KEY) - {"gpt_oss"})  # GPT-OSS's clamped, biased SwiGLU is not the kernel's
 
 
-def export_float16(root, family):
-    import torch
-    from edge_moe_export.exporter import export_checkpoint
-
+def family_config(family):
     extra = {"kv_heads": 4} if family.startswith("deepseek") else {}
     if family == "deepseek_v3":
         extra.update(n_group=2, topk_group=1, first_k_dense_replace=0, norm_topk_prob=True, routed_scaling_factor=2.5)
-    config = tiny_config(family, experts=8, top_k=2 if family == "phimoe" else 3, ffn=44, **extra)
-    # saved in float16, so that transformers (reading it back in float32) runs the very weights the package holds
-    hf = build_checkpoint(root / "hf", config, dtype=torch.float16)
-    return hf, export_checkpoint(root / "hf", root / "pkg", dtype="float16", progress=False)
+    return tiny_config(family, experts=8, top_k=2 if family == "phimoe" else 3, ffn=44, **extra)
 
 
 @pytest.fixture(scope="module", params=FUSABLE)
 def float16_package(request, tmp_path_factory):
-    return (request.param, *export_float16(tmp_path_factory.mktemp(request.param), request.param))
+    return (request.param, *export_float16(tmp_path_factory.mktemp(request.param), family_config(request.param)))
 
 
 @pytest.fixture(scope="module")
 def qwen3_float16(tmp_path_factory):
-    return export_float16(tmp_path_factory.mktemp("qwen3"), "qwen3_moe")[1]
+    return export_float16(tmp_path_factory.mktemp("qwen3"), family_config("qwen3_moe"))[1]
 
 
 def test_float16_experts_fuse_in_the_kernel_by_default_and_compute_what_their_experts_do(float16_package):

@@ -9,7 +9,7 @@ import edge_moe
 from edge_moe import native_layer
 from edge_moe.errors import EdgeMoeError
 
-from conftest import assert_agrees, build_checkpoint, tiny_config
+from conftest import assert_agrees, export_float16, tiny_config
 from test_native_kernel import _cpu_has_f16c
 
 pytestmark = pytest.mark.skipif(not _cpu_has_f16c(), reason="this CPU lacks AVX2/FMA/F16C; the kernel is not used")
@@ -17,15 +17,11 @@ pytestmark = pytest.mark.skipif(not _cpu_has_f16c(), reason="this CPU lacks AVX2
 IDS = [5, 6, 7, 8, 30, 31, 2, 40, 41, 11]
 
 
-def export_float16(root, family, **extra):
-    """A head size of 16 (GroupQueryAttention graphs), saved in float16 so transformers runs the package's weights."""
-    import torch
-    from edge_moe_export.exporter import export_checkpoint
-
-    config = tiny_config(family, hidden=64, heads=4, kv_heads=2, experts=8, top_k=3, ffn=44, layers=3,
-                         max_position_embeddings=512, **({"head_dim": 16} if family == "qwen3_moe" else {}), **extra)
-    hf = build_checkpoint(root / "hf", config, dtype=torch.float16)
-    return hf, export_checkpoint(root / "hf", root / "pkg", dtype="float16", progress=False)
+def export_gqa(root, family, **extra):
+    """A head size of 16 (GroupQueryAttention graphs), in float16 (conftest.export_float16)."""
+    return export_float16(root, tiny_config(
+        family, hidden=64, heads=4, kv_heads=2, experts=8, top_k=3, ffn=44, layers=3, max_position_embeddings=512,
+        **({"head_dim": 16} if family == "qwen3_moe" else {}), **extra))
 
 
 _exported: dict = {}
@@ -34,7 +30,7 @@ _exported: dict = {}
 def exported(family, tmp_path_factory):
     """(family, transformers model, package), exported once a module run."""
     if family not in _exported:
-        _exported[family] = (family, *export_float16(tmp_path_factory.mktemp(family), family))
+        _exported[family] = (family, *export_gqa(tmp_path_factory.mktemp(family), family))
     return _exported[family]
 
 
@@ -77,7 +73,7 @@ def test_three_hundred_steps_through_the_growing_cache_equal_the_graphs(package)
 
 def test_q_k_v_biases_run_in_the_kernel(tmp_path):
     """Qwen3-MoE with attention_bias (Qwen2-MoE's biases are covered by its family's package)."""
-    hf, biased = export_float16(tmp_path, "qwen3_moe", attention_bias=True)
+    hf, biased = export_gqa(tmp_path, "qwen3_moe", attention_bias=True)
     model = edge_moe.load(biased)
     assert model.backbone.native_layers is not None and model.backbone.native_layers[0].params.bq
     assert_agrees(model, edge_moe.load(biased, native_kernel=False), hf, IDS)
@@ -107,7 +103,7 @@ def qwen3(tmp_path_factory):
 def test_what_the_kernel_leaves_to_the_graphs_says_why(qwen3, tmp_path, monkeypatch):
     assert edge_moe.load(qwen3, half_attention=True).backbone.native_reason == \
         "attention in float16 (half_attention) is the layer graphs'"
-    _, granite = export_float16(tmp_path / "granite", "granitemoe")
+    _, granite = export_gqa(tmp_path / "granite", "granitemoe")
     assert edge_moe.load(granite).backbone.native_reason == \
         "the kernel expresses mixtral, olmoe, qwen2_moe, qwen3_moe layers, not granitemoe"
     float32 = edge_moe.load(qwen3).manifest
