@@ -71,10 +71,17 @@ def experts_run_quantized(manifest: Manifest) -> bool:
 
 
 def experts_run_native(manifest: Manifest) -> bool:
-    """Whether the package's experts are float16 and edge_moe's own kernel (native.py) runs here; on the CPU they
+    """Whether edge_moe's own kernel (native.py) runs the package's experts here: float16 ones, and quantized ones
+    that would run in QMoE (symmetric q4 / q8 blocks, read in place) where the CPU has AVX-512 VNNI; on the CPU they
     fuse in it then."""
     record = next(iter(manifest.experts.values()), None)
-    return record is not None and record.dtype == "float16" and native.unavailable_reason() is None
+    if record is None or native.unavailable_reason() is not None:
+        return False
+    if record.dtype == "float16":
+        return True
+    return experts_run_quantized(manifest) and record.dtype in QUANT_BITS and not record.zero_points and \
+        record.hidden_size % record.block_size == 0 and record.intermediate_size % record.block_size == 0 and \
+        native.blocks_unavailable_reason() is None
 
 
 def unfusable_reason(manifest: Manifest, device=None) -> str | None:
@@ -196,6 +203,11 @@ def quantized_stacks(tensors: list[dict[str, np.ndarray]]) -> dict[str, np.ndarr
     return {name: np.stack(parts) for name, parts in stacks.items()}
 
 
+def _rows(stack: np.ndarray) -> np.ndarray:
+    """[E, rows, ...] -> [E * rows, ...]: a stack as the rows of one matrix."""
+    return stack.reshape(-1, stack.shape[-1])
+
+
 def stack_layer(weights: list[dict[str, np.ndarray]], dtype) -> tuple[np.ndarray, np.ndarray]:
     """The kernel's layout from the package's: fc1 [E, 2F, H] with gate and up rows interleaved (gate_up_proj is
     [H, 2F] with gate | up), fc2 [E, H, F] (down_proj is [F, H])."""
@@ -247,8 +259,9 @@ class FusedMoeLayers:
                 return quant.dequantized_weights(shape, stored(layer, e))
         self.native = device.ort_device == "cpu" and native_kernel is not False and experts_run_native(manifest)
         if native_kernel and not self.native:
-            raise EdgeMoeError(f"{manifest.root}: edge_moe's float16 kernel cannot run these experts: "
-                               f"{native.unavailable_reason() or 'they are not float16 on the CPU'}")
+            why = native.unavailable_reason() or native.blocks_unavailable_reason() or \
+                "they are not float16 or symmetric q4 / q8 blocks on the CPU"
+            raise EdgeMoeError(f"{manifest.root}: edge_moe's kernel cannot run these experts: {why}")
         # float16 stays float16 where the device computes in it (or edge_moe's CPU kernel reads it); onnxruntime's CPU
         # kernel takes float32 only
         self.dtype = record.dtype if self.quantized else \
@@ -261,6 +274,17 @@ class FusedMoeLayers:
         self.stacks: dict[int, tuple] = {}
         self._sessions: dict[int, TimedSession] = {}  # quantized experts: layer -> its session
         self._bindings: dict[int, object] = {}
+        if self.quantized and self.native:  # the package's blocks, stacked once and read in place by the kernel
+            self.session, self.nbytes = None, 0
+            bits = QUANT_BITS[self.dtype]
+            for layer in self.layers:
+                stacks = self.layer_stacks(layer)
+                self.stacks[layer] = tuple(native.Matrix.of_blocks(
+                    _rows(stacks[codes]), _rows(stacks[scales]), bits, self.block_size, k)
+                    for codes, scales, k in ((FC1, FC1_SCALES, record.hidden_size),
+                                             (FC2, FC2_SCALES, record.intermediate_size)))
+                self.nbytes += sum(a.nbytes for a in stacks.values())
+            return
         if self.quantized:
             shapes = quantized_stack_shapes(record.hidden_size, self.num_experts, record.intermediate_size,
                                             QUANT_BITS[self.dtype], self.block_size)
@@ -276,7 +300,7 @@ class FusedMoeLayers:
                 weights.append(expert_tensors(layer, e))
                 self._advance(1)
             fc1, fc2 = stack_layer(weights, np.dtype(self.dtype))
-            self.stacks[layer] = (fc1, fc2) if self.native else tuple(
+            self.stacks[layer] = native.stacked(fc1, fc2) if self.native else tuple(
                 ort.OrtValue.ortvalue_from_numpy(a, device.ort_device, device.device_id) for a in (fc1, fc2))
             self.nbytes += fc1.nbytes + fc2.nbytes
 
@@ -295,8 +319,8 @@ class FusedMoeLayers:
             io.bind_ortvalue_input(named(FC2), fc2)
 
     def open_all(self) -> None:
-        """Opens every quantized layer's session now, so that no token waits for one."""
-        for layer in self.layers:
+        """Opens every quantized layer's session now, so that no token waits for one (none in edge_moe's kernel)."""
+        for layer in self.layers if not self.native else ():
             self._layer_session(layer)
 
     def _advance(self, experts: int) -> None:
@@ -315,7 +339,7 @@ class FusedMoeLayers:
         """x [T, H] and the router's choice (indices, weights [T, k], float32, host) -> the layer's routed-experts
         output [T, H] (host)."""
         if self.native:
-            return self.clock.time_native(native.moe_f16, *self.stacks[layer], x, indices, weights, self.threads)
+            return self.clock.time_native(native.moe, *self.stacks[layer], x, indices, weights, self.threads)
         session = self._layer_session(layer) if self.quantized else self.session
         io = self._bindings.get(layer)
         if io is None:  # the float stacks stay bound between calls; only x and the routing change

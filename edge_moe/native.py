@@ -42,6 +42,41 @@ class LayerParams(ctypes.Structure):
                [(name, ctypes.c_void_p) for name in ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")]
 
 
+class Matrix(ctypes.Structure):
+    """matrix.h's edge_moe_matrix: a weight [rows, k] as the kernels read it (float32 / float16 rows, or symmetric
+    8- / 4-bit blocks in MatMulNBits' layout, read in place). The arrays must outlive it (`arrays` keeps them)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p)] + \
+               [(name, ctypes.c_int) for name in ("rows", "k", "bits", "block")]
+
+    @classmethod
+    def of_rows(cls, weight: np.ndarray) -> "Matrix":
+        """A float16 or float32 [rows, k] C-contiguous matrix."""
+        if weight.ndim != 2 or weight.dtype not in (np.float16, np.float32) or not weight.flags.c_contiguous:
+            raise ValueError(f"a {weight.dtype}{weight.shape} weight is not C-contiguous float16/float32 [rows, k]")
+        m = cls(w=weight.ctypes.data, scales=None, rows=weight.shape[0], k=weight.shape[1],
+                bits=8 * weight.dtype.itemsize, block=0)
+        m.arrays = (weight,)
+        return m
+
+    @classmethod
+    def of_blocks(cls, codes: np.ndarray, scales: np.ndarray, bits: int, block: int, k: int) -> "Matrix":
+        """MatMulNBits' symmetric blocks: codes [rows, ceil(k / block), block * bits / 8] uint8 (any shape with
+        those bytes a row), scales [rows, blocks] float32."""
+        blocks = -(-k // block)
+        rows = scales.shape[0] if scales.ndim else 0
+        if bits not in (4, 8) or block % 32 or block <= 0:
+            raise ValueError(f"{bits}-bit blocks of {block}: the kernel reads 4 or 8 bits in blocks of 32, 64, ...")
+        if codes.dtype != np.uint8 or codes.size != rows * blocks * block * bits // 8 or \
+                scales.dtype != np.float32 or scales.shape != (rows, blocks) or \
+                not (codes.flags.c_contiguous and scales.flags.c_contiguous):
+            raise ValueError(f"codes {codes.dtype}{codes.shape} / scales {scales.dtype}{scales.shape} are not "
+                             f"{bits}-bit blocks of {block} for k = {k}")
+        m = cls(w=codes.ctypes.data, scales=scales.ctypes.data, rows=rows, k=k, bits=bits, block=block)
+        m.arrays = (codes, scales)
+        return m
+
+
 def _load():
     global _library, _reason
     if _library is not None or _reason is not None:
@@ -64,16 +99,47 @@ def _load():
         _reason = "this CPU lacks AVX2, FMA or F16C, which edge_moe's float16 kernel needs"
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    library.edge_moe_moe_f16.argtypes = [p, p, i, i, i, p, i, p, p, i, p, i]
-    library.edge_moe_moe_f16.restype = i
+    m = ctypes.POINTER(Matrix)
+    library.edge_moe_moe.argtypes = [m, m, i, p, i, p, p, i, p, i]
+    library.edge_moe_moe.restype = i
+    library.edge_moe_expert_blocks.argtypes = [m, m, p, i, p, i]
+    library.edge_moe_expert_blocks.restype = i
     library.edge_moe_layer_f16.argtypes = [ctypes.POINTER(LayerParams), p, i, p, p, i, i, p, p, p, p, p, p, p, i]
     library.edge_moe_layer_f16.restype = i
     library.edge_moe_head_f16.argtypes = [p, ctypes.c_float, p, i, i, p, i, p, i]
     library.edge_moe_head_f16.restype = i
     library.edge_moe_expert_f16.argtypes = [p, p, i, i, p, i, p, i]
     library.edge_moe_expert_f16.restype = i
+    library.edge_moe_blocks_supported.restype = i
+    library.edge_moe_matmul.argtypes = [m, p, i, p, i]
+    library.edge_moe_matmul.restype = i
     _library = library
     return library
+
+
+def blocks_unavailable_reason() -> str | None:
+    """None where the block-code kernels (8- and 4-bit weights) run here, else why not."""
+    library = _load()
+    if library is None:
+        return _reason
+    if not library.edge_moe_blocks_supported():
+        return "this CPU lacks AVX-512 VNNI, which edge_moe's 8- and 4-bit kernels need"
+    return None
+
+
+def matmul(matrix: Matrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """x [T, k] float32 times the matrix's transpose: [T, rows] float32 (block codes with int8 activations, as
+    MatMulNBits at accuracy_level 4)."""
+    library = _load()
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] != matrix.k:
+        raise ValueError(f"x {x.shape} is not [T, {matrix.k}]")
+    if matrix.bits < 16 and blocks_unavailable_reason():
+        raise RuntimeError(blocks_unavailable_reason())
+    out = np.empty((x.shape[0], matrix.rows), np.float32)
+    if library.edge_moe_matmul(ctypes.byref(matrix), x.ctypes.data, x.shape[0], out.ctypes.data, threads):
+        raise MemoryError(f"edge_moe's kernel could not allocate scratch for {x.shape[0]} tokens")
+    return out
 
 
 def unavailable_reason() -> str | None:
@@ -82,14 +148,22 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def moe_f16(fc1: np.ndarray, fc2: np.ndarray, x: np.ndarray, indices: np.ndarray, weights: np.ndarray,
-            threads: int = 1) -> np.ndarray:
-    """A MoE layer's routed SwiGLU experts: sum over a token's k experts of w * down(silu(gate x) * up x).
+def stacked(fc1: np.ndarray, fc2: np.ndarray) -> tuple[Matrix, Matrix]:
+    """Float stacks fc1 [E, 2F, H] (gate and up rows interleaved: fused_moe.stack_layer) and fc2 [E, H, F] as the
+    kernel's matrices (their rows stacked: E * 2F and E * H)."""
+    if fc1.ndim != 3 or fc2.ndim != 3:
+        raise ValueError(f"stacks {fc1.shape} / {fc2.shape} are not [E, 2F, H] / [E, H, F]")
+    return Matrix.of_rows(fc1.reshape(-1, fc1.shape[2])), Matrix.of_rows(fc2.reshape(-1, fc2.shape[2]))
+
+
+def moe(fc1: Matrix, fc2: Matrix, x: np.ndarray, indices: np.ndarray, weights: np.ndarray,
+        threads: int = 1) -> np.ndarray:
+    """A MoE layer's routed SwiGLU experts (moe.c): sum over a token's k experts of w * down(silu(gate x) * up x).
 
     T = tokens, H = hidden, F = expert intermediate size, E = experts, k = experts per token
     Args:
-        fc1: [E, 2F, H] float16, C-contiguous: gate and up rows interleaved (fused_moe.stack_layer).
-        fc2: [E, H, F] float16, C-contiguous.
+        fc1: [E * 2F, H], gate and up rows interleaved (fused_moe.stack_layer / quantized_stacks); fc2 [E * H, F]:
+            float16 or float32 rows (`stacked`), or 8- / 4-bit blocks (Matrix.of_blocks).
         x: [T, H]; indices: [T, k] in [0, E); weights: [T, k].
         threads: threads for this call (OpenMP).
     Returns:
@@ -98,11 +172,12 @@ def moe_f16(fc1: np.ndarray, fc2: np.ndarray, x: np.ndarray, indices: np.ndarray
     library = _load()
     if library is None:
         raise RuntimeError(_reason)
-    experts, hidden, intermediate = fc2.shape[0], fc2.shape[1], fc2.shape[2]
-    if fc1.dtype != np.float16 or fc2.dtype != np.float16 or not (fc1.flags.c_contiguous and fc2.flags.c_contiguous) \
-            or fc1.shape != (experts, 2 * intermediate, hidden):
-        raise ValueError(f"stacks {fc1.dtype}{fc1.shape} / {fc2.dtype}{fc2.shape} are not C-contiguous float16 "
-                         "[E, 2F, H] / [E, H, F]")
+    hidden, intermediate = fc1.k, fc2.k
+    experts = fc2.rows // hidden if hidden else 0
+    if fc1.rows != experts * 2 * intermediate or fc2.rows != experts * hidden or (fc1.bits < 16) != (fc2.bits < 16):
+        raise ValueError(f"stacks of {fc1.rows} x {fc1.k} / {fc2.rows} x {fc2.k} are not [E * 2F, H] / [E * H, F]")
+    if fc1.bits < 16 and blocks_unavailable_reason():
+        raise RuntimeError(blocks_unavailable_reason())
     x = np.ascontiguousarray(x, np.float32)
     indices = np.ascontiguousarray(indices, np.int64)
     weights = np.ascontiguousarray(weights, np.float32)
@@ -112,9 +187,25 @@ def moe_f16(fc1: np.ndarray, fc2: np.ndarray, x: np.ndarray, indices: np.ndarray
     if indices.size and (indices.min() < 0 or indices.max() >= experts):
         raise ValueError(f"expert indices outside [0, {experts})")
     y = np.empty((tokens, hidden), np.float32)
-    if library.edge_moe_moe_f16(fc1.ctypes.data, fc2.ctypes.data, experts, hidden, intermediate, x.ctypes.data,
-                                tokens, indices.ctypes.data, weights.ctypes.data, k, y.ctypes.data, threads):
-        raise MemoryError(f"edge_moe's float16 kernel could not allocate scratch for {tokens} tokens")
+    if library.edge_moe_moe(ctypes.byref(fc1), ctypes.byref(fc2), experts, x.ctypes.data, tokens,
+                            indices.ctypes.data, weights.ctypes.data, k, y.ctypes.data, threads):
+        raise MemoryError(f"edge_moe's MoE kernel could not allocate scratch for {tokens} tokens")
+    return y
+
+
+def expert_blocks(gate_up: Matrix, down: Matrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """One routed SwiGLU expert in the package's MatMulNBits layout (moe.c): y [T, H] = (silu(x gate^T) * (x up^T))
+    down^T for gate_up [2F, H] (gate rows, then up rows) and down [H, F] in 8- / 4-bit blocks, x [T, H] float32."""
+    library = _load()
+    x = np.ascontiguousarray(x, np.float32)
+    if gate_up.bits >= 16 or down.bits >= 16 or gate_up.rows != 2 * down.k or down.rows != gate_up.k or \
+            x.ndim != 2 or x.shape[1] != gate_up.k:
+        raise ValueError(f"x {x.shape}, gate_up {gate_up.rows} x {gate_up.k} and down {down.rows} x {down.k} blocks "
+                         "do not match")
+    y = np.empty((x.shape[0], down.rows), np.float32)
+    if library.edge_moe_expert_blocks(ctypes.byref(gate_up), ctypes.byref(down), x.ctypes.data, x.shape[0],
+                                      y.ctypes.data, threads):
+        raise MemoryError(f"edge_moe's expert kernel could not allocate scratch for {x.shape[0]} tokens")
     return y
 
 

@@ -187,7 +187,7 @@ class Model:
         if step_graph is False or (self.fused is None and step_graph is None):
             return None
         reason = ("it needs fused MoE layers (fused_moe=True)" if self.fused is None
-                  else "its float16 experts run in edge_moe's own kernel, outside onnxruntime (native.py)"
+                  else "its experts run in edge_moe's own kernel, outside onnxruntime (native.py)"
                   if self.fused.native else unsupported_step_reason(self.manifest, self.backbone.routed))
         if reason is not None:
             if step_graph:

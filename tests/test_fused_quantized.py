@@ -1,9 +1,10 @@
-"""Quantized experts fused: a layer's q4 / q8 experts in onnxruntime's QMoE (fused_moe.py) against their MatMulNBits
-sessions one by one, the per-expert path that stays the reference. Both quantize the activations to int8 per block
-(accuracy_level 4), so a token's layer output agrees to float32 rounding given the same input (batches of tokens
-to an int8 step); over a whole prompt a
-rounding difference can move an activation across an int8 step, so there the test bounds the distance to the
-float model instead: the fused path may not be further from it than the per-expert path is, by more than a margin."""
+"""Quantized experts fused: a layer's q4 / q8 experts in edge_moe's own kernel (native.py, the default where the CPU
+has AVX-512 VNNI) or in onnxruntime's QMoE (fused_moe.py) against their MatMulNBits sessions one by one, the
+per-expert path that stays the reference. All three quantize the activations to int8 per block (accuracy_level 4),
+so a token's layer output agrees to float32 rounding given the same input (batches of tokens to an int8 step); over
+a whole prompt a rounding difference can move an activation across an int8 step, so there the test bounds the
+distance to the float model instead: a fused path may not be further from it than the per-expert path is, by more
+than a margin."""
 
 import numpy as np
 import pytest
@@ -32,46 +33,56 @@ def export(checkpoint, name, **options):
     return export_checkpoint(root / "hf", root / name, progress=False, **options)
 
 
-@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 32)])
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 32), (8, 128)])
 def test_fused_quantized_layers_compute_what_their_experts_do(checkpoint, bits, block):
+    from edge_moe import native
+
     package = export(checkpoint, f"q{bits}b{block}", bits=bits, block_size=block)
-    fused = edge_moe.load(package, step_graph=False)  # fused by default: quantized, every expert resident, a CPU
-    stepped = edge_moe.load(package)
+    kernel = edge_moe.load(package)  # fused by default: quantized, every expert resident, a CPU
+    qmoe = edge_moe.load(package, native_kernel=False, step_graph=False)
+    stepped = edge_moe.load(package, native_kernel=False)
     per_expert = edge_moe.load(package, fused_moe=False)
-    assert fused.fused is not None and fused.fused.quantized and stepped.step_graph is not None
-    assert per_expert.fused is None
+    if native.blocks_unavailable_reason() is None:  # edge_moe's kernel reads the blocks: no step graph then
+        assert kernel.fused.native and kernel.fused.quantized and kernel.step_graph is None
+    assert qmoe.fused is not None and qmoe.fused.quantized and not qmoe.fused.native
+    assert stepped.step_graph is not None and per_expert.fused is None
     # quantized experts attend in float16 by default (GroupQueryAttention graphs), fused or not
     assert stepped.config["attention_kernel"] == "gqa"
-    assert fused.backbone.half_attention and per_expert.backbone.half_attention
+    assert qmoe.backbone.half_attention and per_expert.backbone.half_attention
     assert not edge_moe.load(package, half_attention=False).backbone.half_attention
     rng = np.random.default_rng(bits + block)
     hidden, experts, k = SHAPE["hidden"], SHAPE["experts"], SHAPE["top_k"]
     for layer in range(2):
-        # one token: the same kernels, float32 rounding apart. Several: both run an expert's tokens as one batch,
-        # but from some batch size on (block 32) the two kernels quantize activations differently: an int8 step
+        # one token: the same int8 activations, float32 rounding apart. Several: each runs an expert's tokens as one
+        # batch, but from some batch size on (block 32) MatMulNBits quantizes activations differently: an int8 step
         for tokens, tolerance in ((1, 1e-5), (7, 1e-3), (32, 1e-3)):
             x = rng.standard_normal((tokens, hidden)).astype(np.float32)
             indices = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)])
             weights = rng.random((tokens, k)).astype(np.float32)
-            a = fused.fused.run(layer, x, indices, weights)
             b = per_expert.forward.moe(layer, x, None, x, (indices, weights))
-            assert np.abs(a - b).max() <= tolerance * np.abs(b).max()
-    # a first token, whole model: the same int8 steps on both paths, one graph or one call a layer
+            for model in (kernel, qmoe):
+                a = model.fused.run(layer, x, indices, weights)
+                assert np.abs(a - b).max() <= tolerance * np.abs(b).max()
+    # a first token, whole model: the same int8 steps on every path, one graph or one call a layer
     one = per_expert.logits(IDS[:1])
-    for model in (fused, stepped):
+    for model in (kernel, qmoe, stepped):
         assert np.abs(model.logits(IDS[:1]) - one).max() <= 1e-5 * np.abs(one).max()
     # a whole prompt: no further from the float model than the per-expert path, give or take an int8 step
     _, hf = checkpoint
     exact = reference_logits(hf, IDS)
     scale = np.abs(exact).max()
     reference_error = np.abs(per_expert.logits(IDS) - exact).max()
-    for model in (fused, stepped):
+    for model in (kernel, qmoe, stepped):
         assert np.abs(model.logits(IDS) - exact).max() <= 1.5 * reference_error + 0.01 * scale
-    # one onnxruntime call a layer (with a step graph, one a token) and the head's
-    for model, calls_per_token in ((fused, 2 + 2 * 2), (stepped, 2)):
-        before = model.clock.calls
+    # calls a token: QMoE one a layer beside the layer graphs, a step graph one a token and the head's; edge_moe's
+    # kernel one a layer too, outside onnxruntime (beside the backbone's graphs, or the layer kernel's own calls)
+    for model, calls_per_token, native_calls in ((qmoe, 2 + 2 * 2, 0), (stepped, 2, 0), (kernel, 2 + 2 * 2, 2)):
+        before, native_before = model.clock.calls, model.clock.native_calls
         model.generate(IDS[:3], 2)
         assert model.clock.calls - before == 2 * calls_per_token
+        if model is kernel and kernel.fused.native:
+            native_calls += 2 + 2 if kernel.backbone.native_layers else 0
+            assert model.clock.native_calls - native_before == 2 * native_calls
 
 
 def test_a_budget_or_zero_points_keep_quantized_experts_one_by_one(checkpoint):

@@ -53,7 +53,7 @@ def test_kernel_equals_the_experts_it_stacks(threads, hidden, intermediate, toke
     # a token meets an expert at most once; some experts get no token at all when tokens are few
     indices = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]).astype(np.int64)
     weights = rng.random((tokens, k)).astype(np.float32)
-    y = native.moe_f16(fc1, fc2, x, indices, weights, threads)
+    y = native.moe(*native.stacked(fc1, fc2), x, indices, weights, threads)
     expected = oracle(fc1, fc2, x, indices, weights)
     assert y.dtype == np.float32 and y.shape == x.shape
     assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
@@ -85,11 +85,13 @@ def test_kernel_refuses_what_it_cannot_read():
     fc1, fc2 = np.zeros((2, 8, 8), np.float16), np.zeros((2, 8, 4), np.float16)
     x, w = np.zeros((1, 8), np.float32), np.ones((1, 1), np.float32)
     with pytest.raises(ValueError, match="outside"):
-        native.moe_f16(fc1, fc2, x, np.array([[2]]), w)
-    with pytest.raises(ValueError, match="float16"):
-        native.moe_f16(fc1.astype(np.float32), fc2, x, np.array([[1]]), w)
+        native.moe(*native.stacked(fc1, fc2), x, np.array([[2]]), w)
+    with pytest.raises(ValueError, match="C-contiguous float16/float32"):
+        native.stacked(fc1.astype(np.int8), fc2)
+    with pytest.raises(ValueError, match="are not"):
+        native.moe(*native.stacked(np.zeros((2, 6, 8), np.float16), fc2), x, np.array([[1]]), w)
     with pytest.raises(ValueError, match="do not match"):
-        native.moe_f16(fc1, fc2, np.zeros((2, 8), np.float32), np.array([[1]]), w)
+        native.moe(*native.stacked(fc1, fc2), np.zeros((2, 8), np.float32), np.array([[1]]), w)
     gate_up, down = np.zeros((8, 6), np.float16), np.zeros((3, 8), np.float16)
     with pytest.raises(ValueError, match="do not match"):
         native.expert_f16(gate_up, down, np.zeros((1, 7), np.float32))
@@ -151,7 +153,7 @@ def test_a_budget_or_a_missing_kernel_keeps_float16_experts_one_by_one(qwen3_flo
     assert edge_moe.load(package, native_kernel=False).fused is None  # float32 stacks only when asked for
     monkeypatch.setattr(native, "unavailable_reason", lambda: "edge_moe's float16 kernel was not built")
     assert edge_moe.load(package).fused is None
-    with pytest.raises(EdgeMoeError, match="float16 kernel cannot run these experts: edge_moe's float16 kernel was "
+    with pytest.raises(EdgeMoeError, match="kernel cannot run these experts: edge_moe's float16 kernel was "
                                            "not built"):
         edge_moe.load(package, fused_moe=True, native_kernel=True)
 

@@ -1,24 +1,26 @@
-/* A MoE layer's routed SwiGLU experts over float16 weights on an x86 CPU: float32 activations and sums, float16
- * weights converted eight at a time as they are read (F16C).
+/* A MoE layer's routed SwiGLU experts on an x86 CPU, over the weights as the package holds them (matrix.h: float16
+ * rows, or 8- / 4-bit blocks in MatMulNBits' layout read in place): float32 activations and sums.
  *
  * Why it exists: onnxruntime (1.32) has no x86 CPU kernel that reads float16 weights, so float16 experts ran as
- * float32 stacks, twice the bytes a decoded token reads (edge_moe/native.py has the figures). This kernel reads
- * the float16 bytes once.
+ * float32 stacks, twice the bytes a decoded token reads; its QMoE over quantized experts keeps a packed copy of its
+ * own (1.7x the stacks) and is one onnxruntime call a layer. This reads the package's bytes once, in place.
  *
  * T = tokens, H = hidden, F = expert intermediate size, E = experts, k = experts per token
- *   fc1 [E, 2F, H] float16, gate and up rows interleaved (row 2j gate j, row 2j + 1 up j: fused_moe.stack_layer)
- *   fc2 [E, H, F] float16
+ *   fc1 [E * 2F, H] gate and up rows interleaved (row 2j gate j, row 2j + 1 up j: fused_moe.stack_layer and
+ *   fused_moe.quantized_stacks), fc2 [E * H, F]
  *   x [T, H], indices [T, k] int64, weights [T, k] float32  ->  y [T, H] = sum_k w * down(silu(gate x) * up x)
  *
  * Each expert runs once on the tokens routed to it: h = silu(x fc1_gate^T) * (x fc1_up^T) [n, F], out = h fc2^T
  * [n, H]; a token's outputs are summed in its routing order. With threads > 1 the rows of every expert's matrices
  * are split between threads (the same sums whatever the split: every output element is one thread's dot product).
+ * Block codes take int8 activations quantized per block (matrix.h), as onnxruntime's MatMulNBits and QMoE do.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "f16_rows.h"
+#include "matrix.h"
 
 /* h[r / 2] = silu(g[r]) * g[r + 1] for the interleaved gate/up rows r0 <= r < r1 (r0 even): eight rows' exponentials
  * at a time (exp8; the up rows' are computed and not used), which took prefill's scalar expf off the profile. */
@@ -32,10 +34,20 @@ KERNEL static void swiglu_rows(const float *g, int r0, int r1, float *h) {
     for (; r < r1; r += 2) h[r / 2] = g[r] / (1.0f + expf(-g[r])) * g[r + 1];
 }
 
+/* Rows `first` .. of quantized activations as their own (an expert's tokens). */
+static edge_moe_qx qx_from(const edge_moe_qx *qx, int first) {
+    edge_moe_qx view = *qx;
+    if (qx->q) {
+        view.q += (size_t)first * qx->blocks * qx->block;
+        view.scale += (size_t)first * qx->blocks, view.sum += (size_t)first * qx->blocks;
+    }
+    return view;
+}
+
 /* Returns 0, or -1 when memory for the scratch buffers could not be had (y untouched then). */
-KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int H, int F, const float *x, int T,
-                            const int64_t *indices, const float *weights, int k, float *y, int threads) {
-    int pairs = T * k;
+KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, int E, const float *x, int T,
+                        const int64_t *indices, const float *weights, int k, float *y, int threads) {
+    int pairs = T * k, H = fc1->k, F = fc2->k, blocks = fc1->bits < 16;
     /* group the (token, slot) pairs by expert: rows start[e] .. start[e + 1] of the scratch are expert e's */
     int *count = calloc((size_t)E + 1, sizeof(int)), *start = calloc((size_t)E + 1, sizeof(int));
     int *slot_row = malloc(sizeof(int) * (size_t)(pairs ? pairs : 1));
@@ -46,7 +58,9 @@ KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int
     if (threads < 1) threads = 1;
     size_t buf_floats = 4 * (size_t)(H > F ? H : F) + 8; /* four rows converted, per thread */
     float *bufs = malloc(sizeof(float) * buf_floats * (size_t)threads);
+    edge_moe_qx qx1 = {0}, qx2 = {0};
     int ok = count && start && slot_row && xs && gu && h && outs && active && bufs;
+    if (blocks) ok = (edge_moe_qx_alloc(&qx1, fc1, pairs) == 0) & (edge_moe_qx_alloc(&qx2, fc2, pairs) == 0) && ok;
     if (ok) {
         for (int p = 0; p < pairs; p++) {
             int64_t e = indices[p];
@@ -65,28 +79,40 @@ KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int
         for (int e = 0; e < E; e++)
             if (start[e + 1] > start[e]) active[n_active++] = e;
         int blocks1 = (2 * F + ROW_BLOCK - 1) / ROW_BLOCK, blocks2 = (H + ROW_BLOCK - 1) / ROW_BLOCK;
-        int items1 = n_active * blocks1, items2 = n_active * blocks2;
+        int items1 = n_active * blocks1, items2 = n_active * blocks2, rows = start[E];
         /* work items take as long as their expert has tokens: handed out in turn, not split in advance */
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
             int thread = team_thread();
             float *buf = bufs + (size_t)thread * buf_floats;
+            if (blocks) {
+#pragma omp for schedule(static)
+                for (int r = 0; r < rows; r++) edge_moe_quantize(xs, &qx1, r, r + 1);
+            }
             /* gate and up rows of every active expert, for its tokens */
 #pragma omp for schedule(dynamic, 2)
             for (int item = 0; item < items1; item++) {
                 int e = active[item / blocks1], r0 = (item % blocks1) * ROW_BLOCK;
                 int r1 = r0 + ROW_BLOCK < 2 * F ? r0 + ROW_BLOCK : 2 * F, n = start[e + 1] - start[e];
-                edge_moe_rows_times(fc1 + (size_t)e * 2 * F * H, 2 * F, H, r0, r1, xs + (size_t)start[e] * H, n,
-                                    gu + (size_t)start[e] * 2 * F, 2 * F, buf);
+                edge_moe_matrix w = edge_moe_sub_rows(fc1, e * 2 * F, 2 * F);
+                edge_moe_qx q = qx_from(&qx1, start[e]);
+                edge_moe_matrix_times(&w, r0, r1, xs + (size_t)start[e] * H, &q, n, gu + (size_t)start[e] * 2 * F,
+                                      2 * F, buf);
                 for (int t = 0; t < n; t++) /* silu(gate) * up for the rows done here (r0 is even) */
                     swiglu_rows(gu + (size_t)(start[e] + t) * 2 * F, r0, r1, h + (size_t)(start[e] + t) * F);
+            }
+            if (blocks) {
+#pragma omp for schedule(static)
+                for (int r = 0; r < rows; r++) edge_moe_quantize(h, &qx2, r, r + 1);
             }
 #pragma omp for schedule(dynamic, 2)
             for (int item = 0; item < items2; item++) {
                 int e = active[item / blocks2], r0 = (item % blocks2) * ROW_BLOCK;
                 int r1 = r0 + ROW_BLOCK < H ? r0 + ROW_BLOCK : H, n = start[e + 1] - start[e];
-                edge_moe_rows_times(fc2 + (size_t)e * H * F, H, F, r0, r1, h + (size_t)start[e] * F, n,
-                                    outs + (size_t)start[e] * H, H, buf);
+                edge_moe_matrix w = edge_moe_sub_rows(fc2, e * H, H);
+                edge_moe_qx q = qx_from(&qx2, start[e]);
+                edge_moe_matrix_times(&w, r0, r1, h + (size_t)start[e] * F, &q, n, outs + (size_t)start[e] * H, H,
+                                      buf);
             }
             /* each token's outputs weighted and summed in its routing order */
 #pragma omp for schedule(static)
@@ -103,7 +129,48 @@ KERNEL int edge_moe_moe_f16(const uint16_t *fc1, const uint16_t *fc2, int E, int
             }
         }
     }
+    if (blocks) edge_moe_qx_free(&qx1), edge_moe_qx_free(&qx2);
     free(count), free(start), free(slot_row), free(xs), free(gu), free(h), free(outs), free(active), free(bufs);
+    return ok ? 0 : -1;
+}
+
+/* One routed SwiGLU expert in the package's MatMulNBits layout (rows: gate_up [2F, H] with gate rows then up rows,
+ * down [H, F], block codes): y [n, H] = (silu(x gate^T) * (x up^T)) down^T. Returns 0, or -1 without memory. */
+KERNEL int edge_moe_expert_blocks(const edge_moe_matrix *gate_up, const edge_moe_matrix *down, const float *x, int n,
+                                  float *y, int threads) {
+    int H = gate_up->k, F = down->k;
+    if (threads < 1) threads = 1;
+    float *gu = malloc(sizeof(float) * (size_t)n * 2 * F + 32), *h = malloc(sizeof(float) * (size_t)n * F + 32);
+    size_t buf_floats = 4 * (size_t)(H > F ? H : F) + 8;
+    float *bufs = malloc(sizeof(float) * buf_floats * (size_t)threads);
+    edge_moe_qx qx1 = {0}, qx2 = {0};
+    int ok = (edge_moe_qx_alloc(&qx1, gate_up, n) == 0) & (edge_moe_qx_alloc(&qx2, down, n) == 0) && gu && h && bufs;
+    if (ok) {
+        int items1 = (2 * F + ROW_BLOCK - 1) / ROW_BLOCK, items2 = (H + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            float *buf = bufs + (size_t)team_thread() * buf_floats;
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++) edge_moe_quantize(x, &qx1, t, t + 1);
+#pragma omp for schedule(dynamic, 1)
+            for (int item = 0; item < items1; item++) {
+                int r0 = item * ROW_BLOCK, r1 = r0 + ROW_BLOCK < 2 * F ? r0 + ROW_BLOCK : 2 * F;
+                edge_moe_matrix_times(gate_up, r0, r1, x, &qx1, n, gu, 2 * F, buf);
+            }
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++) {
+                swiglu(gu + (size_t)t * 2 * F, gu + (size_t)t * 2 * F + F, F, h + (size_t)t * F);
+                edge_moe_quantize(h, &qx2, t, t + 1);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int item = 0; item < items2; item++) {
+                int r0 = item * ROW_BLOCK, r1 = r0 + ROW_BLOCK < H ? r0 + ROW_BLOCK : H;
+                edge_moe_matrix_times(down, r0, r1, h, &qx2, n, y, H, buf);
+            }
+        }
+    }
+    edge_moe_qx_free(&qx1), edge_moe_qx_free(&qx2);
+    free(gu), free(h), free(bufs);
     return ok ? 0 : -1;
 }
 

@@ -1,0 +1,297 @@
+/* Weight matrices of any storage times float32 activations (matrix.h): float16 rows go to f16_rows.c, float32 rows
+ * and block codes are here. Block codes: one row at a time, its codes read once for up to four tokens, 64 bytes a
+ * step (128 codes at 4 bits, 64 at 8) summed in int32 by vpdpbusd, each step's sums scaled per block in float32.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "f16_rows.h"
+#include "matrix.h"
+
+#define BLOCKS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
+
+/* A decoded token reads each row once, cold: ask for the codes and scales of the rows two passes ahead (as
+ * f16_rows.c does; without it a 4-bit matrix read at 5 GB/s where float16 rows stream at 30). */
+#define PREFETCH_BLOCK_ROWS 8
+
+static int have_blocks;
+
+int edge_moe_blocks_supported(void) {
+    __builtin_cpu_init();
+    have_blocks = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    return have_blocks;
+}
+
+edge_moe_matrix edge_moe_sub_rows(const edge_moe_matrix *m, int first, int rows) {
+    edge_moe_matrix s = *m;
+    size_t row_bytes = m->bits >= 16 ? (size_t)m->k * (m->bits / 8)
+                                     : (size_t)qx_blocks(m->k, m->block) * m->block * m->bits / 8;
+    s.w = (const uint8_t *)m->w + (size_t)first * row_bytes;
+    if (m->scales) s.scales = m->scales + (size_t)first * qx_blocks(m->k, m->block);
+    s.rows = rows;
+    return s;
+}
+
+/* The bytes of a row's next step from byte `at` of `row_bytes`: 64, then 32, then 16 for the rest (a row is whole
+ * blocks of a multiple of 32 codes: at 4 bits a multiple of 16 bytes). The activations' layout follows the same
+ * steps. */
+static inline int step_bytes(int at, int row_bytes) {
+    int left = row_bytes - at;
+    return left >= 64 ? 64 : left >= 32 ? 32 : 16;
+}
+
+/* Where code i of a 4-bit row of `codes` goes in the activations' layout: its step [s, s + 2c) (steps of 128, then
+ * 64, then 32 codes, as step_bytes goes) holds the step's even positions, then its odd ones. */
+static inline int nibble_order(int i, int codes) {
+    int whole = codes & ~127, s, c;
+    if (i < whole)
+        s = i & ~127, c = 64;
+    else if (codes - whole >= 64 && i < whole + 64)
+        s = whole, c = 32;
+    else
+        s = whole + (codes - whole >= 64 ? 64 : 0), c = 16;
+    return s + ((i - s) & 1) * c + (i - s) / 2;
+}
+
+void edge_moe_quantize(const float *x, const edge_moe_qx *qx, int t0, int t1) {
+    int B = qx->block, nb = qx->blocks, K = qx->k, codes = nb * B;
+    for (int t = t0; t < t1; t++) {
+        const float *xt = x + (size_t)t * K;
+        int8_t *q = qx->q + (size_t)t * codes;
+        float *scale = qx->scale + (size_t)t * nb, *sum = qx->sum + (size_t)t * nb;
+        for (int b = 0; b < nb; b++) {
+            int end = (b + 1) * B < K ? (b + 1) * B : K;
+            float amax = 0.0f;
+            for (int i = b * B; i < end; i++) amax = fmaxf(amax, fabsf(xt[i]));
+            /* onnxruntime's MatMulNBits (accuracy_level 4) computes the inverse from amax in one division, and rounds
+             * half to even: the same codes bit for bit */
+            float inverse = amax != 0.0f ? 127.0f / amax : 0.0f;
+            int total = 0;
+            for (int i = b * B; i < (b + 1) * B; i++) {
+                int v = i < end ? (int)nearbyintf(xt[i] * inverse) : 0;
+                total += v;
+                if (qx->bits == 8) {
+                    q[i] = (int8_t)v;
+                    continue;
+                }
+                q[nibble_order(i, codes)] = (int8_t)v;
+            }
+            scale[b] = amax / 127.0f;
+            sum[b] = scale[b] * (float)total;
+        }
+    }
+}
+
+/* Per int32 lane of a 64-byte step: the scale of the block it sums (lane j holds bytes 4j .. 4j + 3), from the
+ * step's `blocks` scales s[0 ..]. */
+BLOCKS static inline __m512 lane_scales(const float *s, int blocks, int block_bytes) {
+    if (blocks == 1) return _mm512_set1_ps(s[0]);
+    __m512i lane = _mm512_srli_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60),
+                                     __builtin_ctz(block_bytes));
+    return _mm512_permutexvar_ps(lane, _mm512_castps128_ps512(_mm_maskz_loadu_ps((__mmask8)((1 << blocks) - 1), s)));
+}
+
+/* The four sums of a[0..4) in lanes 0..3. */
+BLOCKS static inline __m128 reduce4(const __m512 *a) {
+    __m256 h[4];
+    for (int i = 0; i < 4; i++)
+        h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]), _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                                              _mm512_castps_pd(a[i]), 1)));
+    __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+/* The zero point's part of a row's product with one token: - 2^(bits-1) sum_b scale_w[b] * scale_x[b] * sum(codes_x[b])
+ * (qx->sum holds scale_x * sum(codes_x)), added to acc as 16 lanes. */
+BLOCKS static inline __m512 zero_point_term(const float *sw, const float *sum, int nb, float zero_point, __m512 acc) {
+    __m512 z = _mm512_set1_ps(-zero_point);
+    for (int b = 0; b < nb; b += 16) {
+        __mmask16 k = nb - b >= 16 ? 0xFFFF : (__mmask16)((1 << (nb - b)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, sw + b), z), _mm512_maskz_loadu_ps(k, sum + b), acc);
+    }
+    return acc;
+}
+
+/* One row's step with one token: acc += (codes . activations per int32 lane) * scale_w * scale_x, lane by lane. */
+#define BLOCK_STEP(acc, row, sw_row)                                                                                   \
+    do {                                                                                                               \
+        const uint8_t *wi = (row) + at;                                                                                \
+        if (ahead) _mm_prefetch((const char *)(wi + PREFETCH_BLOCK_ROWS * (size_t)row_bytes), _MM_HINT_T0);           \
+        __m512i raw = _mm512_maskz_loadu_epi8(mask, wi), s;                                                            \
+        if (four)                                                                                                      \
+            s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, nibble), a_lo), \
+                                    _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble), a_hi);                        \
+        else                                                                                                           \
+            s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), raw, a_lo);                                                \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(lane_scales((sw_row) + b, blocks, bb), sa), acc);  \
+    } while (0)
+
+/* One token (decode): four rows a pass, sharing each step's activation codes and scales; a last pass of fewer rows
+ * repeats its first row in the missing places (their sums are not stored). Rows r0 .. r1. */
+BLOCKS static void block_rows_one(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, float *out) {
+    int nb = qx->blocks, bb = qx->block * m->bits / 8, row_bytes = nb * bb, four = m->bits == 4;
+    int shift = __builtin_ctz(bb); /* blocks are a power of two bytes: no division in the loop */
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    float zero_point = (float)(1 << (m->bits - 1));
+    for (int r = r0; r < r1; r += 4) {
+        int rows = r1 - r < 4 ? r1 - r : 4;
+        const uint8_t *w0 = (const uint8_t *)m->w + (size_t)r * row_bytes;
+        const uint8_t *w1 = rows > 1 ? w0 + row_bytes : w0, *w2 = rows > 2 ? w0 + 2 * (size_t)row_bytes : w0;
+        const uint8_t *w3 = rows > 3 ? w0 + 3 * (size_t)row_bytes : w0;
+        const float *s0 = m->scales + (size_t)r * nb, *s1 = rows > 1 ? s0 + nb : s0, *s2 = rows > 2 ? s0 + 2 * nb : s0;
+        const float *s3 = rows > 3 ? s0 + 3 * nb : s0;
+        int ahead = r + PREFETCH_BLOCK_ROWS + 4 <= m->rows;
+        if (ahead)
+            for (int i = 0; i < 4 * nb; i += 16) _mm_prefetch((const char *)(s0 + PREFETCH_BLOCK_ROWS * nb + i), _MM_HINT_T0);
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+        for (int at = 0; at < row_bytes;) {
+            int c = step_bytes(at, row_bytes), b = at >> shift, blocks = c > bb ? c >> shift : 1;
+            __mmask64 mask = c == 64 ? ~0ULL : (1ULL << c) - 1;
+            const int8_t *a = qx->q + (four ? 2 * at : at);
+            __m512i a_lo = _mm512_maskz_loadu_epi8(mask, a), a_hi = four ? _mm512_maskz_loadu_epi8(mask, a + c) : a_lo;
+            __m512 sa = lane_scales(qx->scale + b, blocks, bb);
+            BLOCK_STEP(acc0, w0, s0);
+            BLOCK_STEP(acc1, w1, s1);
+            BLOCK_STEP(acc2, w2, s2);
+            BLOCK_STEP(acc3, w3, s3);
+            at += c;
+        }
+        __m512 acc[4] = {zero_point_term(s0, qx->sum, nb, zero_point, acc0),
+                         zero_point_term(s1, qx->sum, nb, zero_point, acc1),
+                         zero_point_term(s2, qx->sum, nb, zero_point, acc2),
+                         zero_point_term(s3, qx->sum, nb, zero_point, acc3)};
+        __m128 sums = reduce4(acc);
+        if (rows == 4)
+            _mm_storeu_ps(out + r, sums);
+        else
+            _mm_mask_storeu_ps(out + r, (__mmask8)((1 << rows) - 1), sums);
+    }
+}
+
+/* Several tokens (prefill): a row's step read and unpacked once for four tokens. Row r, tokens t0 .. t0 + n. */
+BLOCKS static void block_row_tokens(const edge_moe_matrix *m, int r, const edge_moe_qx *qx, int t0, int n, float *out,
+                                    int ldo) {
+    int nb = qx->blocks, codes = nb * qx->block, bb = qx->block * m->bits / 8, row_bytes = nb * bb;
+    int four = m->bits == 4, shift = __builtin_ctz(bb);
+    const uint8_t *w = (const uint8_t *)m->w + (size_t)r * row_bytes;
+    const float *sw = m->scales + (size_t)r * nb;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int at = 0; at < row_bytes;) {
+        int c = step_bytes(at, row_bytes), b = at >> shift, blocks = c > bb ? c >> shift : 1;
+        __mmask64 mask = c == 64 ? ~0ULL : (1ULL << c) - 1;
+        __m512i raw = _mm512_maskz_loadu_epi8(mask, w + at), lo = raw, hi = raw;
+        if (four) lo = _mm512_and_si512(raw, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+        __m512 ws = lane_scales(sw + b, blocks, bb);
+        const int8_t *a = qx->q + (size_t)t0 * codes + (four ? 2 * at : at);
+        const float *sa = qx->scale + (size_t)t0 * nb + b;
+        for (int j = 0; j < 4; j++) {
+            if (j >= n) break;
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                            _mm512_maskz_loadu_epi8(mask, a + (size_t)j * codes));
+            if (four) s = _mm512_dpbusd_epi32(s, hi, _mm512_maskz_loadu_epi8(mask, a + (size_t)j * codes + c));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws, lane_scales(sa + (size_t)j * nb, blocks,
+                                                                                          bb)), acc[j]);
+        }
+        at += c;
+    }
+    float zero_point = (float)(1 << (m->bits - 1)), sums[4];
+    for (int j = 0; j < n; j++) acc[j] = zero_point_term(sw, qx->sum + (size_t)(t0 + j) * nb, nb, zero_point, acc[j]);
+    _mm_storeu_ps(sums, reduce4(acc));
+    for (int j = 0; j < n; j++) out[(size_t)(t0 + j) * ldo + r] = sums[j];
+}
+
+BLOCKS static void block_rows(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, int n, float *out,
+                              int ldo) {
+    if (n == 1) {
+        block_rows_one(m, r0, r1, qx, out);
+        return;
+    }
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < n; t += 4) block_row_tokens(m, r, qx, t, n - t < 4 ? n - t : 4, out, ldo);
+}
+
+/* Float32 rows: four rows a pass over each token (the router of a float32 package, its head). */
+KERNEL static void f32_rows(const float *W, int K, int r0, int r1, const float *X, int n, float *out, int ldo) {
+    int K8 = K & ~7, r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const float *w0 = W + (size_t)r * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        for (int t = 0; t < n; t++) {
+            const float *x = X + (size_t)t * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int c = 0; c < K8; c += 8) {
+                __m256 v = _mm256_loadu_ps(x + c);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), v, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), v, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + c), v, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + c), v, a3);
+            }
+            float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            for (int c = K8; c < K; c++) s[0] += w0[c] * x[c], s[1] += w1[c] * x[c], s[2] += w2[c] * x[c],
+                                         s[3] += w3[c] * x[c];
+            memcpy(out + (size_t)t * ldo + r, s, sizeof s);
+        }
+    }
+    for (; r < r1; r++)
+        for (int t = 0; t < n; t++) {
+            const float *w = W + (size_t)r * K, *x = X + (size_t)t * K;
+            __m256 a = _mm256_setzero_ps();
+            for (int c = 0; c < K8; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c), a);
+            float s = hsum(a);
+            for (int c = K8; c < K; c++) s += w[c] * x[c];
+            out[(size_t)t * ldo + r] = s;
+        }
+}
+
+void edge_moe_matrix_times(const edge_moe_matrix *m, int r0, int r1, const float *x, const edge_moe_qx *qx, int n,
+                           float *out, int ldo, float *buf) {
+    if (m->bits == 16)
+        edge_moe_rows_times((const uint16_t *)m->w, m->rows, m->k, r0, r1, x, n, out, ldo, buf);
+    else if (m->bits == 32)
+        f32_rows((const float *)m->w, m->k, r0, r1, x, n, out, ldo);
+    else
+        block_rows(m, r0, r1, qx, n, out, ldo);
+}
+
+int edge_moe_qx_alloc(edge_moe_qx *qx, const edge_moe_matrix *m, int n) {
+    qx->k = m->k, qx->bits = m->bits, qx->block = m->block, qx->blocks = qx_blocks(m->k, m->block);
+    qx->q = malloc((size_t)n * qx->blocks * qx->block + 64);
+    qx->scale = malloc(sizeof(float) * ((size_t)n * qx->blocks + 16));
+    qx->sum = malloc(sizeof(float) * ((size_t)n * qx->blocks + 16));
+    return qx->q && qx->scale && qx->sum ? 0 : -1;
+}
+
+void edge_moe_qx_free(edge_moe_qx *qx) {
+    free(qx->q), free(qx->scale), free(qx->sum);
+    qx->q = NULL, qx->scale = qx->sum = NULL;
+}
+
+int edge_moe_matmul(const edge_moe_matrix *m, const float *x, int n, float *out, int threads) {
+    if (threads < 1) threads = 1;
+    edge_moe_qx qx = {0};
+    int blocks = m->bits < 16, ok = !blocks || edge_moe_qx_alloc(&qx, m, n) == 0;
+    size_t buf_floats = 4 * (size_t)m->k + 8;
+    float *bufs = malloc(sizeof(float) * buf_floats * threads);
+    ok = ok && bufs;
+    if (ok) {
+        int items = (m->rows + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            float *buf = bufs + buf_floats * team_thread();
+            if (blocks) {
+#pragma omp for schedule(static)
+                for (int t = 0; t < n; t++) edge_moe_quantize(x, &qx, t, t + 1);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int item = 0; item < items; item++) {
+                int r0 = item * ROW_BLOCK, r1 = r0 + ROW_BLOCK < m->rows ? r0 + ROW_BLOCK : m->rows;
+                edge_moe_matrix_times(m, r0, r1, x, &qx, n, out, m->rows, buf);
+            }
+        }
+    }
+    if (blocks) edge_moe_qx_free(&qx);
+    free(bufs);
+    return ok ? 0 : -1;
+}

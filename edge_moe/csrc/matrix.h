@@ -1,0 +1,57 @@
+/* A weight matrix as edge_moe's kernels read it, whatever its storage: float32 or float16 rows, or symmetric
+ * blocks of 8- or 4-bit codes in onnxruntime's MatMulNBits layout (edge_moe/quant.py), which is what a package's
+ * quantized experts and backbone hold, read in place:
+ *
+ *   # N = rows (output features), K = input features, B = block, nb = ceil(K / B)
+ *   codes [N, nb, B * bits / 8] uint8 (4 bits: two a byte, the lower index in the lower nibble), scales [N, nb]
+ *   w[n, k] = (code[n, k] - 2^(bits - 1)) * scale[n, k / B]
+ *
+ * Block codes are multiplied with int8 activations quantized per block as onnxruntime's MatMulNBits does at
+ * accuracy_level 4 (scale = max|x| / 127, codes = round-half-even(x * 127 / max|x|)), so that both compute the same
+ * products to float32 rounding; the integer sums take AVX-512 VNNI (vpdpbusd: unsigned codes times signed
+ * activations), the zero point comes off afterwards as 2^(bits - 1) * scale * the activations' block sums.
+ */
+#ifndef EDGE_MOE_MATRIX_H
+#define EDGE_MOE_MATRIX_H
+#include <stdint.h>
+
+typedef struct {
+    const void *w;        /* float32 / float16 [rows, k], or block codes [rows, blocks, block * bits / 8] */
+    const float *scales;  /* block codes: [rows, blocks]; else NULL */
+    int rows, k, bits, block; /* bits: 32, 16, 8 or 4; block: a multiple of 32 (block codes only) */
+} edge_moe_matrix;
+
+/* Activations quantized for block matrices of one (bits, block): per token `blocks * block` int8 codes (zeros past
+ * k), laid out as the kernel reads them (4 bits: each chunk of 128, 64 or 32 codes as its even then its odd
+ * positions, which is how a nibble-packed row unpacks), a scale and scale * sum(codes) a block. */
+typedef struct {
+    int8_t *q;
+    float *scale, *sum;
+    int k, bits, block, blocks;
+} edge_moe_qx;
+
+/* Whether this CPU runs the block-code kernels (AVX-512 F/BW/VL and VNNI). */
+int edge_moe_blocks_supported(void);
+
+/* Bytes of int8 codes and floats a quantized activation row takes, for sizing edge_moe_qx buffers. */
+static inline int qx_blocks(int k, int block) { return (k + block - 1) / block; }
+
+/* Quantizes tokens t0 <= t < t1 of x [n, k] (row stride k) into qx (whose k, bits, block, blocks are set). */
+void edge_moe_quantize(const float *x, const edge_moe_qx *qx, int t0, int t1);
+
+/* out[t * ldo + r] = W[r] . x[t] for rows r0 <= r < r1 and tokens t < n: x [n, k] float32 for float rows, qx for
+ * block codes (quantized from the same x). buf: 4 k + 8 floats of the calling thread's scratch. */
+void edge_moe_matrix_times(const edge_moe_matrix *m, int r0, int r1, const float *x, const edge_moe_qx *qx, int n,
+                           float *out, int ldo, float *buf);
+
+/* Buffers for n tokens' activations quantized for m (0, or -1 without memory: free them all the same). */
+int edge_moe_qx_alloc(edge_moe_qx *qx, const edge_moe_matrix *m, int n);
+void edge_moe_qx_free(edge_moe_qx *qx);
+
+/* out [n, rows] = x [n, k] W^T on `threads` threads; 0, or -1 without memory. */
+int edge_moe_matmul(const edge_moe_matrix *m, const float *x, int n, float *out, int threads);
+
+/* Rows `first` .. first + rows of m as a matrix of their own (an expert's rows of a stacked tensor). */
+edge_moe_matrix edge_moe_sub_rows(const edge_moe_matrix *m, int first, int rows);
+
+#endif
