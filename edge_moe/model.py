@@ -63,13 +63,11 @@ class Backbone:
                 raise EdgeMoeError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]}); "
                                    "re-export the model") from None
 
-        # A float16 backbone's layers in edge_moe's own kernel where it expresses them (it reads the float16 bytes;
-        # the graphs' sessions would each hold a float32 copy); else one graph session a layer
+        # A float16 or block-quantized backbone's layers in edge_moe's own kernel where it expresses them (it reads
+        # the package's bytes; the graphs' sessions would each hold a float32 copy); else one graph session a layer
         self.native_layers, self.native_reason = None, "native_kernel=False"
         if native_kernel is not False:
-            self.native_reason = ("the layer graphs run on an accelerator" if ort_device != "cpu" else
-                                  "attention in float16 (half_attention) is the layer graphs'" if self.half_attention
-                                  else None)
+            self.native_reason = "the layer graphs run on an accelerator" if ort_device != "cpu" else None
             if self.native_reason is None:
                 self.native_layers, self.native_reason = load_native_layers(manifest, clock, native_threads)
         self.embed = (self.native_layers and load_native_embed(manifest, clock)) or session(manifest.embed)

@@ -1,5 +1,6 @@
-"""edge_moe's own CPU kernels over float16 weights (edge_moe/csrc/), loaded with ctypes: a MoE layer's routed
-experts (moe_f16.c) and a decoder layer's attention block and router (layer_f16.c, driven by native_layer.py).
+"""edge_moe's own CPU kernels (edge_moe/csrc/), loaded with ctypes: a MoE layer's routed experts (moe.c) and a
+decoder layer's attention block and router (layer.c, driven by native_layer.py), over float16 rows or MatMulNBits'
+8- and 4-bit blocks read in place (matrix.c).
 
 onnxruntime (1.32) has no x86 CPU kernel that reads float16 weights: a float16 MatMul costs what a float32 one
 does, so float16 experts ran as float32 stacks and a decoded token read twice the bytes llama.cpp reads. Measured
@@ -27,19 +28,6 @@ SPIN_COUNT = "1000"
 
 _library = None
 _reason: str | None = None
-
-
-class LayerParams(ctypes.Structure):
-    """layer_f16.c's edge_moe_layer: one decoder layer's sizes and weights (float16 [out, in] matrices, float32
-    norms). The arrays must outlive it (NativeLayer keeps them)."""
-
-    _fields_ = [(name, ctypes.c_int) for name in ("hidden", "heads", "kv_heads", "head_dim", "experts", "top_k",
-                                                   "head_norm", "normalize")] + \
-               [(name, ctypes.c_float) for name in ("eps", "scale", "routing_scale")] + \
-               [(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "wq", "wk", "wv",
-                                                     "wo", "router", "bq", "bk", "bv", "bo")] + \
-               [("shared_ffn", ctypes.c_int)] + \
-               [(name, ctypes.c_void_p) for name in ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")]
 
 
 class Matrix(ctypes.Structure):
@@ -77,6 +65,20 @@ class Matrix(ctypes.Structure):
         return m
 
 
+class LayerParams(ctypes.Structure):
+    """layer.c's layer_params: one decoder layer's sizes and weights ([out, in] matrices of any storage, float32
+    norms). The arrays must outlive it (NativeLayer keeps them)."""
+
+    _fields_ = [(name, ctypes.c_int) for name in ("hidden", "heads", "kv_heads", "head_dim", "experts", "top_k",
+                                                   "head_norm", "normalize")] + \
+               [(name, ctypes.c_float) for name in ("eps", "scale", "routing_scale")] + \
+               [(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm")] + \
+               [(name, Matrix) for name in ("wq", "wk", "wv", "wo", "router")] + \
+               [(name, ctypes.c_void_p) for name in ("bq", "bk", "bv", "bo")] + \
+               [("shared_ffn", ctypes.c_int)] + \
+               [(name, Matrix) for name in ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")]
+
+
 def _load():
     global _library, _reason
     if _library is not None or _reason is not None:
@@ -100,14 +102,14 @@ def _load():
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     m = ctypes.POINTER(Matrix)
+    library.edge_moe_layer.argtypes = [ctypes.POINTER(LayerParams), p, i, p, p, i, i, p, p, i, p, p, p, p, p, i]
+    library.edge_moe_layer.restype = i
+    library.edge_moe_head.argtypes = [p, ctypes.c_float, m, p, i, p, i]
+    library.edge_moe_head.restype = i
     library.edge_moe_moe.argtypes = [m, m, i, p, i, p, p, i, p, i]
     library.edge_moe_moe.restype = i
     library.edge_moe_expert_blocks.argtypes = [m, m, p, i, p, i]
     library.edge_moe_expert_blocks.restype = i
-    library.edge_moe_layer_f16.argtypes = [ctypes.POINTER(LayerParams), p, i, p, p, i, i, p, p, p, p, p, p, p, i]
-    library.edge_moe_layer_f16.restype = i
-    library.edge_moe_head_f16.argtypes = [p, ctypes.c_float, p, i, i, p, i, p, i]
-    library.edge_moe_head_f16.restype = i
     library.edge_moe_expert_f16.argtypes = [p, p, i, i, p, i, p, i]
     library.edge_moe_expert_f16.restype = i
     library.edge_moe_blocks_supported.restype = i
@@ -209,23 +211,27 @@ def expert_blocks(gate_up: Matrix, down: Matrix, x: np.ndarray, threads: int = 1
     return y
 
 
-def layer_f16(params: LayerParams, x: np.ndarray, keys: np.ndarray, values: np.ndarray, past: int, cos: np.ndarray,
-              sin: np.ndarray, threads: int = 1) -> list[np.ndarray]:
-    """A decoder layer's attention block and router (layer_f16.c) on x [T, H] float32 C-contiguous after `past`
-    cached tokens: writes this call's keys and values into `keys`/`values` ([1, kvH, M, D] float32, the GqaKVCache
-    buffers) and returns [residual [T, H], moe_input [T, H], router_logits [T, E], indices [T, k] int64, weights
-    [T, k]], what the layer graph returns. cos, sin: [M, D/2] float32. NativeLayer checks the shapes once at load."""
+def layer(params: LayerParams, x: np.ndarray, keys: np.ndarray, values: np.ndarray, past: int, cos: np.ndarray,
+          sin: np.ndarray, threads: int = 1) -> list[np.ndarray]:
+    """A decoder layer's attention block and router (layer.c) on x [T, H] float32 C-contiguous after `past` cached
+    tokens: writes this call's keys and values into `keys`/`values` ([1, kvH, M, D] float32 or float16, the
+    GqaKVCache buffers) and returns [residual [T, H], moe_input [T, H], router_logits [T, E], indices [T, k] int64,
+    weights [T, k]], what the layer graph returns. cos, sin: [M, D/2] of the cache's type. NativeLayer checks the
+    weights' shapes once at load."""
     library = _load()
     tokens = x.shape[0]
     hidden, experts, k = params.hidden, params.experts, params.top_k
     if x.ndim != 2 or x.shape[1] != hidden:
         raise ValueError(f"hidden states {x.shape} are not [T, {hidden}]")
+    half = keys.dtype == np.float16
+    if {a.dtype for a in (keys, values, cos, sin)} != {keys.dtype} or keys.dtype not in (np.float16, np.float32):
+        raise ValueError("the KV cache and RoPE tables are not all float32 or all float16")
     outputs = [np.empty((tokens, hidden), np.float32), np.empty((tokens, hidden), np.float32),
                np.empty((tokens, experts), np.float32), np.empty((tokens, k), np.int64),
                np.empty((tokens, k), np.float32)]
-    status = library.edge_moe_layer_f16(ctypes.byref(params), x.ctypes.data, tokens, keys.ctypes.data,
-                                        values.ctypes.data, keys.shape[2], past, cos.ctypes.data, sin.ctypes.data,
-                                        *(o.ctypes.data for o in outputs), threads)
+    status = library.edge_moe_layer(ctypes.byref(params), x.ctypes.data, tokens, keys.ctypes.data,
+                                    values.ctypes.data, keys.shape[2], past, cos.ctypes.data, sin.ctypes.data,
+                                    int(half), *(o.ctypes.data for o in outputs), threads)
     if status == -2:
         raise ValueError(f"{past} cached + {tokens} new tokens exceed the KV cache's {keys.shape[2]}")
     if status == -3:
@@ -235,16 +241,17 @@ def layer_f16(params: LayerParams, x: np.ndarray, keys: np.ndarray, values: np.n
     return outputs
 
 
-def head_f16(norm: np.ndarray, eps: float, weight: np.ndarray, x: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Logits [T, V] = RMSNorm(x [T, H], norm [H] float32) weight^T, weight [V, H] float16 C-contiguous (the head's
-    lm_head; NativeHead checks the shapes once at load)."""
+def head(norm: np.ndarray, eps: float, weight: Matrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Logits [T, V] = RMSNorm(x [T, H], norm [H] float32) weight^T for the lm_head [V, H] (any Matrix; NativeHead
+    checks the shapes once at load)."""
     library = _load()
     x = np.ascontiguousarray(x, np.float32)
-    if x.ndim != 2 or x.shape[1] != weight.shape[1] or norm.shape != (weight.shape[1],):
-        raise ValueError(f"hidden states {x.shape} do not match the head {weight.shape} / norm {norm.shape}")
-    logits = np.empty((x.shape[0], weight.shape[0]), np.float32)
-    if library.edge_moe_head_f16(norm.ctypes.data, eps, weight.ctypes.data, weight.shape[0], weight.shape[1],
-                                 x.ctypes.data, x.shape[0], logits.ctypes.data, threads):
+    if x.ndim != 2 or x.shape[1] != weight.k or norm.shape != (weight.k,):
+        raise ValueError(f"hidden states {x.shape} do not match the head {weight.rows} x {weight.k} / norm "
+                         f"{norm.shape}")
+    logits = np.empty((x.shape[0], weight.rows), np.float32)
+    if library.edge_moe_head(norm.ctypes.data, eps, ctypes.byref(weight), x.ctypes.data, x.shape[0],
+                             logits.ctypes.data, threads):
         raise MemoryError(f"edge_moe's head kernel could not allocate scratch for {x.shape[0]} tokens")
     return logits
 

@@ -1,19 +1,22 @@
-"""A float16 backbone in edge_moe's own kernel (csrc/layer_f16.c) on the CPU, in place of its exported graphs, where
-the family's layer is one the kernel expresses: each decoder layer's attention block and router (NativeLayer), the
-head (NativeHead) and the embedding (NativeEmbed, numpy). A token then makes no onnxruntime call.
+"""A backbone in edge_moe's own kernel (csrc/layer.c) on the CPU, in place of its exported graphs, where the family's
+layer is one the kernel expresses: each decoder layer's attention block and router (NativeLayer), the head
+(NativeHead) and the embedding (NativeEmbed, numpy). A token then makes no onnxruntime call.
 
     hidden [T, H] -> RMSNorm -> q/k/v -> head norms -> RoPE -> KV cache -> attention -> o_proj -> + hidden = residual
       -> RMSNorm = moe_input -> router logits -> softmax top-k = (indices, weights)      (the layer graph's outputs)
 
 Why: onnxruntime (1.32) holds a float16 backbone as float32 copies and reads them every token (55 MB of q3-f16e's
 130 MB a token), and its products and attention for one token barely gain from a second thread; the kernel reads
-the float16 bytes on every thread. It writes the same KV cache buffers and reads the same RoPE tables as the graph
-(kv_cache.GqaKVCache), so the results are the graph's to float32 rounding (tests/test_native_layer.py).
+the package's bytes on every thread: float16 rows, or `--backbone-bits` 8 / 4 blocks in place (matrix.c, with int8
+activations as MatMulNBits computes them). It writes the same KV cache buffers (float32, or float16 where the
+graphs attend in it) and reads the same RoPE tables as the graph (kv_cache.GqaKVCache), so the results are the
+graph's to float32 rounding (tests/test_native_layer.py).
 
 Expressed: Qwen3-MoE (per-head q/k norms), OLMoE (q/k norms over all heads, no clipping), Mixtral (none) and
-Qwen2-MoE (q/k/v biases, a gated shared expert), with GroupQueryAttention graphs (head_dim a multiple of 16, plain
-RoPE), full attention, every layer a MoE layer, a softmax top-k router, float16 projections (with biases or
-without), float32 attention (not `half_attention`). Anything else keeps the layer graphs; the reason says why.
+Qwen2-MoE (q/k/v biases, a gated shared expert), with GroupQueryAttention graphs (head_dim a multiple of 8, plain
+RoPE), full attention, every layer a MoE layer, a softmax top-k router, a float16 or block-quantized backbone
+(symmetric blocks of a multiple of 32, where the CPU has AVX-512 VNNI). Anything else keeps the layer graphs; the
+reason says why.
 """
 
 from __future__ import annotations
@@ -31,14 +34,16 @@ from .manifest import Manifest
 FAMILIES = {"qwen3_moe": (1, "mlp.gate.weight"), "olmoe": (2, "mlp.gate.weight"),
             "mixtral": (0, "block_sparse_moe.gate.weight"), "qwen2_moe": (0, "mlp.gate.weight")}
 SHARED = "mlp.shared_expert."
-_FLOAT16, _FLOAT32 = 10, 1  # onnx TensorProto data types
+_FLOAT16, _FLOAT32, _UINT8 = 10, 1, 2  # onnx TensorProto data types
+_TYPES = {_FLOAT16: np.float16, _FLOAT32: np.float32, _UINT8: np.uint8}
 
 
 def unsupported_reason(manifest: Manifest) -> str | None:
     """None where every layer of the package runs in the layer kernel here, else why not (one line)."""
-    if manifest.dtype != "float16":
-        return f"its weights are {manifest.dtype}; the kernel reads float16"
-    reason = native.unavailable_reason()
+    if manifest.dtype != "float16" and not manifest.backbone_quantization:
+        return f"its backbone is {manifest.dtype}; the kernel reads float16 or block-quantized ones"
+    reason = native.unavailable_reason() or (native.blocks_unavailable_reason() if manifest.backbone_quantization
+                                             else None)
     if reason is not None:
         return reason
     c = manifest.config
@@ -58,8 +63,6 @@ def unsupported_reason(manifest: Manifest) -> str | None:
         return f"its router ({spec.scoring}) is not a plain softmax top-k"
     if manifest.source_config.get("clip_qkv") is not None:
         return "it clips q, k and v"
-    if manifest.backbone_quantization:
-        return "its backbone is quantized"
     return None
 
 
@@ -75,7 +78,7 @@ class NativeLayer:
     def run_in(self, keys: np.ndarray, values: np.ndarray, cos: np.ndarray, sin: np.ndarray, past: int,
                hidden: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(hidden, np.float32)
-        return self.clock.time_native(native.layer_f16, self.params, x, keys, values, past, cos, sin, self.threads)
+        return self.clock.time_native(native.layer, self.params, x, keys, values, past, cos, sin, self.threads)
 
 
 def load_native_layers(manifest: Manifest, clock, threads: int) -> tuple[list[NativeLayer] | None, str | None]:
@@ -110,50 +113,55 @@ def load_native_layers(manifest: Manifest, clock, threads: int) -> tuple[list[Na
             return None, f"its attention has biases on {', '.join(sorted(biases))}, not on all of q, k and v"
         widths = {"q": heads * d, "k": kv_heads * d, "v": kv_heads * d, "o": hidden}
         layer_wants.update({f"b{p}": (f"self_attn.{p}_proj.bias", (widths[p],)) for p in biases})
-        shared = stored.get(prefix + SHARED + "gate_proj.weight")
+        shared = stored.get(prefix + SHARED + "gate_proj.weight") or \
+            stored.get(prefix + SHARED + "gate_proj.weight.qweight")
         if shared is not None:
             ffn = (shared[3][:1] or (0,))[0]  # a malformed shape fails the plan below
             layer_wants.update({"shared_gate": (SHARED + "gate_proj.weight", (ffn, hidden)),
                                 "shared_up": (SHARED + "up_proj.weight", (ffn, hidden)),
                                 "shared_down": (SHARED + "down_proj.weight", (hidden, ffn)),
                                 "shared_expert_gate": ("mlp.shared_expert_gate.weight", (1, hidden))})
-        plan = _plan(path, stored, {field: (prefix + key, shape) for field, (key, shape) in layer_wants.items()})
+        plan = _plan(path, stored, {field: (prefix + key, shape) for field, (key, shape) in layer_wants.items()},
+                     _backbone_bits(manifest))
         if isinstance(plan, str):
             return None, plan
         plans.append(plan)
     layers = []
     for arrays in _read(manifest.backbone_blob, plans):
+        fields = {field: value if isinstance(value, native.Matrix) else value.ctypes.data
+                  for field, value in arrays.items()}
         params = native.LayerParams(
             hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=d, experts=spec.num_experts, top_k=spec.top_k,
             head_norm=head_norm, normalize=int(spec.normalize), eps=float(c["rms_norm_eps"]), scale=d ** -0.5,
             routing_scale=float(spec.scaling_factor),
-            shared_ffn=arrays["shared_down"].shape[1] if "shared_down" in arrays else 0,
-            **{field: array.ctypes.data for field, array in arrays.items()})
+            shared_ffn=arrays["shared_down"].k if "shared_down" in arrays else 0, **fields)
         layers.append(NativeLayer(params, list(arrays.values()), clock, threads))
     return layers, None
 
 
 class NativeHead:
-    """The head (final RMSNorm and the float16 lm_head) in the kernel: Forward calls `run` as it would the graph's."""
+    """The head (final RMSNorm and the lm_head) in the kernel: Forward calls `run` as it would the graph's."""
 
-    def __init__(self, norm: np.ndarray, weight: np.ndarray, eps: float, clock, threads: int):
+    def __init__(self, norm: np.ndarray, weight: native.Matrix, eps: float, clock, threads: int):
         self.norm, self.weight, self.eps, self.clock, self.threads = norm, weight, eps, clock, threads
 
     def run(self, feeds: dict) -> list[np.ndarray]:
-        return [self.clock.time_native(native.head_f16, self.norm, self.eps, self.weight, feeds["hidden_states"],
+        return [self.clock.time_native(native.head, self.norm, self.eps, self.weight, feeds["hidden_states"],
                                        self.threads)]
 
 
 def load_native_head(manifest: Manifest, clock, threads: int) -> NativeHead | None:
-    """The head for the kernel where its graph is a plain RMSNorm and float16 lm_head (the layers' families; no
-    bias, no logit scale), else None: the graph stays."""
+    """The head for the kernel where its graph is a plain RMSNorm and lm_head (float16 / float32 rows or symmetric
+    blocks; the layers' families, no bias, no logit scale), else None: the graph stays."""
     c = manifest.config
     lm_head = "model.embed_tokens.weight" if c.get("tie_word_embeddings") else "lm_head.weight"
     stored = external_weights(manifest.head, manifest.backbone_blob)
-    if set(stored) != {"model.norm.weight", lm_head}:
+    if set(stored) not in ({"model.norm.weight", lm_head},
+                           {"model.norm.weight", lm_head + ".qweight", lm_head + ".scales"}):
         return None
     plan = _plan(manifest.head, stored, {"norm": ("model.norm.weight", (int(c["hidden_size"]),)),
-                                         "weight": (lm_head, (int(c["vocab_size"]), int(c["hidden_size"])))})
+                                         "weight": (lm_head, (int(c["vocab_size"]), int(c["hidden_size"])))},
+                 _backbone_bits(manifest))
     if isinstance(plan, str):
         return None
     arrays = _read(manifest.backbone_blob, [plan])[0]
@@ -161,8 +169,8 @@ def load_native_head(manifest: Manifest, clock, threads: int) -> NativeHead | No
 
 
 class NativeEmbed:
-    """The embedding (a float16 table's rows as float32) in numpy: with the layers and head in the kernel no
-    onnxruntime session is left on a float16 token's path (its first session's set-up alone was ~10 MiB of RSS)."""
+    """The embedding (a table's rows as float32) in numpy: with the layers and head in the kernel no onnxruntime
+    session is left on a token's path (its first session's set-up alone was ~10 MiB of RSS)."""
 
     def __init__(self, table: np.ndarray, clock):
         self.table, self.clock = table, clock
@@ -178,47 +186,85 @@ class NativeEmbed:
 
 
 def load_native_embed(manifest: Manifest, clock) -> NativeEmbed | None:
-    """The embedding where its graph is a plain gather of a float16 table (the layers' families), else None."""
+    """The embedding where its graph is a plain gather of a float16 or float32 table (the layers' families), else
+    None."""
     c = manifest.config
     stored = external_weights(manifest.embed, manifest.backbone_blob)
     if set(stored) != {"model.embed_tokens.weight"}:
         return None
     plan = _plan(manifest.embed, stored, {"table": ("model.embed_tokens.weight", (int(c["vocab_size"]),
                                                                                  int(c["hidden_size"])))})
-    return None if isinstance(plan, str) else NativeEmbed(_read(manifest.backbone_blob, [plan])[0]["table"], clock)
+    return None if isinstance(plan, str) else \
+        NativeEmbed(_read(manifest.backbone_blob, [plan])[0]["table"].arrays[0], clock)
 
 
-def _plan(path, stored: dict, wanted: dict) -> dict | str:
-    """field -> (offset, length, numpy type, shape) of the weights `wanted` (field -> (name, shape)) in the blob,
-    matrices float16 and vectors float16 or float32; or why not (a weight missing, of another shape or type)."""
+def _backbone_bits(manifest: Manifest) -> int | None:
+    """The bits of a quantized backbone's blocks (export --backbone-bits), or None."""
+    bits = (manifest.backbone_quantization or {}).get("bits")
+    return bits if bits in (4, 8) else None
+
+
+def _plan(path, stored: dict, wanted: dict, bits: int | None = None) -> dict | str:
+    """field -> (shape, parts, layout) of the weights `wanted` (field -> (name, shape)) in the blob, each part
+    (offset, length, numpy type, stored shape): a vector float16 or float32; a matrix [N, K] as float16 / float32
+    rows (layout None), or, where the backbone is quantized to `bits`, as MatMulNBits' symmetric blocks
+    (`name.qweight` [N, ceil(K / B), B * bits / 8] uint8 and `name.scales` [N, blocks] float32; layout (bits, B)).
+    Or why not (a weight missing, of another shape or type)."""
     plan = {}
     for field, (name, shape) in wanted.items():
-        entry, allowed = stored.get(name), (_FLOAT16,) if len(shape) == 2 else (_FLOAT16, _FLOAT32)
-        if entry is None or entry[3] != shape or entry[2] not in allowed:
-            return f"{path.name}: {name} is not a float16 {list(shape)} weight"
-        offset, length, dtype, _ = entry
-        plan[field] = (offset, length, np.float16 if dtype == _FLOAT16 else np.float32, shape)
+        entry, codes, scales = stored.get(name), stored.get(name + ".qweight"), stored.get(name + ".scales")
+        layout = _block_layout(shape, codes, scales, bits) if name + ".zero_points" not in stored else None
+        if entry is not None and entry[3] == shape and entry[2] in (_FLOAT16, _FLOAT32):
+            plan[field] = (shape, [(entry[0], entry[1], _TYPES[entry[2]], shape)], None)
+        elif layout is not None:
+            plan[field] = (shape, [(e[0], e[1], _TYPES[e[2]], e[3]) for e in (codes, scales)], layout)
+        else:
+            kinds = "float16 / float32" + (" or symmetric 8- / 4-bit blocks" if len(shape) == 2 else "")
+            return f"{path.name}: {name} is not a {kinds} {list(shape)} weight"
     return plan
 
 
-def _read(blob, plans: list[dict]) -> list[dict[str, np.ndarray]]:
+def _block_layout(shape, codes, scales, bits: int | None) -> tuple[int, int] | None:
+    """(bits, block) of MatMulNBits tensors `codes` / `scales` (external_weights entries) for a [N, K] matrix of a
+    backbone quantized to `bits`, where they are blocks the kernel reads (8 or 4 bits, a block of a multiple of 32),
+    else None."""
+    if codes is None or scales is None or bits not in (4, 8) or len(shape) != 2:
+        return None
+    (n, k), dims = shape, codes[3]
+    if codes[2] != _UINT8 or scales[2] != _FLOAT32 or len(dims) != 3 or dims[0] != n or scales[3] != dims[:2]:
+        return None
+    block = dims[2] * 8 // bits
+    return (bits, block) if block >= 32 and block % 32 == 0 and dims[1] == -(-k // block) else None
+
+
+def _read(blob, plans: list[dict]) -> list[dict]:
     """The planned weights read into one buffer (one mapping, which huge_pages.py backs with 2 MiB pages: a decoded
-    token reads every matrix once, cold), 64-byte aligned; vectors as float32 copies."""
+    token reads every matrix once, cold), 64-byte aligned: vectors as float32 copies, matrices as native.Matrix
+    views of the buffer."""
     ALIGN = 64
-    total = sum(-(-length // ALIGN) * ALIGN for plan in plans for _, length, _, _ in plan.values())
+    total = sum(-(-length // ALIGN) * ALIGN for plan in plans for _, parts, _ in plan.values()
+                for _, length, _, _ in parts)
     buffer = np.empty(total + ALIGN, np.uint8)
     at = -buffer.ctypes.data % ALIGN
     read = []
     with open(blob, "rb") as f:
         for plan in plans:
             arrays = {}
-            for field, (offset, length, dtype, shape) in plan.items():
-                f.seek(offset)
-                view = buffer[at:at + length]
-                if f.readinto(view) != length:
-                    raise EdgeMoeError(f"{blob}: ends before byte {offset + length}; re-export the model")
-                array = view.view(dtype).reshape(shape)
-                arrays[field] = array if len(shape) == 2 else np.ascontiguousarray(array, np.float32)
-                at += -(-length // ALIGN) * ALIGN
+            for field, (shape, parts, layout) in plan.items():
+                views = []
+                for offset, length, dtype, stored_shape in parts:
+                    f.seek(offset)
+                    view = buffer[at:at + length]
+                    if f.readinto(view) != length:
+                        raise EdgeMoeError(f"{blob}: ends before byte {offset + length}; re-export the model")
+                    views.append(view.view(dtype).reshape(stored_shape))
+                    at += -(-length // ALIGN) * ALIGN
+                if len(shape) == 1:
+                    arrays[field] = np.ascontiguousarray(views[0], np.float32)
+                elif layout is None:
+                    arrays[field] = native.Matrix.of_rows(views[0])
+                else:
+                    codes, scales = views
+                    arrays[field] = native.Matrix.of_blocks(codes.reshape(shape[0], -1), scales, *layout, shape[1])
             read.append(arrays)
     return read

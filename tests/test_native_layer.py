@@ -1,6 +1,7 @@
-"""edge_moe's layer kernel (native_layer.py, csrc/layer_f16.c): a float16 backbone's attention block and router in
-place of the exported layer graphs, against those graphs (onnxruntime over the same weights in float32) and
-transformers, on every family it expresses; and the packages it leaves to the graphs, with the reason."""
+"""edge_moe's layer kernel (native_layer.py, csrc/layer.c): a float16 or block-quantized backbone's attention block and
+router in place of the exported layer graphs, against those graphs (onnxruntime over the same weights in float32,
+or MatMulNBits over the same blocks) and transformers, on every family it expresses, over a float32 or a float16 KV
+cache; and the packages it leaves to the graphs, with the reason."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import edge_moe
 from edge_moe import native_layer
 from edge_moe.errors import EdgeMoeError
 
-from conftest import assert_agrees, export_float16, tiny_config
+from conftest import assert_agrees, build_checkpoint, export_float16, reference_logits, tiny_config
 from test_native_kernel import _cpu_has_f16c
 
 pytestmark = pytest.mark.skipif(not _cpu_has_f16c(), reason="this CPU lacks AVX2/FMA/F16C; the kernel is not used")
@@ -100,15 +101,60 @@ def qwen3(tmp_path_factory):
     return exported("qwen3_moe", tmp_path_factory)[2]
 
 
+def test_a_float16_kv_cache_runs_in_the_kernel(package):
+    """half_attention: the cache and RoPE tables in float16, as the graphs keep them; the kernel rounds keys and
+    values into it as they do and attends in float32 (the graphs in float16: a few 1e-4 apart)."""
+    _, hf, path = package
+    model, graphs = edge_moe.load(path, half_attention=True), edge_moe.load(path, half_attention=True,
+                                                                              native_kernel=False)
+    assert model.backbone.native_layers is not None and model.backbone.kv_dtype == np.float16
+    a, b, exact = model.logits(IDS), graphs.logits(IDS), reference_logits(hf, IDS)
+    scale = np.abs(exact).max()
+    assert np.abs(a - b).max() <= 2e-3 * scale and np.abs(a - exact).max() <= np.abs(b - exact).max() + 1e-4 * scale
+    assert model.generate(IDS, 12).token_ids == graphs.generate(IDS, 12).token_ids
+
+
+@pytest.mark.parametrize("dtype,bits,block", [("float16", 8, 32), ("float16", 4, 128), ("float32", 8, 128),
+                                              ("float32", 4, 32)])
+def test_a_block_quantized_backbone_runs_in_the_kernel(tmp_path, dtype, bits, block):
+    """export --backbone-bits: q/k/v/o and the lm_head as MatMulNBits blocks, read in place by the kernel with int8
+    activations as MatMulNBits computes them: a first token to float32 rounding of the graphs; a whole prompt (where
+    a rounding difference may move an activation across an int8 step) no further from transformers' float model
+    than the graphs are, give or take. Embedding, norms and router stay in `dtype`."""
+    import torch
+    from edge_moe_export.exporter import export_checkpoint
+
+    config = tiny_config("qwen3_moe", hidden=64, heads=4, kv_heads=2, experts=8, top_k=3, ffn=44, layers=3,
+                         max_position_embeddings=512, head_dim=16, tie_word_embeddings=False)
+    hf = build_checkpoint(tmp_path / "hf", config, dtype=getattr(torch, dtype))
+    path = export_checkpoint(tmp_path / "hf", tmp_path / "pkg", dtype=dtype, backbone_bits=bits, block_size=block,
+                             progress=False)
+    exact = reference_logits(hf, IDS)
+    scale = np.abs(exact).max()
+    for half in (False, True):
+        model = edge_moe.load(path, half_attention=half)
+        graphs = edge_moe.load(path, half_attention=half, native_kernel=False)
+        assert model.backbone.native_reason is None and model.backbone.native_layers[0].params.wq.bits == bits
+        assert model.backbone.head.weight.bits == bits and model.backbone.head.weight.block == block
+        one = graphs.logits(IDS[:1])
+        assert np.abs(model.logits(IDS[:1]) - one).max() <= (2e-3 if half else 1e-5) * np.abs(one).max()
+        reference_error = np.abs(graphs.logits(IDS) - exact).max()
+        assert np.abs(model.logits(IDS) - exact).max() <= 1.5 * reference_error + 0.01 * scale
+        calls, natives = model.clock.calls, model.clock.native_calls
+        model.generate(IDS[:3], 2)  # the embedding, a layer call a layer and the head in the kernel; float16 experts
+        assert model.clock.native_calls - natives == 2 * (2 + 3 + (3 if dtype == "float16" else 0))
+        if dtype == "float16":  # too: no onnxruntime call (float32 experts run in their graphs)
+            assert model.clock.calls - calls == model.clock.native_calls - natives
+
+
 def test_what_the_kernel_leaves_to_the_graphs_says_why(qwen3, tmp_path, monkeypatch):
-    assert edge_moe.load(qwen3, half_attention=True).backbone.native_reason == \
-        "attention in float16 (half_attention) is the layer graphs'"
     _, granite = export_gqa(tmp_path / "granite", "granitemoe")
     assert edge_moe.load(granite).backbone.native_reason == \
         "the kernel expresses mixtral, olmoe, qwen2_moe, qwen3_moe layers, not granitemoe"
     float32 = edge_moe.load(qwen3).manifest
     float32.dtype = "float32"
-    assert native_layer.unsupported_reason(float32) == "its weights are float32; the kernel reads float16"
+    assert native_layer.unsupported_reason(float32) == "its backbone is float32; the kernel reads float16 or " \
+                                                       "block-quantized ones"
     manifest = edge_moe.load(qwen3).manifest  # a config the exporter never writes: GQA with a head size of 12
     manifest.config["head_dim"] = 12
     assert native_layer.unsupported_reason(manifest) == "head_dim 12 is not a multiple of 8 or 4 heads do not group " \

@@ -1,5 +1,5 @@
 /* Float16 weight rows times float32 activations on an x86 CPU (AVX2/FMA/F16C, AVX-512 where the CPU has it): what
- * edge_moe's own kernels share (moe_f16.c: a MoE layer's routed experts; layer_f16.c: a decoder layer's attention
+ * edge_moe's own kernels share (moe.c: a MoE layer's routed experts; layer.c: a decoder layer's attention
  * block and router). Weights are [rows, K] float16, Hugging Face's [out, in] layout; activations [n, K] float32.
  */
 #ifndef EDGE_MOE_F16_ROWS_H

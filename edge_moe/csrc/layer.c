@@ -1,14 +1,16 @@
-/* A decoder layer's attention block and router over float16 weights, on the CPU, for T tokens after `past` cached:
+/* A decoder layer's attention block and router on the CPU, over its weights as the package holds them (matrix.h:
+ * float16 or float32 rows, 8- / 4-bit blocks), for T tokens after `past` cached:
  *
- *   x [T, H] -> RMSNorm -> q, k, v (float16 projections) -> head norms -> RoPE -> k, v into the cache at past..
+ *   x [T, H] -> RMSNorm -> q, k, v (projections) -> head norms -> RoPE -> k, v into the cache at past..
  *     -> causal attention over the cache -> o projection -> residual = x + o -> RMSNorm -> moe_input
  *     -> router logits [T, E] -> softmax top-k (renormalized, scaled) -> indices, weights [T, k]
  *
  * What the exported layer graph of a "gqa" family computes (export/families/base.py: emit_layer with
- * GroupQueryAttention), with the same KV cache buffers ([kvH, M, D] float32, kv_cache.GqaKVCache) and RoPE tables
- * ([M, D/2]), so either may run any step. Why it exists: onnxruntime (1.32) reads float16 weights as float32 copies
- * (a float16 package's backbone is 55 MB a token instead of 27), and its matrix-vector products and attention for one
- * token barely gain from a second thread; this reads the float16 bytes once, on every thread.
+ * GroupQueryAttention), with the same KV cache buffers ([kvH, M, D] float32, or float16 where the graphs attend in
+ * it: kv_cache.GqaKVCache) and RoPE tables ([M, D/2], of the cache's type), so either may run any step. Why it
+ * exists: onnxruntime (1.32) reads float16 weights as float32 copies (a float16 package's backbone is 55 MB a token
+ * instead of 27), and its matrix-vector products and attention for one token barely gain from a second thread; this
+ * reads the package's bytes once, on every thread. Block-code projections take int8 activations, as MatMulNBits.
  *
  * Every output element is one thread's sum in a fixed order: the results do not depend on the thread count.
  */
@@ -17,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "f16_rows.h"
+#include "matrix.h"
 
 /* One layer's parameters (native_layer.py fills it with ctypes; keep the two in step). */
 typedef struct {
@@ -25,17 +28,18 @@ typedef struct {
     int normalize;   /* renormalize the chosen experts' weights to sum to 1 */
     float eps, scale, routing_scale; /* RMSNorm epsilon, q.k scale, factor on the routing weights */
     const float *input_norm, *post_norm, *q_norm, *k_norm; /* float32 */
-    const uint16_t *wq, *wk, *wv, *wo, *router;            /* float16 [out, in] */
+    edge_moe_matrix wq, wk, wv, wo, router;                /* [out, in] */
     const float *bq, *bk, *bv, *bo;                        /* biases (Qwen2-MoE: q, k, v) or NULL */
     int shared_ffn; /* a shared expert's intermediate size (Qwen2-MoE: gated by sigmoid(gate . x)), 0 for none */
-    const uint16_t *shared_gate, *shared_up, *shared_down, *shared_expert_gate; /* [Fs, H], [Fs, H], [H, Fs], [1, H] */
-} edge_moe_layer;
+    edge_moe_matrix shared_gate, shared_up, shared_down, shared_expert_gate; /* [Fs, H], [Fs, H], [H, Fs], [1, H] */
+} layer_params;
 
-/* A product of float16 rows with n tokens, whose row blocks the threads take in turn. */
+/* A product of a matrix with n tokens x (quantized into qx where the matrix is block codes), whose row blocks the
+ * threads take in turn. */
 typedef struct {
-    const uint16_t *w;
-    int rows, k;
+    const edge_moe_matrix *m;
     const float *x;
+    const edge_moe_qx *qx;
     float *out;
     int ldo;
 } product;
@@ -43,15 +47,22 @@ typedef struct {
 /* Called inside a parallel region (every thread): the row blocks of `count` products, handed out dynamically. */
 static void run_products(const product *ps, int count, int n, float *buf) {
     int first[8], total = 0;
-    for (int i = 0; i < count; i++) first[i] = total, total += (ps[i].rows + ROW_BLOCK - 1) / ROW_BLOCK;
+    for (int i = 0; i < count; i++) first[i] = total, total += (ps[i].m->rows + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp for schedule(dynamic, 1)
     for (int item = 0; item < total; item++) {
         int i = count - 1;
         while (first[i] > item) i--;
         const product *p = ps + i;
-        int r0 = (item - first[i]) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < p->rows ? r0 + ROW_BLOCK : p->rows;
-        edge_moe_rows_times(p->w, p->rows, p->k, r0, r1, p->x, n, p->out, p->ldo, buf);
+        int rows = p->m->rows, r0 = (item - first[i]) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+        edge_moe_matrix_times(p->m, r0, r1, p->x, p->qx, n, p->out, p->ldo, buf);
     }
+}
+
+/* Called inside a parallel region: x [n, k] quantized into qx where it feeds block codes (qx->q set). */
+static void quantize_for(const edge_moe_qx *qx, const float *x, int n) {
+    if (!qx->q) return;
+#pragma omp for schedule(static)
+    for (int t = 0; t < n; t++) edge_moe_quantize(x, qx, t, t + 1);
 }
 
 KERNEL static float dot(const float *a, const float *b, int n) {
@@ -69,13 +80,21 @@ KERNEL static void rms_norm(const float *x, const float *w, int n, float eps, fl
     for (int i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
 }
 
-/* Hugging Face's non-interleaved RoPE on one head: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). */
-static void rope(float *v, const float *cos, const float *sin, int half) {
+/* Hugging Face's non-interleaved RoPE on one head: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); the tables' row
+ * is float32, or float16 where the cache is (`f16`). */
+KERNEL static void rope(float *v, const void *cos, const void *sin, int half, int f16) {
     for (int i = 0; i < half; i++) {
         float a = v[i], b = v[i + half];
-        v[i] = a * cos[i] - b * sin[i];
-        v[i + half] = b * cos[i] + a * sin[i];
+        float c = f16 ? _cvtsh_ss(((const uint16_t *)cos)[i]) : ((const float *)cos)[i];
+        float s = f16 ? _cvtsh_ss(((const uint16_t *)sin)[i]) : ((const float *)sin)[i];
+        v[i] = a * c - b * s;
+        v[i + half] = b * c + a * s;
     }
+}
+
+/* Eight values of a KV cache from element i: float32, or float16 (`f16`, a constant where attend is inlined). */
+KERNEL static inline __attribute__((always_inline)) __m256 load_kv(const void *cache, size_t i, int f16) {
+    return f16 ? load_f16((const uint16_t *)cache + i) : _mm256_loadu_ps((const float *)cache + i);
 }
 
 /* The eight sums of a[0..8) in one vector: (sum a[0], ..., sum a[7]). */
@@ -86,11 +105,13 @@ KERNEL static inline __m256 hsum8(const __m256 *a) {
 }
 
 /* out [G, D] = softmax(q . K[0..n) * scale) V[0..n) for the G query heads q [G, D] that share one KV head, K and V
- * [n, D] its rows; s: scratch of G rows of `ls` >= n + 8 floats. Eight keys' dot products at a time (one reduction
- * for eight), for every head of the group while those keys are in L1 (the cache is read once a group, not once a
- * head: at 2,048 tokens it was half of a decoded token's bytes); four value rows a pass over `out`. */
-KERNEL static void attend(const float *q, int G, const float *K, const float *V, int n, int D, float scale, float *s,
-                          int ls, float *out) {
+ * [n, D] its rows (float32, or float16: `f16`); s: scratch of G rows of `ls` >= n + 8 floats. Eight keys' dot
+ * products at a time (one reduction for eight), for every head of the group while those keys are in L1 (the cache is
+ * read once a group, not once a head: at 2,048 tokens it was half of a decoded token's bytes); four value rows a pass
+ * over `out`. */
+KERNEL static inline __attribute__((always_inline)) void attend(const float *q, int G, const void *K, const void *V,
+                                                                int n, int D, float scale, float *s, int ls,
+                                                                float *out, int f16) {
     int j = 0;
     for (; j + 8 <= n; j += 8)
         for (int h = 0; h < G; h++) {
@@ -99,13 +120,17 @@ KERNEL static void attend(const float *q, int G, const float *K, const float *V,
             for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
             for (int d = 0; d < D; d += 8) { /* D is a multiple of 8 (the caller checks) */
                 __m256 qd = _mm256_loadu_ps(qh + d);
-                for (int i = 0; i < 8; i++)
-                    a[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(K + (size_t)(j + i) * D + d), a[i]);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qd, load_kv(K, (size_t)(j + i) * D + d, f16), a[i]);
             }
             _mm256_storeu_ps(s + (size_t)h * ls + j, _mm256_mul_ps(hsum8(a), _mm256_set1_ps(scale)));
         }
     for (; j < n; j++)
-        for (int h = 0; h < G; h++) s[(size_t)h * ls + j] = dot(q + (size_t)h * D, K + (size_t)j * D, D) * scale;
+        for (int h = 0; h < G; h++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8)
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)h * D + d), load_kv(K, (size_t)j * D + d, f16), a);
+            s[(size_t)h * ls + j] = hsum(a) * scale;
+        }
     for (int h = 0; h < G; h++) { /* each head's softmax, in place */
         float *sh = s + (size_t)h * ls, best = -INFINITY;
         for (j = 0; j < n; j++) best = sh[j] > best ? sh[j] : best;
@@ -122,28 +147,38 @@ KERNEL static void attend(const float *q, int G, const float *K, const float *V,
     }
     memset(out, 0, sizeof(float) * (size_t)G * D);
     for (j = 0; j + 4 <= n; j += 4) {
-        const float *v0 = V + (size_t)j * D, *v1 = v0 + D, *v2 = v1 + D, *v3 = v2 + D;
+        size_t v0 = (size_t)j * D, v1 = v0 + D, v2 = v1 + D, v3 = v2 + D;
         for (int h = 0; h < G; h++) {
             const float *sh = s + (size_t)h * ls + j;
             float *oh = out + (size_t)h * D;
             __m256 p0 = _mm256_set1_ps(sh[0]), p1 = _mm256_set1_ps(sh[1]), p2 = _mm256_set1_ps(sh[2]),
                    p3 = _mm256_set1_ps(sh[3]);
             for (int d = 0; d < D; d += 8) {
-                __m256 o = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + d), _mm256_loadu_ps(oh + d));
-                o = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + d), o);
-                o = _mm256_fmadd_ps(p2, _mm256_loadu_ps(v2 + d), o);
-                _mm256_storeu_ps(oh + d, _mm256_fmadd_ps(p3, _mm256_loadu_ps(v3 + d), o));
+                __m256 o = _mm256_fmadd_ps(p0, load_kv(V, v0 + d, f16), _mm256_loadu_ps(oh + d));
+                o = _mm256_fmadd_ps(p1, load_kv(V, v1 + d, f16), o);
+                o = _mm256_fmadd_ps(p2, load_kv(V, v2 + d, f16), o);
+                _mm256_storeu_ps(oh + d, _mm256_fmadd_ps(p3, load_kv(V, v3 + d, f16), o));
             }
         }
     }
     for (; j < n; j++)
         for (int h = 0; h < G; h++) {
             __m256 p = _mm256_set1_ps(s[(size_t)h * ls + j]);
-            const float *v = V + (size_t)j * D;
             float *oh = out + (size_t)h * D;
             for (int d = 0; d < D; d += 8)
-                _mm256_storeu_ps(oh + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(oh + d)));
+                _mm256_storeu_ps(oh + d, _mm256_fmadd_ps(p, load_kv(V, (size_t)j * D + d, f16), _mm256_loadu_ps(oh + d)));
         }
+}
+
+/* attend over a float32 or a float16 cache: each its own inlined copy, with no test in the loops */
+KERNEL static void attend_f32(const float *q, int G, const void *K, const void *V, int n, int D, float scale, float *s,
+                              int ls, float *out) {
+    attend(q, G, K, V, n, D, scale, s, ls, out, 0);
+}
+
+KERNEL static void attend_f16(const float *q, int G, const void *K, const void *V, int n, int D, float scale, float *s,
+                              int ls, float *out) {
+    attend(q, G, K, V, n, D, scale, s, ls, out, 1);
 }
 
 /* Softmax over E logits, the top k (ties to the lower index), renormalized where asked, times `factor`. */
@@ -163,16 +198,28 @@ static void route(const float *logits, int E, int k, int normalize, float factor
     for (int s = 0; s < k; s++) weights[s] = (normalize ? weights[s] / chosen : weights[s]) * factor;
 }
 
+/* Quantized-activation buffers for the inputs of a layer's block-code products, one an input (its first consumer's
+ * bits and block: native_layer.py checks that the others share them). */
+typedef struct {
+    edge_moe_qx xn, attn, moe_input, shared_h;
+} layer_qx;
+
+/* Allocates qx for n tokens where m (a consumer of its input) is block codes and qx has no buffers yet: 0, or -1. */
+static int want_qx(edge_moe_qx *qx, const edge_moe_matrix *m, int n) {
+    return m->w && m->bits < 16 && !qx->q ? edge_moe_qx_alloc(qx, m, n) : 0;
+}
+
 /* Returns 0; -1 when scratch memory could not be had; -2 when past + T exceeds the cache's capacity, -3 for a head
  * size not a multiple of 8 or heads that do not group (nothing written then). kc, vc: this layer's cache
- * [kvH, capacity, D]; cos, sin: [capacity, D/2]. */
-KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, float *kc, float *vc, int capacity,
-                              int past, const float *cos, const float *sin, float *residual, float *moe_input,
-                              float *logits, int64_t *indices, float *weights, int threads) {
+ * [kvH, capacity, D]; cos, sin: [capacity, D/2]; all float32, or float16 where `f16` is set. */
+KERNEL int edge_moe_layer(const layer_params *L, const float *x, int T, void *kc, void *vc, int capacity, int past,
+                          const void *cos, const void *sin, int f16, float *residual, float *moe_input, float *logits,
+                          int64_t *indices, float *weights, int threads) {
     if (past + T > capacity) return -2;
     if (L->head_dim % 8 || L->kv_heads < 1 || L->heads % L->kv_heads) return -3; /* native_layer.py refuses these */
     int H = L->hidden, nH = L->heads, kvH = L->kv_heads, D = L->head_dim, E = L->experts, half = D / 2;
     int qw = nH * D, kw = kvH * D, width = qw + 2 * kw, group = nH / kvH, n = past + T, Fs = L->shared_ffn;
+    size_t cell = f16 ? sizeof(uint16_t) : sizeof(float); /* bytes of a cache or table element */
     if (threads < 1) threads = 1;
     size_t widest = (size_t)(H > qw ? H : qw), score_floats = (size_t)group * (n + 8) + E;
     widest = widest > (size_t)Fs ? widest : (size_t)Fs;
@@ -181,7 +228,14 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
     float *attn = malloc(sizeof(float) * (size_t)T * qw + 32), *bufs = malloc(sizeof(float) * buf_floats * threads);
     float *scores = malloc(sizeof(float) * score_floats * threads);
     float *shared = malloc(sizeof(float) * shared_floats + 32);
+    layer_qx qx;
+    memset(&qx, 0, sizeof qx);
     int ok = xn && qkv && attn && bufs && scores && shared;
+    const edge_moe_matrix *consumers[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->router, &L->shared_gate, &L->shared_up,
+                                          &L->shared_expert_gate, &L->shared_down};
+    edge_moe_qx *inputs[] = {&qx.xn, &qx.xn, &qx.xn, &qx.attn, &qx.moe_input, &qx.moe_input, &qx.moe_input,
+                             &qx.moe_input, &qx.shared_h};
+    for (int i = 0; i < 9; i++) ok = want_qx(inputs[i], consumers[i], T) == 0 && ok;
     if (ok) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
@@ -189,9 +243,10 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
             float *buf = bufs + buf_floats * thread, *s = scores + score_floats * thread;
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) rms_norm(x + (size_t)t * H, L->input_norm, H, L->eps, xn + (size_t)t * H);
-            product qkv_products[3] = {{L->wq, qw, H, xn, qkv, width},
-                                       {L->wk, kw, H, xn, qkv + qw, width},
-                                       {L->wv, kw, H, xn, qkv + qw + kw, width}};
+            quantize_for(&qx.xn, xn, T);
+            product qkv_products[3] = {{&L->wq, xn, &qx.xn, qkv, width},
+                                       {&L->wk, xn, &qx.xn, qkv + qw, width},
+                                       {&L->wv, xn, &qx.xn, qkv + qw + kw, width}};
             run_products(qkv_products, 3, T, buf);
             /* head norms and RoPE, then this token's key and value into the cache */
 #pragma omp for schedule(static)
@@ -202,26 +257,38 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
                 if (L->bk)
                     for (int i = 0; i < kw; i++) k[i] += L->bk[i], v[i] += L->bv[i];
                 if (L->head_norm == 2) rms_norm(q, L->q_norm, qw, L->eps, q), rms_norm(k, L->k_norm, kw, L->eps, k);
-                const float *c = cos + (size_t)(past + t) * half, *sn = sin + (size_t)(past + t) * half;
+                const char *c = (const char *)cos + (size_t)(past + t) * half * cell;
+                const char *sn = (const char *)sin + (size_t)(past + t) * half * cell;
                 for (int h = 0; h < nH + kvH; h++) {
                     float *head = q + (size_t)h * D; /* the q heads, then the k heads (k follows q in the row) */
                     if (L->head_norm == 1) rms_norm(head, h < nH ? L->q_norm : L->k_norm, D, L->eps, head);
-                    rope(head, c, sn, half);
+                    rope(head, c, sn, half, f16);
                 }
                 for (int g = 0; g < kvH; g++) {
                     size_t row = ((size_t)g * capacity + past + t) * D;
-                    memcpy(kc + row, k + (size_t)g * D, sizeof(float) * D);
-                    memcpy(vc + row, v + (size_t)g * D, sizeof(float) * D);
+                    if (!f16) {
+                        memcpy((float *)kc + row, k + (size_t)g * D, sizeof(float) * D);
+                        memcpy((float *)vc + row, v + (size_t)g * D, sizeof(float) * D);
+                        continue;
+                    }
+                    for (int d = 0; d < D; d += 8) { /* rounded to nearest, as onnxruntime's Cast */
+                        _mm_storeu_si128((__m128i *)((uint16_t *)kc + row + d),
+                                         _mm256_cvtps_ph(_mm256_loadu_ps(k + (size_t)g * D + d), _MM_FROUND_TO_NEAREST_INT));
+                        _mm_storeu_si128((__m128i *)((uint16_t *)vc + row + d),
+                                         _mm256_cvtps_ph(_mm256_loadu_ps(v + (size_t)g * D + d), _MM_FROUND_TO_NEAREST_INT));
+                    }
                 }
             }
 #pragma omp for schedule(dynamic, 1)
             for (int item = 0; item < T * kvH; item++) { /* KV-head-major: a KV head stays in L2 across tokens */
                 int g = item / T, t = item % T, h = g * group; /* the group's query heads h .. h + group - 1 */
-                attend(qkv + (size_t)t * width + (size_t)h * D, group, kc + (size_t)g * capacity * D,
-                       vc + (size_t)g * capacity * D, past + t + 1, D, L->scale, s, n + 8,
-                       attn + (size_t)t * qw + (size_t)h * D);
+                const char *K = (const char *)kc + (size_t)g * capacity * D * cell;
+                const char *V = (const char *)vc + (size_t)g * capacity * D * cell;
+                (f16 ? attend_f16 : attend_f32)(qkv + (size_t)t * width + (size_t)h * D, group, K, V, past + t + 1, D,
+                                                 L->scale, s, n + 8, attn + (size_t)t * qw + (size_t)h * D);
             }
-            product o_product = {L->wo, H, qw, attn, residual, H};
+            quantize_for(&qx.attn, attn, T);
+            product o_product = {&L->wo, attn, &qx.attn, residual, H};
             run_products(&o_product, 1, T, buf);
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) {
@@ -229,17 +296,19 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
                 for (int i = 0; i < H; i++) r[i] += x[(size_t)t * H + i] + (L->bo ? L->bo[i] : 0.0f);
                 rms_norm(r, L->post_norm, H, L->eps, moe_input + (size_t)t * H);
             }
+            quantize_for(&qx.moe_input, moe_input, T);
             if (Fs) { /* the shared expert joins the residual: + sigmoid(gate . x) down(silu(gate x) * up x) */
                 float *in = shared, *h = in + (size_t)T * (2 * Fs + 1), *out = h + (size_t)T * Fs;
                 int ld = 2 * Fs + 1;
-                product shared_in[3] = {{L->shared_gate, Fs, H, moe_input, in, ld},
-                                        {L->shared_up, Fs, H, moe_input, in + Fs, ld},
-                                        {L->shared_expert_gate, 1, H, moe_input, in + 2 * Fs, ld}};
+                product shared_in[3] = {{&L->shared_gate, moe_input, &qx.moe_input, in, ld},
+                                        {&L->shared_up, moe_input, &qx.moe_input, in + Fs, ld},
+                                        {&L->shared_expert_gate, moe_input, &qx.moe_input, in + 2 * Fs, ld}};
                 run_products(shared_in, 3, T, buf);
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++)
                     swiglu(in + (size_t)t * ld, in + (size_t)t * ld + Fs, Fs, h + (size_t)t * Fs);
-                product shared_out = {L->shared_down, H, Fs, h, out, H};
+                quantize_for(&qx.shared_h, h, T);
+                product shared_out = {&L->shared_down, h, &qx.shared_h, out, H};
                 run_products(&shared_out, 1, T, buf);
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++) {
@@ -247,7 +316,7 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
                     for (int i = 0; i < H; i++) residual[(size_t)t * H + i] += gate * out[(size_t)t * H + i];
                 }
             }
-            product router_product = {L->router, E, H, moe_input, logits, E};
+            product router_product = {&L->router, moe_input, &qx.moe_input, logits, E};
             run_products(&router_product, 1, T, buf);
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++)
@@ -255,27 +324,34 @@ KERNEL int edge_moe_layer_f16(const edge_moe_layer *L, const float *x, int T, fl
                       indices + (size_t)t * L->top_k, weights + (size_t)t * L->top_k);
         }
     }
+    edge_moe_qx_free(&qx.xn), edge_moe_qx_free(&qx.attn), edge_moe_qx_free(&qx.moe_input);
+    edge_moe_qx_free(&qx.shared_h);
     free(xn), free(qkv), free(attn), free(bufs), free(scores), free(shared);
     return ok ? 0 : -1;
 }
 
-/* The head: logits [T, V] = RMSNorm(x [T, H]) W^T for the float16 lm_head W [V, H]. Returns 0, or -1 without memory. */
-KERNEL int edge_moe_head_f16(const float *norm, float eps, const uint16_t *W, int V, int H, const float *x, int T,
-                             float *logits, int threads) {
+/* The head: logits [T, V] = RMSNorm(x [T, H]) W^T for the lm_head W [V, H] (any matrix). Returns 0, or -1 without
+ * memory. */
+KERNEL int edge_moe_head(const float *norm, float eps, const edge_moe_matrix *W, const float *x, int T, float *logits,
+                         int threads) {
     if (threads < 1) threads = 1;
+    int H = W->k;
     size_t buf_floats = 4 * (size_t)H + 8;
     float *xn = malloc(sizeof(float) * (size_t)T * H + 32), *bufs = malloc(sizeof(float) * buf_floats * threads);
-    int ok = xn && bufs;
+    edge_moe_qx qx = {0};
+    int ok = xn && bufs && want_qx(&qx, W, T) == 0;
     if (ok) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
             int thread = team_thread();
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) rms_norm(x + (size_t)t * H, norm, H, eps, xn + (size_t)t * H);
-            product head = {W, V, H, xn, logits, V};
+            quantize_for(&qx, xn, T);
+            product head = {W, xn, &qx, logits, W->rows};
             run_products(&head, 1, T, bufs + buf_floats * thread);
         }
     }
+    edge_moe_qx_free(&qx);
     free(xn), free(bufs);
     return ok ? 0 : -1;
 }
