@@ -96,7 +96,8 @@ def test_kernel_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match="do not match"):
         native.expert_f16(gate_up, down, np.zeros((1, 7), np.float32))
     with pytest.raises(ValueError, match="do not match"):
-        native.head_f16(np.ones(8, np.float32), 1e-6, np.zeros((5, 8), np.float16), np.zeros((1, 6), np.float32))
+        native.head(np.ones(8, np.float32), 1e-6, native.Matrix.of_rows(np.zeros((5, 8), np.float16)),
+                    np.zeros((1, 6), np.float32))
 
 
 FUSABLE = sorted(set(EXPERT_KEY) - {"gpt_oss"})  # GPT-OSS's clamped, biased SwiGLU is not the kernel's
