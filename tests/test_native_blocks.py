@@ -42,7 +42,8 @@ def matmul_nbits(q, x: np.ndarray) -> np.ndarray:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", n])],
                               [numpy_helper.from_array(q.packed, "B"),
                                numpy_helper.from_array(q.scales.reshape(-1), "S")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
