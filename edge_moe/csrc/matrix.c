@@ -170,37 +170,57 @@ BLOCKS static void block_rows_one(const edge_moe_matrix *m, int r0, int r1, cons
     }
 }
 
-/* Several tokens (prefill): a row's step read and unpacked once for four tokens. Row r, tokens t0 .. t0 + n. */
-BLOCKS static void block_row_tokens(const edge_moe_matrix *m, int r, const edge_moe_qx *qx, int t0, int n, float *out,
-                                    int ldo) {
+/* Several tokens (prefill): a tile of two rows x four tokens, each step's codes unpacked once for the four tokens
+ * and each token's activations loaded once for both rows (the float scaling of every step's sums, not the int8
+ * products, is what prefill spends its time on). A tile of fewer rows or tokens repeats its first in the missing
+ * places (their sums are not stored). Rows r, r + 1 (< r1), tokens t0 .. t0 + n (n <= 4). */
+BLOCKS static void block_tile(const edge_moe_matrix *m, int r, int r1, const edge_moe_qx *qx, int t0, int n,
+                              float *out, int ldo) {
     int nb = qx->blocks, codes = nb * qx->block, bb = qx->block * m->bits / 8, row_bytes = nb * bb;
-    int four = m->bits == 4, shift = __builtin_ctz(bb);
-    const uint8_t *w = (const uint8_t *)m->w + (size_t)r * row_bytes;
-    const float *sw = m->scales + (size_t)r * nb;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int four = m->bits == 4, shift = __builtin_ctz(bb), rows = r1 - r < 2 ? r1 - r : 2;
+    const uint8_t *w[2] = {(const uint8_t *)m->w + (size_t)r * row_bytes, NULL};
+    const float *sw[2] = {m->scales + (size_t)r * nb, NULL};
+    w[1] = rows > 1 ? w[0] + row_bytes : w[0], sw[1] = rows > 1 ? sw[0] + nb : sw[0];
+    const int8_t *a[4];
+    const float *sa[4];
+    for (int j = 0; j < 4; j++) {
+        int t = t0 + (j < n ? j : 0);
+        a[j] = qx->q + (size_t)t * codes, sa[j] = qx->scale + (size_t)t * nb;
+    }
+    __m512 acc[2][4];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int at = 0; at < row_bytes;) {
-        int c = step_bytes(at, row_bytes), b = at >> shift, blocks = c > bb ? c >> shift : 1;
+        int c = step_bytes(at, row_bytes), b = at >> shift, blocks = c > bb ? c >> shift : 1, a_at = four ? 2 * at : at;
         __mmask64 mask = c == 64 ? ~0ULL : (1ULL << c) - 1;
-        __m512i raw = _mm512_maskz_loadu_epi8(mask, w + at), lo = raw, hi = raw;
-        if (four) lo = _mm512_and_si512(raw, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
-        __m512 ws = lane_scales(sw + b, blocks, bb);
-        const int8_t *a = qx->q + (size_t)t0 * codes + (four ? 2 * at : at);
-        const float *sa = qx->scale + (size_t)t0 * nb + b;
+        __m512i lo[2], hi[2];
+        __m512 ws[2];
+        for (int i = 0; i < 2; i++) {
+            __m512i raw = _mm512_maskz_loadu_epi8(mask, w[i] + at);
+            lo[i] = four ? _mm512_and_si512(raw, nibble) : raw;
+            hi[i] = four ? _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble) : raw;
+            ws[i] = lane_scales(sw[i] + b, blocks, bb);
+        }
         for (int j = 0; j < 4; j++) {
-            if (j >= n) break;
-            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                            _mm512_maskz_loadu_epi8(mask, a + (size_t)j * codes));
-            if (four) s = _mm512_dpbusd_epi32(s, hi, _mm512_maskz_loadu_epi8(mask, a + (size_t)j * codes + c));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws, lane_scales(sa + (size_t)j * nb, blocks,
-                                                                                          bb)), acc[j]);
+            __m512i x_lo = _mm512_maskz_loadu_epi8(mask, a[j] + a_at), x_hi = x_lo;
+            if (four) x_hi = _mm512_maskz_loadu_epi8(mask, a[j] + a_at + c);
+            __m512 xs = lane_scales(sa[j] + b, blocks, bb);
+            for (int i = 0; i < 2; i++) {
+                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], x_lo);
+                if (four) s = _mm512_dpbusd_epi32(s, hi[i], x_hi);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws[i], xs), acc[i][j]);
+            }
         }
         at += c;
     }
     float zero_point = (float)(1 << (m->bits - 1)), sums[4];
-    for (int j = 0; j < n; j++) acc[j] = zero_point_term(sw, qx->sum + (size_t)(t0 + j) * nb, nb, zero_point, acc[j]);
-    _mm_storeu_ps(sums, reduce4(acc));
-    for (int j = 0; j < n; j++) out[(size_t)(t0 + j) * ldo + r] = sums[j];
+    for (int i = 0; i < rows; i++) {
+        for (int j = 0; j < n; j++) acc[i][j] = zero_point_term(sw[i], qx->sum + (size_t)(t0 + j) * nb, nb, zero_point,
+                                                                acc[i][j]);
+        _mm_storeu_ps(sums, reduce4(acc[i]));
+        for (int j = 0; j < n; j++) out[(size_t)(t0 + j) * ldo + r + i] = sums[j];
+    }
 }
 
 BLOCKS static void block_rows(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, int n, float *out,
@@ -209,8 +229,8 @@ BLOCKS static void block_rows(const edge_moe_matrix *m, int r0, int r1, const ed
         block_rows_one(m, r0, r1, qx, out);
         return;
     }
-    for (int r = r0; r < r1; r++)
-        for (int t = 0; t < n; t += 4) block_row_tokens(m, r, qx, t, n - t < 4 ? n - t : 4, out, ldo);
+    for (int r = r0; r < r1; r += 2)
+        for (int t = 0; t < n; t += 4) block_tile(m, r, r1, qx, t, n - t < 4 ? n - t : 4, out, ldo);
 }
 
 /* Float32 rows: four rows a pass over each token (the router of a float32 package, its head). */
