@@ -14,6 +14,7 @@
 /* A decoded token reads each row once, cold: ask for the codes and scales of the rows two passes ahead (as
  * f16_rows.c does; without it a 4-bit matrix read at 5 GB/s where float16 rows stream at 30). */
 #define PREFETCH_BLOCK_ROWS 8
+#define TILE_ROWS 4 /* rows of a prefill tile (of four tokens) */
 
 static int have_blocks;
 
@@ -42,46 +43,48 @@ static inline int step_bytes(int at, int row_bytes) {
     return left >= 64 ? 64 : left >= 32 ? 32 : 16;
 }
 
-/* Where code i of a 4-bit row of `codes` goes in the activations' layout: its step [s, s + 2c) (steps of 128, then
- * 64, then 32 codes, as step_bytes goes) holds the step's even positions, then its odd ones. */
-static inline int nibble_order(int i, int codes) {
-    int whole = codes & ~127, s, c;
-    if (i < whole)
-        s = i & ~127, c = 64;
-    else if (codes - whole >= 64 && i < whole + 64)
-        s = whole, c = 32;
-    else
-        s = whole + (codes - whole >= 64 ? 64 : 0), c = 16;
-    return s + ((i - s) & 1) * c + (i - s) / 2;
+/* One token's activations into int8 codes: per block, max|x| over its values (zeros past K), codes of x * 127 /
+ * max|x| rounded half to even (onnxruntime's MatMulNBits at accuracy_level 4 computes the inverse from max|x| in one
+ * division and rounds so: the same codes bit for bit), its scale and scale * sum(codes). 4 bits: each step of the
+ * row (step_bytes: 128, then 64, then 32 codes) then holds its even positions, then its odd ones, which is how a
+ * nibble-packed row unpacks. */
+BLOCKS static void quantize_token(const float *x, const edge_moe_qx *qx, int8_t *q, float *scale, float *sum) {
+    int B = qx->block, nb = qx->blocks, K = qx->k, codes = nb * B;
+    for (int b = 0; b < nb; b++) {
+        int first = b * B;
+        __m512 big = _mm512_setzero_ps();
+        for (int i = first; i < first + B && i < K; i += 16) {
+            __mmask16 k = K - i >= 16 ? 0xFFFF : (__mmask16)((1u << (K - i)) - 1);
+            big = _mm512_max_ps(big, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i)));
+        }
+        float amax = _mm512_reduce_max_ps(big), inverse = amax != 0.0f ? 127.0f / amax : 0.0f;
+        __m512 mul = _mm512_set1_ps(inverse);
+        __m512i total = _mm512_setzero_si512();
+        for (int i = first; i < first + B; i += 16) {
+            __mmask16 k = K - i >= 16 ? 0xFFFF : K > i ? (__mmask16)((1u << (K - i)) - 1) : 0;
+            __m512i v = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), mul),
+                                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            total = _mm512_add_epi32(total, v);
+            _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(v));
+        }
+        scale[b] = amax / 127.0f;
+        sum[b] = scale[b] * (float)_mm512_reduce_add_epi32(total);
+    }
+    if (qx->bits != 4) return;
+    int8_t natural[128];
+    for (int at = 0; at < codes;) {
+        int c = step_bytes(at / 2, codes / 2); /* the step's bytes: 2c codes */
+        memcpy(natural, q + at, (size_t)2 * c);
+        for (int i = 0; i < c; i++) q[at + i] = natural[2 * i], q[at + c + i] = natural[2 * i + 1];
+        at += 2 * c;
+    }
 }
 
 void edge_moe_quantize(const float *x, const edge_moe_qx *qx, int t0, int t1) {
-    int B = qx->block, nb = qx->blocks, K = qx->k, codes = nb * B;
-    for (int t = t0; t < t1; t++) {
-        const float *xt = x + (size_t)t * K;
-        int8_t *q = qx->q + (size_t)t * codes;
-        float *scale = qx->scale + (size_t)t * nb, *sum = qx->sum + (size_t)t * nb;
-        for (int b = 0; b < nb; b++) {
-            int end = (b + 1) * B < K ? (b + 1) * B : K;
-            float amax = 0.0f;
-            for (int i = b * B; i < end; i++) amax = fmaxf(amax, fabsf(xt[i]));
-            /* onnxruntime's MatMulNBits (accuracy_level 4) computes the inverse from amax in one division, and rounds
-             * half to even: the same codes bit for bit */
-            float inverse = amax != 0.0f ? 127.0f / amax : 0.0f;
-            int total = 0;
-            for (int i = b * B; i < (b + 1) * B; i++) {
-                int v = i < end ? (int)nearbyintf(xt[i] * inverse) : 0;
-                total += v;
-                if (qx->bits == 8) {
-                    q[i] = (int8_t)v;
-                    continue;
-                }
-                q[nibble_order(i, codes)] = (int8_t)v;
-            }
-            scale[b] = amax / 127.0f;
-            sum[b] = scale[b] * (float)total;
-        }
-    }
+    int nb = qx->blocks, codes = nb * qx->block;
+    for (int t = t0; t < t1; t++)
+        quantize_token(x + (size_t)t * qx->k, qx, qx->q + (size_t)t * codes, qx->scale + (size_t)t * nb,
+                       qx->sum + (size_t)t * nb);
 }
 
 /* Per int32 lane of a 64-byte step: the scale of the block it sums (lane j holds bytes 4j .. 4j + 3), from the
@@ -177,26 +180,29 @@ BLOCKS static void block_rows_one(const edge_moe_matrix *m, int r0, int r1, cons
 BLOCKS static void block_tile(const edge_moe_matrix *m, int r, int r1, const edge_moe_qx *qx, int t0, int n,
                               float *out, int ldo) {
     int nb = qx->blocks, codes = nb * qx->block, bb = qx->block * m->bits / 8, row_bytes = nb * bb;
-    int four = m->bits == 4, shift = __builtin_ctz(bb), rows = r1 - r < 2 ? r1 - r : 2;
-    const uint8_t *w[2] = {(const uint8_t *)m->w + (size_t)r * row_bytes, NULL};
-    const float *sw[2] = {m->scales + (size_t)r * nb, NULL};
-    w[1] = rows > 1 ? w[0] + row_bytes : w[0], sw[1] = rows > 1 ? sw[0] + nb : sw[0];
+    int four = m->bits == 4, shift = __builtin_ctz(bb), rows = r1 - r < TILE_ROWS ? r1 - r : TILE_ROWS;
+    const uint8_t *w[TILE_ROWS];
+    const float *sw[TILE_ROWS];
+    for (int i = 0; i < TILE_ROWS; i++) {
+        int row = r + (i < rows ? i : 0);
+        w[i] = (const uint8_t *)m->w + (size_t)row * row_bytes, sw[i] = m->scales + (size_t)row * nb;
+    }
     const int8_t *a[4];
     const float *sa[4];
     for (int j = 0; j < 4; j++) {
         int t = t0 + (j < n ? j : 0);
         a[j] = qx->q + (size_t)t * codes, sa[j] = qx->scale + (size_t)t * nb;
     }
-    __m512 acc[2][4];
-    for (int i = 0; i < 2; i++)
+    __m512 acc[TILE_ROWS][4];
+    for (int i = 0; i < TILE_ROWS; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int at = 0; at < row_bytes;) {
         int c = step_bytes(at, row_bytes), b = at >> shift, blocks = c > bb ? c >> shift : 1, a_at = four ? 2 * at : at;
         __mmask64 mask = c == 64 ? ~0ULL : (1ULL << c) - 1;
-        __m512i lo[2], hi[2];
-        __m512 ws[2];
-        for (int i = 0; i < 2; i++) {
+        __m512i lo[TILE_ROWS], hi[TILE_ROWS];
+        __m512 ws[TILE_ROWS];
+        for (int i = 0; i < TILE_ROWS; i++) {
             __m512i raw = _mm512_maskz_loadu_epi8(mask, w[i] + at);
             lo[i] = four ? _mm512_and_si512(raw, nibble) : raw;
             hi[i] = four ? _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble) : raw;
@@ -206,7 +212,7 @@ BLOCKS static void block_tile(const edge_moe_matrix *m, int r, int r1, const edg
             __m512i x_lo = _mm512_maskz_loadu_epi8(mask, a[j] + a_at), x_hi = x_lo;
             if (four) x_hi = _mm512_maskz_loadu_epi8(mask, a[j] + a_at + c);
             __m512 xs = lane_scales(sa[j] + b, blocks, bb);
-            for (int i = 0; i < 2; i++) {
+            for (int i = 0; i < TILE_ROWS; i++) {
                 __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], x_lo);
                 if (four) s = _mm512_dpbusd_epi32(s, hi[i], x_hi);
                 acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws[i], xs), acc[i][j]);
@@ -229,7 +235,7 @@ BLOCKS static void block_rows(const edge_moe_matrix *m, int r0, int r1, const ed
         block_rows_one(m, r0, r1, qx, out);
         return;
     }
-    for (int r = r0; r < r1; r += 2)
+    for (int r = r0; r < r1; r += TILE_ROWS)
         for (int t = 0; t < n; t += 4) block_tile(m, r, r1, qx, t, n - t < 4 ? n - t : 4, out, ldo);
 }
 
