@@ -103,7 +103,7 @@ KERNEL void edge_moe_rows_times(const uint16_t *W, int rows, int K, int r0, int 
     for (; r + 4 <= r1; r += 4) {
         const uint16_t *w0 = W + (size_t)r * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
         if (n == 1) {
-            int ahead = r + PREFETCH_ROWS + 4 <= rows;
+            int ahead = r + PREFETCH_ROWS + 4 <= r1; /* within this call's rows: the next are another's */
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int c = 0; c < K8; c += 8) {
                 if (ahead && (c & 31) == 0) { /* 32 float16 weights: a cache line */

@@ -46,14 +46,19 @@ typedef struct {
 
 /* Called inside a parallel region (every thread): the row blocks of `count` products, handed out dynamically. */
 static void run_products(const product *ps, int count, int n, float *buf) {
-    int first[8], total = 0;
-    for (int i = 0; i < count; i++) first[i] = total, total += (ps[i].m->rows + ROW_BLOCK - 1) / ROW_BLOCK;
+    int first[8], block[8], total = 0, threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_num_threads();
+#endif
+    for (int i = 0; i < count; i++)
+        block[i] = row_block(ps[i].m->rows, n, threads), first[i] = total,
+        total += (ps[i].m->rows + block[i] - 1) / block[i];
 #pragma omp for schedule(dynamic, 1)
     for (int item = 0; item < total; item++) {
         int i = count - 1;
         while (first[i] > item) i--;
         const product *p = ps + i;
-        int rows = p->m->rows, r0 = (item - first[i]) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+        int rows = p->m->rows, r0 = (item - first[i]) * block[i], r1 = r0 + block[i] < rows ? r0 + block[i] : rows;
         edge_moe_matrix_times(p->m, r0, r1, p->x, p->qx, n, p->out, p->ldo, buf);
     }
 }

@@ -145,7 +145,7 @@ BLOCKS static void block_rows_one(const edge_moe_matrix *m, int r0, int r1, cons
         const uint8_t *w3 = rows > 3 ? w0 + 3 * (size_t)row_bytes : w0;
         const float *s0 = m->scales + (size_t)r * nb, *s1 = rows > 1 ? s0 + nb : s0, *s2 = rows > 2 ? s0 + 2 * nb : s0;
         const float *s3 = rows > 3 ? s0 + 3 * nb : s0;
-        int ahead = r + PREFETCH_BLOCK_ROWS + 4 <= m->rows;
+        int ahead = r + PREFETCH_BLOCK_ROWS + 4 <= r1; /* within this call's rows: the next are another's */
         if (ahead)
             for (int i = 0; i < 4 * nb; i += 16) _mm_prefetch((const char *)(s0 + PREFETCH_BLOCK_ROWS * nb + i), _MM_HINT_T0);
         __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
@@ -302,7 +302,7 @@ int edge_moe_matmul(const edge_moe_matrix *m, const float *x, int n, float *out,
     float *bufs = malloc(sizeof(float) * buf_floats * threads);
     ok = ok && bufs;
     if (ok) {
-        int items = (m->rows + ROW_BLOCK - 1) / ROW_BLOCK;
+        int block = row_block(m->rows, n, threads), items = (m->rows + block - 1) / block;
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
             float *buf = bufs + buf_floats * team_thread();
@@ -312,7 +312,7 @@ int edge_moe_matmul(const edge_moe_matrix *m, const float *x, int n, float *out,
             }
 #pragma omp for schedule(dynamic, 1)
             for (int item = 0; item < items; item++) {
-                int r0 = item * ROW_BLOCK, r1 = r0 + ROW_BLOCK < m->rows ? r0 + ROW_BLOCK : m->rows;
+                int r0 = item * block, r1 = r0 + block < m->rows ? r0 + block : m->rows;
                 edge_moe_matrix_times(m, r0, r1, x, &qx, n, out, m->rows, buf);
             }
         }

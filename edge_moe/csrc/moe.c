@@ -78,7 +78,9 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
         int n_active = 0;
         for (int e = 0; e < E; e++)
             if (start[e + 1] > start[e]) active[n_active++] = e;
-        int blocks1 = (2 * F + ROW_BLOCK - 1) / ROW_BLOCK, blocks2 = (H + ROW_BLOCK - 1) / ROW_BLOCK;
+        /* one token a layer (decode): each active expert's rows in shares (row_block); else blocks of ROW_BLOCK */
+        int single = T == 1, b1 = row_block(2 * F, single ? 1 : 2, threads), b2 = row_block(H, single ? 1 : 2, threads);
+        int blocks1 = (2 * F + b1 - 1) / b1, blocks2 = (H + b2 - 1) / b2;
         int items1 = n_active * blocks1, items2 = n_active * blocks2, rows = start[E];
         /* work items take as long as their expert has tokens: handed out in turn, not split in advance */
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -92,8 +94,8 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
             /* gate and up rows of every active expert, for its tokens */
 #pragma omp for schedule(dynamic, 2)
             for (int item = 0; item < items1; item++) {
-                int e = active[item / blocks1], r0 = (item % blocks1) * ROW_BLOCK;
-                int r1 = r0 + ROW_BLOCK < 2 * F ? r0 + ROW_BLOCK : 2 * F, n = start[e + 1] - start[e];
+                int e = active[item / blocks1], r0 = (item % blocks1) * b1;
+                int r1 = r0 + b1 < 2 * F ? r0 + b1 : 2 * F, n = start[e + 1] - start[e];
                 edge_moe_matrix w = edge_moe_sub_rows(fc1, e * 2 * F, 2 * F);
                 edge_moe_qx q = qx_from(&qx1, start[e]);
                 edge_moe_matrix_times(&w, r0, r1, xs + (size_t)start[e] * H, &q, n, gu + (size_t)start[e] * 2 * F,
@@ -107,8 +109,8 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
             }
 #pragma omp for schedule(dynamic, 2)
             for (int item = 0; item < items2; item++) {
-                int e = active[item / blocks2], r0 = (item % blocks2) * ROW_BLOCK;
-                int r1 = r0 + ROW_BLOCK < H ? r0 + ROW_BLOCK : H, n = start[e + 1] - start[e];
+                int e = active[item / blocks2], r0 = (item % blocks2) * b2;
+                int r1 = r0 + b2 < H ? r0 + b2 : H, n = start[e + 1] - start[e];
                 edge_moe_matrix w = edge_moe_sub_rows(fc2, e * H, H);
                 edge_moe_qx q = qx_from(&qx2, start[e]);
                 edge_moe_matrix_times(&w, r0, r1, h + (size_t)start[e] * F, &q, n, outs + (size_t)start[e] * H, H,
@@ -146,7 +148,8 @@ KERNEL int edge_moe_expert_blocks(const edge_moe_matrix *gate_up, const edge_moe
     edge_moe_qx qx1 = {0}, qx2 = {0};
     int ok = (edge_moe_qx_alloc(&qx1, gate_up, n) == 0) & (edge_moe_qx_alloc(&qx2, down, n) == 0) && gu && h && bufs;
     if (ok) {
-        int items1 = (2 * F + ROW_BLOCK - 1) / ROW_BLOCK, items2 = (H + ROW_BLOCK - 1) / ROW_BLOCK;
+        int b1 = row_block(2 * F, n, threads), b2 = row_block(H, n, threads);
+        int items1 = (2 * F + b1 - 1) / b1, items2 = (H + b2 - 1) / b2;
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
             float *buf = bufs + (size_t)team_thread() * buf_floats;
@@ -154,7 +157,7 @@ KERNEL int edge_moe_expert_blocks(const edge_moe_matrix *gate_up, const edge_moe
             for (int t = 0; t < n; t++) edge_moe_quantize(x, &qx1, t, t + 1);
 #pragma omp for schedule(dynamic, 1)
             for (int item = 0; item < items1; item++) {
-                int r0 = item * ROW_BLOCK, r1 = r0 + ROW_BLOCK < 2 * F ? r0 + ROW_BLOCK : 2 * F;
+                int r0 = item * b1, r1 = r0 + b1 < 2 * F ? r0 + b1 : 2 * F;
                 edge_moe_matrix_times(gate_up, r0, r1, x, &qx1, n, gu, 2 * F, buf);
             }
 #pragma omp for schedule(static)
@@ -164,7 +167,7 @@ KERNEL int edge_moe_expert_blocks(const edge_moe_matrix *gate_up, const edge_moe
             }
 #pragma omp for schedule(dynamic, 1)
             for (int item = 0; item < items2; item++) {
-                int r0 = item * ROW_BLOCK, r1 = r0 + ROW_BLOCK < H ? r0 + ROW_BLOCK : H;
+                int r0 = item * b2, r1 = r0 + b2 < H ? r0 + b2 : H;
                 edge_moe_matrix_times(down, r0, r1, h, &qx2, n, y, H, buf);
             }
         }
