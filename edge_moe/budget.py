@@ -105,30 +105,31 @@ def expert_footprint(length: int) -> int:
     return -(-length // PAGE) * PAGE + PAGE
 
 
-def record_footprint(record: ExpertRecord) -> int:
+def record_footprint(record: ExpertRecord, kernel: bool = True) -> int:
     """Bytes one resident expert of this record costs: its read buffer plus what a quantized expert holds beside it
-    (its MatMulNBits session's prepacked weights, or its dequantized float32 copy; edge_moe.quant)."""
-    return expert_footprint(record.length) + resident_extra_bytes(expert_shape(record))
+    (its MatMulNBits session's prepacked weights, or its dequantized float32 copy; nothing where edge_moe's kernel
+    reads the buffer: edge_moe.quant). kernel: the model may run edge_moe's kernels (native_kernel not False)."""
+    return expert_footprint(record.length) + resident_extra_bytes(expert_shape(record), kernel)
 
 
-def minimum_budget(manifest: Manifest) -> int:
+def minimum_budget(manifest: Manifest, kernel: bool = True) -> int:
     """The largest layer's top-k experts: a layer's experts must all be resident while it runs."""
     k = int(manifest.config["top_k"])
     by_layer: dict[int, list[int]] = {}
     for record in manifest.experts.values():
-        by_layer.setdefault(record.layer, []).append(record_footprint(record))
+        by_layer.setdefault(record.layer, []).append(record_footprint(record, kernel))
     return max((sum(sorted(sizes)[-k:]) for sizes in by_layer.values()), default=0)
 
 
-def full_budget(manifest: Manifest) -> int:
+def full_budget(manifest: Manifest, kernel: bool = True) -> int:
     """What every expert costs resident in RAM (stored bytes, read buffers' rounding, quantized extras): the most
     a RAM budget can use."""
-    return sum(record_footprint(r) for r in manifest.experts.values())
+    return sum(record_footprint(r, kernel) for r in manifest.experts.values())
 
 
-def share_total(manifest: Manifest) -> int:
+def share_total(manifest: Manifest, kernel: bool = True) -> int:
     """What a percentage budget is a share of, in every tier: what every expert costs resident (module docstring)."""
-    return full_budget(manifest)
+    return full_budget(manifest, kernel)
 
 
 def parse_bytes(value, total: int, what: str = "budget") -> int:
@@ -143,7 +144,7 @@ def parse_bytes(value, total: int, what: str = "budget") -> int:
     return nbytes
 
 
-def parse_budget(value, manifest: Manifest) -> int:
+def parse_budget(value, manifest: Manifest, kernel: bool = True) -> int:
     """Bytes of the RAM expert budget from an int, '512MB', '2GiB', '1.5G' or '25%' (of `share_total`), or a
     Budget. 'auto' is sized by `auto_budget` instead.
 
@@ -154,8 +155,8 @@ def parse_budget(value, manifest: Manifest) -> int:
     if budget.unlimited:
         raise EdgeMoeError("budget None is not a limit; leave budget out to keep every expert resident, or write "
                            "bytes like 512MB or a share like 25%")
-    nbytes = budget.resolve(share_total(manifest))
-    minimum = minimum_budget(manifest)
+    nbytes = budget.resolve(share_total(manifest, kernel))
+    minimum = minimum_budget(manifest, kernel)
     if nbytes < minimum:
         raise EdgeMoeError(f"budget {value!r} ({nbytes:,} bytes) is below the minimum of {minimum:,} bytes "
                            f"({minimum / 2**20:.1f} MiB: the largest layer's top-{manifest.config['top_k']} "
@@ -170,7 +171,7 @@ def kv_bytes_per_token(config: dict) -> int:
     return int(config["num_layers"]) * attention_spec(config).cache_floats_per_token * 4
 
 
-def auto_budget(manifest: Manifest) -> tuple[int, str]:
+def auto_budget(manifest: Manifest, kernel: bool = True) -> tuple[int, str]:
     """`budget="auto"`: what the process may still use (cgroup limit, else available RAM; memory_limits.py) less
     the KV cache and slack, at most every expert; call after the backbone is loaded so its memory is counted.
 
@@ -183,7 +184,7 @@ def auto_budget(manifest: Manifest) -> tuple[int, str]:
 
     context = int(manifest.config.get("max_position_embeddings") or 4096)
     nbytes, note = auto_budget_bytes(kv_bytes_per_token(manifest.config), context)
-    minimum, full = minimum_budget(manifest), full_budget(manifest)
+    minimum, full = minimum_budget(manifest, kernel), full_budget(manifest, kernel)
     if nbytes < minimum:
         raise EdgeMoeError(f"{note}; that is below the minimum of {minimum / 2**20:.1f} MiB (the largest layer's "
                            f"top-{manifest.config['top_k']} experts): free memory or raise the limit")

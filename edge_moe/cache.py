@@ -46,14 +46,16 @@ class CacheStats:
 class ExpertCache(ResidencyView, ExpertSource):
     """Experts resident under `budget` bytes, chosen by `policy`, read through `store`."""
 
-    def __init__(self, manifest: Manifest, store: ExpertStore, policy, budget: int, trace: list | None = None):
+    def __init__(self, manifest: Manifest, store: ExpertStore, policy, budget: int, trace: list | None = None,
+                 kernel: bool = True):
         super().__init__(trace)
         return_freed_memory()
         self.manifest, self.store = manifest, store
         # which experts hold bytes (resident, in flight, spare buffers), pins and the eviction order
         self.residency = ResidencySet(budget, policy)
-        self._sizes = {key: record_footprint(record) for key, record in manifest.experts.items()}
-        self.minimum = minimum_budget(manifest)  # what one layer's top-k experts need; pins must leave it free
+        self.kernel = kernel  # quantized experts as edge_moe's kernel reads them, no session (quant.kernel_reads)
+        self._sizes = {key: record_footprint(record, kernel) for key, record in manifest.experts.items()}
+        self.minimum = minimum_budget(manifest, kernel)  # what one layer's top-k experts need; pins must leave it free
         self.resident: dict[tuple, ResidentExpert] = {}  # the payloads of self.residency's resident keys
         self.inflight: dict[tuple, Future] = {}  # the reads of its reserved keys
         self.now = 0
@@ -310,7 +312,7 @@ class ExpertCache(ResidencyView, ExpertSource):
             del self._buffers[key]
             self.residency.release(key)
             raise
-        expert = self.resident[key] = ResidentExpert.from_bytes(self.manifest.experts[key], buffer)
+        expert = self.resident[key] = ResidentExpert.from_bytes(self.manifest.experts[key], buffer, self.kernel)
         self.residency.admit(key, now=self.now)
         return expert
 

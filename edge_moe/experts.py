@@ -6,8 +6,9 @@ its shape is one shared onnxruntime session that takes the weights as inputs. A 
 exception: it gets its own MatMulNBits session at admission (edge_moe.quant_graph), or, when it is so small that a
 session costs more than its float32 copy, is dequantized for the shared float32 kernel (edge_moe.quant). A float16
 SwiGLU expert runs in edge_moe's own kernel where it is built (native.expert_f16, on the same views: onnxruntime's
-graph cast the float16 weights to float32 every call). The all-resident source reads every expert at load; the
-budgeted cache (edge_moe.cache) implements the same `get`.
+graph cast the float16 weights to float32 every call), and so does a quantized one that its block kernel reads
+(native.expert_blocks on the views, no session: quant.kernel_reads). The all-resident source reads every expert at
+load; the budgeted cache (edge_moe.cache) implements the same `get`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ResidentExpert:
     session: object = None  # its own onnxruntime session (quantized experts), else None: the shared kernel
     run_fast: object = None  # session's run without the wrapper's checks (sessions.fast_run)
     native: bool = False  # its weights are what edge_moe's float16 expert kernel reads (set once, not per call)
+    blocks: tuple | None = None  # (gate_up, down) native.Matrix: quantized blocks edge_moe's block kernel reads
 
     def __post_init__(self):
         if self.session is not None:
@@ -42,14 +44,18 @@ class ResidentExpert:
         self.native = _native_layout(self)
 
     @classmethod
-    def from_bytes(cls, record: ExpertRecord, buffer: np.ndarray) -> "ResidentExpert":
-        """Views the tensors inside `buffer` (uint8, the expert's `length` bytes) without copying; a quantized
-        expert's session is created here (it prepacks its own copy and no longer reads `buffer`)."""
+    def from_bytes(cls, record: ExpertRecord, buffer: np.ndarray, kernel: bool = True) -> "ResidentExpert":
+        """Views the tensors inside `buffer` (uint8, the expert's `length` bytes) without copying. A quantized
+        expert that edge_moe's block kernel reads (quant.kernel_reads, where `kernel`: native_kernel not False) is
+        those views too; another's session is created here (it prepacks its own copy and no longer reads
+        `buffer`)."""
         weights = stored_tensors(record, buffer)
         shape = expert_shape(record)
         if not shape.quantized:
             return cls(record, weights, int(buffer.nbytes), shape)
-        extra = quant.resident_extra_bytes(shape)
+        if kernel and quant.kernel_reads(shape):
+            return cls(record, weights, int(buffer.nbytes), shape, blocks=_blocks(shape, weights))
+        extra = quant.resident_extra_bytes(shape, kernel=False)
         if quant.uses_session(shape):
             return cls(record, {}, int(buffer.nbytes) + extra, shape, _quant_session(record, shape, weights))
         return cls(record, quant.dequantized_weights(shape, weights), int(buffer.nbytes) + extra,
@@ -105,8 +111,9 @@ class ExpertKernels:
         """x [T, H] float32 -> [T, H] float32. timed=False leaves the clock alone (a worker thread's call: the
         caller times its wait instead, so the clock stays a share of wall time)."""
         start = time.perf_counter()
-        if self.native_threads and expert.native:
-            y = native.expert_f16(expert.weights["gate_up_proj"], expert.weights["down_proj"], x, self.native_threads)
+        if expert.blocks is not None or (self.native_threads and expert.native):
+            y = native.expert_blocks(*expert.blocks, x, self.native_threads or 1) if expert.blocks is not None else \
+                native.expert_f16(expert.weights["gate_up_proj"], expert.weights["down_proj"], x, self.native_threads)
             if timed:
                 self.clock.native_calls += 1
         elif expert.session is not None:
@@ -128,6 +135,16 @@ class ExpertKernels:
                     session = self._sessions[shape] = TimedSession(open_session(
                         model, providers=self.providers, threads=1 if self.parallel else None), self.clock)
         return session
+
+
+def _blocks(shape: ExpertShape, weights: dict[str, np.ndarray]) -> tuple:
+    """(gate_up [2F, H], down [H, F]) blocks of a quantized SwiGLU expert, views of its read buffer."""
+    matrices = []
+    for name, k in (("gate_up_proj", shape.hidden_size), ("down_proj", shape.intermediate_size)):
+        codes = weights[f"{name}.qweight"]
+        matrices.append(native.Matrix.of_blocks(codes.reshape(codes.shape[0], -1), weights[f"{name}.scales"],
+                                                shape.bits, shape.block_size, k))
+    return tuple(matrices)
 
 
 def _native_layout(expert: ResidentExpert) -> bool:
@@ -168,12 +185,14 @@ class ExpertSource:
 class AllResidentExperts(ExpertSource):
     """Every expert read once at load (checksum verified) and kept: the reference the budgeted cache must match."""
 
-    def __init__(self, manifest: Manifest, store, progress=None, trace: list | None = None, load: bool = True):
-        """load=False keeps none here: fused MoE layers (fused_moe.py) hold every expert, stacked, instead."""
+    def __init__(self, manifest: Manifest, store, progress=None, trace: list | None = None, load: bool = True,
+                 kernel: bool = True):
+        """load=False keeps none here: fused MoE layers (fused_moe.py) hold every expert, stacked, instead.
+        kernel: quantized experts as edge_moe's block kernel reads them (ResidentExpert.from_bytes)."""
         super().__init__(trace)
         self.experts: dict[tuple[int, int], ResidentExpert] = {}
         for record in manifest.experts.values() if load else ():
-            self.experts[record.key] = ResidentExpert.from_bytes(record, store.read(record.key))
+            self.experts[record.key] = ResidentExpert.from_bytes(record, store.read(record.key), kernel)
             if progress is not None:
                 progress.update()
 

@@ -77,9 +77,20 @@ def uses_session(shape) -> bool:
     return session_bytes(shape) < 12 * shape.hidden_size * shape.intermediate_size
 
 
-def resident_extra_bytes(shape) -> int:
-    """Bytes a resident expert holds beyond its read buffer: the session, or the dequantized float32 weights."""
-    if not shape.quantized:
+def kernel_reads(shape) -> bool:
+    """Whether edge_moe's block kernel (native.py) runs a resident expert of this ExpertShape from its read buffer,
+    with no session: a SwiGLU expert large enough for a session of its own (small ones run as float32), in symmetric
+    8- / 4-bit blocks of a multiple of 32, on a CPU with AVX-512 VNNI."""
+    from . import native
+
+    return (shape.quantized and uses_session(shape) and shape.kind == "swiglu" and shape.bits in (4, 8)
+            and not shape.zero_points and shape.block_size % 32 == 0 and native.blocks_unavailable_reason() is None)
+
+
+def resident_extra_bytes(shape, kernel: bool = True) -> int:
+    """Bytes a resident expert holds beyond its read buffer: the session, or the dequantized float32 weights; none
+    where edge_moe's kernel reads the buffer itself (`kernel`: the model may run it, native_kernel not False)."""
+    if not shape.quantized or (kernel and kernel_reads(shape)):
         return 0
     return session_bytes(shape) if uses_session(shape) else 12 * shape.hidden_size * shape.intermediate_size
 

@@ -56,7 +56,9 @@ class Model:
         return_freed_memory()  # stacks and read buffers freed during load go back to the OS, not to the heap
         spec = Budget.parse(budget)
         everything = spec.unlimited and baseline is None  # every expert resident
-        native = native_kernel is not False and experts_run_native(manifest)  # float16 experts, the kernel built
+        # edge_moe's kernels may run here (native.py): float16 or quantized experts they read, the kernels built
+        self.kernel = native_kernel is not False
+        native = self.kernel and experts_run_native(manifest)
         # edge_moe's float16 kernel runs on its own threads between onnxruntime's calls: a shared pool would spin
         # through it (2 threads, q3-f16e: decode 54-68 tok/s, against 79-85 with per-session pools that spin only
         # while a call lasts; prefill 187 against 319-403). Chosen before the device is probed: its probe opens a
@@ -96,7 +98,7 @@ class Model:
         self.store = store_for(manifest, io_threads=io_threads, direct=direct_io, throttle=throttle)
         self.budget_note = None
         if spec.auto:  # after the backbone: its memory counts
-            budget, self.budget_note = auto_budget(manifest)
+            budget, self.budget_note = auto_budget(manifest, self.kernel)
         self.budget = None if spec.unlimited else self._budget_bytes(budget)
         self.closed = False
         self._chat_template = None
@@ -112,13 +114,15 @@ class Model:
         elif baseline is not None:
             raise EdgeMoeError(f"baseline {baseline!r} is unknown; choose mmap or no-cache")
         elif self.budget is None:
-            check_memory(full_budget(manifest), "keeping every expert resident", "pass --budget 25% (budget=...) "
-                         "to stream experts from flash")
+            check_memory(full_budget(manifest, self.kernel), "keeping every expert resident", "pass --budget 25% "
+                         "(budget=...) to stream experts from flash")
             with tqdm(total=len(manifest.experts), desc="load experts", unit="expert",
                       disable=not progress or fuse) as bar:
-                self.experts = AllResidentExperts(manifest, self.store, bar, trace=self.trace, load=not fuse)
+                self.experts = AllResidentExperts(manifest, self.store, bar, trace=self.trace, load=not fuse,
+                                                  kernel=self.kernel)
         else:
-            self.experts = ExpertCache(manifest, self.store, make_policy(policy), self.budget, trace=self.trace)
+            self.experts = ExpertCache(manifest, self.store, make_policy(policy), self.budget, trace=self.trace,
+                                       kernel=self.kernel)
             predictor = NextLayerPredictor(manifest, depth=prefetch) if prefetch > 0 else None
         self.predictor = predictor
         self._predictors = {prefetch: predictor} if predictor else {}  # by depth: set_prefetch keeps what they learnt
@@ -319,7 +323,7 @@ class Model:
     def _budget_bytes(self, budget) -> int:
         """Parsed and checked (budget.parse_budget); above what every expert needs it clamps to that, with a
         one-line notice."""
-        nbytes, full = parse_budget(budget, self.manifest), full_budget(self.manifest)
+        nbytes, full = parse_budget(budget, self.manifest, self.kernel), full_budget(self.manifest, self.kernel)
         if nbytes > full:
             print(f"edge-moe: budget {budget} is more than all experts need; using {full / 2**20:,.1f} MiB "
                   "(every expert fits)", file=sys.stderr)

@@ -85,6 +85,35 @@ def test_fused_quantized_layers_compute_what_their_experts_do(checkpoint, bits, 
             assert model.clock.native_calls - native_before == 2 * native_calls
 
 
+def test_streamed_quantized_experts_run_in_the_kernel_from_their_read_buffers(checkpoint):
+    """Under a budget a quantized expert is its read buffer's views, which edge_moe's block kernel reads: no
+    MatMulNBits session (whose prepacked copy made a 4-bit expert cost about four times its bytes), so the budget
+    holds several times as many; the per-expert MatMulNBits sessions stay the reference (native_kernel=False)."""
+    from edge_moe import native
+    from edge_moe.budget import expert_footprint, record_footprint
+
+    if native.blocks_unavailable_reason() is not None:
+        pytest.skip(native.blocks_unavailable_reason())
+    package = export(checkpoint, "q4stream", bits=4)
+    model = edge_moe.load(package, budget="50%")
+    reference = edge_moe.load(package, budget="50%", native_kernel=False)
+    record = next(iter(model.manifest.experts.values()))
+    assert record_footprint(record) == expert_footprint(record.length) < record_footprint(record, kernel=False)
+    assert model.budget < reference.budget  # 50 % of what every expert costs resident: less without sessions
+    one = reference.logits(IDS[:1])
+    assert np.abs(model.logits(IDS[:1]) - one).max() <= 1e-5 * np.abs(one).max()
+    resident = list(model.experts.resident.values())
+    assert resident and all(e.blocks is not None and e.session is None for e in resident)
+    assert all(e.blocks is None and e.session is not None for e in reference.experts.resident.values())
+    natives = model.clock.native_calls
+    model.generate(IDS[:3], 2)
+    assert model.clock.native_calls - natives >= 2 * 2 * SHAPE["top_k"]  # every routed expert a kernel call
+    _, hf = checkpoint
+    exact = reference_logits(hf, IDS)
+    reference_error = np.abs(reference.logits(IDS) - exact).max()
+    assert np.abs(model.logits(IDS) - exact).max() <= 1.5 * reference_error + 0.01 * np.abs(exact).max()
+
+
 def test_a_budget_or_zero_points_keep_quantized_experts_one_by_one(checkpoint):
     package = export(checkpoint, "q4", bits=4)
     assert edge_moe.load(package, budget="50%").fused is None  # streaming experts: nothing to stack
