@@ -183,6 +183,7 @@ class AdaptivePolicy(BasePolicy):
         if layer < rows and index < cols:
             return
         rows, cols = max(rows, layer + 1, self._L), max(cols, index + 1)
+        self._version += 1  # the memoized scores are of the old shape: a key outside them must not be looked up
 
         def grow(a, fill):
             out = np.full((rows,) + ((cols,) if a.ndim == 2 else ()), fill, a.dtype)
@@ -202,6 +203,9 @@ class AdaptivePolicy(BasePolicy):
         self._total_visits += 1
         if layer >= self._L:
             self._L = layer + 1
+
+    def on_admit(self, key, nbytes, now):
+        self._ensure(*key)  # pinned or prefetched, it may be resident (a victim candidate) before any access
 
     def on_access(self, key, now):
         self._version += 1

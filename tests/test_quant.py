@@ -97,15 +97,21 @@ def test_quantized_expert_graph_matches_dequantized_reference(tmp_path, dtype, z
     assert np.abs(got - want).max() <= KERNEL_TOLERANCE * np.abs(want).max()
 
 
-@pytest.mark.parametrize("h,f", [(512, 384), (64, 48)])  # own MatMulNBits session; dequantized shared kernel
-def test_resident_quantized_expert_runs_through_kernels(tmp_path, h, f):
+# own MatMulNBits session; dequantized shared kernel; edge_moe's block kernel on the read buffer (where the CPU has it)
+@pytest.mark.parametrize("h,f,kernel", [(512, 384, False), (64, 48, True), (512, 384, True)])
+def test_resident_quantized_expert_runs_through_kernels(tmp_path, h, f, kernel):
+    from edge_moe import native
+
     shape = ExpertShape("swiglu", h, f, "q4", 32)
     record, buffer, (gate_up, down) = _expert(shape, tmp_path)
-    expert = ResidentExpert.from_bytes(record, buffer)
-    assert (expert.session is not None) == uses_session(shape) == (h == 512)
+    expert = ResidentExpert.from_bytes(record, buffer, kernel)
+    blocks = kernel and h == 512 and native.blocks_unavailable_reason() is None
+    assert (expert.blocks is not None) == blocks
+    assert (expert.session is not None) == (uses_session(shape) and not blocks) and uses_session(shape) == (h == 512)
     x = np.random.default_rng(2).standard_normal((3, h)).astype(np.float32)
     want = _swiglu(x, gate_up, down)
-    buffer[:] = 0  # a session holds its own prepacked copy; the dequantized path its float32 copy
+    if not blocks:
+        buffer[:] = 0  # a session holds its own prepacked copy; the dequantized path its float32 copy
     got = ExpertKernels(OrtClock()).run(expert, x)
     assert np.abs(got - want).max() <= KERNEL_TOLERANCE * np.abs(want).max()
 
