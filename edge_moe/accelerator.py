@@ -257,16 +257,18 @@ class _PlacedKernels:
         return self.tier.run(expert, x)
 
 
-def parse_gpu_budget(value, manifest) -> int:
+def parse_gpu_budget(value, manifest, kernel: bool = True) -> int:
     """Bytes of expert weights on the accelerator from a `budget.Budget` or what it parses: an int, '4GiB', '512MB'
     or '25%' (of `budget.share_total`: the same bytes as a RAM budget of 25%); None means all of them (100%). Unlike
-    the RAM budget there is no minimum: experts the accelerator cannot hold run on the CPU.
+    the RAM budget there is no minimum: experts the accelerator cannot hold run on the CPU. kernel: as the RAM
+    budget's (the model may run edge_moe's kernels), so that both shares are of one total.
 
     Raises:
         EdgeMoeError: malformed or negative.
     """
     budget = Budget.parse(value, "gpu budget", allow_auto=False)
-    return share_total(manifest) if budget.unlimited else budget.resolve(share_total(manifest))
+    total = share_total(manifest, kernel)
+    return total if budget.unlimited else budget.resolve(total)
 
 
 def build_tier(model, gpu_budget=None, gpu_policy: str = "lfu", cost_model=None, recalibrate: bool = False,
@@ -287,8 +289,8 @@ def build_tier(model, gpu_budget=None, gpu_policy: str = "lfu", cost_model=None,
     from .policies import make_policy
 
     m = model.manifest
-    tier = AcceleratorTier(m, model.experts, model.device, parse_gpu_budget(gpu_budget, m), None, model.kernels,
-                           make_policy(gpu_policy), model.clock, trace=model.trace)
+    tier = AcceleratorTier(m, model.experts, model.device, parse_gpu_budget(gpu_budget, m, model.kernel), None,
+                           model.kernels, make_policy(gpu_policy), model.clock, trace=model.trace)
     if isinstance(cost_model, (str, Path)):
         cost_model = CostModel.from_json(json.loads(Path(cost_model).read_text()))
     if cost_model is None:

@@ -172,7 +172,7 @@ class Model:
         if unfusable_reason(self.manifest, self.device) is not None or not everything:
             return False
         if self.device.accelerator and self.device.ort_device != "cpu":
-            return parse_gpu_budget(gpu_budget, self.manifest) >= self.manifest.expert_bytes
+            return parse_gpu_budget(gpu_budget, self.manifest, self.kernel) >= self.manifest.expert_bytes
         # without an accelerator quantized experts fuse by default: QMoE runs a layer's experts 1.9x faster than
         # their MatMulNBits sessions one by one, with the same int8 activations (fused_moe.py); where the memory
         # allows its load, which holds the stacks beside onnxruntime's packed copy of them
