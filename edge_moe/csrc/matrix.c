@@ -1,6 +1,7 @@
 /* Weight matrices of any storage times float32 activations (matrix.h): float16 rows go to f16_rows.c, float32 rows
- * and block codes are here. Block codes: one row at a time, its codes read once for up to four tokens, 64 bytes a
- * step (128 codes at 4 bits, 64 at 8) summed in int32 by vpdpbusd, each step's sums scaled per block in float32.
+ * and block codes are here. Block codes go 64 bytes a step (128 codes at 4 bits, 64 at 8), summed in int32 by
+ * vpdpbusd, each step's sums scaled per block in float32: one token (decode, memory bound) four rows a pass with
+ * their codes prefetched ahead; several (prefill, compute bound) tiles of two rows x four tokens.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -16,13 +17,11 @@
 #define PREFETCH_BLOCK_ROWS 8
 #define TILE_ROWS 2 /* rows of a prefill tile (of four tokens): 4 was faster alone, slower in a model (q8: 108 -> 119 ms) */
 
-static int have_blocks;
-
 int edge_moe_blocks_supported(void) {
     __builtin_cpu_init();
-    have_blocks = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-    return have_blocks;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("avx512dq");
 }
 
 edge_moe_matrix edge_moe_sub_rows(const edge_moe_matrix *m, int first, int rows) {

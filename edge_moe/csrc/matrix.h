@@ -30,10 +30,10 @@ typedef struct {
     int k, bits, block, blocks;
 } edge_moe_qx;
 
-/* Whether this CPU runs the block-code kernels (AVX-512 F/BW/VL and VNNI). */
+/* Whether this CPU runs the block-code kernels (AVX-512 F/BW/VL/DQ and VNNI). */
 int edge_moe_blocks_supported(void);
 
-/* Bytes of int8 codes and floats a quantized activation row takes, for sizing edge_moe_qx buffers. */
+/* Blocks of a row of k values: ceil(k / block). */
 static inline int qx_blocks(int k, int block) { return (k + block - 1) / block; }
 
 /* Quantizes tokens t0 <= t < t1 of x [n, k] (row stride k) into qx (whose k, bits, block, blocks are set). */
