@@ -25,27 +25,6 @@ KERNEL static inline float tail_f16(const uint16_t *w, const float *x, int from,
     return s;
 }
 
-static inline float tail(const float *w, const float *x, int from, int K) {
-    float s = 0.0f;
-    for (int c = from; c < K; c++) s += w[c] * x[c];
-    return s;
-}
-
-/* o[i] = b[i K ..] . x for four float32 rows b [4, K] (converted from float16) and one token x [K]. */
-KERNEL static void four_rows_times(const float *b, int K, const float *x, float *o) {
-    const float *b0 = b, *b1 = b + K, *b2 = b + 2 * K, *b3 = b + 3 * K;
-    int K8 = K & ~7;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int c = 0; c < K8; c += 8) {
-        __m256 v = _mm256_loadu_ps(x + c);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(b0 + c), v, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(b1 + c), v, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(b2 + c), v, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(b3 + c), v, a3);
-    }
-    o[0] = hsum(a0) + tail(b0, x, K8, K), o[1] = hsum(a1) + tail(b1, x, K8, K);
-    o[2] = hsum(a2) + tail(b2, x, K8, K), o[3] = hsum(a3) + tail(b3, x, K8, K);
-}
 
 /* Several tokens with AVX-512 (twice the lanes, 32 registers: tiles of 4 rows x 4 tokens): the groups of four
  * rows in [r0, r1) as rows_times does them; returns the first row not done. Prefill is compute bound: 64 tokens
@@ -96,7 +75,7 @@ __attribute__((target("avx512f,f16c,fma"))) static int rows_times_512(const uint
 /* out[t * ldo + r] = W[r] . X[t] for rows r0 <= r < r1 of W [rows, K] (float16) and tokens t < n of X [n, K]
  * (float32). One token reads the float16 rows directly, four at a time (memory bound); more
  * tokens convert four rows into `buf` [4 K] once and reuse them from L1 for three tokens at a time. */
-KERNEL void edge_moe_rows_times(const uint16_t *W, int rows, int K, int r0, int r1, const float *X, int n,
+KERNEL void edge_moe_rows_times(const uint16_t *W, int K, int r0, int r1, const float *X, int n,
                                 float *out, int ldo, float *buf) {
     int r = r0, K8 = K & ~7;
     if (n > 1 && have_avx512) r = rows_times_512(W, K, r0, r1, X, n, out, ldo, buf);

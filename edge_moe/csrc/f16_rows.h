@@ -39,7 +39,7 @@ int edge_moe_f16_supported(void);
 
 /* out[t * ldo + r] = W[r] . X[t] for rows r0 <= r < r1 of W [rows, K] and tokens t < n of X [n, K]; buf: scratch of
  * 4 K + 8 floats (the caller's thread's own). */
-void edge_moe_rows_times(const uint16_t *W, int rows, int K, int r0, int r1, const float *X, int n, float *out,
+void edge_moe_rows_times(const uint16_t *W, int K, int r0, int r1, const float *X, int n, float *out,
                          int ldo, float *buf);
 
 /* out[t * ldo + c] = X[t] . W[:, c] for columns c0 <= c < c1 of W [K, N] (float16 [in, out], the package's expert
@@ -55,6 +55,28 @@ KERNEL static inline float hsum(__m256 v) {
 
 KERNEL static inline __m256 load_f16(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+static inline float tail(const float *w, const float *x, int from, int K) {
+    float s = 0.0f;
+    for (int c = from; c < K; c++) s += w[c] * x[c];
+    return s;
+}
+
+/* o[i] = b[i K ..] . x for four float32 rows b [4, K] (float16 ones converted, or a float32 matrix's) and one token x [K]. */
+KERNEL static inline void four_rows_times(const float *b, int K, const float *x, float *o) {
+    const float *b0 = b, *b1 = b + K, *b2 = b + 2 * K, *b3 = b + 3 * K;
+    int K8 = K & ~7;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int c = 0; c < K8; c += 8) {
+        __m256 v = _mm256_loadu_ps(x + c);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(b0 + c), v, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(b1 + c), v, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(b2 + c), v, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(b3 + c), v, a3);
+    }
+    o[0] = hsum(a0) + tail(b0, x, K8, K), o[1] = hsum(a1) + tail(b1, x, K8, K);
+    o[2] = hsum(a2) + tail(b2, x, K8, K), o[3] = hsum(a3) + tail(b3, x, K8, K);
 }
 
 /* e^x for eight floats: x = n ln2 + r, 2^n from the exponent bits, e^r by Cephes' expf polynomial (relative error

@@ -241,24 +241,8 @@ BLOCKS static void block_rows(const edge_moe_matrix *m, int r0, int r1, const ed
 /* Float32 rows: four rows a pass over each token (the router of a float32 package, its head). */
 KERNEL static void f32_rows(const float *W, int K, int r0, int r1, const float *X, int n, float *out, int ldo) {
     int K8 = K & ~7, r = r0;
-    for (; r + 4 <= r1; r += 4) {
-        const float *w0 = W + (size_t)r * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        for (int t = 0; t < n; t++) {
-            const float *x = X + (size_t)t * K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int c = 0; c < K8; c += 8) {
-                __m256 v = _mm256_loadu_ps(x + c);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), v, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), v, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + c), v, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + c), v, a3);
-            }
-            float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-            for (int c = K8; c < K; c++) s[0] += w0[c] * x[c], s[1] += w1[c] * x[c], s[2] += w2[c] * x[c],
-                                         s[3] += w3[c] * x[c];
-            memcpy(out + (size_t)t * ldo + r, s, sizeof s);
-        }
-    }
+    for (; r + 4 <= r1; r += 4)
+        for (int t = 0; t < n; t++) four_rows_times(W + (size_t)r * K, K, X + (size_t)t * K, out + (size_t)t * ldo + r);
     for (; r < r1; r++)
         for (int t = 0; t < n; t++) {
             const float *w = W + (size_t)r * K, *x = X + (size_t)t * K;
@@ -273,7 +257,7 @@ KERNEL static void f32_rows(const float *W, int K, int r0, int r1, const float *
 void edge_moe_matrix_times(const edge_moe_matrix *m, int r0, int r1, const float *x, const edge_moe_qx *qx, int n,
                            float *out, int ldo, float *buf) {
     if (m->bits == 16)
-        edge_moe_rows_times((const uint16_t *)m->w, m->rows, m->k, r0, r1, x, n, out, ldo, buf);
+        edge_moe_rows_times((const uint16_t *)m->w, m->k, r0, r1, x, n, out, ldo, buf);
     else if (m->bits == 32)
         f32_rows((const float *)m->w, m->k, r0, r1, x, n, out, ldo);
     else
