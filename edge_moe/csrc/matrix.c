@@ -15,7 +15,10 @@
 /* A decoded token reads each row once, cold: ask for the codes and scales of the rows two passes ahead (as
  * f16_rows.c does; without it a 4-bit matrix read at 5 GB/s where float16 rows stream at 30). */
 #define PREFETCH_BLOCK_ROWS 8
-#define TILE_ROWS 2 /* rows of a prefill tile (of four tokens): 4 was faster alone, slower in a model (q8: 108 -> 119 ms) */
+/* Rows of a prefill tile of four tokens: four where a product has many tokens (a backbone matrix over a prompt: 64
+ * tokens through 1024 x 512 at 4 bits 571 -> 405 us), two for the few an expert gets in a prompt (eight on average
+ * in a 64-token prefill of q3-q8b8r, where four rows made the prefill slower: 108 -> 119 ms). */
+#define MANY_TOKENS 16
 
 int edge_moe_blocks_supported(void) {
     __builtin_cpu_init();
@@ -172,17 +175,19 @@ BLOCKS static void block_rows_one(const edge_moe_matrix *m, int r0, int r1, cons
     }
 }
 
-/* Several tokens (prefill): a tile of two rows x four tokens, each step's codes unpacked once for the four tokens
- * and each token's activations loaded once for both rows (the float scaling of every step's sums, not the int8
- * products, is what prefill spends its time on). A tile of fewer rows or tokens repeats its first in the missing
- * places (their sums are not stored). Rows r, r + 1 (< r1), tokens t0 .. t0 + n (n <= 4). */
-BLOCKS static void block_tile(const edge_moe_matrix *m, int r, int r1, const edge_moe_qx *qx, int t0, int n,
-                              float *out, int ldo) {
+/* Several tokens (prefill): a tile of `tile_rows` rows (2 or 4: a constant where it is inlined) x four tokens, each
+ * step's codes unpacked once for the four tokens and each token's activations loaded once for all the rows (the
+ * float scaling of every step's sums, not the int8 products, is what prefill spends its time on). A tile of fewer
+ * rows or tokens repeats its first in the missing places (their sums are not stored). Rows r .. (< r1), tokens
+ * t0 .. t0 + n (n <= 4). */
+BLOCKS static inline __attribute__((always_inline)) void block_tile(const edge_moe_matrix *m, int r, int r1,
+                                                                     const edge_moe_qx *qx, int t0, int n, float *out,
+                                                                     int ldo, const int tile_rows) {
     int nb = qx->blocks, codes = nb * qx->block, bb = qx->block * m->bits / 8, row_bytes = nb * bb;
-    int four = m->bits == 4, shift = __builtin_ctz(bb), rows = r1 - r < TILE_ROWS ? r1 - r : TILE_ROWS;
-    const uint8_t *w[TILE_ROWS];
-    const float *sw[TILE_ROWS];
-    for (int i = 0; i < TILE_ROWS; i++) {
+    int four = m->bits == 4, shift = __builtin_ctz(bb), rows = r1 - r < tile_rows ? r1 - r : tile_rows;
+    const uint8_t *w[4];
+    const float *sw[4];
+    for (int i = 0; i < tile_rows; i++) {
         int row = r + (i < rows ? i : 0);
         w[i] = (const uint8_t *)m->w + (size_t)row * row_bytes, sw[i] = m->scales + (size_t)row * nb;
     }
@@ -192,16 +197,16 @@ BLOCKS static void block_tile(const edge_moe_matrix *m, int r, int r1, const edg
         int t = t0 + (j < n ? j : 0);
         a[j] = qx->q + (size_t)t * codes, sa[j] = qx->scale + (size_t)t * nb;
     }
-    __m512 acc[TILE_ROWS][4];
-    for (int i = 0; i < TILE_ROWS; i++)
+    __m512 acc[4][4];
+    for (int i = 0; i < tile_rows; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int at = 0; at < row_bytes;) {
         int c = step_bytes(at, row_bytes), b = at >> shift, blocks = c > bb ? c >> shift : 1, a_at = four ? 2 * at : at;
         __mmask64 mask = c == 64 ? ~0ULL : (1ULL << c) - 1;
-        __m512i lo[TILE_ROWS], hi[TILE_ROWS];
-        __m512 ws[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) {
+        __m512i lo[4], hi[4];
+        __m512 ws[4];
+        for (int i = 0; i < tile_rows; i++) {
             __m512i raw = _mm512_maskz_loadu_epi8(mask, w[i] + at);
             lo[i] = four ? _mm512_and_si512(raw, nibble) : raw;
             hi[i] = four ? _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble) : raw;
@@ -211,7 +216,7 @@ BLOCKS static void block_tile(const edge_moe_matrix *m, int r, int r1, const edg
             __m512i x_lo = _mm512_maskz_loadu_epi8(mask, a[j] + a_at), x_hi = x_lo;
             if (four) x_hi = _mm512_maskz_loadu_epi8(mask, a[j] + a_at + c);
             __m512 xs = lane_scales(sa[j] + b, blocks, bb);
-            for (int i = 0; i < TILE_ROWS; i++) {
+            for (int i = 0; i < tile_rows; i++) {
                 __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], x_lo);
                 if (four) s = _mm512_dpbusd_epi32(s, hi[i], x_hi);
                 acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws[i], xs), acc[i][j]);
@@ -228,14 +233,26 @@ BLOCKS static void block_tile(const edge_moe_matrix *m, int r, int r1, const edg
     }
 }
 
+BLOCKS static void block_rows_tiles2(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, int n,
+                                     float *out, int ldo) {
+    for (int r = r0; r < r1; r += 2)
+        for (int t = 0; t < n; t += 4) block_tile(m, r, r1, qx, t, n - t < 4 ? n - t : 4, out, ldo, 2);
+}
+
+BLOCKS static void block_rows_tiles4(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, int n,
+                                     float *out, int ldo) {
+    for (int r = r0; r < r1; r += 4)
+        for (int t = 0; t < n; t += 4) block_tile(m, r, r1, qx, t, n - t < 4 ? n - t : 4, out, ldo, 4);
+}
+
 BLOCKS static void block_rows(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, int n, float *out,
                               int ldo) {
-    if (n == 1) {
+    if (n == 1)
         block_rows_one(m, r0, r1, qx, out);
-        return;
-    }
-    for (int r = r0; r < r1; r += TILE_ROWS)
-        for (int t = 0; t < n; t += 4) block_tile(m, r, r1, qx, t, n - t < 4 ? n - t : 4, out, ldo);
+    else if (n >= MANY_TOKENS)
+        block_rows_tiles4(m, r0, r1, qx, n, out, ldo);
+    else
+        block_rows_tiles2(m, r0, r1, qx, n, out, ldo);
 }
 
 /* Float32 rows: four rows a pass over each token (the router of a float32 package, its head). */
