@@ -91,8 +91,8 @@ def test_peer_side_bench_decodes_at_a_context_depth(tiny_package):
 
 @pytest.mark.parametrize("attention", ["gqa", "generic"])
 def test_peer_side_bench_times_no_kv_cache_growth(checkpoint, attention, monkeypatch):
-    """As llama-bench `-d DEPTH`: the timed prefill runs after `depth` cached tokens, the timed decode from position
-    `depth` after an untimed one-token step, and no step grows the cache (a KV cache that grows mid-window copies
+    """As llama-bench `-d DEPTH`: the timed prefill runs after `depth` cached tokens and an untimed prefill of as many
+    tokens at the same position, the timed decode from position `depth` after an untimed one-token step, and no step grows the cache (a KV cache that grows mid-window copies
     itself inside the timing); here depth 250 + 10 tokens would cross the caches' first capacity, 256."""
     from edge_moe.bench import peer
 
@@ -111,7 +111,8 @@ def test_peer_side_bench_times_no_kv_cache_growth(checkpoint, attention, monkeyp
 
     monkeypatch.setattr(forward, "hidden", recorded)
     peer.our_bench(model, prompt=8, tokens=10, depth=250, seed=0)
-    assert [(n, offset) for n, offset, _, _ in steps if n > 1] == [(250, 0), (8, 250)]  # context, timed prefill
+    # the context, an untimed prefill (llama-bench warms up too), the timed prefill at the same position
+    assert [(n, offset) for n, offset, _, _ in steps if n > 1] == [(250, 0), (8, 250), (8, 250)]
     decode = [s for s in steps if s[0] == 1]
     assert [offset for _, offset, _, _ in decode] == list(range(249, 260))  # warm-up at 249, timed from 250
     assert len({nbytes for s in steps for nbytes in s[2:]}) == 1  # reserved once, before the first step
