@@ -534,15 +534,16 @@ def load(path: str | Path | None = None, **options) -> Model:
         huge_pages: move resident weights onto 2 MiB pages in a background thread (Linux 6.1+; edge_moe.huge_pages;
             `model.settle()` waits for the first pass).
         fused_moe: run each MoE layer's routing and experts as one call over the layer's stacked weights
-            (edge_moe.fused_moe: onnxruntime's MoE / QMoE, or edge_moe's float16 kernel). None (default): on an
+            (edge_moe.fused_moe: onnxruntime's MoE / QMoE, or edge_moe's own kernel). None (default): on an
             accelerator that holds every expert, and on the CPU for quantized experts and for float16 ones where
             edge_moe's kernel was built, where the family's router and experts allow it and every expert is
             resident; True: also for float32 experts (needs every expert resident); False: never.
-        native_kernel: float16 weights on the CPU in edge_moe's own kernels (edge_moe.native: they read the
-            float16 bytes; onnxruntime has no such CPU kernel): fused or streamed experts, and a float16 backbone's
-            embedding, layers and head where the family allows (edge_moe.native_layer; `backbone.native_reason` says
-            why not). None (default): where they were built; False: onnxruntime everywhere (float32 copies, twice
-            the memory; the reference path); True insists on the fused experts' kernel.
+        native_kernel: float16 and 8- / 4-bit weights on the CPU in edge_moe's own kernels (edge_moe.native: they
+            read the package's bytes; onnxruntime has no CPU kernel that reads float16, and keeps its own packed copy
+            of quantized blocks): fused or streamed experts, and a float16 or block-quantized backbone's embedding,
+            layers and head where the family allows (edge_moe.native_layer; `backbone.native_reason` says why not).
+            None (default): where they were built (quantized ones where the CPU has AVX-512 VNNI); False:
+            onnxruntime everywhere (the reference path); True insists on the fused experts' kernel.
         half_attention: "gqa" layer graphs attend in float16 with a float16 KV cache (edge_moe.layer_graphs).
             None (default): on an accelerator (onnxruntime's CUDA GroupQueryAttention has no float32 kernel) and
             where the experts run quantized (they quantize activations to int8 already; float16 attention reads
