@@ -79,9 +79,8 @@ def experts_run_native(manifest: Manifest) -> bool:
         return False
     if record.dtype == "float16":
         return True
-    return experts_run_quantized(manifest) and record.dtype in QUANT_BITS and not record.zero_points and \
-        record.hidden_size % record.block_size == 0 and record.intermediate_size % record.block_size == 0 and \
-        native.blocks_unavailable_reason() is None
+    return experts_run_quantized(manifest) and quant.kernel_reads(expert_shape(record)) and \
+        record.hidden_size % record.block_size == 0 and record.intermediate_size % record.block_size == 0
 
 
 def unfusable_reason(manifest: Manifest, device=None) -> str | None:

@@ -114,6 +114,19 @@ def test_streamed_quantized_experts_run_in_the_kernel_from_their_read_buffers(ch
     assert np.abs(model.logits(IDS) - exact).max() <= 1.5 * reference_error + 0.01 * np.abs(exact).max()
 
 
+def test_blocks_the_kernel_does_not_read_stay_on_onnxruntime(checkpoint):
+    """Blocks of 16 (MatMulNBits takes them; the kernel reads multiples of 32): fused in QMoE, streamed in their own
+    MatMulNBits sessions, as before the kernel."""
+    package = export(checkpoint, "q4b16", bits=4, block_size=16)
+    fused = edge_moe.load(package)
+    assert fused.fused is not None and fused.fused.quantized and not fused.fused.native
+    streamed = edge_moe.load(package, budget="50%")
+    streamed.logits(IDS[:2])
+    assert all(e.blocks is None and e.session is not None for e in streamed.experts.resident.values())
+    one = edge_moe.load(package, fused_moe=False).logits(IDS[:1])
+    assert np.abs(fused.logits(IDS[:1]) - one).max() <= 1e-5 * np.abs(one).max()
+
+
 def test_a_budget_or_zero_points_keep_quantized_experts_one_by_one(checkpoint):
     package = export(checkpoint, "q4", bits=4)
     assert edge_moe.load(package, budget="50%").fused is None  # streaming experts: nothing to stack
