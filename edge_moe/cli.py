@@ -153,8 +153,9 @@ def add_runtime_arguments(p) -> None:
     p.add_argument("--native-kernel", action=argparse.BooleanOptionalAction, default=None,
                    help="float16 and 8- / 4-bit weights on the CPU in edge_moe's own kernels, which read them as "
                         "stored: the experts, and for Qwen3-MoE, Qwen2-MoE, OLMoE and Mixtral the backbone too "
-                        "(default: where they were built; quantized ones need AVX-512 VNNI); --no-native-kernel: "
-                        "onnxruntime (float32 copies of float16 weights, MatMulNBits / QMoE for quantized ones)")
+                        "(default: where they were built; resident quantized ones where the CPU has AVX-512 VNNI); "
+                        "--no-native-kernel: onnxruntime (float32 copies of float16 weights, MatMulNBits / QMoE for "
+                        "quantized ones)")
     p.add_argument("--step-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="with fused MoE layers, embed and every layer as one onnxruntime graph: one call a token "
                         "and the head's (default: where the package allows it)")

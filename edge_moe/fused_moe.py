@@ -72,7 +72,8 @@ def experts_run_quantized(manifest: Manifest) -> bool:
 
 def experts_run_native(manifest: Manifest) -> bool:
     """Whether edge_moe's own kernel (native.py) runs the package's experts here: float16 ones, and quantized ones
-    that would run in QMoE (symmetric q4 / q8 blocks, read in place) where the CPU has AVX-512 VNNI; on the CPU they
+    that would run in QMoE (symmetric q4 / q8 blocks, read in place) where the CPU has AVX-512 VNNI
+    (native.blocks_fused_reason); on the CPU they
     fuse in it then."""
     record = next(iter(manifest.experts.values()), None)
     if record is None or native.unavailable_reason() is not None:
@@ -80,6 +81,7 @@ def experts_run_native(manifest: Manifest) -> bool:
     if record.dtype == "float16":
         return True
     return experts_run_quantized(manifest) and quant.kernel_reads(expert_shape(record)) and \
+        native.blocks_fused_reason() is None and \
         record.hidden_size % record.block_size == 0 and record.intermediate_size % record.block_size == 0
 
 
@@ -258,7 +260,7 @@ class FusedMoeLayers:
                 return quant.dequantized_weights(shape, stored(layer, e))
         self.native = device.ort_device == "cpu" and native_kernel is not False and experts_run_native(manifest)
         if native_kernel and not self.native:
-            why = native.unavailable_reason() or native.blocks_unavailable_reason() or \
+            why = native.unavailable_reason() or native.blocks_fused_reason() or \
                 "they are not float16 or symmetric q4 / q8 blocks on the CPU"
             raise EdgeMoeError(f"{manifest.root}: edge_moe's kernel cannot run these experts: {why}")
         # float16 stays float16 where the device computes in it (or edge_moe's CPU kernel reads it); onnxruntime's CPU

@@ -113,6 +113,8 @@ def _load():
     library.edge_moe_expert_f16.argtypes = [p, p, i, i, p, i, p, i]
     library.edge_moe_expert_f16.restype = i
     library.edge_moe_blocks_supported.restype = i
+    library.edge_moe_blocks_use_avx2.argtypes = [i]
+    library.edge_moe_blocks_use_avx2(0)  # the block kernels this CPU runs best (AVX-512 VNNI, else AVX2)
     library.edge_moe_matmul.argtypes = [m, p, i, p, i]
     library.edge_moe_matmul.restype = i
     _library = library
@@ -120,13 +122,35 @@ def _load():
 
 
 def blocks_unavailable_reason() -> str | None:
-    """None where the block-code kernels (8- and 4-bit weights) run here, else why not."""
+    """None where the block-code kernels (8- and 4-bit weights) run here (AVX-512 VNNI, else AVX2), else why not."""
+    _load()
+    return _reason
+
+
+def blocks_fused_reason() -> str | None:
+    """None where the block kernels also run stacked quantized experts and a quantized backbone (AVX-512 VNNI), else
+    why onnxruntime keeps those: edge_moe's AVX2 block kernel (one row and token at a time, untuned) decoded q3-q4b8r
+    at 337 tok/s on the 2-core AMD VM, against 420 for onnxruntime's QMoE and step graph there (which used that CPU's
+    VNNI: an AVX2-only CPU was not measured). Streamed quantized experts take the kernel on AVX2 too: no session
+    beside each, 131 tok/s against 41 at a 50 % budget there."""
+    reason = blocks_unavailable_reason()
+    if reason is None and blocks_instructions() != "avx512-vnni":
+        reason = ("this CPU lacks AVX-512 VNNI: onnxruntime's fused kernels run resident quantized experts and "
+                  "backbones (edge_moe's AVX2 block kernel streams experts)")
+    return reason
+
+
+def blocks_instructions() -> str | None:
+    """What the block-code kernels run on here: "avx512-vnni", "avx2", or None (the kernels are not built)."""
     library = _load()
-    if library is None:
-        return _reason
-    if not library.edge_moe_blocks_supported():
-        return "this CPU lacks AVX-512 VNNI, which edge_moe's 8- and 4-bit kernels need"
-    return None
+    return None if library is None else {2: "avx512-vnni", 1: "avx2"}.get(library.edge_moe_blocks_supported())
+
+
+def use_avx2_blocks(avx2: bool) -> None:
+    """Tests and measurements: the AVX2 block kernels even where AVX-512 VNNI is there, or (False) the CPU's best."""
+    library = _load()
+    if library is not None:
+        library.edge_moe_blocks_use_avx2(int(avx2))
 
 
 def matmul(matrix: Matrix, x: np.ndarray, threads: int = 1) -> np.ndarray:

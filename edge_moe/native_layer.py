@@ -15,8 +15,8 @@ graph's to float32 rounding (tests/test_native_layer.py).
 Expressed: Qwen3-MoE (per-head q/k norms), OLMoE (q/k norms over all heads, no clipping), Mixtral (none) and
 Qwen2-MoE (q/k/v biases, a gated shared expert), with GroupQueryAttention graphs (head_dim a multiple of 8, plain
 RoPE), full attention, every layer a MoE layer, a softmax top-k router, a float16 or block-quantized backbone
-(symmetric blocks of a multiple of 32, where the CPU has AVX-512 VNNI). Anything else keeps the layer graphs; the
-reason says why.
+(symmetric blocks of a multiple of 32, where the CPU has AVX-512 VNNI: native.blocks_fused_reason). Anything else
+keeps the layer graphs; the reason says why.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def unsupported_reason(manifest: Manifest) -> str | None:
     """None where every layer of the package runs in the layer kernel here, else why not (one line)."""
     if manifest.dtype != "float16" and not manifest.backbone_quantization:
         return f"its backbone is {manifest.dtype}; the kernel reads float16 or block-quantized ones"
-    reason = native.unavailable_reason() or (native.blocks_unavailable_reason() if manifest.backbone_quantization
+    reason = native.unavailable_reason() or (native.blocks_fused_reason() if manifest.backbone_quantization
                                              else None)
     if reason is not None:
         return reason

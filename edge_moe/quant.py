@@ -80,7 +80,7 @@ def uses_session(shape) -> bool:
 def kernel_reads(shape) -> bool:
     """Whether edge_moe's block kernel (native.py) runs a resident expert of this ExpertShape from its read buffer,
     with no session: a SwiGLU expert large enough for a session of its own (small ones run as float32), in symmetric
-    8- / 4-bit blocks of a multiple of 32, on a CPU with AVX-512 VNNI."""
+    8- / 4-bit blocks of a multiple of 32, where the kernels were built (AVX-512 VNNI, or AVX2)."""
     from . import native
 
     return (shape.quantized and uses_session(shape) and shape.kind == "swiglu" and shape.bits in (4, 8)

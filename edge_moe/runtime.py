@@ -542,7 +542,8 @@ def load(path: str | Path | None = None, **options) -> Model:
             read the package's bytes; onnxruntime has no CPU kernel that reads float16, and keeps its own packed copy
             of quantized blocks): fused or streamed experts, and a float16 or block-quantized backbone's embedding,
             layers and head where the family allows (edge_moe.native_layer; `backbone.native_reason` says why not).
-            None (default): where they were built (quantized ones where the CPU has AVX-512 VNNI); False:
+            None (default): where they were built (resident quantized experts and backbones where the CPU has
+            AVX-512 VNNI, streamed ones with AVX2 too); False:
             onnxruntime everywhere (the reference path); True insists on the fused experts' kernel.
         half_attention: "gqa" layer graphs attend in float16 with a float16 KV cache (edge_moe.layer_graphs).
             None (default): on an accelerator (onnxruntime's CUDA GroupQueryAttention has no float32 kernel) and

@@ -42,7 +42,7 @@ def test_fused_quantized_layers_compute_what_their_experts_do(checkpoint, bits, 
     qmoe = edge_moe.load(package, native_kernel=False, step_graph=False)
     stepped = edge_moe.load(package, native_kernel=False)
     per_expert = edge_moe.load(package, fused_moe=False)
-    if native.blocks_unavailable_reason() is None:  # edge_moe's kernel reads the blocks: no step graph then
+    if native.blocks_fused_reason() is None:  # edge_moe's kernel reads the blocks: no step graph then
         assert kernel.fused.native and kernel.fused.quantized and kernel.step_graph is None
     assert qmoe.fused is not None and qmoe.fused.quantized and not qmoe.fused.native
     assert stepped.step_graph is not None and per_expert.fused is None
@@ -85,16 +85,16 @@ def test_fused_quantized_layers_compute_what_their_experts_do(checkpoint, bits, 
             assert model.clock.native_calls - native_before == 2 * native_calls
 
 
-def test_streamed_quantized_experts_run_in_the_kernel_from_their_read_buffers(checkpoint):
-    """Under a budget a quantized expert is its read buffer's views, which edge_moe's block kernel reads: no
-    MatMulNBits session (whose prepacked copy made a 4-bit expert cost about four times its bytes), so the budget
-    holds several times as many; the per-expert MatMulNBits sessions stay the reference (native_kernel=False)."""
-    from edge_moe import native
+def test_streamed_quantized_experts_run_in_the_kernel_from_their_read_buffers(checkpoint, instructions):
+    """Under a budget a quantized expert is its read buffer's views, which edge_moe's block kernel reads (with AVX2
+    too): no MatMulNBits session (whose prepacked copy made a 4-bit expert cost about four times its bytes), so the
+    budget holds several times as many; the per-expert MatMulNBits sessions stay the reference (native_kernel=False).
+    Resident, they fuse in the kernel with AVX-512 VNNI and in QMoE without it."""
     from edge_moe.budget import expert_footprint, record_footprint
 
-    if native.blocks_unavailable_reason() is not None:
-        pytest.skip(native.blocks_unavailable_reason())
-    package = export(checkpoint, "q4stream", bits=4)
+    package = export(checkpoint, f"q4stream-{instructions}", bits=4)
+    fused = edge_moe.load(package).fused
+    assert fused.quantized and fused.native == (instructions == "avx512-vnni")
     model = edge_moe.load(package, budget="50%")
     reference = edge_moe.load(package, budget="50%", native_kernel=False)
     record = next(iter(model.manifest.experts.values()))

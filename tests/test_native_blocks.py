@@ -1,7 +1,8 @@
 """edge_moe's block-code kernels (csrc/matrix.c, moe.c): MatMulNBits' symmetric 8- and 4-bit blocks read in place,
-with int8 activations quantized per block as MatMulNBits does at accuracy_level 4. Against a float64 oracle of that
-arithmetic (edge_moe.quant.dequantize for the weights, the activations quantized in numpy) and against onnxruntime's
-own MatMulNBits over the same bytes; the stacked MoE layer and a streamed expert against the same oracle."""
+with int8 activations quantized per block as MatMulNBits does at accuracy_level 4, on AVX-512 VNNI and on AVX2.
+Against a float64 oracle of that arithmetic (edge_moe.quant.dequantize for the weights, the activations quantized
+in numpy) and against onnxruntime's own MatMulNBits over the same bytes; the stacked MoE layer and a streamed expert
+against the same oracle."""
 
 import numpy as np
 import onnxruntime as ort
@@ -55,12 +56,12 @@ def blocks(q) -> native.Matrix:
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("block", [32, 64, 128])
 @pytest.mark.parametrize("rows,k", [(512, 512), (37, 96), (64, 160), (16, 40)])
-def test_blocks_times_activations_equal_the_oracle_and_matmul_nbits(bits, block, rows, k):
+def test_blocks_times_activations_equal_the_oracle_and_matmul_nbits(bits, block, rows, k, instructions):
     """Rows of 1 to 5 blocks (a 64-, 32- and 16-byte step each, a block wider than the row), a last group of fewer
     than four rows, K not a multiple of the block (MatMulNBits pads with zeros), 1 to 9 tokens."""
     rng = np.random.default_rng(bits * 1000 + block + rows + k)
     q = quantize(rng.standard_normal((rows, k)).astype(np.float32), bits, block)
-    for tokens in (1, 3, 9):
+    for tokens in (1, 3, 9, 20):  # 20: tiles of four rows on the AVX-512 path
         x = rng.standard_normal((tokens, k)).astype(np.float32)
         got = native.matmul(blocks(q), x, threads=2)
         expected = oracle(q, x)
@@ -71,7 +72,7 @@ def test_blocks_times_activations_equal_the_oracle_and_matmul_nbits(bits, block,
 
 
 @pytest.mark.parametrize("bits,block", [(8, 32), (4, 32), (4, 128)])
-def test_a_layer_of_block_experts_and_one_streamed_expert_equal_the_oracle(bits, block):
+def test_a_layer_of_block_experts_and_one_streamed_expert_equal_the_oracle(bits, block, instructions):
     """moe.c over stacks in fused_moe.quantized_stacks' layout (gate and up rows interleaved), and one expert in the
     package's layout (gate rows, then up rows): h = silu(gate) * up is quantized again before the down product."""
     from edge_moe.fused_moe import FC1, FC1_SCALES, FC2, FC2_SCALES, quantized_stacks

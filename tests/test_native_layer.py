@@ -147,6 +147,26 @@ def test_a_block_quantized_backbone_runs_in_the_kernel(tmp_path, dtype, bits, bl
             assert model.clock.calls - calls == model.clock.native_calls - natives
 
 
+def test_without_vnni_a_quantized_backbone_keeps_its_graphs(tmp_path):
+    """edge_moe's AVX2 block kernel streams experts but does not take a quantized backbone (native.blocks_fused_reason:
+    onnxruntime's graphs were faster than it where both ran); forced here as on a CPU without AVX-512 VNNI."""
+    from edge_moe import native
+    from edge_moe_export.exporter import export_checkpoint
+
+    config = tiny_config("qwen3_moe", hidden=64, heads=4, kv_heads=2, experts=8, top_k=3, ffn=44, layers=2,
+                         max_position_embeddings=512, head_dim=16)
+    build_checkpoint(tmp_path / "hf", config)
+    path = export_checkpoint(tmp_path / "hf", tmp_path / "pkg", dtype="float16", backbone_bits=8, progress=False)
+    native.use_avx2_blocks(True)
+    try:
+        model = edge_moe.load(path)
+        assert model.backbone.native_layers is None
+        assert model.backbone.native_reason.startswith("this CPU lacks AVX-512 VNNI")
+    finally:
+        native.use_avx2_blocks(False)
+    assert edge_moe.load(path).backbone.native_layers is not None or native.blocks_instructions() != "avx512-vnni"
+
+
 def test_what_the_kernel_leaves_to_the_graphs_says_why(qwen3, tmp_path, monkeypatch):
     _, granite = export_gqa(tmp_path / "granite", "granitemoe")
     assert edge_moe.load(granite).backbone.native_reason == \

@@ -20,11 +20,17 @@
  * in a 64-token prefill of q3-q8b8r, where four rows made the prefill slower: 108 -> 119 ms). */
 #define MANY_TOKENS 16
 
-int edge_moe_blocks_supported(void) {
+static int use_512; /* AVX-512 with VNNI (edge_moe_blocks_use_avx2(0) looks); else the AVX2 kernels */
+
+void edge_moe_blocks_use_avx2(int avx2) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-           __builtin_cpu_supports("avx512dq");
+    use_512 = !avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+              __builtin_cpu_supports("avx512dq");
+}
+
+int edge_moe_blocks_supported(void) {
+    return use_512 + 1; /* 2: AVX-512 VNNI; 1: AVX2 (what edge_moe_f16_supported already requires) */
 }
 
 edge_moe_matrix edge_moe_sub_rows(const edge_moe_matrix *m, int first, int rows) {
@@ -45,11 +51,21 @@ static inline int step_bytes(int at, int row_bytes) {
     return left >= 64 ? 64 : left >= 32 ? 32 : 16;
 }
 
+/* 4 bits: each step of a row of `codes` (step_bytes: 128, then 64, then 32 codes) reordered to its even positions,
+ * then its odd ones, which is how a nibble-packed row unpacks. */
+static void nibble_order(int8_t *q, int codes) {
+    int8_t natural[128];
+    for (int at = 0; at < codes;) {
+        int c = step_bytes(at / 2, codes / 2); /* the step's bytes: 2c codes */
+        memcpy(natural, q + at, (size_t)2 * c);
+        for (int i = 0; i < c; i++) q[at + i] = natural[2 * i], q[at + c + i] = natural[2 * i + 1];
+        at += 2 * c;
+    }
+}
+
 /* One token's activations into int8 codes: per block, max|x| over its values (zeros past K), codes of x * 127 /
  * max|x| rounded half to even (onnxruntime's MatMulNBits at accuracy_level 4 computes the inverse from max|x| in one
- * division and rounds so: the same codes bit for bit), its scale and scale * sum(codes). 4 bits: each step of the
- * row (step_bytes: 128, then 64, then 32 codes) then holds its even positions, then its odd ones, which is how a
- * nibble-packed row unpacks. */
+ * division and rounds so: the same codes bit for bit), its scale and scale * sum(codes); 4 bits in nibble_order. */
 BLOCKS static void quantize_token(const float *x, const edge_moe_qx *qx, int8_t *q, float *scale, float *sum) {
     int B = qx->block, nb = qx->blocks, K = qx->k, codes = nb * B;
     for (int b = 0; b < nb; b++) {
@@ -72,21 +88,32 @@ BLOCKS static void quantize_token(const float *x, const edge_moe_qx *qx, int8_t 
         scale[b] = amax / 127.0f;
         sum[b] = scale[b] * (float)_mm512_reduce_add_epi32(total);
     }
-    if (qx->bits != 4) return;
-    int8_t natural[128];
-    for (int at = 0; at < codes;) {
-        int c = step_bytes(at / 2, codes / 2); /* the step's bytes: 2c codes */
-        memcpy(natural, q + at, (size_t)2 * c);
-        for (int i = 0; i < c; i++) q[at + i] = natural[2 * i], q[at + c + i] = natural[2 * i + 1];
-        at += 2 * c;
+    if (qx->bits == 4) nibble_order(q, codes);
+}
+
+/* The same codes, scales and sums without AVX-512 (its products and roundings are the same float32 operations). */
+static void quantize_token_portable(const float *x, const edge_moe_qx *qx, int8_t *q, float *scale, float *sum) {
+    int B = qx->block, nb = qx->blocks, K = qx->k, codes = nb * B;
+    for (int b = 0; b < nb; b++) {
+        int first = b * B, total = 0;
+        float amax = 0.0f;
+        for (int i = first; i < first + B && i < K; i++) amax = fmaxf(amax, fabsf(x[i]));
+        float inverse = amax != 0.0f ? 127.0f / amax : 0.0f;
+        for (int i = first; i < first + B; i++) {
+            int v = i < K ? (int)nearbyintf(x[i] * inverse) : 0;
+            q[i] = (int8_t)v, total += v;
+        }
+        scale[b] = amax / 127.0f;
+        sum[b] = scale[b] * (float)total;
     }
+    if (qx->bits == 4) nibble_order(q, codes);
 }
 
 void edge_moe_quantize(const float *x, const edge_moe_qx *qx, int t0, int t1) {
     int nb = qx->blocks, codes = nb * qx->block;
     for (int t = t0; t < t1; t++)
-        quantize_token(x + (size_t)t * qx->k, qx, qx->q + (size_t)t * codes, qx->scale + (size_t)t * nb,
-                       qx->sum + (size_t)t * nb);
+        (use_512 ? quantize_token : quantize_token_portable)(x + (size_t)t * qx->k, qx, qx->q + (size_t)t * codes,
+                                                             qx->scale + (size_t)t * nb, qx->sum + (size_t)t * nb);
 }
 
 /* Per int32 lane of a 64-byte step: the scale of the block it sums (lane j holds bytes 4j .. 4j + 3), from the
@@ -245,6 +272,63 @@ BLOCKS static void block_rows_tiles4(const edge_moe_matrix *m, int r0, int r1, c
         for (int t = 0; t < n; t += 4) block_tile(m, r, r1, qx, t, n - t < 4 ? n - t : 4, out, ldo, 4);
 }
 
+/* AVX2 (no VNNI): a row times one token at a time, 32 bytes of codes a pass. 4 bits: vpmaddubsw of the codes
+ * (0..15) with the activations, pairs to int32 by vpmaddwd (at most 2 x 15 x 127: no saturation), the zero point
+ * taken off as on the AVX-512 path. 8 bits: codes - 128 as signed bytes, whose sign moves onto the activations
+ * (|w| x sign(a, w): at most 2 x 128 x 127 < 32768), so the zero point is already off. */
+KERNEL static void block_rows_avx2(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, int n, float *out,
+                                   int ldo) {
+    int nb = qx->blocks, codes = nb * qx->block, bb = qx->block * m->bits / 8, row_bytes = nb * bb;
+    int four = m->bits == 4, shift = __builtin_ctz(bb);
+    const __m256i nibble = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    const __m256i lane = _mm256_srli_epi32(_mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), shift);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *w = (const uint8_t *)m->w + (size_t)r * row_bytes;
+        const float *sw = m->scales + (size_t)r * nb;
+        if (n == 1 && r + 8 < r1) _mm_prefetch((const char *)(w + 8 * (size_t)row_bytes), _MM_HINT_T0);
+        for (int t = 0; t < n; t++) {
+            const int8_t *a = qx->q + (size_t)t * codes;
+            const float *sa = qx->scale + (size_t)t * nb;
+            __m256 acc = _mm256_setzero_ps();
+            for (int at = 0; at < row_bytes;) {
+                int c = step_bytes(at, row_bytes);
+                for (int h = 0; h < c; h += 32) { /* a 64-byte step in two halves; a 16-byte one zero-extended */
+                    int bytes = c - h < 32 ? c - h : 32, b = (at + h) >> shift;
+                    __m256i raw = bytes == 32 ? _mm256_loadu_si256((const __m256i *)(w + at + h))
+                                              : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(w + at + h)));
+                    __m256i s;
+                    if (four) {
+                        const int8_t *x = a + 2 * at + h; /* the step's even positions, then (c on) its odd ones */
+                        __m256i x_lo = bytes == 32 ? _mm256_loadu_si256((const __m256i *)x)
+                                                   : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)x));
+                        __m256i x_hi = bytes == 32 ? _mm256_loadu_si256((const __m256i *)(x + c))
+                                                   : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(x + c)));
+                        __m256i lo = _mm256_and_si256(raw, nibble);
+                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+                        s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, x_lo), ones),
+                                             _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x_hi), ones));
+                    } else {
+                        __m256i x = _mm256_loadu_si256((const __m256i *)(a + at + h)); /* 8 bits: halves of 32 */
+                        __m256i wv = _mm256_xor_si256(raw, flip);
+                        s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(x, wv)), ones);
+                    }
+                    /* lane j sums bytes 4j .. 4j + 3 of these 32: block b + (4j >> shift) (one or two blocks) */
+                    __m256 scales = bb >= 32 ? _mm256_set1_ps(sw[b] * sa[b])
+                                             : _mm256_permutevar8x32_ps(_mm256_setr_ps(
+                                                   sw[b] * sa[b], bytes == 32 ? sw[b + 1] * sa[b + 1] : 0.0f, 0, 0,
+                                                   0, 0, 0, 0), lane);
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scales, acc);
+                }
+                at += c;
+            }
+            float total = hsum(acc);
+            if (four)
+                for (int b = 0; b < nb; b++) total -= 8.0f * sw[b] * qx->sum[(size_t)t * nb + b];
+            out[(size_t)t * ldo + r] = total;
+        }
+    }
+}
+
 BLOCKS static void block_rows(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, int n, float *out,
                               int ldo) {
     if (n == 1)
@@ -277,8 +361,10 @@ void edge_moe_matrix_times(const edge_moe_matrix *m, int r0, int r1, const float
         edge_moe_rows_times((const uint16_t *)m->w, m->k, r0, r1, x, n, out, ldo, buf);
     else if (m->bits == 32)
         f32_rows((const float *)m->w, m->k, r0, r1, x, n, out, ldo);
-    else
+    else if (use_512)
         block_rows(m, r0, r1, qx, n, out, ldo);
+    else
+        block_rows_avx2(m, r0, r1, qx, n, out, ldo);
 }
 
 int edge_moe_qx_alloc(edge_moe_qx *qx, const edge_moe_matrix *m, int n) {

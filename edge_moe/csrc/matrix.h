@@ -9,7 +9,8 @@
  * Block codes are multiplied with int8 activations quantized per block as onnxruntime's MatMulNBits does at
  * accuracy_level 4 (scale = max|x| / 127, codes = round-half-even(x * 127 / max|x|)), so that both compute the same
  * products to float32 rounding; the integer sums take AVX-512 VNNI (vpdpbusd: unsigned codes times signed
- * activations), the zero point comes off afterwards as 2^(bits - 1) * scale * the activations' block sums.
+ * activations), the zero point comes off afterwards as 2^(bits - 1) * scale * the activations' block sums; without
+ * VNNI, AVX2's vpmaddubsw (at 8 bits over codes - 128, whose sign moves onto the activations).
  */
 #ifndef EDGE_MOE_MATRIX_H
 #define EDGE_MOE_MATRIX_H
@@ -30,7 +31,12 @@ typedef struct {
     int k, bits, block, blocks;
 } edge_moe_qx;
 
-/* Whether this CPU runs the block-code kernels (AVX-512 F/BW/VL/DQ and VNNI). */
+/* Chooses the block-code kernels: the AVX2 ones (1: tests, or where AVX-512 VNNI is missing), or the CPU's best (0:
+ * call once before the rest). */
+void edge_moe_blocks_use_avx2(int avx2);
+
+/* Which block-code kernels run: 2 for AVX-512 F/BW/VL/DQ with VNNI, 1 for AVX2 (FMA and F16C too, which the float16
+ * kernels already need). */
 int edge_moe_blocks_supported(void);
 
 /* Blocks of a row of k values: ceil(k / block). */
