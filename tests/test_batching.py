@@ -38,16 +38,24 @@ def package(request, tmp_path_factory):
 
 
 def run_together(model, prompts, lengths):
+    """Every prompt's stream on its own thread, all submitted before the first step runs: the test holds the
+    batcher's step lock until they are queued (a start barrier alone let a fast first request finish its tokens
+    before the others were submitted, within one interpreter switch interval: CI saw a batch of one)."""
+    import time
+
     results = [None] * len(prompts)
-    start = threading.Barrier(len(prompts))
+    batcher = model.batcher
 
     def worker(i):
-        start.wait()
         results[i] = [r.token for r in model.stream_generate(prompts[i], lengths[i])]
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
+    with batcher._stepping:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(batcher._pending) < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.001)
     for t in threads:
         t.join(120)
     return results
