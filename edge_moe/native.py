@@ -6,9 +6,10 @@ onnxruntime (1.32) has no x86 CPU kernel that reads float16 weights: a float16 M
 does, so float16 experts ran as float32 stacks and a decoded token read twice the bytes llama.cpp reads. Measured
 on the 2-core VM (synthetic Qwen3-MoE, 32 experts 512x512, 12 layers cycled cold, 1 thread): a layer's 4 experts
 in 0.61-0.71 ms against 1.16-1.32 ms for onnxruntime's MoE over float32 stacks; 64 tokens in 12.2-12.6 ms against
-16.9-17.5 ms. The kernel is C with AVX2/FMA/F16C (chosen at run time: `supported()`), OpenMP for more threads, and
-no Python or onnxruntime headers; pip builds it as the optional extension `edge_moe._native` (pyproject.toml).
-Where it is missing (no compiler at install, another CPU) float16 experts keep onnxruntime's float32 kernels.
+16.9-17.5 ms. The kernels are C with AVX2/FMA/F16C, AVX-512 and VNNI where the CPU has them (chosen at run time),
+OpenMP for more threads, and no Python or onnxruntime headers; pip builds them as the optional extension
+`edge_moe._native` (pyproject.toml). Where it is missing (no compiler at install, another CPU) float16 and
+quantized weights keep onnxruntime's kernels.
 """
 
 from __future__ import annotations
@@ -87,18 +88,18 @@ def _load():
     found = [here / (LIBRARY + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES
              if (here / (LIBRARY + suffix)).is_file()]
     if not found:
-        _reason = ("edge_moe's float16 kernel was not built (it needs gcc or clang at `pip install`; the install "
-                   "log says why)")
+        _reason = ("edge_moe's kernels were not built (they need gcc or clang at `pip install`; the install log "
+                   "says why)")
         return None
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     try:
         library = ctypes.CDLL(str(found[0]))
     except OSError as e:
-        _reason = f"edge_moe's float16 kernel {found[0].name} does not load: {e}"
+        _reason = f"edge_moe's kernels ({found[0].name}) do not load: {e}"
         return None
     if not library.edge_moe_f16_supported():
-        _reason = "this CPU lacks AVX2, FMA or F16C, which edge_moe's float16 kernel needs"
+        _reason = "this CPU lacks AVX2, FMA or F16C, which edge_moe's kernels need"
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     m = ctypes.POINTER(Matrix)
@@ -121,19 +122,13 @@ def _load():
     return library
 
 
-def blocks_unavailable_reason() -> str | None:
-    """None where the block-code kernels (8- and 4-bit weights) run here (AVX-512 VNNI, else AVX2), else why not."""
-    _load()
-    return _reason
-
-
 def blocks_fused_reason() -> str | None:
     """None where the block kernels also run stacked quantized experts and a quantized backbone (AVX-512 VNNI), else
     why onnxruntime keeps those: edge_moe's AVX2 block kernel (one row and token at a time, untuned) decoded q3-q4b8r
     at 337 tok/s on the 2-core AMD VM, against 420 for onnxruntime's QMoE and step graph there (which used that CPU's
     VNNI: an AVX2-only CPU was not measured). Streamed quantized experts take the kernel on AVX2 too: no session
     beside each, 131 tok/s against 41 at a 50 % budget there."""
-    reason = blocks_unavailable_reason()
+    reason = unavailable_reason()
     if reason is None and blocks_instructions() != "avx512-vnni":
         reason = ("this CPU lacks AVX-512 VNNI: onnxruntime's fused kernels run resident quantized experts and "
                   "backbones (edge_moe's AVX2 block kernel streams experts)")
@@ -160,8 +155,8 @@ def matmul(matrix: Matrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float32)
     if x.ndim != 2 or x.shape[1] != matrix.k:
         raise ValueError(f"x {x.shape} is not [T, {matrix.k}]")
-    if matrix.bits < 16 and blocks_unavailable_reason():
-        raise RuntimeError(blocks_unavailable_reason())
+    if library is None:
+        raise RuntimeError(_reason)
     out = np.empty((x.shape[0], matrix.rows), np.float32)
     if library.edge_moe_matmul(ctypes.byref(matrix), x.ctypes.data, x.shape[0], out.ctypes.data, threads):
         raise MemoryError(f"edge_moe's kernel could not allocate scratch for {x.shape[0]} tokens")
@@ -169,7 +164,8 @@ def matmul(matrix: Matrix, x: np.ndarray, threads: int = 1) -> np.ndarray:
 
 
 def unavailable_reason() -> str | None:
-    """None where the float16 kernel runs here, else why not (one line)."""
+    """None where edge_moe's kernels run here (float16 rows, and 8- / 4-bit blocks with AVX-512 VNNI or AVX2), else
+    why not (one line)."""
     _load()
     return _reason
 
@@ -202,8 +198,6 @@ def moe(fc1: Matrix, fc2: Matrix, x: np.ndarray, indices: np.ndarray, weights: n
     experts = fc2.rows // hidden if hidden else 0
     if fc1.rows != experts * 2 * intermediate or fc2.rows != experts * hidden or (fc1.bits < 16) != (fc2.bits < 16):
         raise ValueError(f"stacks of {fc1.rows} x {fc1.k} / {fc2.rows} x {fc2.k} are not [E * 2F, H] / [E * H, F]")
-    if fc1.bits < 16 and blocks_unavailable_reason():
-        raise RuntimeError(blocks_unavailable_reason())
     x = np.ascontiguousarray(x, np.float32)
     indices = np.ascontiguousarray(indices, np.int64)
     weights = np.ascontiguousarray(weights, np.float32)

@@ -84,7 +84,7 @@ def kernel_reads(shape) -> bool:
     from . import native
 
     return (shape.quantized and uses_session(shape) and shape.kind == "swiglu" and shape.bits in (4, 8)
-            and not shape.zero_points and shape.block_size % 32 == 0 and native.blocks_unavailable_reason() is None)
+            and not shape.zero_points and shape.block_size % 32 == 0 and native.unavailable_reason() is None)
 
 
 def resident_extra_bytes(shape, kernel: bool = True) -> int:

@@ -59,7 +59,7 @@ class Model:
         # edge_moe's kernels may run here (native.py): float16 or quantized experts they read, the kernels built
         self.kernel = native_kernel is not False
         native = self.kernel and experts_run_native(manifest)
-        # edge_moe's float16 kernel runs on its own threads between onnxruntime's calls: a shared pool would spin
+        # edge_moe's kernels run on their own threads between onnxruntime's calls: a shared pool would spin
         # through it (2 threads, q3-f16e: decode 54-68 tok/s, against 79-85 with per-session pools that spin only
         # while a call lasts; prefill 187 against 319-403). Chosen before the device is probed: its probe opens a
         # session, and the pool must be set before any.
@@ -529,7 +529,7 @@ def load(path: str | Path | None = None, **options) -> Model:
             pool, experts side by side on the threads; 'shared': one spinning pool for every onnxruntime session
             in the process, faster (sessions.py) but process-wide: onnxruntime then refuses any session that does
             not opt in, the embedding program's own too. The command line uses 'shared'. 'per-session-spinning':
-            pools that spin while a call lasts, the default where edge_moe's float16 kernel runs (between the
+            pools that spin while a call lasts, the default where edge_moe's kernels run (between the
             calls, on its own threads; on a shared pool created earlier in the process it runs on one thread).
         huge_pages: move resident weights onto 2 MiB pages in a background thread (Linux 6.1+; edge_moe.huge_pages;
             `model.settle()` waits for the first pass).

@@ -143,8 +143,8 @@ def instructions(request):
     too, as on a CPU without VNNI)."""
     from edge_moe import native
 
-    if native.blocks_unavailable_reason() is not None:
-        pytest.skip(native.blocks_unavailable_reason())
+    if native.unavailable_reason() is not None:
+        pytest.skip(native.unavailable_reason())
     if request.param == "avx512-vnni" and native.blocks_instructions() != "avx512-vnni":
         pytest.skip("this CPU lacks AVX-512 VNNI")
     native.use_avx2_blocks(request.param == "avx2")

@@ -13,8 +13,8 @@ from edge_moe import native
 from edge_moe.quant import dequantize
 from edge_moe_export.quantize import quantize
 
-pytestmark = pytest.mark.skipif(native.blocks_unavailable_reason() is not None,
-                                reason=str(native.blocks_unavailable_reason()))
+pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None,
+                                reason=str(native.unavailable_reason()))
 
 
 def int8_activations(x: np.ndarray, block: int) -> np.ndarray:

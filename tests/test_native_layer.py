@@ -179,8 +179,8 @@ def test_what_the_kernel_leaves_to_the_graphs_says_why(qwen3, tmp_path, monkeypa
     manifest.config["head_dim"] = 12
     assert native_layer.unsupported_reason(manifest) == "head_dim 12 is not a multiple of 8 or 4 heads do not group " \
                                                          "over 2"
-    monkeypatch.setattr(native_layer.native, "unavailable_reason", lambda: "edge_moe's float16 kernel was not built")
-    assert edge_moe.load(qwen3).backbone.native_reason == "edge_moe's float16 kernel was not built"
+    monkeypatch.setattr(native_layer.native, "unavailable_reason", lambda: "edge_moe's kernels were not built")
+    assert edge_moe.load(qwen3).backbone.native_reason == "edge_moe's kernels were not built"
 
 
 def test_a_layer_weight_outside_the_backbone_blob_is_refused(qwen3, tmp_path):

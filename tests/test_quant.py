@@ -105,7 +105,7 @@ def test_resident_quantized_expert_runs_through_kernels(tmp_path, h, f, kernel):
     shape = ExpertShape("swiglu", h, f, "q4", 32)
     record, buffer, (gate_up, down) = _expert(shape, tmp_path)
     expert = ResidentExpert.from_bytes(record, buffer, kernel)
-    blocks = kernel and h == 512 and native.blocks_unavailable_reason() is None
+    blocks = kernel and h == 512 and native.unavailable_reason() is None
     assert (expert.blocks is not None) == blocks
     assert (expert.session is not None) == (uses_session(shape) and not blocks) and uses_session(shape) == (h == 512)
     x = np.random.default_rng(2).standard_normal((3, h)).astype(np.float32)
