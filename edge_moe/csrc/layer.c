@@ -34,42 +34,6 @@ typedef struct {
     edge_moe_matrix shared_gate, shared_up, shared_down, shared_expert_gate; /* [Fs, H], [Fs, H], [H, Fs], [1, H] */
 } layer_params;
 
-/* A product of a matrix with n tokens x (quantized into qx where the matrix is block codes), whose row blocks the
- * threads take in turn. */
-typedef struct {
-    const edge_moe_matrix *m;
-    const float *x;
-    const edge_moe_qx *qx;
-    float *out;
-    int ldo;
-} product;
-
-/* Called inside a parallel region (every thread): the row blocks of `count` products, handed out dynamically. */
-static void run_products(const product *ps, int count, int n, float *buf) {
-    int first[8], block[8], total = 0, threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_num_threads();
-#endif
-    for (int i = 0; i < count; i++)
-        block[i] = row_block(ps[i].m->rows, n, threads), first[i] = total,
-        total += (ps[i].m->rows + block[i] - 1) / block[i];
-#pragma omp for schedule(dynamic, 1)
-    for (int item = 0; item < total; item++) {
-        int i = count - 1;
-        while (first[i] > item) i--;
-        const product *p = ps + i;
-        int rows = p->m->rows, r0 = (item - first[i]) * block[i], r1 = r0 + block[i] < rows ? r0 + block[i] : rows;
-        edge_moe_matrix_times(p->m, r0, r1, p->x, p->qx, n, p->out, p->ldo, buf);
-    }
-}
-
-/* Called inside a parallel region: x [n, k] quantized into qx where it feeds block codes (qx->q set). */
-static void quantize_for(const edge_moe_qx *qx, const float *x, int n) {
-    if (!qx->q) return;
-#pragma omp for schedule(static)
-    for (int t = 0; t < n; t++) edge_moe_quantize(x, qx, t, t + 1);
-}
-
 KERNEL static float dot(const float *a, const float *b, int n) {
     __m256 s = _mm256_setzero_ps();
     int i = 0;
@@ -209,11 +173,6 @@ typedef struct {
     edge_moe_qx xn, attn, moe_input, shared_h;
 } layer_qx;
 
-/* Allocates qx for n tokens where m (a consumer of its input) is block codes and qx has no buffers yet: 0, or -1. */
-static int want_qx(edge_moe_qx *qx, const edge_moe_matrix *m, int n) {
-    return m->w && m->bits < 16 && !qx->q ? edge_moe_qx_alloc(qx, m, n) : 0;
-}
-
 /* Returns 0; -1 when scratch memory could not be had; -2 when past + T exceeds the cache's capacity, -3 for a head
  * size not a multiple of 8 or heads that do not group (nothing written then). kc, vc: this layer's cache
  * [kvH, capacity, D]; cos, sin: [capacity, D/2]; all float32, or float16 where `f16` is set. */
@@ -240,7 +199,7 @@ KERNEL int edge_moe_layer(const layer_params *L, const float *x, int T, void *kc
                                           &L->shared_expert_gate, &L->shared_down};
     edge_moe_qx *inputs[] = {&qx.xn, &qx.xn, &qx.xn, &qx.attn, &qx.moe_input, &qx.moe_input, &qx.moe_input,
                              &qx.moe_input, &qx.shared_h};
-    for (int i = 0; i < 9; i++) ok = want_qx(inputs[i], consumers[i], T) == 0 && ok;
+    for (int i = 0; i < 9; i++) ok = edge_moe_qx_alloc(inputs[i], consumers[i], T) == 0 && ok;
     if (ok) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
@@ -248,11 +207,11 @@ KERNEL int edge_moe_layer(const layer_params *L, const float *x, int T, void *kc
             float *buf = bufs + buf_floats * thread, *s = scores + score_floats * thread;
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) rms_norm(x + (size_t)t * H, L->input_norm, H, L->eps, xn + (size_t)t * H);
-            quantize_for(&qx.xn, xn, T);
-            product qkv_products[3] = {{&L->wq, xn, &qx.xn, qkv, width},
+            edge_moe_quantize_team(&qx.xn, xn, T);
+            edge_moe_product qkv_products[3] = {{&L->wq, xn, &qx.xn, qkv, width},
                                        {&L->wk, xn, &qx.xn, qkv + qw, width},
                                        {&L->wv, xn, &qx.xn, qkv + qw + kw, width}};
-            run_products(qkv_products, 3, T, buf);
+            edge_moe_run_products(qkv_products, 3, T, buf);
             /* head norms and RoPE, then this token's key and value into the cache */
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) {
@@ -292,37 +251,37 @@ KERNEL int edge_moe_layer(const layer_params *L, const float *x, int T, void *kc
                 (f16 ? attend_f16 : attend_f32)(qkv + (size_t)t * width + (size_t)h * D, group, K, V, past + t + 1, D,
                                                  L->scale, s, n + 8, attn + (size_t)t * qw + (size_t)h * D);
             }
-            quantize_for(&qx.attn, attn, T);
-            product o_product = {&L->wo, attn, &qx.attn, residual, H};
-            run_products(&o_product, 1, T, buf);
+            edge_moe_quantize_team(&qx.attn, attn, T);
+            edge_moe_product o_product = {&L->wo, attn, &qx.attn, residual, H};
+            edge_moe_run_products(&o_product, 1, T, buf);
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) {
                 float *r = residual + (size_t)t * H;
                 for (int i = 0; i < H; i++) r[i] += x[(size_t)t * H + i] + (L->bo ? L->bo[i] : 0.0f);
                 rms_norm(r, L->post_norm, H, L->eps, moe_input + (size_t)t * H);
             }
-            quantize_for(&qx.moe_input, moe_input, T);
+            edge_moe_quantize_team(&qx.moe_input, moe_input, T);
             if (Fs) { /* the shared expert joins the residual: + sigmoid(gate . x) down(silu(gate x) * up x) */
                 float *in = shared, *h = in + (size_t)T * (2 * Fs + 1), *out = h + (size_t)T * Fs;
                 int ld = 2 * Fs + 1;
-                product shared_in[3] = {{&L->shared_gate, moe_input, &qx.moe_input, in, ld},
+                edge_moe_product shared_in[3] = {{&L->shared_gate, moe_input, &qx.moe_input, in, ld},
                                         {&L->shared_up, moe_input, &qx.moe_input, in + Fs, ld},
                                         {&L->shared_expert_gate, moe_input, &qx.moe_input, in + 2 * Fs, ld}};
-                run_products(shared_in, 3, T, buf);
+                edge_moe_run_products(shared_in, 3, T, buf);
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++)
                     swiglu(in + (size_t)t * ld, in + (size_t)t * ld + Fs, Fs, h + (size_t)t * Fs);
-                quantize_for(&qx.shared_h, h, T);
-                product shared_out = {&L->shared_down, h, &qx.shared_h, out, H};
-                run_products(&shared_out, 1, T, buf);
+                edge_moe_quantize_team(&qx.shared_h, h, T);
+                edge_moe_product shared_out = {&L->shared_down, h, &qx.shared_h, out, H};
+                edge_moe_run_products(&shared_out, 1, T, buf);
 #pragma omp for schedule(static)
                 for (int t = 0; t < T; t++) {
                     float gate = 1.0f / (1.0f + expf(-in[(size_t)t * ld + 2 * Fs]));
                     for (int i = 0; i < H; i++) residual[(size_t)t * H + i] += gate * out[(size_t)t * H + i];
                 }
             }
-            product router_product = {&L->router, moe_input, &qx.moe_input, logits, E};
-            run_products(&router_product, 1, T, buf);
+            edge_moe_product router_product = {&L->router, moe_input, &qx.moe_input, logits, E};
+            edge_moe_run_products(&router_product, 1, T, buf);
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++)
                 route(logits + (size_t)t * E, E, L->top_k, L->normalize, L->routing_scale, s + (size_t)group * (n + 8),
@@ -344,16 +303,16 @@ KERNEL int edge_moe_head(const float *norm, float eps, const edge_moe_matrix *W,
     size_t buf_floats = 4 * (size_t)H + 8;
     float *xn = malloc(sizeof(float) * (size_t)T * H + 32), *bufs = malloc(sizeof(float) * buf_floats * threads);
     edge_moe_qx qx = {0};
-    int ok = xn && bufs && want_qx(&qx, W, T) == 0;
+    int ok = xn && bufs && edge_moe_qx_alloc(&qx, W, T) == 0;
     if (ok) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
             int thread = team_thread();
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) rms_norm(x + (size_t)t * H, norm, H, eps, xn + (size_t)t * H);
-            quantize_for(&qx, xn, T);
-            product head = {W, xn, &qx, logits, W->rows};
-            run_products(&head, 1, T, bufs + buf_floats * thread);
+            edge_moe_quantize_team(&qx, xn, T);
+            edge_moe_product head = {W, xn, &qx, logits, W->rows};
+            edge_moe_run_products(&head, 1, T, bufs + buf_floats * thread);
         }
     }
     edge_moe_qx_free(&qx);

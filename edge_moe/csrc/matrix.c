@@ -368,6 +368,7 @@ void edge_moe_matrix_times(const edge_moe_matrix *m, int r0, int r1, const float
 }
 
 int edge_moe_qx_alloc(edge_moe_qx *qx, const edge_moe_matrix *m, int n) {
+    if (!m->w || m->bits >= 16 || qx->q) return 0; /* float rows read x itself; an input's first consumer sized it */
     qx->k = m->k, qx->bits = m->bits, qx->block = m->block, qx->blocks = qx_blocks(m->k, m->block);
     qx->q = malloc((size_t)n * qx->blocks * qx->block + 64);
     qx->scale = malloc(sizeof(float) * ((size_t)n * qx->blocks + 16));
@@ -380,30 +381,45 @@ void edge_moe_qx_free(edge_moe_qx *qx) {
     qx->q = NULL, qx->scale = qx->sum = NULL;
 }
 
+void edge_moe_run_products(const edge_moe_product *ps, int count, int n, float *buf) {
+    int first[8], block[8], total = 0, threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_num_threads();
+#endif
+    for (int i = 0; i < count; i++)
+        block[i] = row_block(ps[i].m->rows, n, threads), first[i] = total,
+        total += (ps[i].m->rows + block[i] - 1) / block[i];
+#pragma omp for schedule(dynamic, 1)
+    for (int item = 0; item < total; item++) {
+        int i = count - 1;
+        while (first[i] > item) i--;
+        const edge_moe_product *p = ps + i;
+        int rows = p->m->rows, r0 = (item - first[i]) * block[i], r1 = r0 + block[i] < rows ? r0 + block[i] : rows;
+        edge_moe_matrix_times(p->m, r0, r1, p->x, p->qx, n, p->out, p->ldo, buf);
+    }
+}
+
+void edge_moe_quantize_team(const edge_moe_qx *qx, const float *x, int n) {
+    if (!qx->q) return;
+#pragma omp for schedule(static)
+    for (int t = 0; t < n; t++) edge_moe_quantize(x, qx, t, t + 1);
+}
+
 int edge_moe_matmul(const edge_moe_matrix *m, const float *x, int n, float *out, int threads) {
     if (threads < 1) threads = 1;
     edge_moe_qx qx = {0};
-    int blocks = m->bits < 16, ok = !blocks || edge_moe_qx_alloc(&qx, m, n) == 0;
     size_t buf_floats = 4 * (size_t)m->k + 8;
     float *bufs = malloc(sizeof(float) * buf_floats * threads);
-    ok = ok && bufs;
+    int ok = edge_moe_qx_alloc(&qx, m, n) == 0 && bufs;
     if (ok) {
-        int block = row_block(m->rows, n, threads), items = (m->rows + block - 1) / block;
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
-            float *buf = bufs + buf_floats * team_thread();
-            if (blocks) {
-#pragma omp for schedule(static)
-                for (int t = 0; t < n; t++) edge_moe_quantize(x, &qx, t, t + 1);
-            }
-#pragma omp for schedule(dynamic, 1)
-            for (int item = 0; item < items; item++) {
-                int r0 = item * block, r1 = r0 + block < m->rows ? r0 + block : m->rows;
-                edge_moe_matrix_times(m, r0, r1, x, &qx, n, out, m->rows, buf);
-            }
+            edge_moe_product product = {m, x, &qx, out, m->rows};
+            edge_moe_quantize_team(&qx, x, n);
+            edge_moe_run_products(&product, 1, n, bufs + buf_floats * team_thread());
         }
     }
-    if (blocks) edge_moe_qx_free(&qx);
+    edge_moe_qx_free(&qx);
     free(bufs);
     return ok ? 0 : -1;
 }

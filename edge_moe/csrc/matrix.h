@@ -50,9 +50,26 @@ void edge_moe_quantize(const float *x, const edge_moe_qx *qx, int t0, int t1);
 void edge_moe_matrix_times(const edge_moe_matrix *m, int r0, int r1, const float *x, const edge_moe_qx *qx, int n,
                            float *out, int ldo, float *buf);
 
-/* Buffers for n tokens' activations quantized for m (0, or -1 without memory: free them all the same). */
+/* Buffers for n tokens' activations quantized for m, where m is block codes and qx has none yet (the first of an
+ * input's consumers sizes them; nothing for float rows): 0, or -1 without memory (free them all the same). */
 int edge_moe_qx_alloc(edge_moe_qx *qx, const edge_moe_matrix *m, int n);
 void edge_moe_qx_free(edge_moe_qx *qx);
+
+/* A product of a matrix with n tokens x (quantized into qx where the matrix is block codes): out[t * ldo + r]. */
+typedef struct {
+    const edge_moe_matrix *m;
+    const float *x;
+    const edge_moe_qx *qx;
+    float *out;
+    int ldo;
+} edge_moe_product;
+
+/* Called by every thread of a parallel region: the rows of `count` (<= 8) products in shares (row_block) handed out
+ * in turn; buf is the calling thread's scratch (4 k + 8 floats for the widest k). */
+void edge_moe_run_products(const edge_moe_product *ps, int count, int n, float *buf);
+
+/* Called by every thread of a parallel region: x [n, k] quantized into qx where it has buffers (block codes). */
+void edge_moe_quantize_team(const edge_moe_qx *qx, const float *x, int n);
 
 /* out [n, rows] = x [n, k] W^T on `threads` threads; 0, or -1 without memory. */
 int edge_moe_matmul(const edge_moe_matrix *m, const float *x, int n, float *out, int threads);

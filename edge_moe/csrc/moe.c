@@ -47,7 +47,7 @@ static edge_moe_qx qx_from(const edge_moe_qx *qx, int first) {
 /* Returns 0, or -1 when memory for the scratch buffers could not be had (y untouched then). */
 KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, int E, const float *x, int T,
                         const int64_t *indices, const float *weights, int k, float *y, int threads) {
-    int pairs = T * k, H = fc1->k, F = fc2->k, blocks = fc1->bits < 16;
+    int pairs = T * k, H = fc1->k, F = fc2->k;
     /* group the (token, slot) pairs by expert: rows start[e] .. start[e + 1] of the scratch are expert e's */
     int *count = calloc((size_t)E + 1, sizeof(int)), *start = calloc((size_t)E + 1, sizeof(int));
     int *slot_row = malloc(sizeof(int) * (size_t)(pairs ? pairs : 1));
@@ -60,7 +60,7 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
     float *bufs = malloc(sizeof(float) * buf_floats * (size_t)threads);
     edge_moe_qx qx1 = {0}, qx2 = {0};
     int ok = count && start && slot_row && xs && gu && h && outs && active && bufs;
-    if (blocks) ok = (edge_moe_qx_alloc(&qx1, fc1, pairs) == 0) & (edge_moe_qx_alloc(&qx2, fc2, pairs) == 0) && ok;
+    ok = (edge_moe_qx_alloc(&qx1, fc1, pairs) == 0) & (edge_moe_qx_alloc(&qx2, fc2, pairs) == 0) && ok;
     if (ok) {
         for (int p = 0; p < pairs; p++) {
             int64_t e = indices[p];
@@ -87,10 +87,7 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
         {
             int thread = team_thread();
             float *buf = bufs + (size_t)thread * buf_floats;
-            if (blocks) {
-#pragma omp for schedule(static)
-                for (int r = 0; r < rows; r++) edge_moe_quantize(xs, &qx1, r, r + 1);
-            }
+            edge_moe_quantize_team(&qx1, xs, rows);
             /* gate and up rows of every active expert, for its tokens */
 #pragma omp for schedule(dynamic, 2)
             for (int item = 0; item < items1; item++) {
@@ -103,10 +100,7 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
                 for (int t = 0; t < n; t++) /* silu(gate) * up for the rows done here (r0 is even) */
                     swiglu_rows(gu + (size_t)(start[e] + t) * 2 * F, r0, r1, h + (size_t)(start[e] + t) * F);
             }
-            if (blocks) {
-#pragma omp for schedule(static)
-                for (int r = 0; r < rows; r++) edge_moe_quantize(h, &qx2, r, r + 1);
-            }
+            edge_moe_quantize_team(&qx2, h, rows);
 #pragma omp for schedule(dynamic, 2)
             for (int item = 0; item < items2; item++) {
                 int e = active[item / blocks2], r0 = (item % blocks2) * b2;
@@ -131,7 +125,7 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
             }
         }
     }
-    if (blocks) edge_moe_qx_free(&qx1), edge_moe_qx_free(&qx2);
+    edge_moe_qx_free(&qx1), edge_moe_qx_free(&qx2);
     free(count), free(start), free(slot_row), free(xs), free(gu), free(h), free(outs), free(active), free(bufs);
     return ok ? 0 : -1;
 }
@@ -148,28 +142,18 @@ KERNEL int edge_moe_expert_blocks(const edge_moe_matrix *gate_up, const edge_moe
     edge_moe_qx qx1 = {0}, qx2 = {0};
     int ok = (edge_moe_qx_alloc(&qx1, gate_up, n) == 0) & (edge_moe_qx_alloc(&qx2, down, n) == 0) && gu && h && bufs;
     if (ok) {
-        int b1 = row_block(2 * F, n, threads), b2 = row_block(H, n, threads);
-        int items1 = (2 * F + b1 - 1) / b1, items2 = (H + b2 - 1) / b2;
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
             float *buf = bufs + (size_t)team_thread() * buf_floats;
-#pragma omp for schedule(static)
-            for (int t = 0; t < n; t++) edge_moe_quantize(x, &qx1, t, t + 1);
-#pragma omp for schedule(dynamic, 1)
-            for (int item = 0; item < items1; item++) {
-                int r0 = item * b1, r1 = r0 + b1 < 2 * F ? r0 + b1 : 2 * F;
-                edge_moe_matrix_times(gate_up, r0, r1, x, &qx1, n, gu, 2 * F, buf);
-            }
+            edge_moe_product up = {gate_up, x, &qx1, gu, 2 * F}, out = {down, h, &qx2, y, H};
+            edge_moe_quantize_team(&qx1, x, n);
+            edge_moe_run_products(&up, 1, n, buf);
 #pragma omp for schedule(static)
             for (int t = 0; t < n; t++) {
                 swiglu(gu + (size_t)t * 2 * F, gu + (size_t)t * 2 * F + F, F, h + (size_t)t * F);
                 edge_moe_quantize(h, &qx2, t, t + 1);
             }
-#pragma omp for schedule(dynamic, 1)
-            for (int item = 0; item < items2; item++) {
-                int r0 = item * b2, r1 = r0 + b2 < H ? r0 + b2 : H;
-                edge_moe_matrix_times(down, r0, r1, h, &qx2, n, y, H, buf);
-            }
+            edge_moe_run_products(&out, 1, n, buf);
         }
     }
     edge_moe_qx_free(&qx1), edge_moe_qx_free(&qx2);
