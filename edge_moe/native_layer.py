@@ -125,6 +125,12 @@ def load_native_layers(manifest: Manifest, clock, threads: int) -> tuple[list[Na
                      _backbone_bits(manifest))
         if isinstance(plan, str):
             return None, plan
+        # the kernel quantizes each input once, for its first consumer: every block matrix of a layer must share
+        # one layout (the exporter writes one; a package that does not would have the others read out of bounds)
+        layouts = {layout for _, _, layout in plan.values() if layout is not None}
+        if len(layouts) > 1:
+            return None, f"{path.name}: its quantized matrices mix {sorted(layouts)} (bits, block); the kernel " \
+                         "takes one a layer"
         plans.append(plan)
     layers = []
     for arrays in _read(manifest.backbone_blob, plans):

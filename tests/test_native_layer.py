@@ -147,6 +147,25 @@ def test_a_block_quantized_backbone_runs_in_the_kernel(tmp_path, dtype, bits, bl
             assert model.clock.calls - calls == model.clock.native_calls - natives
 
 
+def test_a_layer_whose_blocks_differ_keeps_its_graphs(tmp_path, monkeypatch):
+    """The kernel quantizes a layer input once for all its consumers: a package whose block matrices do not share one
+    (bits, block) (the exporter never writes one; this one is made so by the layout reader) is refused, not read."""
+    from edge_moe_export.exporter import export_checkpoint
+
+    config = tiny_config("qwen3_moe", hidden=64, heads=4, kv_heads=2, experts=8, top_k=3, ffn=44, layers=2,
+                         max_position_embeddings=512, head_dim=16)
+    build_checkpoint(tmp_path / "hf", config)
+    path = export_checkpoint(tmp_path / "hf", tmp_path / "pkg", dtype="float16", backbone_bits=8, progress=False)
+    manifest = edge_moe.load(path).manifest
+    layout = native_layer._block_layout
+    monkeypatch.setattr(native_layer, "_block_layout", lambda shape, codes, scales, bits: (
+        (8, 64) if shape[0] == 32 else layout(shape, codes, scales, bits)))  # k and v ([32, 64]) in blocks of 64
+    layers, reason = native_layer.load_native_layers(manifest, None, 1)
+    assert layers is None
+    assert reason == "layer_000.onnx: its quantized matrices mix [(8, 32), (8, 64)] (bits, block); the kernel takes " \
+                     "one a layer"
+
+
 def test_without_vnni_a_quantized_backbone_keeps_its_graphs(tmp_path):
     """edge_moe's AVX2 block kernel streams experts but does not take a quantized backbone (native.blocks_fused_reason:
     onnxruntime's graphs were faster than it where both ran); forced here as on a CPU without AVX-512 VNNI."""

@@ -168,7 +168,7 @@ static void route(const float *logits, int E, int k, int normalize, float factor
 }
 
 /* Quantized-activation buffers for the inputs of a layer's block-code products, one an input (its first consumer's
- * bits and block: native_layer.py checks that the others share them). */
+ * bits and block: native_layer.load_native_layers refuses a layer whose block matrices do not all share them). */
 typedef struct {
     edge_moe_qx xn, attn, moe_input, shared_h;
 } layer_qx;
