@@ -109,12 +109,7 @@ static void quantize_token_portable(const float *x, const edge_moe_qx *qx, int8_
     if (qx->bits == 4) nibble_order(q, codes);
 }
 
-void edge_moe_quantize(const float *x, const edge_moe_qx *qx, int t0, int t1) {
-    int nb = qx->blocks, codes = nb * qx->block;
-    for (int t = t0; t < t1; t++)
-        (use_512 ? quantize_token : quantize_token_portable)(x + (size_t)t * qx->k, qx, qx->q + (size_t)t * codes,
-                                                             qx->scale + (size_t)t * nb, qx->sum + (size_t)t * nb);
-}
+
 
 /* Per int32 lane of a 64-byte step: the scale of the block it sums (lane j holds bytes 4j .. 4j + 3), from the
  * step's `blocks` scales s[0 ..]. */
@@ -135,38 +130,60 @@ BLOCKS static inline __m128 reduce4(const __m512 *a) {
     return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
-/* The zero point's part of a row's product with one token: - 2^(bits-1) sum_b scale_w[b] * scale_x[b] * sum(codes_x[b])
- * (qx->sum holds scale_x * sum(codes_x)), added to acc as 16 lanes. */
-BLOCKS static inline __m512 zero_point_term(const float *sw, const float *sum, int nb, float zero_point, __m512 acc) {
-    __m512 z = _mm512_set1_ps(-zero_point);
-    for (int b = 0; b < nb; b += 16) {
-        __mmask16 k = nb - b >= 16 ? 0xFFFF : (__mmask16)((1 << (nb - b)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, sw + b), z), _mm512_maskz_loadu_ps(k, sum + b), acc);
+/* The lane view of one quantized token (matrix.h): per step of a row's codes, the sums of the four activation codes
+ * each int32 lane multiplies (twice four at 4 bits: the lane's low and high nibbles), by vpdpbusd with ones, times
+ * -2^(bits - 1); and the lane's block scale. */
+BLOCKS static void lane_view(const edge_moe_qx *qx, const int8_t *q, const float *scale, float *lane_scale,
+                             int32_t *lane_zero) {
+    int bb = qx->block * qx->bits / 8, row_bytes = qx->blocks * bb, four = qx->bits == 4, shift = __builtin_ctz(bb);
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int at = 0; at < row_bytes;) {
+        int c = step_bytes(at, row_bytes), b = at >> shift, blocks = c > bb ? c >> shift : 1;
+        __mmask64 mask = c == 64 ? ~0ULL : (1ULL << c) - 1;
+        __mmask16 lanes = (__mmask16)((1u << (c / 4)) - 1);
+        const int8_t *a = q + (four ? 2 * at : at);
+        __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_maskz_loadu_epi8(mask, a));
+        if (four) sum = _mm512_dpbusd_epi32(sum, ones, _mm512_maskz_loadu_epi8(mask, a + c));
+        _mm512_mask_storeu_epi32(lane_zero + at / 4, lanes,
+                                 _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, qx->bits - 1)));
+        _mm512_mask_storeu_ps(lane_scale + at / 4, lanes, lane_scales(scale + b, blocks, bb));
+        at += c;
     }
-    return acc;
 }
 
-/* One row's step with one token: acc += (codes . activations per int32 lane) * scale_w * scale_x, lane by lane. */
+void edge_moe_quantize(const float *x, const edge_moe_qx *qx, int t0, int t1) {
+    int nb = qx->blocks, codes = nb * qx->block;
+    for (int t = t0; t < t1; t++) {
+        int8_t *q = qx->q + (size_t)t * codes;
+        float *scale = qx->scale + (size_t)t * nb;
+        (use_512 ? quantize_token : quantize_token_portable)(x + (size_t)t * qx->k, qx, q, scale,
+                                                             qx->sum + (size_t)t * nb);
+        if (qx->lane_scale)
+            lane_view(qx, q, scale, qx->lane_scale + (size_t)t * qx->lanes, qx->lane_zero + (size_t)t * qx->lanes);
+    }
+}
+
+/* One row's step with one token: acc += (codes . activations per int32 lane, seeded with the lane's zero point
+ * term) * scale_w * scale_x, lane by lane. */
 #define BLOCK_STEP(acc, row, sw_row)                                                                                   \
     do {                                                                                                               \
         const uint8_t *wi = (row) + at;                                                                                \
         if (ahead) _mm_prefetch((const char *)(wi + PREFETCH_BLOCK_ROWS * (size_t)row_bytes), _MM_HINT_T0);           \
         __m512i raw = _mm512_maskz_loadu_epi8(mask, wi), s;                                                            \
         if (four)                                                                                                      \
-            s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, nibble), a_lo), \
+            s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_and_si512(raw, nibble), a_lo),                  \
                                     _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble), a_hi);                        \
         else                                                                                                           \
-            s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), raw, a_lo);                                                \
+            s = _mm512_dpbusd_epi32(zero, raw, a_lo);                                                                  \
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(lane_scales((sw_row) + b, blocks, bb), sa), acc);  \
     } while (0)
 
-/* One token (decode): four rows a pass, sharing each step's activation codes and scales; a last pass of fewer rows
- * repeats its first row in the missing places (their sums are not stored). Rows r0 .. r1. */
+/* One token (decode): four rows a pass, sharing each step's activation codes and lane view; a last pass of fewer
+ * rows repeats its first row in the missing places (their sums are not stored). Rows r0 .. r1. */
 BLOCKS static void block_rows_one(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, float *out) {
     int nb = qx->blocks, bb = qx->block * m->bits / 8, row_bytes = nb * bb, four = m->bits == 4;
     int shift = __builtin_ctz(bb); /* blocks are a power of two bytes: no division in the loop */
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    float zero_point = (float)(1 << (m->bits - 1));
     for (int r = r0; r < r1; r += 4) {
         int rows = r1 - r < 4 ? r1 - r : 4;
         const uint8_t *w0 = (const uint8_t *)m->w + (size_t)r * row_bytes;
@@ -177,23 +194,21 @@ BLOCKS static void block_rows_one(const edge_moe_matrix *m, int r0, int r1, cons
         int ahead = r + PREFETCH_BLOCK_ROWS + 4 <= r1; /* within this call's rows: the next are another's */
         if (ahead)
             for (int i = 0; i < 4 * nb; i += 16) _mm_prefetch((const char *)(s0 + PREFETCH_BLOCK_ROWS * nb + i), _MM_HINT_T0);
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int at = 0; at < row_bytes;) {
             int c = step_bytes(at, row_bytes), b = at >> shift, blocks = c > bb ? c >> shift : 1;
             __mmask64 mask = c == 64 ? ~0ULL : (1ULL << c) - 1;
+            __mmask16 lanes = (__mmask16)((1u << (c / 4)) - 1);
             const int8_t *a = qx->q + (four ? 2 * at : at);
             __m512i a_lo = _mm512_maskz_loadu_epi8(mask, a), a_hi = four ? _mm512_maskz_loadu_epi8(mask, a + c) : a_lo;
-            __m512 sa = lane_scales(qx->scale + b, blocks, bb);
-            BLOCK_STEP(acc0, w0, s0);
-            BLOCK_STEP(acc1, w1, s1);
-            BLOCK_STEP(acc2, w2, s2);
-            BLOCK_STEP(acc3, w3, s3);
+            __m512i zero = _mm512_maskz_loadu_epi32(lanes, qx->lane_zero + at / 4);
+            __m512 sa = _mm512_maskz_loadu_ps(lanes, qx->lane_scale + at / 4);
+            BLOCK_STEP(acc[0], w0, s0);
+            BLOCK_STEP(acc[1], w1, s1);
+            BLOCK_STEP(acc[2], w2, s2);
+            BLOCK_STEP(acc[3], w3, s3);
             at += c;
         }
-        __m512 acc[4] = {zero_point_term(s0, qx->sum, nb, zero_point, acc0),
-                         zero_point_term(s1, qx->sum, nb, zero_point, acc1),
-                         zero_point_term(s2, qx->sum, nb, zero_point, acc2),
-                         zero_point_term(s3, qx->sum, nb, zero_point, acc3)};
         __m128 sums = reduce4(acc);
         if (rows == 4)
             _mm_storeu_ps(out + r, sums);
@@ -202,62 +217,104 @@ BLOCKS static void block_rows_one(const edge_moe_matrix *m, int r0, int r1, cons
     }
 }
 
+/* A tile's row i (< tile_rows) at this step: its codes unpacked (4 bits: low and high nibbles) and its lane scales. */
+#define TILE_ROW(i)                                                                                                    \
+    __m512i lo##i = _mm512_setzero_si512(), hi##i = lo##i;                                                             \
+    __m512 ws##i = _mm512_setzero_ps();                                                                                \
+    if (i < tile_rows) {                                                                                               \
+        __m512i raw = _mm512_maskz_loadu_epi8(mask, w##i + at);                                                        \
+        if (ahead) _mm_prefetch((const char *)(w##i + at + PREFETCH_BLOCK_ROWS * (size_t)row_bytes), _MM_HINT_T0);    \
+        lo##i = four ? _mm512_and_si512(raw, nibble) : raw;                                                            \
+        hi##i = four ? _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble) : raw;                                      \
+        ws##i = lane_scales(sw##i + b, blocks, bb);                                                                    \
+    }
+
+/* Row i times token j at this step, into acc_i_j. */
+#define TILE_PAIR(i, j)                                                                                                \
+    do {                                                                                                               \
+        __m512i s = _mm512_dpbusd_epi32(zero, lo##i, x_lo);                                                            \
+        if (four) s = _mm512_dpbusd_epi32(s, hi##i, x_hi);                                                             \
+        acc##i##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws##i, xs), acc##i##j);                       \
+    } while (0)
+
+/* Token j's activations and lane view at this step, times each row of the tile. */
+#define TILE_TOKEN(j)                                                                                                  \
+    do {                                                                                                               \
+        __m512i x_lo = _mm512_maskz_loadu_epi8(mask, a##j + a_at), x_hi = x_lo;                                        \
+        if (four) x_hi = _mm512_maskz_loadu_epi8(mask, a##j + a_at + c);                                               \
+        __m512i zero = _mm512_maskz_loadu_epi32(lanes, za##j + at / 4);                                                \
+        __m512 xs = _mm512_maskz_loadu_ps(lanes, sa##j + at / 4);                                                      \
+        TILE_PAIR(0, j);                                                                                               \
+        TILE_PAIR(1, j);                                                                                               \
+        if (tile_rows > 2) {                                                                                           \
+            TILE_PAIR(2, j);                                                                                           \
+            TILE_PAIR(3, j);                                                                                           \
+        }                                                                                                              \
+    } while (0)
+
+/* Row i's sums with the tile's tokens, stored where the row and the tokens are real. */
+#define TILE_STORE(i)                                                                                                  \
+    do {                                                                                                               \
+        if (i < tile_rows && i < rows) {                                                                               \
+            __m512 sums4[4] = {acc##i##0, acc##i##1, acc##i##2, acc##i##3};                                            \
+            _mm_storeu_ps(sums, reduce4(sums4));                                                                       \
+            for (int j = 0; j < n; j++) out[(size_t)(t0 + j) * ldo + r + i] = sums[j];                                 \
+        }                                                                                                              \
+    } while (0)
+
 /* Several tokens (prefill): a tile of `tile_rows` rows (2 or 4: a constant where it is inlined) x four tokens, each
  * step's codes unpacked once for the four tokens and each token's activations loaded once for all the rows (the
  * float scaling of every step's sums, not the int8 products, is what prefill spends its time on). A tile of fewer
  * rows or tokens repeats its first in the missing places (their sums are not stored). Rows r .. (< r1), tokens
- * t0 .. t0 + n (n <= 4). */
+ * t0 .. t0 + n (n <= 4). The tile is named variables, not arrays: GCC kept arrays of accumulators on the stack,
+ * storing every step's sums there. */
 BLOCKS static inline __attribute__((always_inline)) void block_tile(const edge_moe_matrix *m, int r, int r1,
                                                                      const edge_moe_qx *qx, int t0, int n, float *out,
                                                                      int ldo, const int tile_rows) {
     int nb = qx->blocks, codes = nb * qx->block, bb = qx->block * m->bits / 8, row_bytes = nb * bb;
     int four = m->bits == 4, shift = __builtin_ctz(bb), rows = r1 - r < tile_rows ? r1 - r : tile_rows;
-    const uint8_t *w[4];
-    const float *sw[4];
-    for (int i = 0; i < tile_rows; i++) {
-        int row = r + (i < rows ? i : 0);
-        w[i] = (const uint8_t *)m->w + (size_t)row * row_bytes, sw[i] = m->scales + (size_t)row * nb;
-    }
-    const int8_t *a[4];
-    const float *sa[4];
-    for (int j = 0; j < 4; j++) {
-        int t = t0 + (j < n ? j : 0);
-        a[j] = qx->q + (size_t)t * codes, sa[j] = qx->scale + (size_t)t * nb;
-    }
-    __m512 acc[4][4];
-    for (int i = 0; i < tile_rows; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+    const uint8_t *w0 = (const uint8_t *)m->w + (size_t)r * row_bytes;
+    const uint8_t *w1 = rows > 1 ? w0 + row_bytes : w0, *w2 = rows > 2 ? w0 + 2 * (size_t)row_bytes : w0;
+    const uint8_t *w3 = rows > 3 ? w0 + 3 * (size_t)row_bytes : w0;
+    const float *sw0 = m->scales + (size_t)r * nb, *sw1 = rows > 1 ? sw0 + nb : sw0;
+    const float *sw2 = rows > 2 ? sw0 + 2 * nb : sw0, *sw3 = rows > 3 ? sw0 + 3 * nb : sw0;
+    /* the codes of the rows PREFETCH_BLOCK_ROWS on, step by step, and their scales, on the first tokens' pass over
+     * these rows (rows of this call only: the next are another thread's) */
+    int ahead = t0 == 0 && r + PREFETCH_BLOCK_ROWS + tile_rows <= r1;
+    if (ahead)
+        for (int i = 0; i < tile_rows * nb; i += 16)
+            _mm_prefetch((const char *)(sw0 + PREFETCH_BLOCK_ROWS * nb + i), _MM_HINT_T0);
+    /* token j's codes, lane scales and lane zeros; a missing token repeats t0 */
+#define TILE_TOKEN_AT(j)                                                                                               \
+    int token##j = t0 + (j < n ? j : 0);                                                                                 \
+    const int8_t *a##j = qx->q + (size_t)token##j * codes;                                                                 \
+    const float *sa##j = qx->lane_scale + (size_t)token##j * qx->lanes;                                                    \
+    const int32_t *za##j = qx->lane_zero + (size_t)token##j * qx->lanes;
+    TILE_TOKEN_AT(0) TILE_TOKEN_AT(1) TILE_TOKEN_AT(2) TILE_TOKEN_AT(3)
+#undef TILE_TOKEN_AT
+    __m512 acc00 = _mm512_setzero_ps(), acc01 = acc00, acc02 = acc00, acc03 = acc00, acc10 = acc00, acc11 = acc00;
+    __m512 acc12 = acc00, acc13 = acc00, acc20 = acc00, acc21 = acc00, acc22 = acc00, acc23 = acc00, acc30 = acc00;
+    __m512 acc31 = acc00, acc32 = acc00, acc33 = acc00;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int at = 0; at < row_bytes;) {
         int c = step_bytes(at, row_bytes), b = at >> shift, blocks = c > bb ? c >> shift : 1, a_at = four ? 2 * at : at;
         __mmask64 mask = c == 64 ? ~0ULL : (1ULL << c) - 1;
-        __m512i lo[4], hi[4];
-        __m512 ws[4];
-        for (int i = 0; i < tile_rows; i++) {
-            __m512i raw = _mm512_maskz_loadu_epi8(mask, w[i] + at);
-            lo[i] = four ? _mm512_and_si512(raw, nibble) : raw;
-            hi[i] = four ? _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble) : raw;
-            ws[i] = lane_scales(sw[i] + b, blocks, bb);
-        }
-        for (int j = 0; j < 4; j++) {
-            __m512i x_lo = _mm512_maskz_loadu_epi8(mask, a[j] + a_at), x_hi = x_lo;
-            if (four) x_hi = _mm512_maskz_loadu_epi8(mask, a[j] + a_at + c);
-            __m512 xs = lane_scales(sa[j] + b, blocks, bb);
-            for (int i = 0; i < tile_rows; i++) {
-                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], x_lo);
-                if (four) s = _mm512_dpbusd_epi32(s, hi[i], x_hi);
-                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws[i], xs), acc[i][j]);
-            }
-        }
+        __mmask16 lanes = (__mmask16)((1u << (c / 4)) - 1);
+        TILE_ROW(0)
+        TILE_ROW(1)
+        TILE_ROW(2)
+        TILE_ROW(3)
+        TILE_TOKEN(0);
+        TILE_TOKEN(1);
+        TILE_TOKEN(2);
+        TILE_TOKEN(3);
         at += c;
     }
-    float zero_point = (float)(1 << (m->bits - 1)), sums[4];
-    for (int i = 0; i < rows; i++) {
-        for (int j = 0; j < n; j++) acc[i][j] = zero_point_term(sw[i], qx->sum + (size_t)(t0 + j) * nb, nb, zero_point,
-                                                                acc[i][j]);
-        _mm_storeu_ps(sums, reduce4(acc[i]));
-        for (int j = 0; j < n; j++) out[(size_t)(t0 + j) * ldo + r + i] = sums[j];
-    }
+    float sums[4];
+    TILE_STORE(0);
+    TILE_STORE(1);
+    TILE_STORE(2);
+    TILE_STORE(3);
 }
 
 BLOCKS static void block_rows_tiles2(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, int n,
@@ -373,12 +430,28 @@ int edge_moe_qx_alloc(edge_moe_qx *qx, const edge_moe_matrix *m, int n) {
     qx->q = malloc((size_t)n * qx->blocks * qx->block + 64);
     qx->scale = malloc(sizeof(float) * ((size_t)n * qx->blocks + 16));
     qx->sum = malloc(sizeof(float) * ((size_t)n * qx->blocks + 16));
+    qx->lanes = qx->blocks * qx->block * qx->bits / 32;
+    if (use_512) {
+        qx->lane_scale = malloc(sizeof(float) * ((size_t)n * qx->lanes + 16));
+        qx->lane_zero = malloc(sizeof(int32_t) * ((size_t)n * qx->lanes + 16));
+        if (!qx->lane_scale || !qx->lane_zero) return -1;
+    }
     return qx->q && qx->scale && qx->sum ? 0 : -1;
 }
 
 void edge_moe_qx_free(edge_moe_qx *qx) {
-    free(qx->q), free(qx->scale), free(qx->sum);
-    qx->q = NULL, qx->scale = qx->sum = NULL;
+    free(qx->q), free(qx->scale), free(qx->sum), free(qx->lane_scale), free(qx->lane_zero);
+    qx->q = NULL, qx->scale = qx->sum = qx->lane_scale = NULL, qx->lane_zero = NULL;
+}
+
+edge_moe_qx edge_moe_qx_from(const edge_moe_qx *qx, int first) {
+    edge_moe_qx view = *qx;
+    if (qx->q) {
+        view.q += (size_t)first * qx->blocks * qx->block;
+        view.scale += (size_t)first * qx->blocks, view.sum += (size_t)first * qx->blocks;
+    }
+    if (qx->lane_scale) view.lane_scale += (size_t)first * qx->lanes, view.lane_zero += (size_t)first * qx->lanes;
+    return view;
 }
 
 void edge_moe_run_products(const edge_moe_product *ps, int count, int n, float *buf) {

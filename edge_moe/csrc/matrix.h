@@ -24,11 +24,16 @@ typedef struct {
 
 /* Activations quantized for block matrices of one (bits, block): per token `blocks * block` int8 codes (zeros past
  * k), laid out as the kernel reads them (4 bits: each chunk of 128, 64 or 32 codes as its even then its odd
- * positions, which is how a nibble-packed row unpacks), a scale and scale * sum(codes) a block. */
+ * positions, which is how a nibble-packed row unpacks), a scale and scale * sum(codes) a block. For the AVX-512
+ * kernels also a lane view (NULL otherwise): for each 4 bytes of a row's codes, which vpdpbusd sums into one int32
+ * lane, the scale of their block (lane_scale) and -2^(bits - 1) x the sum of the activation codes they multiply
+ * (lane_zero): it seeds the lane's integer sum, so the zero point comes off exactly in int32 and every step's scales
+ * are one load; `lanes` a token (a row's code bytes / 4). */
 typedef struct {
     int8_t *q;
-    float *scale, *sum;
-    int k, bits, block, blocks;
+    float *scale, *sum, *lane_scale;
+    int32_t *lane_zero;
+    int k, bits, block, blocks, lanes;
 } edge_moe_qx;
 
 /* Chooses the block-code kernels: the AVX2 ones (1: tests, or where AVX-512 VNNI is missing), or the CPU's best (0:
@@ -54,6 +59,9 @@ void edge_moe_matrix_times(const edge_moe_matrix *m, int r0, int r1, const float
  * input's consumers sizes them; nothing for float rows): 0, or -1 without memory (free them all the same). */
 int edge_moe_qx_alloc(edge_moe_qx *qx, const edge_moe_matrix *m, int n);
 void edge_moe_qx_free(edge_moe_qx *qx);
+
+/* Tokens `first` .. of qx as activations of their own (an expert's tokens among a layer's). */
+edge_moe_qx edge_moe_qx_from(const edge_moe_qx *qx, int first);
 
 /* A product of a matrix with n tokens x (quantized into qx where the matrix is block codes): out[t * ldo + r]. */
 typedef struct {

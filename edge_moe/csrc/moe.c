@@ -34,16 +34,6 @@ KERNEL static void swiglu_rows(const float *g, int r0, int r1, float *h) {
     for (; r < r1; r += 2) h[r / 2] = g[r] / (1.0f + expf(-g[r])) * g[r + 1];
 }
 
-/* Rows `first` .. of quantized activations as their own (an expert's tokens). */
-static edge_moe_qx qx_from(const edge_moe_qx *qx, int first) {
-    edge_moe_qx view = *qx;
-    if (qx->q) {
-        view.q += (size_t)first * qx->blocks * qx->block;
-        view.scale += (size_t)first * qx->blocks, view.sum += (size_t)first * qx->blocks;
-    }
-    return view;
-}
-
 /* Returns 0, or -1 when memory for the scratch buffers could not be had (y untouched then). */
 KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, int E, const float *x, int T,
                         const int64_t *indices, const float *weights, int k, float *y, int threads) {
@@ -94,7 +84,7 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
                 int e = active[item / blocks1], r0 = (item % blocks1) * b1;
                 int r1 = r0 + b1 < 2 * F ? r0 + b1 : 2 * F, n = start[e + 1] - start[e];
                 edge_moe_matrix w = edge_moe_sub_rows(fc1, e * 2 * F, 2 * F);
-                edge_moe_qx q = qx_from(&qx1, start[e]);
+                edge_moe_qx q = edge_moe_qx_from(&qx1, start[e]);
                 edge_moe_matrix_times(&w, r0, r1, xs + (size_t)start[e] * H, &q, n, gu + (size_t)start[e] * 2 * F,
                                       2 * F, buf);
                 for (int t = 0; t < n; t++) /* silu(gate) * up for the rows done here (r0 is even) */
@@ -106,7 +96,7 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
                 int e = active[item / blocks2], r0 = (item % blocks2) * b2;
                 int r1 = r0 + b2 < H ? r0 + b2 : H, n = start[e + 1] - start[e];
                 edge_moe_matrix w = edge_moe_sub_rows(fc2, e * H, H);
-                edge_moe_qx q = qx_from(&qx2, start[e]);
+                edge_moe_qx q = edge_moe_qx_from(&qx2, start[e]);
                 edge_moe_matrix_times(&w, r0, r1, h + (size_t)start[e] * F, &q, n, outs + (size_t)start[e] * H, H,
                                       buf);
             }
