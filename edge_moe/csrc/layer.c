@@ -20,6 +20,7 @@
 #include <string.h>
 #include "f16_rows.h"
 #include "matrix.h"
+#include "scratch.h"
 
 /* One layer's parameters (native_layer.py fills it with ctypes; keep the two in step). */
 typedef struct {
@@ -188,10 +189,12 @@ KERNEL int edge_moe_layer(const layer_params *L, const float *x, int T, void *kc
     size_t widest = (size_t)(H > qw ? H : qw), score_floats = (size_t)group * (n + 8) + E;
     widest = widest > (size_t)Fs ? widest : (size_t)Fs;
     size_t buf_floats = 4 * widest + 8, shared_floats = Fs ? (size_t)T * (3 * (size_t)Fs + 1 + H) : 0;
-    float *xn = malloc(sizeof(float) * (size_t)T * H + 32), *qkv = malloc(sizeof(float) * (size_t)T * width + 32);
-    float *attn = malloc(sizeof(float) * (size_t)T * qw + 32), *bufs = malloc(sizeof(float) * buf_floats * threads);
-    float *scores = malloc(sizeof(float) * score_floats * threads);
-    float *shared = malloc(sizeof(float) * shared_floats + 32);
+    float *xn = edge_moe_scratch(sizeof(float) * (size_t)T * H + 32);
+    float *qkv = edge_moe_scratch(sizeof(float) * (size_t)T * width + 32);
+    float *attn = edge_moe_scratch(sizeof(float) * (size_t)T * qw + 32);
+    float *bufs = edge_moe_scratch(sizeof(float) * buf_floats * threads);
+    float *scores = edge_moe_scratch(sizeof(float) * score_floats * threads);
+    float *shared = edge_moe_scratch(sizeof(float) * shared_floats + 32);
     layer_qx qx;
     memset(&qx, 0, sizeof qx);
     int ok = xn && qkv && attn && bufs && scores && shared;
@@ -290,7 +293,8 @@ KERNEL int edge_moe_layer(const layer_params *L, const float *x, int T, void *kc
     }
     edge_moe_qx_free(&qx.xn), edge_moe_qx_free(&qx.attn), edge_moe_qx_free(&qx.moe_input);
     edge_moe_qx_free(&qx.shared_h);
-    free(xn), free(qkv), free(attn), free(bufs), free(scores), free(shared);
+    edge_moe_scratch_free(xn), edge_moe_scratch_free(qkv), edge_moe_scratch_free(attn), edge_moe_scratch_free(bufs);
+    edge_moe_scratch_free(scores), edge_moe_scratch_free(shared);
     return ok ? 0 : -1;
 }
 
@@ -301,7 +305,8 @@ KERNEL int edge_moe_head(const float *norm, float eps, const edge_moe_matrix *W,
     if (threads < 1) threads = 1;
     int H = W->k;
     size_t buf_floats = 4 * (size_t)H + 8;
-    float *xn = malloc(sizeof(float) * (size_t)T * H + 32), *bufs = malloc(sizeof(float) * buf_floats * threads);
+    float *xn = edge_moe_scratch(sizeof(float) * (size_t)T * H + 32);
+    float *bufs = edge_moe_scratch(sizeof(float) * buf_floats * threads);
     edge_moe_qx qx = {0};
     int ok = xn && bufs && edge_moe_qx_alloc(&qx, W, T) == 0;
     if (ok) {
@@ -316,6 +321,6 @@ KERNEL int edge_moe_head(const float *norm, float eps, const edge_moe_matrix *W,
         }
     }
     edge_moe_qx_free(&qx);
-    free(xn), free(bufs);
+    edge_moe_scratch_free(xn), edge_moe_scratch_free(bufs);
     return ok ? 0 : -1;
 }

@@ -9,6 +9,7 @@
 
 #include "f16_rows.h"
 #include "matrix.h"
+#include "scratch.h"
 
 #define BLOCKS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
 
@@ -286,9 +287,9 @@ BLOCKS static inline __attribute__((always_inline)) void block_tile(const edge_m
             _mm_prefetch((const char *)(sw0 + PREFETCH_BLOCK_ROWS * nb + i), _MM_HINT_T0);
     /* token j's codes, lane scales and lane zeros; a missing token repeats t0 */
 #define TILE_TOKEN_AT(j)                                                                                               \
-    int token##j = t0 + (j < n ? j : 0);                                                                                 \
-    const int8_t *a##j = qx->q + (size_t)token##j * codes;                                                                 \
-    const float *sa##j = qx->lane_scale + (size_t)token##j * qx->lanes;                                                    \
+    int token##j = t0 + (j < n ? j : 0);                                                                               \
+    const int8_t *a##j = qx->q + (size_t)token##j * codes;                                                             \
+    const float *sa##j = qx->lane_scale + (size_t)token##j * qx->lanes;                                                \
     const int32_t *za##j = qx->lane_zero + (size_t)token##j * qx->lanes;
     TILE_TOKEN_AT(0) TILE_TOKEN_AT(1) TILE_TOKEN_AT(2) TILE_TOKEN_AT(3)
 #undef TILE_TOKEN_AT
@@ -427,20 +428,21 @@ void edge_moe_matrix_times(const edge_moe_matrix *m, int r0, int r1, const float
 int edge_moe_qx_alloc(edge_moe_qx *qx, const edge_moe_matrix *m, int n) {
     if (!m->w || m->bits >= 16 || qx->q) return 0; /* float rows read x itself; an input's first consumer sized it */
     qx->k = m->k, qx->bits = m->bits, qx->block = m->block, qx->blocks = qx_blocks(m->k, m->block);
-    qx->q = malloc((size_t)n * qx->blocks * qx->block + 64);
-    qx->scale = malloc(sizeof(float) * ((size_t)n * qx->blocks + 16));
-    qx->sum = malloc(sizeof(float) * ((size_t)n * qx->blocks + 16));
+    qx->q = edge_moe_scratch((size_t)n * qx->blocks * qx->block + 64);
+    qx->scale = edge_moe_scratch(sizeof(float) * ((size_t)n * qx->blocks + 16));
+    qx->sum = edge_moe_scratch(sizeof(float) * ((size_t)n * qx->blocks + 16));
     qx->lanes = qx->blocks * qx->block * qx->bits / 32;
     if (use_512) {
-        qx->lane_scale = malloc(sizeof(float) * ((size_t)n * qx->lanes + 16));
-        qx->lane_zero = malloc(sizeof(int32_t) * ((size_t)n * qx->lanes + 16));
+        qx->lane_scale = edge_moe_scratch(sizeof(float) * ((size_t)n * qx->lanes + 16));
+        qx->lane_zero = edge_moe_scratch(sizeof(int32_t) * ((size_t)n * qx->lanes + 16));
         if (!qx->lane_scale || !qx->lane_zero) return -1;
     }
     return qx->q && qx->scale && qx->sum ? 0 : -1;
 }
 
 void edge_moe_qx_free(edge_moe_qx *qx) {
-    free(qx->q), free(qx->scale), free(qx->sum), free(qx->lane_scale), free(qx->lane_zero);
+    edge_moe_scratch_free(qx->q), edge_moe_scratch_free(qx->scale), edge_moe_scratch_free(qx->sum);
+    edge_moe_scratch_free(qx->lane_scale), edge_moe_scratch_free(qx->lane_zero);
     qx->q = NULL, qx->scale = qx->sum = qx->lane_scale = NULL, qx->lane_zero = NULL;
 }
 
@@ -482,7 +484,7 @@ int edge_moe_matmul(const edge_moe_matrix *m, const float *x, int n, float *out,
     if (threads < 1) threads = 1;
     edge_moe_qx qx = {0};
     size_t buf_floats = 4 * (size_t)m->k + 8;
-    float *bufs = malloc(sizeof(float) * buf_floats * threads);
+    float *bufs = edge_moe_scratch(sizeof(float) * buf_floats * threads);
     int ok = edge_moe_qx_alloc(&qx, m, n) == 0 && bufs;
     if (ok) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -493,6 +495,6 @@ int edge_moe_matmul(const edge_moe_matrix *m, const float *x, int n, float *out,
         }
     }
     edge_moe_qx_free(&qx);
-    free(bufs);
+    edge_moe_scratch_free(bufs);
     return ok ? 0 : -1;
 }

@@ -21,6 +21,7 @@
 #include <string.h>
 #include "f16_rows.h"
 #include "matrix.h"
+#include "scratch.h"
 
 /* h[r / 2] = silu(g[r]) * g[r + 1] for the interleaved gate/up rows r0 <= r < r1 (r0 even): eight rows' exponentials
  * at a time (exp8; the up rows' are computed and not used), which took prefill's scalar expf off the profile. */
@@ -40,14 +41,15 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
     int pairs = T * k, H = fc1->k, F = fc2->k;
     /* group the (token, slot) pairs by expert: rows start[e] .. start[e + 1] of the scratch are expert e's */
     int *count = calloc((size_t)E + 1, sizeof(int)), *start = calloc((size_t)E + 1, sizeof(int));
-    int *slot_row = malloc(sizeof(int) * (size_t)(pairs ? pairs : 1));
-    float *xs = malloc(sizeof(float) * (size_t)pairs * H + 32);
-    float *gu = malloc(sizeof(float) * (size_t)pairs * 2 * F + 32);
-    float *h = malloc(sizeof(float) * (size_t)pairs * F + 32), *outs = malloc(sizeof(float) * (size_t)pairs * H + 32);
-    int *active = malloc(sizeof(int) * (size_t)(E ? E : 1));
+    int *slot_row = edge_moe_scratch(sizeof(int) * (size_t)(pairs ? pairs : 1));
+    float *xs = edge_moe_scratch(sizeof(float) * (size_t)pairs * H + 32);
+    float *gu = edge_moe_scratch(sizeof(float) * (size_t)pairs * 2 * F + 32);
+    float *h = edge_moe_scratch(sizeof(float) * (size_t)pairs * F + 32);
+    float *outs = edge_moe_scratch(sizeof(float) * (size_t)pairs * H + 32);
+    int *active = edge_moe_scratch(sizeof(int) * (size_t)(E ? E : 1));
     if (threads < 1) threads = 1;
     size_t buf_floats = 4 * (size_t)(H > F ? H : F) + 8; /* four rows converted, per thread */
-    float *bufs = malloc(sizeof(float) * buf_floats * (size_t)threads);
+    float *bufs = edge_moe_scratch(sizeof(float) * buf_floats * (size_t)threads);
     edge_moe_qx qx1 = {0}, qx2 = {0};
     int ok = count && start && slot_row && xs && gu && h && outs && active && bufs;
     ok = (edge_moe_qx_alloc(&qx1, fc1, pairs) == 0) & (edge_moe_qx_alloc(&qx2, fc2, pairs) == 0) && ok;
@@ -116,7 +118,9 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
         }
     }
     edge_moe_qx_free(&qx1), edge_moe_qx_free(&qx2);
-    free(count), free(start), free(slot_row), free(xs), free(gu), free(h), free(outs), free(active), free(bufs);
+    free(count), free(start);
+    edge_moe_scratch_free(slot_row), edge_moe_scratch_free(xs), edge_moe_scratch_free(gu), edge_moe_scratch_free(h);
+    edge_moe_scratch_free(outs), edge_moe_scratch_free(active), edge_moe_scratch_free(bufs);
     return ok ? 0 : -1;
 }
 
@@ -126,9 +130,10 @@ KERNEL int edge_moe_expert_blocks(const edge_moe_matrix *gate_up, const edge_moe
                                   float *y, int threads) {
     int H = gate_up->k, F = down->k;
     if (threads < 1) threads = 1;
-    float *gu = malloc(sizeof(float) * (size_t)n * 2 * F + 32), *h = malloc(sizeof(float) * (size_t)n * F + 32);
+    float *gu = edge_moe_scratch(sizeof(float) * (size_t)n * 2 * F + 32);
+    float *h = edge_moe_scratch(sizeof(float) * (size_t)n * F + 32);
     size_t buf_floats = 4 * (size_t)(H > F ? H : F) + 8;
-    float *bufs = malloc(sizeof(float) * buf_floats * (size_t)threads);
+    float *bufs = edge_moe_scratch(sizeof(float) * buf_floats * (size_t)threads);
     edge_moe_qx qx1 = {0}, qx2 = {0};
     int ok = (edge_moe_qx_alloc(&qx1, gate_up, n) == 0) & (edge_moe_qx_alloc(&qx2, down, n) == 0) && gu && h && bufs;
     if (ok) {
@@ -147,7 +152,7 @@ KERNEL int edge_moe_expert_blocks(const edge_moe_matrix *gate_up, const edge_moe
         }
     }
     edge_moe_qx_free(&qx1), edge_moe_qx_free(&qx2);
-    free(gu), free(h), free(bufs);
+    edge_moe_scratch_free(gu), edge_moe_scratch_free(h), edge_moe_scratch_free(bufs);
     return ok ? 0 : -1;
 }
 
@@ -165,7 +170,8 @@ static int xw_chunk(int N, int n, int threads) {
 KERNEL int edge_moe_expert_f16(const uint16_t *gate_up, const uint16_t *down, int H, int F, const float *x, int n,
                                float *y, int threads) {
     if (threads < 1) threads = 1;
-    float *gu = malloc(sizeof(float) * (size_t)n * 2 * F + 32), *h = malloc(sizeof(float) * (size_t)n * F + 32);
+    float *gu = edge_moe_scratch(sizeof(float) * (size_t)n * 2 * F + 32);
+    float *h = edge_moe_scratch(sizeof(float) * (size_t)n * F + 32);
     int ok = gu && h;
     if (ok) {
         int chunk1 = xw_chunk(2 * F, n, threads), chunk2 = xw_chunk(H, n, threads);
@@ -187,6 +193,6 @@ KERNEL int edge_moe_expert_f16(const uint16_t *gate_up, const uint16_t *down, in
             }
         }
     }
-    free(gu), free(h);
+    edge_moe_scratch_free(gu), edge_moe_scratch_free(h);
     return ok ? 0 : -1;
 }
