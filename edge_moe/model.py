@@ -17,13 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import EdgeMoeError
-from .experts import ExpertKernels, ExpertSource
+from .experts import AllResidentExperts, ExpertKernels, ExpertSource
 from .family_spec import ROUTE_OUTPUTS
 from .files import drop_page_cache
 from .fused_moe import experts_run_quantized
 from .kv_cache import KVCache, new_kv_cache
 from .layer_graphs import half_attention_graph
 from .manifest import Manifest
+from .native import release_scratch
 from .native_layer import load_native_embed, load_native_head, load_native_layers
 from .routing import Router, group_by_expert
 from .sessions import OrtClock, TimedSession, open_session
@@ -171,7 +172,11 @@ class Forward:
     def hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """ids [T] int64 after the cached tokens -> final hidden states [T, H]; extends the cache."""
         with self._step_lock:
-            return self._hidden(ids, cache)
+            h = self._hidden(ids, cache)
+            if ids.shape[0] > 1 and not isinstance(self.experts, AllResidentExperts):
+                # under a budget no prompt-sized kernel scratch stays past its prompt: the budget holds that memory
+                release_scratch()
+            return h
 
     def _hidden(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         self.experts.begin_step()

@@ -118,8 +118,17 @@ def _load():
     library.edge_moe_blocks_use_avx2(0)  # the block kernels this CPU runs best (AVX-512 VNNI, else AVX2)
     library.edge_moe_matmul.argtypes = [m, p, i, p, i]
     library.edge_moe_matmul.restype = i
+    library.edge_moe_scratch_release.restype = ctypes.c_size_t
     _library = library
     return library
+
+
+def release_scratch() -> int:
+    """Gives back the scratch memory the kernels keep for the calling thread's next calls (csrc/scratch.h: up to
+    64 MiB, a prompt's buffers, kept because faulting them in again cost a third of a 2-thread prefill); returns
+    its bytes (0 without the kernels)."""
+    library = _load()
+    return int(library.edge_moe_scratch_release()) if library is not None else 0
 
 
 def blocks_fused_reason() -> str | None:

@@ -125,3 +125,17 @@ def test_blocks_the_kernel_cannot_read_are_refused():
         native.Matrix.of_blocks(codes, q.scales, 8, 32, 64)
     with pytest.raises(ValueError, match=r"x \(1, 63\) is not \[T, 64\]"):
         native.matmul(native.Matrix.of_blocks(codes, q.scales, 4, 32, 64), np.zeros((1, 63), np.float32))
+
+
+def test_kept_scratch_changes_no_result():
+    """Kernel calls keep their scratch blocks for the calling thread's next calls (csrc/scratch.c): a block that held
+    another call's values leaves no trace in a result, and release_scratch gives them back."""
+    rng = np.random.default_rng(7)
+    q = quantize(rng.standard_normal((512, 512)).astype(np.float32), 4, 32)
+    x = rng.standard_normal((96, 512)).astype(np.float32)
+    native.release_scratch()
+    first = native.matmul(blocks(q), x, threads=2)
+    native.matmul(blocks(q), rng.standard_normal((160, 512)).astype(np.float32) * 1e3, threads=2)
+    assert np.array_equal(native.matmul(blocks(q), x, threads=2), first)
+    assert native.release_scratch() >= 96 * 512  # at least the quantized activations' codes were kept
+    assert native.release_scratch() == 0
