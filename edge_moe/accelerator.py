@@ -204,6 +204,11 @@ class AcceleratorTier(ResidencyView, ExpertSource):
     def _worth_promoting(self, key, expert) -> bool:
         """Promote an expert the CPU would run now when its expected uses (its decayed routing share over about a
         half-life of calls) times what a resident decode call saves exceed one upload, and it has room."""
+        if self.residency.fits(expert.record.length):
+            # free room: the copy costs one upload and saves every later CPU run and every read of it from flash
+            # (uniform routing gives no expert the share that pays an upload back in compute alone: on the H200 a
+            # 25 % GPU budget held the 26 experts a prefill had uploaded, whatever the budget)
+            return True
         p = self.cost.predict(expert, 1)
         saving, upload = p["cpu"] - p["gpu"], p["upload"] - p["gpu"]
         if saving <= 0 or self._share_now(key) * saving < upload:
