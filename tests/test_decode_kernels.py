@@ -89,6 +89,33 @@ def test_peer_side_bench_decodes_at_a_context_depth(tiny_package):
     assert stats["decode"] > 0 and stats["prefill"] > 0 and stats["calls_per_token"] >= model.config["num_layers"]
 
 
+def test_peer_side_bench_decodes_random_tokens_as_llama_bench_does(tiny_package, monkeypatch):
+    """llama-bench's decode feeds random tokens; ours does too, not the argmax it computes (a random-weight model's
+    argmax can cycle through a few tokens whose experts stay cached, which under a memory limit tripled speed)."""
+    from edge_moe.bench.peer import our_bench
+
+    package, _ = tiny_package
+    model = edge_moe.load(package)
+    forward, fed = model.forward, []
+    hidden, logits = forward.hidden, forward.logits
+
+    def recorded(ids, cache):
+        fed.append(ids.tolist())
+        return hidden(ids, cache)
+
+    def always_five(h):
+        out = logits(h)
+        out[:] = 0.0
+        out[:, 5] = 1.0
+        return out
+
+    monkeypatch.setattr(forward, "hidden", recorded)
+    monkeypatch.setattr(forward, "logits", always_five)
+    our_bench(model, prompt=8, tokens=12, depth=0, seed=0)
+    decoded = [ids[0] for ids in fed if len(ids) == 1][1:]  # after the untimed one-token step
+    assert len(decoded) == 12 and len(set(decoded)) > 6 and decoded != [5] * 12
+
+
 @pytest.mark.parametrize("attention", ["gqa", "generic"])
 def test_peer_side_bench_times_no_kv_cache_growth(checkpoint, attention, monkeypatch):
     """As llama-bench `-d DEPTH`: the timed prefill runs after `depth` cached tokens and an untimed prefill of as many
