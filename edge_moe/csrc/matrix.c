@@ -1,7 +1,8 @@
 /* Weight matrices of any storage times float32 activations (matrix.h): float16 rows go to f16_rows.c, float32 rows
  * and block codes are here. Block codes go 64 bytes a step (128 codes at 4 bits, 64 at 8), summed in int32 by
- * vpdpbusd, each step's sums scaled per block in float32: one token (decode, memory bound) four rows a pass with
- * their codes prefetched ahead; several (prefill, compute bound) tiles of two rows x four tokens.
+ * vpdpbusd from a seed that takes the zero point off (the activations' lane view), each step's sums scaled per
+ * block in float32: one token (decode, memory bound) four rows a pass, several (prefill, compute bound) tiles of
+ * two or four rows x four tokens; both prefetch the codes of the rows ahead, which are read cold either way.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -462,7 +463,7 @@ void edge_moe_run_products(const edge_moe_product *ps, int count, int n, float *
     threads = omp_get_num_threads();
 #endif
     for (int i = 0; i < count; i++)
-        block[i] = row_block(ps[i].m->rows, n, threads), first[i] = total,
+        block[i] = row_block(ps[i].m->rows, threads), first[i] = total,
         total += (ps[i].m->rows + block[i] - 1) / block[i];
 #pragma omp for schedule(dynamic, 1)
     for (int item = 0; item < total; item++) {

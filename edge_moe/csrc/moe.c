@@ -70,8 +70,8 @@ KERNEL int edge_moe_moe(const edge_moe_matrix *fc1, const edge_moe_matrix *fc2, 
         int n_active = 0;
         for (int e = 0; e < E; e++)
             if (start[e + 1] > start[e]) active[n_active++] = e;
-        /* one token a layer (decode): each active expert's rows in shares (row_block); else blocks of ROW_BLOCK */
-        int single = T == 1, b1 = row_block(2 * F, single ? 1 : 2, threads), b2 = row_block(H, single ? 1 : 2, threads);
+        /* each active expert's rows in shares (row_block) */
+        int b1 = row_block(2 * F, threads), b2 = row_block(H, threads);
         int blocks1 = (2 * F + b1 - 1) / b1, blocks2 = (H + b2 - 1) / b2;
         int items1 = n_active * blocks1, items2 = n_active * blocks2, rows = start[E];
         /* work items take as long as their expert has tokens: handed out in turn, not split in advance */
