@@ -17,10 +17,11 @@
 /* A decoded token reads each row once, cold: ask for the codes and scales of the rows two passes ahead (as
  * f16_rows.c does; without it a 4-bit matrix read at 5 GB/s where float16 rows stream at 30). */
 #define PREFETCH_BLOCK_ROWS 8
-/* Rows of a prefill tile of four tokens: four where a product has many tokens (a backbone matrix over a prompt: 64
- * tokens through 1024 x 512 at 4 bits 571 -> 405 us), two for the few an expert gets in a prompt (eight on average
- * in a 64-token prefill of q3-q8b8r, where four rows made the prefill slower: 108 -> 119 ms). */
-#define MANY_TOKENS 16
+/* Rows of a prefill tile of four tokens: four from four tokens on, two for two or three. Four rows made a prefill
+ * slower while the tiles kept their accumulators on the stack (q3-q8b8r: 108 -> 119 ms); with named variables they
+ * pay from four tokens on (a 4-bit 1024 x 512 matrix times 8 tokens, rows read from memory: 38.9 -> 33.9 us, 8-bit
+ * 56.4 -> 48.6; q3-q4b8r's 64-token prefill 1,943 -> 2,090 tok/s on one thread). */
+#define MANY_TOKENS 4
 
 static int use_512; /* AVX-512 with VNNI (edge_moe_blocks_use_avx2(0) looks); else the AVX2 kernels */
 
