@@ -52,6 +52,7 @@ void *edge_moe_scratch(size_t bytes) {
         k->block[best] = NULL, k->kept -= capacity(block);
         return block;
     }
+    if (bytes > SIZE_MAX / 2) return NULL; /* a size that wrapped in the caller's arithmetic */
     bytes = (bytes + 63) & ~(size_t)63;
     char *raw = aligned_alloc(64, bytes + HEADER);
     if (!raw) return NULL;
