@@ -114,8 +114,8 @@ def _load():
     library.edge_moe_expert_f16.argtypes = [p, p, i, i, p, i, p, i]
     library.edge_moe_expert_f16.restype = i
     library.edge_moe_blocks_supported.restype = i
-    library.edge_moe_blocks_use_avx2.argtypes = [i]
-    library.edge_moe_blocks_use_avx2(0)  # the block kernels this CPU runs best (AVX-512 VNNI, else AVX2)
+    library.edge_moe_blocks_use.argtypes = [i]
+    library.edge_moe_blocks_use(0)  # the block kernels this CPU runs best (AVX-512 VNNI, else AVX-VNNI, else AVX2)
     library.edge_moe_matmul.argtypes = [m, p, i, p, i]
     library.edge_moe_matmul.restype = i
     library.edge_moe_scratch_release.restype = ctypes.c_size_t
@@ -133,28 +133,35 @@ def release_scratch() -> int:
 
 def blocks_fused_reason() -> str | None:
     """None where the block kernels also run stacked quantized experts and a quantized backbone (AVX-512 VNNI), else
-    why onnxruntime keeps those: edge_moe's AVX2 block kernel (one row and token at a time, untuned) decoded q3-q4b8r
-    at 337 tok/s on the 2-core AMD VM, against 420 for onnxruntime's QMoE and step graph there (which used that CPU's
-    VNNI: an AVX2-only CPU was not measured). Streamed quantized experts take the kernel on AVX2 too: no session
-    beside each, 131 tok/s against 41 at a 50 % budget there."""
+    why onnxruntime keeps those. Measured on the 2-core AMD VM with the weaker kernels forced: edge_moe's AVX2 block
+    kernel (a row and a token at a time) decoded q3-q4b8r at 337 tok/s against 420 for onnxruntime's QMoE and step
+    graph; its AVX-VNNI kernel (blocks_vnni256.c) decodes 376-405 against 350-398 but prefills 64 tokens at 934-969
+    against 1,305-1,397, 8-bit 655-697 against 1,248-1,272 (onnxruntime used that CPU's AVX-512 VNNI: a CPU with
+    AVX-VNNI alone was not measured). Streamed quantized experts take the kernels everywhere: no session beside each
+    (AVX2: 131 tok/s against 41 at a 50 % budget; AVX-VNNI prefills 570 tok/s there against AVX2's 427)."""
     reason = unavailable_reason()
     if reason is None and blocks_instructions() != "avx512-vnni":
         reason = ("this CPU lacks AVX-512 VNNI: onnxruntime's fused kernels run resident quantized experts and "
-                  "backbones (edge_moe's AVX2 block kernel streams experts)")
+                  f"backbones (edge_moe's {blocks_instructions().upper()} block kernel streams experts)")
     return reason
 
 
+BLOCK_INSTRUCTIONS = {3: "avx512-vnni", 2: "avx-vnni", 1: "avx2"}  # edge_moe_blocks_use's levels
+
+
 def blocks_instructions() -> str | None:
-    """What the block-code kernels run on here: "avx512-vnni", "avx2", or None (the kernels are not built)."""
+    """What the block-code kernels run on here: "avx512-vnni", "avx-vnni" (256-bit VNNI), "avx2", or None (the
+    kernels are not built)."""
     library = _load()
-    return None if library is None else {2: "avx512-vnni", 1: "avx2"}.get(library.edge_moe_blocks_supported())
+    return None if library is None else BLOCK_INSTRUCTIONS.get(library.edge_moe_blocks_supported())
 
 
-def use_avx2_blocks(avx2: bool) -> None:
-    """Tests and measurements: the AVX2 block kernels even where AVX-512 VNNI is there, or (False) the CPU's best."""
+def use_block_instructions(name: str | None) -> None:
+    """Tests and measurements: the block kernels of `name` (one of BLOCK_INSTRUCTIONS' values) or the best below it
+    this CPU has; None: the CPU's best."""
     library = _load()
     if library is not None:
-        library.edge_moe_blocks_use_avx2(int(avx2))
+        library.edge_moe_blocks_use({v: k for k, v in BLOCK_INSTRUCTIONS.items()}[name] if name else 0)
 
 
 def matmul(matrix: Matrix, x: np.ndarray, threads: int = 1) -> np.ndarray:

@@ -137,16 +137,18 @@ def mxfp4_gpt_oss_checkpoint(hf_dir, out_dir):
     return out_dir
 
 
-@pytest.fixture(params=["avx512-vnni", "avx2"])
+@pytest.fixture(params=["avx512-vnni", "avx-vnni", "avx2"])
 def instructions(request):
-    """Each block kernel (edge_moe.native) the CPU runs: AVX-512 VNNI where it has it, and the AVX2 one (forced there
-    too, as on a CPU without VNNI)."""
+    """Each block kernel (edge_moe.native) the CPU runs: AVX-512 VNNI and AVX-VNNI where it has them, and the AVX2
+    one (forced there too, as on a CPU without VNNI)."""
     from edge_moe import native
 
     if native.unavailable_reason() is not None:
         pytest.skip(native.unavailable_reason())
-    if request.param == "avx512-vnni" and native.blocks_instructions() != "avx512-vnni":
-        pytest.skip("this CPU lacks AVX-512 VNNI")
-    native.use_avx2_blocks(request.param == "avx2")
-    yield request.param
-    native.use_avx2_blocks(False)
+    native.use_block_instructions(request.param)
+    try:
+        if native.blocks_instructions() != request.param:
+            pytest.skip(f"this CPU lacks {request.param}")
+        yield request.param
+    finally:
+        native.use_block_instructions(None)

@@ -176,13 +176,13 @@ def test_without_vnni_a_quantized_backbone_keeps_its_graphs(tmp_path):
                          max_position_embeddings=512, head_dim=16)
     build_checkpoint(tmp_path / "hf", config)
     path = export_checkpoint(tmp_path / "hf", tmp_path / "pkg", dtype="float16", backbone_bits=8, progress=False)
-    native.use_avx2_blocks(True)
+    native.use_block_instructions("avx2")
     try:
         model = edge_moe.load(path)
         assert model.backbone.native_layers is None
         assert model.backbone.native_reason.startswith("this CPU lacks AVX-512 VNNI")
     finally:
-        native.use_avx2_blocks(False)
+        native.use_block_instructions(None)
     assert edge_moe.load(path).backbone.native_layers is not None or native.blocks_instructions() != "avx512-vnni"
 
 

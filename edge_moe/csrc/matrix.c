@@ -23,18 +23,22 @@
  * 56.4 -> 48.6; q3-q4b8r's 64-token prefill 1,943 -> 2,090 tok/s on one thread). */
 #define MANY_TOKENS 4
 
-static int use_512; /* AVX-512 with VNNI (edge_moe_blocks_use_avx2(0) looks); else the AVX2 kernels */
+/* The block kernels in use (edge_moe_blocks_use): 3 AVX-512 VNNI (here), 2 AVX-VNNI (blocks_vnni256.c), 1 AVX2. */
+static int level;
+#define use_512 (level == 3)
 
-void edge_moe_blocks_use_avx2(int avx2) {
+void edge_moe_blocks_use(int which) {
     __builtin_cpu_init();
-    use_512 = !avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-              __builtin_cpu_supports("avx512dq");
+    int best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+                       __builtin_cpu_supports("avx512dq")
+                   ? 3
+               : __builtin_cpu_supports("avxvnni") ? 2
+                                                   : 1;
+    level = which > 0 && which < best ? which : best;
 }
 
-int edge_moe_blocks_supported(void) {
-    return use_512 + 1; /* 2: AVX-512 VNNI; 1: AVX2 (what edge_moe_f16_supported already requires) */
-}
+int edge_moe_blocks_supported(void) { return level; }
 
 edge_moe_matrix edge_moe_sub_rows(const edge_moe_matrix *m, int first, int rows) {
     edge_moe_matrix s = *m;
@@ -44,14 +48,6 @@ edge_moe_matrix edge_moe_sub_rows(const edge_moe_matrix *m, int first, int rows)
     if (m->scales) s.scales = m->scales + (size_t)first * qx_blocks(m->k, m->block);
     s.rows = rows;
     return s;
-}
-
-/* The bytes of a row's next step from byte `at` of `row_bytes`: 64, then 32, then 16 for the rest (a row is whole
- * blocks of a multiple of 32 codes: at 4 bits a multiple of 16 bytes). The activations' layout follows the same
- * steps. */
-static inline int step_bytes(int at, int row_bytes) {
-    int left = row_bytes - at;
-    return left >= 64 ? 64 : left >= 32 ? 32 : 16;
 }
 
 /* 4 bits: each step of a row of `codes` (step_bytes: 128, then 64, then 32 codes) reordered to its even positions,
@@ -162,7 +158,8 @@ void edge_moe_quantize(const float *x, const edge_moe_qx *qx, int t0, int t1) {
         (use_512 ? quantize_token : quantize_token_portable)(x + (size_t)t * qx->k, qx, q, scale,
                                                              qx->sum + (size_t)t * nb);
         if (qx->lane_scale)
-            lane_view(qx, q, scale, qx->lane_scale + (size_t)t * qx->lanes, qx->lane_zero + (size_t)t * qx->lanes);
+            (use_512 ? lane_view : edge_moe_lane_view_portable)(qx, q, scale, qx->lane_scale + (size_t)t * qx->lanes,
+                                                               qx->lane_zero + (size_t)t * qx->lanes);
     }
 }
 
@@ -423,6 +420,8 @@ void edge_moe_matrix_times(const edge_moe_matrix *m, int r0, int r1, const float
         f32_rows((const float *)m->w, m->k, r0, r1, x, n, out, ldo);
     else if (use_512)
         block_rows(m, r0, r1, qx, n, out, ldo);
+    else if (level == 2)
+        edge_moe_blocks_vnni256(m, r0, r1, qx, n, out, ldo);
     else
         block_rows_avx2(m, r0, r1, qx, n, out, ldo);
 }
@@ -434,7 +433,7 @@ int edge_moe_qx_alloc(edge_moe_qx *qx, const edge_moe_matrix *m, int n) {
     qx->scale = edge_moe_scratch(sizeof(float) * ((size_t)n * qx->blocks + 16));
     qx->sum = edge_moe_scratch(sizeof(float) * ((size_t)n * qx->blocks + 16));
     qx->lanes = qx->blocks * qx->block * qx->bits / 32;
-    if (use_512) {
+    if (level >= 2) {
         qx->lane_scale = edge_moe_scratch(sizeof(float) * ((size_t)n * qx->lanes + 16));
         qx->lane_zero = edge_moe_scratch(sizeof(int32_t) * ((size_t)n * qx->lanes + 16));
         if (!qx->lane_scale || !qx->lane_zero) return -1;

@@ -36,13 +36,21 @@ typedef struct {
     int k, bits, block, blocks, lanes;
 } edge_moe_qx;
 
-/* Chooses the block-code kernels: the AVX2 ones (1: tests, or where AVX-512 VNNI is missing), or the CPU's best (0:
- * call once before the rest). */
-void edge_moe_blocks_use_avx2(int avx2);
+/* Chooses the block-code kernels: the CPU's best (0: call once before the rest), or at most `which` (tests): 3
+ * AVX-512 F/BW/VL/DQ with VNNI, 2 AVX-VNNI (256-bit vpdpbusd), 1 AVX2 (FMA and F16C too, which the float16 kernels
+ * already need). */
+void edge_moe_blocks_use(int which);
 
-/* Which block-code kernels run: 2 for AVX-512 F/BW/VL/DQ with VNNI, 1 for AVX2 (FMA and F16C too, which the float16
- * kernels already need). */
+/* Which block-code kernels run (3, 2 or 1 as above). */
 int edge_moe_blocks_supported(void);
+
+/* The bytes of a row's next step from byte `at` of `row_bytes`: 64, then 32, then 16 for the rest (a row is whole
+ * blocks of a multiple of 32 codes: at 4 bits a multiple of 16 bytes). The activations' layout follows the same
+ * steps. */
+static inline int step_bytes(int at, int row_bytes) {
+    int left = row_bytes - at;
+    return left >= 64 ? 64 : left >= 32 ? 32 : 16;
+}
 
 /* Blocks of a row of k values: ceil(k / block). */
 static inline int qx_blocks(int k, int block) { return (k + block - 1) / block; }
@@ -59,6 +67,14 @@ void edge_moe_matrix_times(const edge_moe_matrix *m, int r0, int r1, const float
  * input's consumers sizes them; nothing for float rows): 0, or -1 without memory (free them all the same). */
 int edge_moe_qx_alloc(edge_moe_qx *qx, const edge_moe_matrix *m, int n);
 void edge_moe_qx_free(edge_moe_qx *qx);
+
+/* The AVX-VNNI block kernels (blocks_vnni256.c), as edge_moe_matrix_times calls them for block codes. */
+void edge_moe_blocks_vnni256(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, int n, float *out,
+                             int ldo);
+
+/* One token's lane view (above) from its codes q and block scales, without AVX-512. */
+void edge_moe_lane_view_portable(const edge_moe_qx *qx, const int8_t *q, const float *scale, float *lane_scale,
+                                 int32_t *lane_zero);
 
 /* Tokens `first` .. of qx as activations of their own (an expert's tokens among a layer's). */
 edge_moe_qx edge_moe_qx_from(const edge_moe_qx *qx, int first);
