@@ -13,23 +13,28 @@ import edge_moe
 from edge_moe import huge_pages
 
 MiB = 1 << 20
-PROT_RW, MAP_PRIVATE_ANONYMOUS = 0x3, 0x22
+PROT_NONE, PROT_RW, MAP_PRIVATE_ANONYMOUS = 0x0, 0x3, 0x22
 
 needs_collapse = pytest.mark.skipif(huge_pages.unsupported_reason() is not None,
                                     reason=f"no huge pages here: {huge_pages.unsupported_reason()}")
 
 
 class Mapping:
-    """A private anonymous mapping of its own (its own line in /proc/self/smaps)."""
+    """A private anonymous mapping of its own (its own line in /proc/self/smaps): between two inaccessible guard
+    pages, so the kernel cannot merge it with a neighbouring read-write mapping (it did, when another mapping of the
+    process happened to end where this one began: its smaps line then counted 13-17 MiB for a 12 MiB mapping)."""
 
     def __init__(self, nbytes: int):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                                                   ctypes.c_int, ctypes.c_int, ctypes.c_long]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        self.libc, self.nbytes = libc, nbytes
-        self.address = libc.mmap(None, nbytes, PROT_RW, MAP_PRIVATE_ANONYMOUS, -1, 0)
-        assert self.address not in (None, ctypes.c_void_p(-1).value)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.libc, self.nbytes, page = libc, nbytes, os.sysconf("SC_PAGE_SIZE")
+        self.base = libc.mmap(None, nbytes + 2 * page, PROT_NONE, MAP_PRIVATE_ANONYMOUS, -1, 0)
+        assert self.base not in (None, ctypes.c_void_p(-1).value)
+        self.address = self.base + page
+        assert libc.mprotect(self.address, nbytes, PROT_RW) == 0, ctypes.get_errno()
         self.bytes = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(self.address))
 
     def smaps(self) -> dict[str, int]:
@@ -46,7 +51,7 @@ class Mapping:
         return fields
 
     def close(self):
-        self.libc.munmap(self.address, self.nbytes)
+        self.libc.munmap(self.base, self.nbytes + 2 * os.sysconf("SC_PAGE_SIZE"))
 
 
 @needs_collapse
