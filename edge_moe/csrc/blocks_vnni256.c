@@ -36,23 +36,44 @@ typedef struct {
     __m256 scale;
 } half_x;
 
-VNNI256 static inline half_x load_x(const edge_moe_qx *qx, int t, int at, int c, int h, int bytes, int four) {
-    const int8_t *a = qx->q + (size_t)t * qx->blocks * qx->block;
-    size_t lanes = (size_t)t * qx->lanes + (size_t)(at + h) / 4;
-    half_x x;
-    x.lo = load_half(a + (four ? 2 * at : at) + h, bytes);
-    x.hi = four ? load_half(a + 2 * at + c + h, bytes) : x.lo;
-    x.zero = load_half(qx->lane_zero + lanes, bytes); /* a lane per 4 bytes of codes: 8 or 4 */
-    x.scale = _mm256_castsi256_ps(load_half(qx->lane_scale + lanes, bytes));
+/* Token t's activations: where its codes, lane zeros and lane scales begin (computed once a tile, not a step). */
+typedef struct {
+    const int8_t *q;
+    const int32_t *zero;
+    const float *scale;
+} token_x;
+
+static inline token_x token_at(const edge_moe_qx *qx, int t) {
+    token_x x = {qx->q + (size_t)t * qx->blocks * qx->block, qx->lane_zero + (size_t)t * qx->lanes,
+                 qx->lane_scale + (size_t)t * qx->lanes};
     return x;
 }
 
-/* Codes times activations for one row's half: the lane sums, seeded with the lane zeros. */
-VNNI256 static inline __m256i half_sums(__m256i raw, const half_x *x, int four) {
-    if (!four) return _mm256_dpbusd_avx_epi32(x->zero, raw, x->lo);
+VNNI256 static inline half_x load_x(token_x t, int at, int c, int h, int bytes, int four) {
+    half_x x;
+    x.lo = load_half(t.q + (four ? 2 * at : at) + h, bytes);
+    x.hi = four ? load_half(t.q + 2 * at + c + h, bytes) : x.lo;
+    x.zero = load_half(t.zero + (at + h) / 4, bytes); /* a lane per 4 bytes of codes: 8 or 4 */
+    x.scale = _mm256_castsi256_ps(load_half(t.scale + (at + h) / 4, bytes));
+    return x;
+}
+
+/* A row's half of codes as vpdpbusd takes them: 4 bits as low and high nibbles, 8 bits as they are. */
+typedef struct {
+    __m256i lo, hi;
+} half_w;
+
+VNNI256 static inline half_w unpack(__m256i raw, int four) {
     const __m256i nibble = _mm256_set1_epi8(0x0F);
-    __m256i s = _mm256_dpbusd_avx_epi32(x->zero, _mm256_and_si256(raw, nibble), x->lo);
-    return _mm256_dpbusd_avx_epi32(s, _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble), x->hi);
+    half_w w = {raw, raw};
+    if (four) w.lo = _mm256_and_si256(raw, nibble), w.hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+    return w;
+}
+
+/* Codes times activations for one row's half: the lane sums, seeded with the lane zeros. */
+VNNI256 static inline __m256i half_sums(half_w w, const half_x *x, int four) {
+    __m256i s = _mm256_dpbusd_avx_epi32(x->zero, w.lo, x->lo);
+    return four ? _mm256_dpbusd_avx_epi32(s, w.hi, x->hi) : s;
 }
 
 static inline float hsum8(__m256 v) __attribute__((target("avx2")));
@@ -72,6 +93,7 @@ VNNI256 static void rows_one(const edge_moe_matrix *m, int r0, int r1, const edg
         int rows = r1 - r < 4 ? r1 - r : 4, ahead = r + PREFETCH_ROWS + 4 <= r1;
         const uint8_t *w[4];
         const float *sw[4];
+        token_x token = token_at(qx, 0);
         for (int i = 0; i < 4; i++) {
             int row = r + (i < rows ? i : 0);
             w[i] = (const uint8_t *)m->w + (size_t)row * row_bytes, sw[i] = m->scales + (size_t)row * nb;
@@ -81,11 +103,11 @@ VNNI256 static void rows_one(const edge_moe_matrix *m, int r0, int r1, const edg
             int c = step_bytes(at, row_bytes);
             for (int h = 0; h < c; h += 32) {
                 int bytes = c - h < 32 ? c - h : 32;
-                half_x x = load_x(qx, 0, at, c, h, bytes, four);
+                half_x x = load_x(token, at, c, h, bytes, four);
 #define ONE_ROW(i)                                                                                                     \
     do {                                                                                                               \
         if (ahead) _mm_prefetch((const char *)(w[i] + at + h + PREFETCH_ROWS * (size_t)row_bytes), _MM_HINT_T0);     \
-        __m256i s = half_sums(load_half(w[i] + at + h, bytes), &x, four);                                              \
+        __m256i s = half_sums(unpack(load_half(w[i] + at + h, bytes), four), &x, four);                                              \
         acc##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),                                                                \
                                  _mm256_mul_ps(half_scales(sw[i], at + h, bytes, shift, lane), x.scale), acc##i);     \
     } while (0)
@@ -105,7 +127,7 @@ VNNI256 static void rows_one(const edge_moe_matrix *m, int r0, int r1, const edg
 /* Token j of a tile times both rows at this half step, into a0j and a1j. */
 #define TILE_TOKEN(j)                                                                                                  \
     do {                                                                                                               \
-        half_x x = load_x(qx, t##j, at, c, h, bytes, four);                                                            \
+        half_x x = load_x(x##j, at, c, h, bytes, four);                                                                \
         a0##j = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_sums(raw0, &x, four)), _mm256_mul_ps(ws0, x.scale), a0##j);    \
         a1##j = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_sums(raw1, &x, four)), _mm256_mul_ps(ws1, x.scale), a1##j);    \
     } while (0)
@@ -131,7 +153,8 @@ VNNI256 static void rows_tiles(const edge_moe_matrix *m, int r0, int r1, const e
         const float *s0 = m->scales + (size_t)r * nb, *s1 = rows > 1 ? s0 + nb : s0;
         for (int t = 0; t < n; t += 4) {
             int tokens = n - t < 4 ? n - t : 4, ahead = t == 0 && r + PREFETCH_ROWS + 2 <= r1;
-            int t0 = t, t1 = tokens > 1 ? t + 1 : t, t2 = tokens > 2 ? t + 2 : t, t3 = tokens > 3 ? t + 3 : t;
+            token_x x0 = token_at(qx, t), x1 = token_at(qx, tokens > 1 ? t + 1 : t);
+            token_x x2 = token_at(qx, tokens > 2 ? t + 2 : t), x3 = token_at(qx, tokens > 3 ? t + 3 : t);
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
             __m256 a13 = a00;
             for (int at = 0; at < row_bytes;) {
@@ -142,7 +165,8 @@ VNNI256 static void rows_tiles(const edge_moe_matrix *m, int r0, int r1, const e
                         _mm_prefetch((const char *)(w0 + at + h + PREFETCH_ROWS * (size_t)row_bytes), _MM_HINT_T0);
                         _mm_prefetch((const char *)(w1 + at + h + PREFETCH_ROWS * (size_t)row_bytes), _MM_HINT_T0);
                     }
-                    __m256i raw0 = load_half(w0 + at + h, bytes), raw1 = load_half(w1 + at + h, bytes);
+                    half_w raw0 = unpack(load_half(w0 + at + h, bytes), four);
+                    half_w raw1 = unpack(load_half(w1 + at + h, bytes), four);
                     __m256 ws0 = half_scales(s0, at + h, bytes, shift, lane);
                     __m256 ws1 = half_scales(s1, at + h, bytes, shift, lane);
                     TILE_TOKEN(0);
