@@ -1,5 +1,5 @@
-/* Block codes times quantized activations with AVX-VNNI (256-bit vpdpbusd, no AVX-512): the CPUs of most laptops and
- * small desktops since 2021 (Intel Alder Lake on, AMD Zen 4 on). The arithmetic is matrix.c's AVX-512 one, lane for
+/* Block codes times quantized activations with AVX-VNNI (256-bit vpdpbusd, no AVX-512): Intel's laptop and desktop
+ * CPUs since Alder Lake (2021), which have no AVX-512 (AMD's since Zen 4 have AVX-512 VNNI: matrix.c). The arithmetic is matrix.c's AVX-512 one, lane for
  * lane: each int32 lane sums the products of 4 bytes of codes, seeded with the activations' lane view (the zero
  * point, exactly), then is scaled by its block's weight scale times its activation scale. A 64-byte step of the
  * activations' layout goes as two halves of 32 bytes (at 4 bits the low nibbles of half h multiply the step's even
