@@ -105,26 +105,27 @@ def expert_footprint(length: int) -> int:
     return -(-length // PAGE) * PAGE + PAGE
 
 
-def record_footprint(record: ExpertRecord, kernel: bool = True) -> int:
+def record_footprint(record: ExpertRecord, kernel: bool = True, built: bool | None = None) -> int:
     """Bytes one resident expert of this record costs: its read buffer plus what a quantized expert holds beside it
     (its MatMulNBits session's prepacked weights, or its dequantized float32 copy; nothing where edge_moe's kernel
-    reads the buffer: edge_moe.quant). kernel: the model may run edge_moe's kernels (native_kernel not False)."""
-    return expert_footprint(record.length) + resident_extra_bytes(expert_shape(record), kernel)
+    reads the buffer: edge_moe.quant). kernel: the model may run edge_moe's kernels (native_kernel not False); built:
+    they exist on the machine in question (a device profile's cpu.isa), None: this one."""
+    return expert_footprint(record.length) + resident_extra_bytes(expert_shape(record), kernel, built)
 
 
-def minimum_budget(manifest: Manifest, kernel: bool = True) -> int:
+def minimum_budget(manifest: Manifest, kernel: bool = True, built: bool | None = None) -> int:
     """The largest layer's top-k experts: a layer's experts must all be resident while it runs."""
     k = int(manifest.config["top_k"])
     by_layer: dict[int, list[int]] = {}
     for record in manifest.experts.values():
-        by_layer.setdefault(record.layer, []).append(record_footprint(record, kernel))
+        by_layer.setdefault(record.layer, []).append(record_footprint(record, kernel, built))
     return max((sum(sorted(sizes)[-k:]) for sizes in by_layer.values()), default=0)
 
 
-def full_budget(manifest: Manifest, kernel: bool = True) -> int:
+def full_budget(manifest: Manifest, kernel: bool = True, built: bool | None = None) -> int:
     """What every expert costs resident in RAM (stored bytes, read buffers' rounding, quantized extras): the most
     a RAM budget can use."""
-    return sum(record_footprint(r, kernel) for r in manifest.experts.values())
+    return sum(record_footprint(r, kernel, built) for r in manifest.experts.values())
 
 
 def share_total(manifest: Manifest, kernel: bool = True) -> int:

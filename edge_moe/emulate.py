@@ -81,20 +81,22 @@ class TokenBucket:
         self.wait(self.reserve(nbytes))
 
 
-def profile_budget(profile: DeviceProfile, manifest) -> int:
+def profile_budget(profile: DeviceProfile, manifest, built: bool | None = None) -> int:
     """Expert budget on the device: usable RAM less the backbone and the runtime's overhead, capped at all experts.
+    built: experts sized as where edge_moe's kernels exist (the planner: the profile's cpu.isa), None: as on this
+    machine (the emulator, which runs here).
 
     Raises:
         EdgeMoeError: the device cannot hold the backbone plus one layer's top-k experts.
     """
     room = profile.usable_ram_bytes - manifest.backbone_bytes - RUNTIME_OVERHEAD
-    need = minimum_budget(manifest)
+    need = minimum_budget(manifest, True, built)
     if room < need:
         raise EdgeMoeError(f"profile {profile.name}: {profile.usable_ram_bytes / 1e9:.2f} GB usable RAM cannot hold "
                            f"the backbone ({manifest.backbone_bytes / 1e9:.2f} GB), the runtime "
                            f"({RUNTIME_OVERHEAD / 1e9:.2f} GB) and one layer's experts ({need / 1e9:.3f} GB); "
                            "pick a larger device or a smaller model")
-    return min(room, full_budget(manifest))
+    return min(room, full_budget(manifest, True, built))
 
 
 def emulation_options(profile, manifest=None, host_cores: int | None = None) -> tuple[dict, list[str]]:

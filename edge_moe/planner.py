@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,12 @@ import numpy as np
 from .budget import expert_footprint, full_budget, minimum_budget
 from .emulate import RUNTIME_OVERHEAD, profile_budget
 from .errors import EdgeMoeError
+from .experts import expert_shape
 from .files import write_text_atomic
 from .manifest import Manifest
 from .opt import simulate
 from .profiles import DeviceProfile, load_profile
+from .quant import resident_extra_bytes
 
 STATS_FILE = "routing_stats.json"
 BITS_SCALE = {32: 1.0, 16: 0.5, 8: 0.28, 4: 0.156}  # expert bytes against fp32 (4-bit: MatMulNBits block 32)
@@ -120,6 +123,20 @@ def compute_costs(manifest: Manifest, profile: DeviceProfile) -> dict:
             "weight_bytes_per_token": per_token_bytes}
 
 
+def resident_footprint(record, bits: int | None, scale: float, profile: DeviceProfile) -> int:
+    """What a resident expert costs on the profile's device: its page-rounded read buffer (its bytes scaled to the
+    what-if `bits`), plus what edge_moe.quant says a quantized expert holds beside it where edge_moe's kernels do not
+    read it there (a MatMulNBits session, or float32 weights for a small one): on an arm64 board a 4-bit expert
+    costs several times its bytes."""
+    buffer = expert_footprint(int(record.length * scale))
+    shape = expert_shape(record)
+    if bits is not None:
+        if bits >= 16:
+            return buffer  # a float expert is its buffer
+        shape = replace(shape, dtype=f"q{bits}", block_size=shape.block_size or 32)  # BITS_SCALE's block of 32
+    return buffer + resident_extra_bytes(shape, True, profile.has_kernels)
+
+
 def predict(manifest: Manifest, stats: dict, profile: DeviceProfile, *, budget: int | None = None,
             policy: str = "adaptive", prefetch: int = 1, bits: int | None = None, tokens: int | None = None,
             flash_scale: float = 1.0, compute_scale: float = 1.0) -> dict:
@@ -138,8 +155,8 @@ def predict(manifest: Manifest, stats: dict, profile: DeviceProfile, *, budget: 
     """
     scale = BITS_SCALE[bits] / BITS_SCALE[32 if manifest.dtype == "float32" else 16] if bits else 1.0
     costs = compute_costs(manifest, profile)
-    budget = profile_budget(profile, manifest) if budget is None else int(budget)
-    sizes = {k: expert_footprint(int(r.length * scale)) for k, r in manifest.experts.items()}
+    budget = profile_budget(profile, manifest, profile.has_kernels) if budget is None else int(budget)
+    sizes = {k: resident_footprint(r, bits, scale, profile) for k, r in manifest.experts.items()}
     budget = min(budget, sum(sizes.values()))
     steps = stats["steps"][: (tokens or len(stats["steps"]))]
     trace = [[(layer, e) for e in experts] for step in steps for layer, experts in step]
@@ -194,7 +211,8 @@ def plan(manifest: Manifest, stats: dict, profile: DeviceProfile, tokens: int | 
     Raises:
         EdgeMoeError: the model cannot run within the profile's RAM.
     """
-    budget = profile_budget(profile, manifest)
+    built = profile.has_kernels  # experts cost what they would there (cpu.isa), not what they cost here
+    budget = profile_budget(profile, manifest, built)
     runs = {p: predict(manifest, stats, profile, budget=budget, policy=p, tokens=tokens)
             for p in ("lru", "lfu", "adaptive")}
     policy = max(runs, key=lambda p: (runs[p]["decode_tokens_per_second"], p == "adaptive"))
@@ -204,8 +222,8 @@ def plan(manifest: Manifest, stats: dict, profile: DeviceProfile, tokens: int | 
     what_if = {
         "flash bandwidth": predict(manifest, stats, profile, budget=budget, policy=policy, prefetch=best["prefetch"],
                                    tokens=tokens, flash_scale=2.0),
-        "RAM": predict(manifest, stats, profile, budget=min(2 * budget, full_budget(manifest)), policy=policy,
-                       prefetch=best["prefetch"], tokens=tokens),
+        "RAM": predict(manifest, stats, profile, budget=min(2 * budget, full_budget(manifest, True, built)),
+                       policy=policy, prefetch=best["prefetch"], tokens=tokens),
         "compute (CPU / memory bandwidth)": predict(manifest, stats, profile, budget=budget, policy=policy,
                                                     prefetch=best["prefetch"], tokens=tokens, compute_scale=2.0),
     }
@@ -215,11 +233,12 @@ def plan(manifest: Manifest, stats: dict, profile: DeviceProfile, tokens: int | 
     by_bits = {}
     for bits in (b for b in (32, 16, 8, 4) if b <= native):
         room = profile.usable_ram_bytes - manifest.backbone_bytes - RUNTIME_OVERHEAD
-        by_bits[bits] = predict(manifest, stats, profile, budget=max(room, minimum_budget(manifest)), policy=policy,
-                                prefetch=best["prefetch"], bits=bits, tokens=tokens)["decode_tokens_per_second"]
+        by_bits[bits] = predict(manifest, stats, profile, budget=max(room, minimum_budget(manifest, True, built)),
+                                policy=policy, prefetch=best["prefetch"], bits=bits,
+                                tokens=tokens)["decode_tokens_per_second"]
     top = max(by_bits.values())
     bits = max(b for b, v in by_bits.items() if v >= 0.9 * top)
-    fits = budget >= full_budget(manifest)
+    fits = budget >= full_budget(manifest, True, built)
     if profile.accelerator_bytes >= manifest.expert_bytes + manifest.backbone_bytes:
         tier = "accelerator: the whole model fits in its memory"
     elif profile.accelerator_bytes > 0:

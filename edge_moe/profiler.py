@@ -27,6 +27,16 @@ from .store import ExpertStore, aligned_empty, hash_bandwidth
 TOKEN_COUNTS = (1, 4, 16, 64)
 
 
+
+def this_isa() -> str:
+    """This machine as a profile's cpu.isa: x86-64-v3 where edge_moe's kernels run here, else its architecture."""
+    from . import native
+
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return "x86-64-v3" if native.unavailable_reason() is None else "x86-64"
+    return "arm64" if machine in ("arm64", "aarch64") else "other"
+
 def _step(message: str) -> None:
     print(f"[profile] {message}", flush=True)
 
@@ -194,7 +204,8 @@ def measure(model_dir: str | None = None, disk_dir: str | None = None) -> dict:
                    "bandwidth_gb_s": round(dram / 1e9, 3)},
         "flash": {"kind": f"disk holding {target}", "seq_read_mb_s": round(seq / 1e6, 1),
                   "rand4k_read_mb_s": round(rand / 1e6, 2)},
-        "cpu": {"name": platform.processor() or platform.machine(), "cores": cores, "gflops_fp32": round(gflops, 2)},
+        "cpu": {"name": platform.processor() or platform.machine(), "cores": cores, "gflops_fp32": round(gflops, 2),
+                "isa": this_isa()},
         "accelerator": {"kind": accelerator, "memory_gb": 0.0},
         "sources": {"memory.ram_gb": f"psutil total, {how}", "memory.usable_fraction": f"psutil available/total, {how}",
                     "memory.bandwidth_gb_s": f"numpy copy of 256 MiB (read+write), {how}",

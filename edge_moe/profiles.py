@@ -29,6 +29,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "accelerator": {"kind": ("str",), "memory_gb": ("num", -1e-9, None)},
 }
 TOP = {"format_version", "name", "description", "notes", "sources", "measured", *SCHEMA}
+# optional fields: section -> field -> the values allowed. cpu.isa says whether edge_moe's kernels (AVX2, FMA and F16C
+# at least: x86-64-v3) run there, which decides what a resident quantized expert costs (its read buffer alone, or a
+# MatMulNBits session beside it: edge_moe.quant); absent, the planner assumes they do not.
+OPTIONAL: dict[str, dict[str, tuple[str, ...]]] = {"cpu": {"isa": ("x86-64-v3", "x86-64", "arm64", "other")}}
 
 
 @dataclass
@@ -47,6 +51,7 @@ class DeviceProfile:
     cpu_name: str
     cores: int
     cpu_flops: float
+    isa: str  # cpu.isa, "" where the profile does not say
     accelerator: str
     accelerator_bytes: int
     sources: dict = field(default_factory=dict)
@@ -56,6 +61,11 @@ class DeviceProfile:
     @property
     def usable_ram_bytes(self) -> int:
         return int(self.ram_bytes * self.usable_fraction)
+
+    @property
+    def has_kernels(self) -> bool:
+        """Whether edge_moe's CPU kernels run on this device (cpu.isa x86-64-v3)."""
+        return self.isa == "x86-64-v3"
 
     @property
     def read_latency(self) -> float:
@@ -122,9 +132,14 @@ def validate(data: dict, path: str = "<profile>", require_sources: bool = True) 
         if not isinstance(table, dict):
             raise EdgeMoeError(f"{_where(path, section)} is missing; add a [{section}] table with "
                                f"{', '.join(fields)}")
-        for key in sorted(set(table) - set(fields)):
+        optional = OPTIONAL.get(section, {})
+        for key in sorted(set(table) - set(fields) - set(optional)):
             raise EdgeMoeError(f"{_where(path, f'{section}.{key}')} is unknown; [{section}] takes "
-                               f"{', '.join(fields)}")
+                               f"{', '.join([*fields, *optional])}")
+        for key, allowed in optional.items():
+            if key in table and table[key] not in allowed:
+                raise EdgeMoeError(f"{_where(path, f'{section}.{key}')} is {table[key]!r}; give one of "
+                                   f"{', '.join(allowed)}")
         for key, spec in fields.items():
             name = f"{section}.{key}"
             if key not in table:
@@ -148,7 +163,8 @@ def from_dict(data: dict, path: str = "<profile>") -> DeviceProfile:
         ram_bytes=int(m["ram_gb"] * 1e9), usable_fraction=float(m["usable_fraction"]),
         memory_bandwidth=m["bandwidth_gb_s"] * 1e9, flash_kind=f["kind"], flash_seq_read=f["seq_read_mb_s"] * 1e6,
         flash_rand4k_read=f["rand4k_read_mb_s"] * 1e6, cpu_name=c["name"], cores=int(c["cores"]),
-        cpu_flops=c["gflops_fp32"] * 1e9, accelerator=a["kind"], accelerator_bytes=int(a["memory_gb"] * 1e9),
+        cpu_flops=c["gflops_fp32"] * 1e9, isa=str(c.get("isa", "")), accelerator=a["kind"],
+        accelerator_bytes=int(a["memory_gb"] * 1e9),
         sources=dict(data.get("sources", {})), measured=dict(data.get("measured", {})), path=path)
 
 

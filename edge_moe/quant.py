@@ -77,20 +77,24 @@ def uses_session(shape) -> bool:
     return session_bytes(shape) < 12 * shape.hidden_size * shape.intermediate_size
 
 
-def kernel_reads(shape) -> bool:
+def kernel_reads(shape, built: bool | None = None) -> bool:
     """Whether edge_moe's block kernel (native.py) runs a resident expert of this ExpertShape from its read buffer,
     with no session: a SwiGLU expert large enough for a session of its own (small ones run as float32), in symmetric
-    8- / 4-bit blocks of a multiple of 32, where the kernels were built (AVX-512 VNNI, or AVX2)."""
-    from . import native
+    8- / 4-bit blocks of a multiple of 32, where the kernels were built (AVX-512 VNNI, AVX-VNNI or AVX2). built:
+    whether they are on the machine in question (the planner's device profile); None: this one."""
+    if built is None:
+        from . import native
 
+        built = native.unavailable_reason() is None
     return (shape.quantized and uses_session(shape) and shape.kind == "swiglu" and shape.bits in (4, 8)
-            and not shape.zero_points and shape.block_size % 32 == 0 and native.unavailable_reason() is None)
+            and not shape.zero_points and shape.block_size % 32 == 0 and built)
 
 
-def resident_extra_bytes(shape, kernel: bool = True) -> int:
+def resident_extra_bytes(shape, kernel: bool = True, built: bool | None = None) -> int:
     """Bytes a resident expert holds beyond its read buffer: the session, or the dequantized float32 weights; none
-    where edge_moe's kernel reads the buffer itself (`kernel`: the model may run it, native_kernel not False)."""
-    if not shape.quantized or (kernel and kernel_reads(shape)):
+    where edge_moe's kernel reads the buffer itself (`kernel`: the model may run it, native_kernel not False;
+    `built`: see kernel_reads)."""
+    if not shape.quantized or (kernel and kernel_reads(shape, built)):
         return 0
     return session_bytes(shape) if uses_session(shape) else 12 * shape.hidden_size * shape.intermediate_size
 

@@ -6,7 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from edge_moe import quant
 from edge_moe.errors import EdgeMoeError
+from edge_moe.expert_graph import ExpertShape
 from edge_moe.planner import load_routing, plan, predict
 from edge_moe.profiles import load_profile
 
@@ -60,6 +62,28 @@ def test_half_bitwidth_halves_reads_and_expert_compute():
     r = predict(manifest(), STATS, profile(), budget=2 * 16384, policy="lru", prefetch=0, bits=16)
     # reads 5 ms; compute 10 - 1 x (1 - 0.5) = 9.5 ms: 14.5 + 9.5 + 14.5 ms
     assert r["decode_tokens_per_second"] == pytest.approx(3 / 0.0385, rel=1e-3)
+
+
+def test_a_quantized_expert_costs_its_session_where_the_kernels_do_not_run():
+    """cpu.isa decides what a resident quantized expert costs: its read buffer where edge_moe's kernels read it
+    (x86-64-v3), its MatMulNBits session's prepacked weights beside it elsewhere (arm64): the same budget holds all
+    four experts on one and one on the other."""
+    q4 = manifest()
+    for record in q4.experts.values():
+        record.dtype, record.block_size = "q4", 32  # 512 x 512: large enough for a session of its own
+    session = quant.session_bytes(ExpertShape("swiglu", 512, 512, "q4", 32))
+    assert session > 16 * 16384  # the session, not the 16 KiB buffer, is the cost
+    budget = 2 * (16384 + session) - 1
+    x86, arm = profile(), profile()
+    x86.isa, arm.isa = "x86-64-v3", "arm64"
+    on_x86 = predict(q4, STATS, x86, budget=budget, policy="lru", prefetch=0)
+    on_arm = predict(q4, STATS, arm, budget=budget, policy="lru", prefetch=0)
+    # x86: 0, 1, 0 (hit), 2; arm, room for one: every step misses
+    assert on_x86["hit_rate"] == pytest.approx(0.25) and on_arm["hit_rate"] == 0.0
+    assert on_arm["bytes_read_per_token"] > on_x86["bytes_read_per_token"]
+    # the recommended budget for every expert: their buffers on one, the sessions too on the other
+    assert plan(q4, STATS, x86)["budget_bytes"] == 4 * 16384
+    assert plan(q4, STATS, arm)["budget_bytes"] == 4 * (16384 + session)
 
 
 def test_plan_names_flash_as_the_bottleneck_when_reads_dominate():

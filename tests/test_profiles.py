@@ -7,7 +7,7 @@ import tomllib
 import pytest
 
 from edge_moe.errors import EdgeMoeError
-from edge_moe.profiles import PROFILE_DIR, SCHEMA, dumps, list_profiles, load_profile, write_profile
+from edge_moe.profiles import PROFILE_DIR, SCHEMA, dumps, from_dict, list_profiles, load_profile, write_profile
 
 GOOD = (PROFILE_DIR / "rpi5-8gb-nvme.toml").read_text()
 
@@ -29,6 +29,13 @@ def test_shipped_profiles_validate_and_cite_every_number():
         assert all(p.sources[n].strip() for n in numbers)
 
 
+def test_the_cpu_isa_is_optional_and_says_where_the_kernels_run():
+    assert load_profile("laptop-16gb-nvme-dgpu").has_kernels and not load_profile("rpi5-8gb-nvme").has_kernels
+    d = data()
+    del d["cpu"]["isa"]
+    assert from_dict(d).isa == "" and not from_dict(d).has_kernels  # unsaid: planned as if they did not run
+
+
 def test_units_and_read_cost():
     p = load_profile("rpi5-8gb-microsd")
     assert p.flash_seq_read == 90e6 and p.ram_bytes == 8e9
@@ -44,6 +51,7 @@ def test_units_and_read_cost():
     (lambda d: d["flash"].update(seq_read_mb_s=0), "flash.seq_read_mb_s"),
     (lambda d: d["cpu"].update(cores=2.5), "cpu.cores"),
     (lambda d: d["cpu"].update(threads=4), "cpu.threads"),
+    (lambda d: d["cpu"].update(isa="riscv"), "cpu.isa"),
     (lambda d: d["sources"].pop("cpu.gflops_fp32"), "cpu.gflops_fp32"),
     (lambda d: d["sources"].update({"cpu.speed": "x"}), "sources.cpu.speed"),
     (lambda d: d.pop("accelerator"), "accelerator"),
