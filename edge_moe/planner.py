@@ -35,7 +35,7 @@ from .profiles import DeviceProfile, load_profile
 from .quant import resident_extra_bytes
 
 STATS_FILE = "routing_stats.json"
-BITS_SCALE = {32: 1.0, 16: 0.5, 8: 0.28, 4: 0.156}  # expert bytes against fp32 (4-bit: MatMulNBits block 32)
+BITS_SCALE = {32: 1.0, 16: 0.5, 8: 0.28, 4: 0.156, 2: 0.094}  # expert bytes against fp32 (MatMulNBits block 32)
 STREAM_EFFICIENCY = 0.6  # share of DRAM bandwidth a 1-row product streams weights at (used without a measurement)
 HASH_BANDWIDTH = 10e9  # xxh3 bytes/s without a measurement
 # Per MoE layer, what decode spends outside streaming weights (Python, routing, session calls) without a measurement:
@@ -123,6 +123,13 @@ def compute_costs(manifest: Manifest, profile: DeviceProfile) -> dict:
             "weight_bytes_per_token": per_token_bytes}
 
 
+def package_bits(manifest: Manifest) -> int:
+    """The experts' width as packaged (the most common among them): what a what-if bitwidth scales from. A quantized
+    package's manifest dtype is its float backbone's, not its experts'."""
+    widths = [expert_shape(r).bits for r in manifest.experts.values()]
+    return max(set(widths), key=widths.count) if widths else (32 if manifest.dtype == "float32" else 16)
+
+
 def resident_footprint(record, bits: int | None, scale: float, profile: DeviceProfile) -> int:
     """What a resident expert costs on the profile's device: its page-rounded read buffer (its bytes scaled to the
     what-if `bits`), plus what edge_moe.quant says a quantized expert holds beside it where edge_moe's kernels do not
@@ -153,7 +160,7 @@ def predict(manifest: Manifest, stats: dict, profile: DeviceProfile, *, budget: 
     Raises:
         EdgeMoeError: budget below one layer's top-k experts; no routing steps.
     """
-    scale = BITS_SCALE[bits] / BITS_SCALE[32 if manifest.dtype == "float32" else 16] if bits else 1.0
+    scale = BITS_SCALE[bits] / BITS_SCALE[package_bits(manifest)] if bits else 1.0
     costs = compute_costs(manifest, profile)
     budget = profile_budget(profile, manifest, profile.has_kernels) if budget is None else int(budget)
     sizes = {k: resident_footprint(r, bits, scale, profile) for k, r in manifest.experts.items()}
@@ -202,7 +209,7 @@ def predict(manifest: Manifest, stats: dict, profile: DeviceProfile, *, budget: 
             "peak_memory_bytes": manifest.backbone_bytes + budget + RUNTIME_OVERHEAD,
             "io_seconds_per_token": float(np.mean([(r / S) * read_s for r in reads[1:]])) if len(reads) > 1 else 0.0,
             "compute_seconds_per_token": costs["decode_s"] / compute_scale, "compute_source": costs["source"],
-            "policy": policy, "prefetch": prefetch, "bits": bits or (32 if manifest.dtype == "float32" else 16)}
+            "policy": policy, "prefetch": prefetch, "bits": bits or package_bits(manifest)}
 
 
 def plan(manifest: Manifest, stats: dict, profile: DeviceProfile, tokens: int | None = None) -> dict:

@@ -86,6 +86,22 @@ def test_a_quantized_expert_costs_its_session_where_the_kernels_do_not_run():
     assert plan(q4, STATS, arm)["budget_bytes"] == 4 * (16384 + session)
 
 
+def test_what_if_bitwidths_scale_from_the_packaged_experts():
+    """A 4-bit package's what-ifs scale from 4 bits (its manifest dtype is its float backbone's): 4 bits is the
+    package itself, 32 bits reads 1 / 0.156 as many bytes a miss, and the plan does not prefer 32 bits for nothing."""
+    q4 = manifest()
+    for record in q4.experts.values():
+        record.dtype, record.block_size = "q4", 32
+    x86 = profile()
+    x86.isa = "x86-64-v3"  # every expert its buffer; a budget they all fit in at any width: the same misses
+    as_packaged = predict(q4, STATS, x86, budget=10**7, policy="lru", prefetch=0)
+    at_4 = predict(q4, STATS, x86, budget=10**7, policy="lru", prefetch=0, bits=4)
+    at_32 = predict(q4, STATS, x86, budget=10**7, policy="lru", prefetch=0, bits=32)
+    assert as_packaged["bits"] == 4 and at_4["decode_tokens_per_second"] == as_packaged["decode_tokens_per_second"]
+    assert at_32["bytes_read_per_token"] == pytest.approx(as_packaged["bytes_read_per_token"] / 0.156, rel=0.01)
+    assert at_32["decode_tokens_per_second"] < as_packaged["decode_tokens_per_second"]
+
+
 def test_plan_names_flash_as_the_bottleneck_when_reads_dominate():
     result = plan(manifest(), STATS, profile(seq=LENGTH * 2, ram=10**9), tokens=None)
     assert result["fits_in_ram"] and result["bottleneck"] == "flash bandwidth"
