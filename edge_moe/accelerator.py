@@ -202,17 +202,16 @@ class AcceleratorTier(ResidencyView, ExpertSource):
         return value * 0.5 ** ((self.now - at) / self.half_life)
 
     def _worth_promoting(self, key, expert) -> bool:
-        """Promote an expert the CPU would run now when its expected uses (its decayed routing share over about a
-        half-life of calls) times what a resident decode call saves exceed one upload, and it has room."""
-        if self.residency.fits(expert.record.length):
-            # free room: the copy costs one upload and saves every later CPU run and every read of it from flash
-            # (uniform routing gives no expert the share that pays an upload back in compute alone: on the H200 a
-            # 25 % GPU budget held the 26 experts a prefill had uploaded, whatever the budget)
-            return True
-        p = self.cost.predict(expert, 1)
-        saving, upload = p["cpu"] - p["gpu"], p["upload"] - p["gpu"]
-        if saving <= 0 or self._share_now(key) * saving < upload:
-            return False
+        """Promote an expert the CPU would run now while the tier has free room (the copy costs one upload and saves
+        every later CPU run and every read of it from flash: uniform routing gives no expert the share that pays an
+        upload back in compute alone, and on the H200 a 25 % GPU budget held the 26 experts a prefill had uploaded,
+        whatever the budget); into a full tier when its expected uses (its decayed routing share over about a
+        half-life of calls) times what a resident decode call saves exceed one upload and _room_for says so."""
+        if not self.residency.fits(expert.record.length):
+            p = self.cost.predict(expert, 1)
+            saving, upload = p["cpu"] - p["gpu"], p["upload"] - p["gpu"]
+            if saving <= 0 or self._share_now(key) * saving < upload:
+                return False
         return self._room_for(key, expert.record.length)
 
     def _room_for(self, key, nbytes: int) -> bool:

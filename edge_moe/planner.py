@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .budget import expert_footprint, full_budget, minimum_budget
+from .budget import expert_footprint, full_budget, minimum_budget, record_footprint
 from .emulate import RUNTIME_OVERHEAD, profile_budget
 from .errors import EdgeMoeError
 from .experts import expert_shape
@@ -135,12 +135,12 @@ def resident_footprint(record, bits: int | None, scale: float, profile: DevicePr
     what-if `bits`), plus what edge_moe.quant says a quantized expert holds beside it where edge_moe's kernels do not
     read it there (a MatMulNBits session, or float32 weights for a small one): on an arm64 board a 4-bit expert
     costs several times its bytes."""
+    if bits is None:
+        return record_footprint(record, True, profile.has_kernels)
     buffer = expert_footprint(int(record.length * scale))
-    shape = expert_shape(record)
-    if bits is not None:
-        if bits >= 16:
-            return buffer  # a float expert is its buffer
-        shape = replace(shape, dtype=f"q{bits}", block_size=shape.block_size or 32)  # BITS_SCALE's block of 32
+    if bits >= 16:
+        return buffer  # a float expert is its buffer
+    shape = replace(expert_shape(record), dtype=f"q{bits}", block_size=record.block_size or 32)  # BITS_SCALE's 32
     return buffer + resident_extra_bytes(shape, True, profile.has_kernels)
 
 

@@ -27,7 +27,6 @@ from .store import ExpertStore, aligned_empty, hash_bandwidth
 TOKEN_COUNTS = (1, 4, 16, 64)
 
 
-
 def this_isa() -> str:
     """This machine as a profile's cpu.isa: x86-64-v3 where edge_moe's kernels run here, else its architecture."""
     from . import native
@@ -36,6 +35,7 @@ def this_isa() -> str:
     if machine in ("x86_64", "amd64"):
         return "x86-64-v3" if native.unavailable_reason() is None else "x86-64"
     return "arm64" if machine in ("arm64", "aarch64") else "other"
+
 
 def _step(message: str) -> None:
     print(f"[profile] {message}", flush=True)

@@ -1,18 +1,19 @@
 /* Block codes times quantized activations with AVX-VNNI (256-bit vpdpbusd, no AVX-512): Intel's laptop and desktop
- * CPUs since Alder Lake (2021), which have no AVX-512 (AMD's since Zen 4 have AVX-512 VNNI: matrix.c). The arithmetic is matrix.c's AVX-512 one, lane for
- * lane: each int32 lane sums the products of 4 bytes of codes, seeded with the activations' lane view (the zero
- * point, exactly), then is scaled by its block's weight scale times its activation scale. A 64-byte step of the
- * activations' layout goes as two halves of 32 bytes (at 4 bits the low nibbles of half h multiply the step's even
- * codes from h on, the high nibbles its odd ones from c + h on); a 16-byte step as one zero-extended half.
- * One token: four rows a pass, their codes prefetched ahead. Several: tiles of two rows x four tokens.
+ * CPUs since Alder Lake (2021), which have no AVX-512 (AMD's since Zen 4 have AVX-512 VNNI: matrix.c). The
+ * arithmetic is matrix.c's AVX-512 one, lane for lane: each int32 lane sums the products of 4 bytes of codes, seeded
+ * with the activations' lane view (the zero point, exactly), then is scaled by its block's weight scale times its
+ * activation scale. A 64-byte step of the activations' layout goes as two halves of 32 bytes (at 4 bits the low
+ * nibbles of half h multiply the step's even codes from h on, the high nibbles its odd ones from c + h on); a 16-byte
+ * step as one zero-extended half. One token: four rows a pass, their codes prefetched ahead. Several: tiles of two
+ * rows x four tokens.
  */
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "f16_rows.h"
 #include "matrix.h"
 
 #define VNNI256 __attribute__((target("avxvnni,avx2,fma,f16c")))
-#define PREFETCH_ROWS 8 /* as matrix.c: the rows two decode passes ahead */
 
 /* `bytes` (32 or 16: zero-extended) from p. */
 VNNI256 static inline __m256i load_half(const void *p, int bytes) {
@@ -76,21 +77,14 @@ VNNI256 static inline __m256i half_sums(half_w w, const half_x *x, int four) {
     return four ? _mm256_dpbusd_avx_epi32(s, w.hi, x->hi) : s;
 }
 
-static inline float hsum8(__m256 v) __attribute__((target("avx2")));
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* One token: rows r0 .. r1, four a pass (a last pass of fewer repeats its first row; those sums are not stored). */
 VNNI256 static void rows_one(const edge_moe_matrix *m, int r0, int r1, const edge_moe_qx *qx, float *out) {
     int nb = qx->blocks, bb = qx->block * m->bits / 8, row_bytes = nb * bb, four = m->bits == 4;
     int shift = __builtin_ctz(bb);
+    size_t ahead_bytes = PREFETCH_BLOCK_ROWS * (size_t)row_bytes;
     const __m256i lane = _mm256_srli_epi32(_mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), shift);
     for (int r = r0; r < r1; r += 4) {
-        int rows = r1 - r < 4 ? r1 - r : 4, ahead = r + PREFETCH_ROWS + 4 <= r1;
+        int rows = r1 - r < 4 ? r1 - r : 4, ahead = r + PREFETCH_BLOCK_ROWS + 4 <= r1;
         const uint8_t *w[4];
         const float *sw[4];
         token_x token = token_at(qx, 0);
@@ -106,8 +100,8 @@ VNNI256 static void rows_one(const edge_moe_matrix *m, int r0, int r1, const edg
                 half_x x = load_x(token, at, c, h, bytes, four);
 #define ONE_ROW(i)                                                                                                     \
     do {                                                                                                               \
-        if (ahead) _mm_prefetch((const char *)(w[i] + at + h + PREFETCH_ROWS * (size_t)row_bytes), _MM_HINT_T0);     \
-        __m256i s = half_sums(unpack(load_half(w[i] + at + h, bytes), four), &x, four);                                              \
+        if (ahead) _mm_prefetch((const char *)(w[i] + at + h + ahead_bytes), _MM_HINT_T0);                             \
+        __m256i s = half_sums(unpack(load_half(w[i] + at + h, bytes), four), &x, four);                                \
         acc##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s),                                                                \
                                  _mm256_mul_ps(half_scales(sw[i], at + h, bytes, shift, lane), x.scale), acc##i);     \
     } while (0)
@@ -119,7 +113,7 @@ VNNI256 static void rows_one(const edge_moe_matrix *m, int r0, int r1, const edg
             }
             at += c;
         }
-        float sums[4] = {hsum8(acc0), hsum8(acc1), hsum8(acc2), hsum8(acc3)};
+        float sums[4] = {hsum(acc0), hsum(acc1), hsum(acc2), hsum(acc3)};
         for (int i = 0; i < rows; i++) out[r + i] = sums[i];
     }
 }
@@ -135,7 +129,7 @@ VNNI256 static void rows_one(const edge_moe_matrix *m, int r0, int r1, const edg
 /* Stores row i's sums with the tile's real tokens. */
 #define TILE_STORE(i)                                                                                                  \
     do {                                                                                                               \
-        float sums[4] = {hsum8(a##i##0), hsum8(a##i##1), hsum8(a##i##2), hsum8(a##i##3)};                              \
+        float sums[4] = {hsum(a##i##0), hsum(a##i##1), hsum(a##i##2), hsum(a##i##3)};                              \
         for (int j = 0; j < tokens; j++) out[(size_t)(t + j) * ldo + r + i] = sums[j];                                 \
     } while (0)
 
@@ -146,13 +140,14 @@ VNNI256 static void rows_tiles(const edge_moe_matrix *m, int r0, int r1, const e
                                int ldo) {
     int nb = qx->blocks, bb = qx->block * m->bits / 8, row_bytes = nb * bb, four = m->bits == 4;
     int shift = __builtin_ctz(bb);
+    size_t ahead_bytes = PREFETCH_BLOCK_ROWS * (size_t)row_bytes;
     const __m256i lane = _mm256_srli_epi32(_mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), shift);
     for (int r = r0; r < r1; r += 2) {
         int rows = r1 - r < 2 ? r1 - r : 2;
         const uint8_t *w0 = (const uint8_t *)m->w + (size_t)r * row_bytes, *w1 = rows > 1 ? w0 + row_bytes : w0;
         const float *s0 = m->scales + (size_t)r * nb, *s1 = rows > 1 ? s0 + nb : s0;
         for (int t = 0; t < n; t += 4) {
-            int tokens = n - t < 4 ? n - t : 4, ahead = t == 0 && r + PREFETCH_ROWS + 2 <= r1;
+            int tokens = n - t < 4 ? n - t : 4, ahead = t == 0 && r + PREFETCH_BLOCK_ROWS + 2 <= r1;
             token_x x0 = token_at(qx, t), x1 = token_at(qx, tokens > 1 ? t + 1 : t);
             token_x x2 = token_at(qx, tokens > 2 ? t + 2 : t), x3 = token_at(qx, tokens > 3 ? t + 3 : t);
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00;
@@ -162,8 +157,8 @@ VNNI256 static void rows_tiles(const edge_moe_matrix *m, int r0, int r1, const e
                 for (int h = 0; h < c; h += 32) {
                     int bytes = c - h < 32 ? c - h : 32;
                     if (ahead) {
-                        _mm_prefetch((const char *)(w0 + at + h + PREFETCH_ROWS * (size_t)row_bytes), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(w1 + at + h + PREFETCH_ROWS * (size_t)row_bytes), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(w0 + at + h + ahead_bytes), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(w1 + at + h + ahead_bytes), _MM_HINT_T0);
                     }
                     half_w raw0 = unpack(load_half(w0 + at + h, bytes), four);
                     half_w raw1 = unpack(load_half(w1 + at + h, bytes), four);

@@ -14,9 +14,6 @@
 
 #define BLOCKS __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
 
-/* A decoded token reads each row once, cold: ask for the codes and scales of the rows two passes ahead (as
- * f16_rows.c does; without it a 4-bit matrix read at 5 GB/s where float16 rows stream at 30). */
-#define PREFETCH_BLOCK_ROWS 8
 /* Rows of a prefill tile of four tokens: four from four tokens on, two for two or three. Four rows made a prefill
  * slower while the tiles kept their accumulators on the stack (q3-q8b8r: 108 -> 119 ms); with named variables they
  * pay from four tokens on (a 4-bit 1024 x 512 matrix times 8 tokens, rows read from memory: 38.9 -> 33.9 us, 8-bit
@@ -107,8 +104,6 @@ static void quantize_token_portable(const float *x, const edge_moe_qx *qx, int8_
     }
     if (qx->bits == 4) nibble_order(q, codes);
 }
-
-
 
 /* Per int32 lane of a 64-byte step: the scale of the block it sums (lane j holds bytes 4j .. 4j + 3), from the
  * step's `blocks` scales s[0 ..]. */

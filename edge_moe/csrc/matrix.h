@@ -44,6 +44,11 @@ void edge_moe_blocks_use(int which);
 /* Which block-code kernels run (3, 2 or 1 as above). */
 int edge_moe_blocks_supported(void);
 
+/* Rows ahead the block kernels prefetch: each row is read once, cold, so they ask for the codes and scales of the
+ * rows two decode passes on (as f16_rows.c does; without it a 4-bit matrix read at 5 GB/s where float16 rows stream
+ * at 30), and a prefill tile for the rows two tiles on. */
+#define PREFETCH_BLOCK_ROWS 8
+
 /* The bytes of a row's next step from byte `at` of `row_bytes`: 64, then 32, then 16 for the rest (a row is whole
  * blocks of a multiple of 32 codes: at 4 bits a multiple of 16 bytes). The activations' layout follows the same
  * steps. */
