@@ -10,6 +10,7 @@ import os
 import sys
 
 from .errors import EdgeMoeError
+from .lazy_imports import sigint_deferred
 
 
 def _ids(text: str) -> list[int]:
@@ -378,29 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(run=module.run)
     return parser
-
-
-@contextlib.contextmanager
-def sigint_deferred():
-    """Holds Ctrl-C back while native libraries initialize (interrupted there, they fail with a traceback or an
-    ImportError); a Ctrl-C that came meanwhile arrives as KeyboardInterrupt when the block ends."""
-    import signal
-
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        # A Ctrl-C held back meanwhile is taken here and raised now: left pending, it would be delivered at
-        # unblocking and become a KeyboardInterrupt only at Python's next signal check, somewhere later.
-        interrupted = signal.SIGINT in signal.sigpending()
-        if interrupted:
-            signal.sigwait({signal.SIGINT})
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    if interrupted:
-        raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:

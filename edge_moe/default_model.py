@@ -9,7 +9,6 @@ simply redone. A read-only or missing home falls back to a temporary directory w
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -39,6 +38,8 @@ def cache_root() -> Path:
 
 
 def _digest(checkpoint: Path) -> str:
+    import hashlib  # here: its libcrypto is 3.5 MiB of resident memory that only this check uses
+
     h = hashlib.sha256()
     for path in sorted(checkpoint.iterdir()):
         if path.is_file():

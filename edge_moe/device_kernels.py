@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 
 from .expert_graph import INPUT, OUTPUT, ExpertShape, build_expert_graph
+from .lazy_imports import ort
 from .manifest import ExpertRecord
 from .sessions import OrtClock, TimedSession, open_session
 

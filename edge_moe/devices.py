@@ -16,9 +16,8 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
-import onnxruntime as ort
-
 from .errors import EdgeMoeError
+from .lazy_imports import ort
 from .sessions import shared_pool
 
 

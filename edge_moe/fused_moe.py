@@ -40,12 +40,12 @@ The kernel is given the chosen experts directly (router_probs 1 for the chosen, 
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 
 from . import native, quant
 from .errors import EdgeMoeError
 from .experts import expert_shape
 from .family_spec import ROUTE_OUTPUTS, router_spec
+from .lazy_imports import ort
 from .manifest import Manifest
 from .quant_graph import ACCURACY_LEVEL
 from .sessions import OrtClock, TimedSession, open_session

@@ -21,9 +21,9 @@ import threading
 import weakref
 
 import numpy as np
-import onnxruntime as ort
 
 from .family_spec import attention_spec
+from .lazy_imports import ort
 
 
 class KVCache:
@@ -99,11 +99,9 @@ class GqaKVCache:
             for layer, (k, v) in enumerate(zip(self.keys, self.values)):
                 keys[layer][:, :, :self.offset] = k[:, :, :self.offset]
                 values[layer][:, :, :self.offset] = v[:, :, :self.offset]
-            self._kv = [(ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))
-                        for k, v in zip(keys, values)]
             self.keys, self.values = keys, values
             self.cos, self.sin = (t.astype(self.dtype) for t in rope_tables(self.head_dim, self.rope_theta, capacity))
-            cos, sin = ort.OrtValue.ortvalue_from_numpy(self.cos), ort.OrtValue.ortvalue_from_numpy(self.sin)
+            self._kv = self._shared = None  # the OrtValues over them, made when a graph first binds (_bound)
         else:  # the buffers are on the device, the only copy of what the graphs wrote: copied over through the host
             key = (self.device, shape, self.dtype.str)
             kv = _DEVICE_POOL.take(key, self.num_layers)
@@ -117,16 +115,31 @@ class GqaKVCache:
                 self._release()  # the old buffers back to the pool
             self._kv = kv
             self._release = weakref.finalize(self, _DEVICE_POOL.give, key, kv)
-            cos, sin = _DEVICE_POOL.rope(self.device, self.head_dim, self.rope_theta, capacity, self.dtype)
-        self._shared = {"seqlens_k": ort.OrtValue.ortvalue_from_numpy(self._seqlens),
-                        "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(self._total),
-                        "cos_cache": cos, "sin_cache": sin}
+            self._shared = self._shared_values(*_DEVICE_POOL.rope(self.device, self.head_dim, self.rope_theta,
+                                                                  capacity, self.dtype))
         self.capacity = capacity
         self._decode: dict[int, tuple] = {}  # layer -> (binding, hidden buffer, output buffers), built on first use
 
+    def _shared_values(self, cos, sin) -> dict:
+        return {"seqlens_k": ort.OrtValue.ortvalue_from_numpy(self._seqlens),
+                "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(self._total), "cos_cache": cos,
+                "sin_cache": sin}
+
+    def _bound(self) -> tuple[list, dict]:
+        """(each layer's (key, value) OrtValues, the shared inputs') that graphs bind. On the CPU they are views of
+        the host buffers, made on first use: the layer kernel reads the numpy buffers themselves, and a process
+        whose layers all run there never imports onnxruntime (lazy_imports.py)."""
+        if self._kv is None:
+            self._kv = [(ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))
+                        for k, v in zip(self.keys, self.values)]
+            self._shared = self._shared_values(ort.OrtValue.ortvalue_from_numpy(self.cos),
+                                               ort.OrtValue.ortvalue_from_numpy(self.sin))
+        return self._kv, self._shared
+
     def buffer_addresses(self) -> tuple:
         """Where the buffers a graph binds lie (each layer's KV, the RoPE tables): what a captured graph keeps."""
-        values = [v for kv in self._kv for v in kv] + [self._shared["cos_cache"], self._shared["sin_cache"]]
+        kv, shared = self._bound()
+        values = [v for pair in kv for v in pair] + [shared["cos_cache"], shared["sin_cache"]]
         return tuple(v.data_ptr() for v in values)
 
     def reserve(self, total: int) -> None:
@@ -169,10 +182,11 @@ class GqaKVCache:
     def bind(self, io, layers, named=lambda name, layer: f"{name}.{layer}") -> None:
         """Binds the shared inputs (sequence lengths, RoPE tables) and each of `layers`' buffers as its past and
         present, under the names `named(name, layer)` gives (a graph of several layers, step_graph.py)."""
-        for name, ort_value in self._shared.items():
+        kv, shared = self._bound()
+        for name, ort_value in shared.items():
             io.bind_ortvalue_input(name, ort_value)
         for layer in layers:
-            key, value = self._kv[layer]
+            key, value = kv[layer]
             io.bind_ortvalue_input(named("past_key", layer), key)
             io.bind_ortvalue_input(named("past_value", layer), value)
             io.bind_ortvalue_output(named("key", layer), key)

@@ -21,10 +21,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import onnxruntime as ort
 
 from .errors import EdgeMoeError
 from .files import write_text_atomic
+from .lazy_imports import ort
 
 TOKENS = (1, 8, 64, 512)  # token counts measured: decode, short and long prefill chunks
 

@@ -17,10 +17,10 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import psutil
 
 from .errors import EdgeMoeError
+from .lazy_imports import ort
 from .profiles import FORMAT_VERSION, write_profile
 from .store import ExpertStore, aligned_empty, hash_bandwidth
 

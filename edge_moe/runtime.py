@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .baselines import MmapExperts, NoCacheExperts
 from .budget import Budget, auto_budget, check_memory, full_budget, parse_budget
@@ -116,6 +115,8 @@ class Model:
         elif self.budget is None:
             check_memory(full_budget(manifest, self.kernel), "keeping every expert resident", "pass --budget 25% "
                          "(budget=...) to stream experts from flash")
+            from tqdm import tqdm  # here, not at the top: its import alone holds 3.6 MiB a budgeted run never uses
+
             with tqdm(total=len(manifest.experts), desc="load experts", unit="expert",
                       disable=not progress or fuse) as bar:
                 self.experts = AllResidentExperts(manifest, self.store, bar, trace=self.trace, load=not fuse,
@@ -130,8 +131,11 @@ class Model:
         # self.experts as the RAM tier behind it.
         self.accelerator = self.fused = None
         experts, kernels = self.experts, self.kernels
-        bar = tqdm(total=len(manifest.experts), desc="stack experts", unit="expert", disable=not (progress and fuse))
+        bar = None
         if fuse:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(manifest.experts), desc="stack experts", unit="expert", disable=not progress)
             # every expert of every layer in one stacked tensor a layer, read straight from the package: no tier to
             # place them, and no per-expert copy beside the stacks
             store = self.store
@@ -146,7 +150,8 @@ class Model:
             self.backbone.open_layers_on_use()
         if self.fused is not None and self.fused.quantized and self.step_graph is None:
             self.fused.open_all()
-        bar.close()
+        if bar is not None:
+            bar.close()
         self.forward = Forward(manifest, self.backbone, experts, kernels, predictor,
                                workers=0 if self.fused or not side_by_side else self.threads - 1, fused=self.fused,
                                step=self.step_graph)

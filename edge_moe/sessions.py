@@ -20,10 +20,10 @@ import threading
 import time
 
 import numpy as np
-import onnxruntime as ort
 import psutil
 
 from .errors import EdgeMoeError
+from .lazy_imports import ort
 
 _lock = threading.Lock()
 _threads: int | None = None

@@ -23,12 +23,12 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
-import onnxruntime as ort
 
 from .errors import EdgeMoeError
 from .fused_moe import (FC1, FC1_SCALES, FC2, FC2_SCALES, HIDDEN, RESIDUAL, ROUTE_INDICES, ROUTE_WEIGHTS, X,
                         FusedMoeLayers, build_moe_graph)
 from .layer_graphs import half_attention_model
+from .lazy_imports import ort
 from .manifest import Manifest
 from .model import LAYER_INPUTS
 from .sessions import OrtClock, TimedSession, open_session
