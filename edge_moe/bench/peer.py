@@ -176,6 +176,10 @@ def limited_runs(limit: int, bench: Path, gguf: Path, package: str, threads: int
         # both start cold: pages another group read stay charged there and would not count against this limit
         drop_page_cache([gguf, *(p for p in Path(package).rglob("*") if p.is_file())])
         peer = llama_bench(bench, gguf, threads, args.prompt_tokens, args.tokens, depth)
+        # and ours starts as llama-bench did, in a group without the other's pages: llama-bench's page cache stays
+        # charged to the group after it exits, filling it to the limit, and every page ours then takes must first
+        # be reclaimed from it (2 threads at 317 MiB: 25.8-27.0 tok/s after it, 28.0-32.7 with it dropped)
+        drop_page_cache([gguf])
         worker = [sys.executable, "-m", "edge_moe.bench.peer", package, str(threads), str(args.prompt_tokens),
                   str(args.tokens), str(depth), str(seed)]
         proc = subprocess.run(worker, capture_output=True, text=True)
