@@ -157,6 +157,7 @@ class ExpertCache(ResidencyView, ExpertSource):
             keep = self._protected.union(*self._predicted.values())
             # nearer layers' reads first; a depth-d prediction waits behind every demand read (priority 0)
             ahead = layer - self._layer if self._layer is not None and layer > self._layer else 1
+            self.gate.adapt(time.perf_counter(), self.store.busy_seconds())
             for rank, key in enumerate(predicted):
                 if key in self.resident or key in self.inflight:
                     continue

@@ -221,6 +221,12 @@ class ExpertStore:
             self._active += delta
         return now
 
+    def busy_seconds(self) -> float:
+        """stats.busy_seconds with the interval still open (reads in progress now) counted up to now."""
+        with self._lock:
+            open_interval = time.perf_counter() - self._busy_since if self._active else 0.0
+            return self.stats.busy_seconds + open_interval
+
     def submit(self, key, into: np.ndarray | None = None, priority: int = 0) -> concurrent.futures.Future:
         """Queue `read(key, into)` on the I/O threads; lower `priority` runs first (0: the model is waiting for it,
         larger: a prefetch that many layers ahead), FIFO within a priority. The future raises what `read` would

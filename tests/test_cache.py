@@ -183,6 +183,29 @@ def test_prefetch_gate_skips_reads_of_predictions_that_are_mostly_wrong(package)
     assert cache.gate.counts[(1, 0)] == [11.0, 101.0]
 
 
+def test_prefetch_reads_fewer_uncertain_predictions_while_the_disk_is_saturated(package, monkeypatch):
+    """The cache tells the gate how busy its store has been: a store busy all the time (its busy seconds grow with
+    the clock) raises the threshold over a bucket right 80 % of the time, which an idle store reads."""
+    import time
+
+    manifest = Manifest.load(package)
+    readings = {}
+    for load in (0.0, 1.0):
+        store = store_for(manifest)
+        start = time.perf_counter()
+        monkeypatch.setattr(store, "busy_seconds", lambda: load * (time.perf_counter() - start))
+        cache = ExpertCache(manifest, store, make_policy("lru"), full_budget(manifest))
+        cache.gate.window = 0.01  # the load is averaged over a hundredth of a second, not half a second
+        list(cache.fetch(0, [0, 1]))
+        cache.gate.counts[(1, 0)] = [80.0, 100.0]
+        for _ in range(5):  # prefetches of nothing: each gives the gate the store's load since the last
+            time.sleep(0.02)
+            cache.prefetch(1, [])
+        cache.prefetch(1, [2])
+        readings[load] = (1, 2) in cache.inflight or (1, 2) in cache.resident
+    assert readings == {0.0: True, 1.0: False}
+
+
 def test_ready_first_hands_out_resident_experts_while_a_miss_reads(package):
     """The generation loop computes the experts it has while a miss is still on its way, and learns each one's
     position; a plain fetch keeps routing order (the loop sums results in routing order either way: test above)."""

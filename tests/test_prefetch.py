@@ -38,6 +38,26 @@ def test_gate_scores_each_prediction_once_per_layer_run():
     assert gate.counts == {(1, 0): [1.0, 1.0]}
 
 
+def test_gate_raises_its_threshold_as_the_disk_saturates_and_lowers_it_when_the_disk_idles():
+    """A bucket right 80 % of the time is read while the disk idles part of the time and skipped once it is busy
+    all the time (a wrong speculative read then delays the demand reads behind it); the threshold follows the load."""
+    gate = PrefetchGate(min_precision=0.6, max_precision=0.95, warmup=1, window=0.5)
+    gate.counts[(1, 0)] = [80.0, 100.0]
+    now = busy = 0.0
+    for _ in range(40):  # 2 s busy half the time
+        now, busy = now + 0.05, busy + 0.025
+        gate.adapt(now, busy)
+    assert gate.threshold == pytest.approx(0.6) and gate.allows(1, 0)
+    for _ in range(40):  # 2 s busy all the time: the averaged load nears 1
+        now, busy = now + 0.05, busy + 0.05
+        gate.adapt(now, busy)
+    assert gate.load > 0.95 and gate.threshold == pytest.approx(0.95) and not gate.allows(1, 0)
+    for _ in range(40):  # and idle again
+        now += 0.05
+        gate.adapt(now, busy)
+    assert gate.load < 0.05 and gate.threshold == pytest.approx(0.6) and gate.allows(1, 0)
+
+
 @pytest.mark.parametrize("depth", [1, 3, 99])
 def test_decode_prediction_of_many_layers_at_once_equals_one_router_at_a_time(tiny_package, depth):
     manifest = Manifest.load(tiny_package[0])
