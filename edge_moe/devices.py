@@ -18,7 +18,7 @@ from functools import lru_cache
 
 from .errors import EdgeMoeError
 from .lazy_imports import ort
-from .sessions import shared_pool
+from .sessions import session_threading
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def _loads(provider: str) -> str | None:
     model.ir_version = 8
     options = ort.SessionOptions()
     options.log_severity_level = 4  # the fallback warning is what we report ourselves
-    options.use_per_session_threads = not shared_pool()  # onnxruntime refuses own pools once the shared one exists
+    session_threading(options)  # onnxruntime refuses own pools once the shared one exists
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
     except Exception as exc:  # onnxruntime raises its own types for a provider that fails to load

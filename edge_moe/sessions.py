@@ -27,7 +27,8 @@ from .lazy_imports import ort
 
 _lock = threading.Lock()
 _threads: int | None = None
-_shared_threads: int | None = None  # the shared pool's size once created; then every session must use it
+_shared_threads: int | None = None  # the shared pool's size once asked for; then every session must use it
+_shared_created = False  # whether onnxruntime has made it (at the first session: session_threading)
 _spinning = False  # per-session pools spin while a run lasts (and stop when it returns)
 # per-session: each session its own pool, sleeping between calls; shared: one process-wide pool that spins;
 # per-session-spinning: each session's pool spins during its run and stops when the run returns, so that work
@@ -42,7 +43,10 @@ def default_threads() -> int:
 
 def configure_threads(threads: int | None, pool: str = "per-session") -> int:
     """The intra-op thread count of sessions opened from now on (default: physical cores); returns it. pool
-    'shared' creates the process's shared pool with that many threads (once: a later size is refused)."""
+    'shared' fixes the process's shared pool at that many threads (once: a later size is refused); onnxruntime
+    creates it when the first session opens (open_session), so a process that opens none never imports onnxruntime
+    for it (lazy_imports.py: the command line asks for the shared pool, and a package whose layers and experts all
+    run in edge_moe's kernels opens no session)."""
     global _threads, _shared_threads, _spinning
     if threads is not None:
         cpus = os.cpu_count() or 1
@@ -61,11 +65,6 @@ def configure_threads(threads: int | None, pool: str = "per-session") -> int:
         if threads is not None or _threads is None:
             _threads = int(threads or default_threads())
         if pool == "shared":
-            try:
-                ort.set_global_thread_pool_sizes(_threads, 1)
-            except Exception as exc:  # onnxruntime's own error: pools made elsewhere in this process
-                raise EdgeMoeError(f"thread pool shared: onnxruntime refuses it in this process "
-                                   f"({str(exc).splitlines()[0][:120]}); use thread_pool='per-session'") from None
             _shared_threads = _threads
         _spinning = pool == "per-session-spinning"
         return _threads
@@ -74,6 +73,27 @@ def configure_threads(threads: int | None, pool: str = "per-session") -> int:
 def shared_pool() -> bool:
     """Whether this process runs every session on the shared pool."""
     return _shared_threads is not None
+
+
+def session_threading(options) -> None:
+    """Opts `options` (onnxruntime SessionOptions) into the shared pool where this process runs on it, creating the
+    pool first if no session has yet; else leaves them on a pool of their own.
+
+    Raises:
+        EdgeMoeError: onnxruntime refuses the shared pool (sessions were opened before, elsewhere in the process).
+    """
+    global _shared_created
+    if _shared_threads is None:
+        return
+    with _lock:
+        if not _shared_created:
+            try:
+                ort.set_global_thread_pool_sizes(_shared_threads, 1)
+            except Exception as exc:  # onnxruntime's own error: pools made elsewhere in this process
+                raise EdgeMoeError(f"thread pool shared: onnxruntime refuses it in this process "
+                                   f"({str(exc).splitlines()[0][:120]}); use thread_pool='per-session'") from None
+            _shared_created = True
+    options.use_per_session_threads = False  # the shared pool's size holds, whatever a session asks
 
 
 def open_session(model, *, providers=("CPUExecutionProvider",), threads: int | None = None,
@@ -87,8 +107,8 @@ def open_session(model, *, providers=("CPUExecutionProvider",), threads: int | N
     if initializers:
         options.add_external_initializers(list(initializers), [ort.OrtValue.ortvalue_from_numpy(a)
                                                               for a in initializers.values()])
-    if _shared_threads is not None:
-        options.use_per_session_threads = False  # `threads` is moot: the shared pool's size holds
+    if shared_pool():
+        session_threading(options)  # `threads` is moot
     else:
         options.intra_op_num_threads = threads or _threads or default_threads()
         options.inter_op_num_threads = 1

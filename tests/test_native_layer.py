@@ -3,6 +3,7 @@ router in place of the exported layer graphs, against those graphs (onnxruntime 
 or MatMulNBits over the same blocks) and transformers, on every family it expresses, over a float32 or a float16 KV
 cache; and the packages it leaves to the graphs, with the reason."""
 
+import os
 import subprocess
 import sys
 
@@ -101,18 +102,21 @@ def test_under_a_budget_the_layers_run_in_the_kernel_and_experts_stream(package)
 
 def test_a_package_the_kernels_run_whole_never_imports_onnxruntime(qwen3):
     """Importing onnxruntime holds ~20 MiB (lazy_imports.py): a package whose layers and experts all run in
-    edge_moe's kernels loads and generates without it, streamed or resident; graphs import it when first used."""
+    edge_moe's kernels loads and generates without it, streamed or resident, on the command line's shared pool too
+    (onnxruntime makes it at the first session); graphs import it when first used."""
     code = ("import sys, edge_moe; m = edge_moe.load(sys.argv[1], budget=sys.argv[2], native_kernel=sys.argv[3] == '1', "
             "progress=False); m.generate([1, 2, 3], 3); print('onnxruntime' in sys.modules)")
 
-    def imports(budget: str, native_kernel: str) -> str:
+    def imports(budget: str, native_kernel: str, pool: str = "per-session") -> str:
         run = subprocess.run([sys.executable, "-c", code, str(qwen3), budget, native_kernel],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "EDGE_MOE_THREAD_POOL": pool})
         assert run.returncode == 0, run.stderr[-2000:]
         return run.stdout.split()[-1]
 
     assert imports("50%", "1") == "False"
     assert imports("100%", "1") == "False"
+    assert imports("50%", "1", pool="shared") == "False"
     assert imports("50%", "0") == "True"
 
 
