@@ -83,7 +83,8 @@ void edge_moe_scratch_free(void *block) {
 }
 
 size_t edge_moe_scratch_release(void) {
-    kept_blocks *k = mine();
+    pthread_once(&once, make_key);
+    kept_blocks *k = pthread_getspecific(key); /* a thread that never kept a block has nothing to make */
     size_t kept = k ? k->kept : 0;
     if (k) release(k);
     return kept;
